@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Generates the Python stubs (libs/gen) and the descriptor set the Envoy edge transcodes with.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+googleapis=$($PY -c 'import google.api.annotations_pb2 as a, pathlib; print(pathlib.Path(a.__file__).parents[2])')
+
+rm -rf build/protodeps && mkdir -p build/protodeps/google/api
+cp "$googleapis/google/api/annotations.proto" "$googleapis/google/api/http.proto" build/protodeps/google/api/
+
+rm -rf libs/gen && mkdir -p libs/gen
+mapfile -t protos < <(cd protos && find sophia -name '*.proto' | sort)
+$PY -m grpc_tools.protoc -I protos -I build/protodeps \
+  --python_out=libs/gen --pyi_out=libs/gen --grpc_python_out=libs/gen "${protos[@]}"
+$PY -m grpc_tools.protoc -I protos -I build/protodeps \
+  --include_imports --include_source_info --descriptor_set_out=build/sophia.pb "${protos[@]}"
+echo "generated libs/gen and build/sophia.pb from ${#protos[@]} proto files"
