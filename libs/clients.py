@@ -1,0 +1,89 @@
+"""Client channels to other Sophia services.
+
+Every call gets a deadline derived from the inbound caller's remaining time (less a margin, capped when
+the caller set none), carries the request id and the trace context, and is retried on UNAVAILABLE only
+when the method is idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import grpc
+
+from libs import deadline
+from libs.config import ClientSettings
+from libs.logs import request_id_var
+from libs.server import REQUEST_ID_HEADER
+from libs.telemetry import inject_context
+
+
+class _Outbound(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, settings: ClientSettings) -> None:
+        self._settings = settings
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        timeout = deadline.outbound_timeout(
+            margin=self._settings.deadline_margin_seconds, cap=self._settings.default_deadline_seconds
+        )
+        if details.timeout is not None:
+            timeout = min(timeout, details.timeout)
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        request_id = request_id_var.get()
+        if request_id and REQUEST_ID_HEADER not in metadata:
+            metadata.add(REQUEST_ID_HEADER, request_id)
+        for key, value in inject_context({}).items():
+            metadata.add(key, value)
+        return grpc.aio.ClientCallDetails(
+            details.method, timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+def _service_config(service: str, idempotent_methods: Sequence[str]) -> str:
+    if not idempotent_methods:
+        return json.dumps({"methodConfig": []})
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": service, "method": method} for method in idempotent_methods],
+                    "retryPolicy": {
+                        "maxAttempts": 3,
+                        "initialBackoff": "0.05s",
+                        "maxBackoff": "0.5s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def open_channel(
+    address: str,
+    *,
+    service: str,
+    idempotent_methods: Sequence[str] = (),
+    settings: ClientSettings,
+    max_message_bytes: int = 4 * 1024 * 1024,
+) -> grpc.aio.Channel:
+    """An insecure channel to `service` at `address` (mesh traffic stays on the private network)."""
+    return grpc.aio.insecure_channel(
+        address,
+        options=[
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", _service_config(service, idempotent_methods)),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+        ],
+        interceptors=[_Outbound(settings)],
+    )

@@ -1,0 +1,301 @@
+"""Configuration: one YAML file plus environment variables, validated at start-up.
+
+The file is `$SOPHIA_CONFIG` (default `config/sophia.yaml`). Two environment mechanisms apply:
+- `${VAR}` / `${VAR:-default}` inside YAML strings is replaced by the environment variable;
+- `SOPHIA__A__B=value` overrides the key `a.b` (value parsed as YAML),
+  e.g. `SOPHIA__SERVICES__GATEWAY__PORT=6000`.
+Errors name the offending key so that a typo fails at start-up, not at the first request.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = REPO_ROOT / "config" / "sophia.yaml"
+OVERRIDE_PREFIX = "SOPHIA__"
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message names the key and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Endpoint(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(ge=0, le=65535)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class Services(_Strict):
+    gateway: Endpoint = Endpoint(port=50051)
+    router: Endpoint = Endpoint(port=50052)
+    cache: Endpoint = Endpoint(port=50053)
+    ledger: Endpoint = Endpoint(port=50054)
+    inference: Endpoint = Endpoint(port=50055)
+
+
+class Edge(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    admin_port: int = Field(default=9901, ge=0, le=65535)
+    max_body_bytes: int = Field(default=1_048_576, gt=0)
+
+
+class ServerSettings(_Strict):
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    # How long SIGTERM waits for in-flight RPCs (streams included) before cancelling them.
+    drain_seconds: float = Field(default=30.0, ge=0)
+    # Beyond this many concurrent RPCs a server answers RESOURCE_EXHAUSTED at once instead of queueing.
+    max_concurrent_rpcs: int = Field(default=512, gt=0)
+
+
+class ClientSettings(_Strict):
+    # Subtracted from the caller's remaining time so our answer gets back before the caller gives up.
+    deadline_margin_seconds: float = Field(default=0.05, ge=0)
+    # Deadline for an outbound call when the inbound caller set none.
+    default_deadline_seconds: float = Field(default=30.0, gt=0)
+
+
+class Telemetry(_Strict):
+    # OTLP/gRPC collector, e.g. "http://127.0.0.1:4317"; empty → traces and metrics are not exported.
+    otlp_endpoint: str = ""
+    # Prometheus scrape port per service = base + offset of the service; 0 → disabled.
+    prometheus_base_port: int = Field(default=0, ge=0, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class ApiKeyConfig(_Strict):
+    name: str
+    key: str = Field(min_length=8)
+    requests_per_minute: int = Field(default=0, ge=0)
+    tokens_per_minute: int = Field(default=0, ge=0)
+
+
+class TenantConfig(_Strict):
+    api_keys: list[ApiKeyConfig] = []
+
+
+class AuthConfig(_Strict):
+    # Empty → the admin API is disabled.
+    admin_key: str = ""
+    tenants: dict[str, TenantConfig] = {}
+
+
+class ProviderConfig(_Strict):
+    type: Literal["local", "openai", "anthropic"]
+    base_url: str = ""
+    # The name of the environment variable holding the provider's key; the key itself never sits in a file.
+    api_key_env: str = ""
+    timeout_seconds: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _remote_needs_url(self) -> ProviderConfig:
+        if self.type != "local" and not self.base_url:
+            raise ValueError(f"base_url is required for a provider of type {self.type!r}")
+        return self
+
+
+class ModelConfig(_Strict):
+    provider: str
+    kind: Literal["chat", "embedding"] = "chat"
+    # The name the provider knows the model by; defaults to the Sophia model id.
+    provider_model: str = ""
+    context_window: int = Field(default=8192, gt=0)
+    enabled: bool = True
+    owned_by: str = ""
+
+
+class RoutingConfig(_Strict):
+    default_chain: list[str] = Field(min_length=1)
+    default_embedding_model: str
+    # model_preference → ordered chain of model ids.
+    preferences: dict[Literal["fast", "quality", "code", "balanced"], list[str]] = {}
+    # task_type → ordered chain of model ids.
+    task_types: dict[str, list[str]] = {}
+    # model id → the models to try after it.
+    fallback_map: dict[str, list[str]] = {}
+
+
+class InferenceConfig(_Strict):
+    chat_model: str = "smollm2-135m-instruct"
+    embedding_model: str = "all-minilm-l6-v2"
+    weights_dir: str = "var/models"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Generations running at once; more wait (bounded by max_queued) and beyond that are shed.
+    max_concurrent_generations: int = Field(default=4, gt=0)
+    max_queued_generations: int = Field(default=64, ge=0)
+    max_output_tokens: int = Field(default=1024, gt=0)
+
+
+class PriceConfig(_Strict):
+    input_per_mtok_usd: float = Field(ge=0)
+    output_per_mtok_usd: float = Field(ge=0)
+
+
+class LedgerConfig(_Strict):
+    # Model id → price in US dollars per million tokens; a model without a price costs nothing (local).
+    prices: dict[str, PriceConfig] = {}
+    # Budget alert thresholds (percent of the monthly limit) for budgets set without their own.
+    default_alert_percentages: list[Annotated[int, Field(ge=1, le=1000)]] = [50, 80, 100]
+    # A Redis command that takes longer fails the RPC with UNAVAILABLE instead of hanging it.
+    redis_timeout_seconds: float = Field(default=2.0, gt=0)
+
+
+class CacheConfig(_Strict):
+    ttl_seconds: int = Field(default=3600, gt=0)
+    # Requests sampled hotter than this are not cached: their answers are meant to vary.
+    max_temperature: float = Field(default=0.0, ge=0)
+    max_entry_bytes: int = Field(default=256 * 1024, gt=0)
+
+
+class GatewayConfig(_Strict):
+    cache_enabled: bool = True
+    # When the ledger cannot answer CheckBudget: True lets requests through, False refuses them.
+    budget_fail_open: bool = True
+    # Usage records the ledger could not take wait here (one file per record) until it is back.
+    outbox_dir: str = "var/outbox"
+    outbox_replay_seconds: float = Field(default=2.0, gt=0)
+
+
+class RedisConfig(_Strict):
+    url: str = "redis://127.0.0.1:6379/0"
+
+
+class Config(_Strict):
+    services: Services = Services()
+    edge: Edge = Edge()
+    server: ServerSettings = ServerSettings()
+    clients: ClientSettings = ClientSettings()
+    telemetry: Telemetry = Telemetry()
+    redis: RedisConfig = RedisConfig()
+    auth: AuthConfig = AuthConfig()
+    providers: dict[str, ProviderConfig]
+    models: dict[str, ModelConfig]
+    routing: RoutingConfig
+    inference: InferenceConfig = InferenceConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    ledger: LedgerConfig = LedgerConfig()
+    cache: CacheConfig = CacheConfig()
+
+    @field_validator("models")
+    @classmethod
+    def _reserved_ids(cls, models: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        if "auto" in models:
+            raise ValueError("'auto' is reserved for router-chosen models")
+        return models
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> Config:
+        for model_id, model in self.models.items():
+            if model.provider not in self.providers:
+                raise ValueError(f"models.{model_id}.provider: unknown provider {model.provider!r}")
+        chains = {"routing.default_chain": self.routing.default_chain}
+        chains |= {f"routing.preferences.{k}": v for k, v in self.routing.preferences.items()}
+        chains |= {f"routing.task_types.{k}": v for k, v in self.routing.task_types.items()}
+        chains |= {f"routing.fallback_map.{k}": [k, *v] for k, v in self.routing.fallback_map.items()}
+        for where, chain in chains.items():
+            for model_id in chain:
+                if self.models.get(model_id, None) is None:
+                    raise ValueError(f"{where}: unknown model {model_id!r}")
+                if self.models[model_id].kind != "chat":
+                    raise ValueError(f"{where}: {model_id!r} is not a chat model")
+        embedding = self.models.get(self.routing.default_embedding_model)
+        if embedding is None or embedding.kind != "embedding":
+            raise ValueError(
+                f"routing.default_embedding_model: {self.routing.default_embedding_model!r} "
+                "is not a configured embedding model"
+            )
+        return self
+
+    def provider_model(self, model_id: str) -> str:
+        return self.models[model_id].provider_model or model_id
+
+
+def _interpolate(node: Any, where: str, environ: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {
+            key: _interpolate(value, f"{where}.{key}" if where else str(key), environ)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_interpolate(value, f"{where}[{i}]", environ) for i, value in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        value = environ.get(name)
+        if not value:
+            if default is None:
+                raise ConfigError(f"{where}: environment variable {name} is not set and has no default")
+            return default
+        return value
+
+    return _INTERPOLATION.sub(substitute, node)
+
+
+def _apply_overrides(raw: dict[str, Any], environ: dict[str, str]) -> None:
+    for name, value in sorted(environ.items()):
+        if not name.startswith(OVERRIDE_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(OVERRIDE_PREFIX) :].split("__")]
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name}: {'.'.join(path)} does not name a config section")
+            node = child
+        try:
+            node[path[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{name}: value is not valid YAML: {exc}") from None
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{location}: {message}")
+    return "; ".join(lines)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Config:
+    environ = dict(os.environ if environ is None else environ)
+    config_path = pathlib.Path(path or environ.get("SOPHIA_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        raw = yaml.safe_load(config_path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {config_path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{config_path}: invalid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path}: the top level must be a mapping")
+    raw = _interpolate(raw, "", environ)
+    _apply_overrides(raw, environ)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{config_path}: {_describe(exc)}") from None
+
+
+def load_config_or_exit() -> Config:
+    """For entry points: a bad config ends the process with the message, not a traceback."""
+    try:
+        return load_config()
+    except ConfigError as exc:
+        raise SystemExit(f"sophia: config error: {exc}") from None

@@ -1,0 +1,66 @@
+"""OpenTelemetry tracing and metrics, set up once per process.
+
+Traces are exported over OTLP when `telemetry.otlp_endpoint` is set; metrics are exported over OTLP too
+and served for Prometheus on `telemetry.prometheus_base_port + <service offset>` when that is non-zero.
+Trace context crosses every gRPC hop in the metadata (W3C `traceparent`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from libs.config import Telemetry
+
+log = logging.getLogger(__name__)
+
+# Offsets from telemetry.prometheus_base_port, so that five processes on one host never collide.
+PROMETHEUS_PORT_OFFSETS = {"gateway": 0, "router": 1, "cache": 2, "ledger": 3, "inference": 4}
+
+
+def setup_telemetry(component: str, settings: Telemetry) -> None:
+    resource = Resource.create({"service.name": f"sophia-{component}", "service.namespace": "sophia"})
+    tracer_provider = TracerProvider(resource=resource)
+    readers: list[MetricReader] = []
+    if settings.otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        tracer_provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.otlp_endpoint, insecure=True))
+        )
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=settings.otlp_endpoint)))
+    if settings.prometheus_base_port:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+
+        port = settings.prometheus_base_port + PROMETHEUS_PORT_OFFSETS[component]
+        start_http_server(port, addr="127.0.0.1")
+        readers.append(PrometheusMetricReader())
+        log.info("prometheus metrics on 127.0.0.1:%d/metrics", port)
+    trace.set_tracer_provider(tracer_provider)
+    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
+
+
+def shutdown_telemetry() -> None:
+    for provider in (trace.get_tracer_provider(), metrics.get_meter_provider()):
+        shutdown = getattr(provider, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def extract_context(metadata: Iterable[tuple[str, str | bytes]] | None):
+    carrier = {key: value for key, value in (metadata or ()) if isinstance(value, str)}
+    return propagate.extract(carrier)
+
+
+def inject_context(carrier: dict[str, str]) -> Mapping[str, str]:
+    propagate.inject(carrier)
+    return carrier
