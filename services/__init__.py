@@ -1,0 +1,2 @@
+# Importing libs first puts the generated `sophia.*` stubs on the import path for every service module.
+import libs  # noqa: F401

@@ -1,0 +1,1 @@
+import libs  # noqa: F401  (puts the generated stubs on the import path)

@@ -1,0 +1,294 @@
+"""Starts and stops the whole mesh on one host: Redis, the five services and the Envoy edge.
+
+`python -m tools.mesh up|down|status` backs `make up` / `make down`; the integration tests and the
+benchmark drive the same `Mesh` class on free ports. Ports and addresses come from the config (so
+`SOPHIA__...` overrides and `SOPHIA_REDIS_URL` apply); processes, logs and Redis data live under one
+state folder (`var/` for `make up`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import string
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from libs.config import REPO_ROOT, Config, ConfigError, load_config
+
+# Start order: the Gateway last, once what it calls is up.
+SERVICES = ("inference", "router", "cache", "ledger", "gateway")
+COMPONENTS = ("redis", *SERVICES, "envoy")
+VENV_BIN = REPO_ROOT / ".venv" / "bin"
+ENVOY_DIR = REPO_ROOT / "deploy" / "envoy"
+DESCRIPTOR = REPO_ROOT / "build" / "sophia.pb"
+
+
+class MeshError(Exception):
+    pass
+
+
+class Mesh:
+    def __init__(self, state_dir: Path, environ: dict[str, str] | None = None) -> None:
+        self.state_dir = state_dir.resolve()
+        self.environ = dict(os.environ if environ is None else environ)
+        self.environ.setdefault("PYTHONUNBUFFERED", "1")
+        self.config: Config = load_config(environ=self.environ)
+        self.log_dir = self.state_dir / "log"
+        self.pid_file = self.state_dir / "run" / "mesh.json"
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    # --- addresses -------------------------------------------------------------------------------
+
+    @property
+    def redis_port(self) -> int:
+        return urllib.parse.urlparse(self.config.redis.url).port or 6379
+
+    @property
+    def edge_url(self) -> str:
+        return f"http://{self.config.edge.host}:{self.config.edge.port}"
+
+    def address(self, service: str) -> str:
+        return getattr(self.config.services, service).address
+
+    def log_path(self, component: str) -> Path:
+        return self.log_dir / f"{component}.log"
+
+    # --- starting --------------------------------------------------------------------------------
+
+    def _command(self, component: str) -> list[str]:
+        if component == "redis":
+            data = self.state_dir / "redis"
+            data.mkdir(parents=True, exist_ok=True)
+            return [
+                "redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port),
+                "--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec",
+                "--save", "", "--daemonize", "no",
+            ]  # fmt: skip
+        if component == "envoy":
+            return [
+                str(VENV_BIN / "envoy"), "-c", str(self._render_envoy()),
+                "--disable-hot-restart", "--log-level", "warn",
+            ]  # fmt: skip
+        return [sys.executable, "-m", f"services.{component}"]
+
+    def _render_envoy(self) -> Path:
+        template = string.Template((ENVOY_DIR / "envoy.template.yaml").read_text())
+        gateway = self.config.services.gateway
+        rendered = template.substitute(
+            LISTEN_HOST=self.config.edge.host,
+            LISTEN_PORT=self.config.edge.port,
+            ADMIN_PORT=self.config.edge.admin_port,
+            GATEWAY_HOST=gateway.host,
+            GATEWAY_PORT=gateway.port,
+            DESCRIPTOR_PATH=DESCRIPTOR,
+            ENVOY_DIR=ENVOY_DIR,
+            MAX_BODY_BYTES=self.config.edge.max_body_bytes,
+        )
+        path = self.state_dir / "envoy.yaml"
+        path.write_text(rendered)
+        return path
+
+    def start(self, component: str, *, detach: bool = False) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path(component), "ab") as log:
+            process = subprocess.Popen(
+                self._command(component),
+                cwd=REPO_ROOT,
+                env=self.environ,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Detached processes outlive `make up` and ignore the terminal's Ctrl-C.
+                start_new_session=detach,
+            )
+        self.processes[component] = process
+        return process
+
+    # --- readiness -------------------------------------------------------------------------------
+
+    def is_ready(self, component: str) -> bool:
+        if component == "redis":
+            return _redis_ping(self.redis_port)
+        if component == "envoy":
+            return _edge_reaches_gateway(self.edge_url)
+        with grpc.insecure_channel(self.address(component)) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except grpc.RpcError:
+                return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def wait_ready(self, components, timeout: float) -> None:
+        pending = list(components)
+        deadline = time.monotonic() + timeout
+        while pending:
+            for component in list(pending):
+                process = self.processes.get(component)
+                if process is not None and process.poll() is not None:
+                    raise MeshError(
+                        f"{component} exited with code {process.returncode}\n{self.tail(component)}"
+                    )
+                if self.is_ready(component):
+                    pending.remove(component)
+            if pending and time.monotonic() > deadline:
+                logs = "\n".join(f"--- {c} ---\n{self.tail(c)}" for c in pending)
+                raise MeshError(f"not healthy after {timeout:.0f}s: {', '.join(pending)}\n{logs}")
+            if pending:
+                time.sleep(0.2)
+
+    def tail(self, component: str, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path(component).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    # --- stopping --------------------------------------------------------------------------------
+
+    def stop(self, component: str, timeout: float = 20.0) -> int | None:
+        process = self.processes.pop(component, None)
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return process.returncode
+
+    def stop_all(self) -> None:
+        for component in reversed(COMPONENTS):
+            self.stop(component)
+
+    # --- `make up` / `make down` bookkeeping ----------------------------------------------------
+
+    def record(self) -> None:
+        entries = {name: {"pid": p.pid, "cmdline": _cmdline(p.pid)} for name, p in self.processes.items()}
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_file.write_text(json.dumps(entries, indent=2))
+
+    def recorded(self) -> dict[str, dict]:
+        try:
+            return json.loads(self.pid_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _redis_ping(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _edge_reaches_gateway(edge_url: str) -> bool:
+    """The edge is ready once it forwards to a healthy Gateway: no key → 401 from the Gateway, not 503."""
+    try:
+        urllib.request.urlopen(f"{edge_url}/v1/models", timeout=2)
+    except urllib.error.HTTPError as exc:
+        return exc.code == 401
+    except OSError:
+        return False
+    return True
+
+
+def up(mesh: Mesh, timeout: float) -> None:
+    running = {name for name, entry in mesh.recorded().items() if _alive(entry)}
+    if running:
+        raise MeshError(f"already running: {', '.join(sorted(running))} (make down first)")
+    try:
+        for component in COMPONENTS:
+            mesh.start(component, detach=True)
+            mesh.record()
+            if component in ("redis", "envoy"):
+                mesh.wait_ready([component], timeout)
+        mesh.wait_ready(SERVICES, timeout)
+    except MeshError:
+        down(mesh)
+        raise
+    edge = mesh.edge_url
+    dev_key = os.environ.get("SOPHIA_DEV_KEY", "sk-sophia-dev")
+    print(f"""Sophia is up.
+  REST (OpenAI-compatible)  {edge}/v1
+  gRPC Gateway              {mesh.address("gateway")}   (grpcurl -plaintext {mesh.address("gateway")} list)
+  Router                    {mesh.address("router")}
+  SemanticCache             {mesh.address("cache")}
+  CostLedger                {mesh.address("ledger")}
+  ModelInference            {mesh.address("inference")}
+  Redis                     127.0.0.1:{mesh.redis_port}
+  Envoy admin               http://127.0.0.1:{mesh.config.edge.admin_port}
+  Logs                      {mesh.log_dir}/
+
+Try:
+  curl -s {edge}/v1/chat/completions -H 'Authorization: Bearer {dev_key}' \\
+       -H 'Content-Type: application/json' \\
+       -d '{{"model":"auto","messages":[{{"role":"user","content":"What is the capital of France?"}}]}}'
+""")
+
+
+def _alive(entry: dict) -> bool:
+    return bool(entry.get("cmdline")) and _cmdline(entry["pid"]) == entry["cmdline"]
+
+
+def down(mesh: Mesh, timeout: float = 30.0) -> None:
+    """Stops exactly the processes `up` recorded: same pid *and* same command line (no pid reuse)."""
+    entries = mesh.recorded()
+    for name in reversed(COMPONENTS):
+        entry = entries.get(name)
+        if entry and _alive(entry):
+            os.kill(entry["pid"], signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _alive(entry) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _alive(entry):
+                os.kill(entry["pid"], signal.SIGKILL)
+            print(f"stopped {name} (pid {entry['pid']})")
+    mesh.pid_file.unlink(missing_ok=True)
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else "status"
+    try:
+        mesh = Mesh(REPO_ROOT / "var")
+        if command == "up":
+            up(mesh, timeout=float(os.environ.get("SOPHIA_UP_TIMEOUT", "600")))
+        elif command == "down":
+            down(mesh)
+        elif command == "status":
+            for name in COMPONENTS:
+                entry = mesh.recorded().get(name)
+                state = "running" if entry and _alive(entry) else "stopped"
+                print(f"{name:10} {state:8} {'pid ' + str(entry['pid']) if entry else ''}")
+        else:
+            print("usage: python -m tools.mesh up|down|status", file=sys.stderr)
+            return 2
+    except (MeshError, ConfigError) as exc:
+        print(f"sophia: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
