@@ -1,0 +1,126 @@
+"""The chat request path: plan the targets, then try them in order within the caller's deadline.
+
+Fallback rules: a retryable failure (429, 5xx, timeout, dropped connection) moves on to the next
+target; a non-retryable one (the request itself is bad) ends the chain at once. A stream falls back only
+before its first chunk has been sent: after that the client already holds part of an answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from libs import errors
+from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Target
+from services.gateway.providers.base import Provider, ProviderError
+from services.gateway.routing import Plan
+
+log = logging.getLogger(__name__)
+
+_STATUS_ERRORS = {
+    "NOT_FOUND": errors.NotFound,
+    "FAILED_PRECONDITION": errors.FailedPrecondition,
+    "DEADLINE_EXCEEDED": errors.DeadlineExceeded,
+    "RESOURCE_EXHAUSTED": errors.ResourceExhausted,
+    "CANCELLED": errors.Cancelled,
+}
+
+
+@dataclass
+class Attempt:
+    target: Target
+    outcome: str  # "success" or the ProviderError kind
+    latency_ms: int
+    retryable: bool = True
+
+
+@dataclass
+class Served:
+    target: Target
+    attempts: list[Attempt]
+
+
+class _RejectedByProvider(errors.ServiceError):
+    """The provider refused the request itself; its message already names the field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def provider_failure(error: ProviderError, attempts: list[Attempt]) -> errors.ServiceError:
+    tried = ", ".join(f"{a.target.provider}/{a.target.model_id}: {a.outcome}" for a in attempts)
+    message = f"{error.message} (tried {tried})" if len(attempts) > 1 else error.message
+    if error.status == "INVALID_ARGUMENT":
+        return _RejectedByProvider(message)
+    return _STATUS_ERRORS.get(error.status, errors.Unavailable)(message)
+
+
+class ChatExecutor:
+    def __init__(self, providers: dict[str, Provider]) -> None:
+        self._providers = providers
+
+    def usable_targets(self, plan: Plan, request: ChatRequest) -> list[Target]:
+        """The plan's targets whose provider can honour every feature the request uses."""
+        usable, refusal = [], None
+        for target in plan.targets:
+            provider = self._providers.get(target.provider)
+            if provider is None:
+                log.error("route names unknown provider %r", target.provider)
+                continue
+            problem = provider.unsupported(request)
+            if problem is None:
+                usable.append(target)
+            else:
+                refusal = refusal or (target, problem)
+        if not usable:
+            if refusal is not None:
+                target, (field, reason) = refusal
+                raise errors.InvalidArgument(field, f"{reason} ({target.model_id})")
+            raise errors.Unavailable("no provider is configured for the routed models")
+        return usable
+
+    async def complete(self, targets: list[Target], request: ChatRequest) -> tuple[Completion, Served]:
+        attempts: list[Attempt] = []
+        for target in targets:
+            started = time.perf_counter()
+            try:
+                completion = await self._providers[target.provider].complete(target, request)
+            except ProviderError as error:
+                attempts.append(Attempt(target, error.kind, _ms(started), error.retryable))
+                if not error.retryable or target is targets[-1]:
+                    raise provider_failure(error, attempts) from None
+                log.warning("falling back after %s from %s/%s", error.kind, target.provider, target.model_id)
+                continue
+            attempts.append(Attempt(target, "success", _ms(started)))
+            return completion, Served(target, attempts)
+        raise errors.Unavailable("no target to try")
+
+    async def stream(
+        self, targets: list[Target], request: ChatRequest
+    ) -> tuple[CompletionChunk, AsyncIterator[CompletionChunk], Served]:
+        """Opens the first target that yields a first chunk; returns that chunk and the rest of the stream."""
+        attempts: list[Attempt] = []
+        for target in targets:
+            started = time.perf_counter()
+            chunks = self._providers[target.provider].stream(target, request)
+            try:
+                first = await anext(chunks)
+            except StopAsyncIteration:
+                first = CompletionChunk(finish_reason="stop")
+            except ProviderError as error:
+                await chunks.aclose()
+                attempts.append(Attempt(target, error.kind, _ms(started), error.retryable))
+                if not error.retryable or target is targets[-1]:
+                    raise provider_failure(error, attempts) from None
+                log.warning("falling back after %s from %s/%s", error.kind, target.provider, target.model_id)
+                continue
+            attempts.append(Attempt(target, "success", _ms(started)))
+            return first, chunks, Served(target, attempts)
+        raise errors.Unavailable("no target to try")
+
+
+def _ms(started: float) -> int:
+    return int((time.perf_counter() - started) * 1000)

@@ -1,0 +1,39 @@
+"""What every provider adapter offers the Gateway's fallback loop."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Target
+
+
+class ProviderError(Exception):
+    """A failed provider call. `retryable` decides whether the next target in the chain is tried.
+
+    The message is safe to show a client: it never holds a key, a provider URL or a raw provider body.
+    `status` is the gRPC status name the Gateway answers with when no target is left.
+    """
+
+    def __init__(self, message: str, *, retryable: bool, status: str = "UNAVAILABLE", kind: str = "error"):
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.status = status
+        # A short class for metrics and the router's health feed, e.g. "http_429", "timeout".
+        self.kind = kind
+
+
+class Provider(Protocol):
+    name: str
+
+    def unsupported(self, request: ChatRequest) -> tuple[str, str] | None:
+        """(field, reason) for the first request feature this provider cannot honour, else None."""
+
+    async def complete(self, target: Target, request: ChatRequest) -> Completion: ...
+
+    def stream(self, target: Target, request: ChatRequest) -> AsyncIterator[CompletionChunk]: ...
+
+    async def embed(self, target: Target, inputs: list[str]) -> tuple[list[list[float]], int]: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,141 @@
+"""The local model as a provider: ModelInference over gRPC, with the same contract as HTTP providers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from sophia.inference.v1 import inference_pb2 as pb
+from sophia.inference.v1 import inference_pb2_grpc
+
+from libs.clients import open_channel
+from libs.config import ClientSettings
+from libs.errors import ServiceError
+from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Target
+from services.gateway.providers.base import ProviderError
+
+# What ModelInference answers when the Gateway forwards a bad request are the caller's errors; anything
+# else (unreachable, overloaded, too slow) is ours and worth trying the next target for.
+_CALLER_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
+_FINISH_REASONS = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_CANCELLED: "cancelled",
+}
+DEFAULT_MAX_TOKENS = 256
+
+
+def _provider_error(exc: grpc.aio.AioRpcError) -> ProviderError:
+    code = exc.code()
+    if code in _CALLER_ERRORS:
+        return ProviderError(exc.details() or code.name, retryable=False, status=code.name, kind="rejected")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ProviderError("local model timed out", retryable=True, status=code.name, kind="timeout")
+    return ProviderError(
+        f"local model unavailable ({code.name.lower()})",
+        retryable=True,
+        status="UNAVAILABLE",
+        kind=code.name.lower(),
+    )
+
+
+class LocalProvider:
+    def __init__(self, name: str, address: str, settings: ClientSettings) -> None:
+        self.name = name
+        self._channel = open_channel(
+            address,
+            service="sophia.inference.v1.InferenceService",
+            idempotent_methods=("Embed", "ListModels"),
+            settings=settings,
+        )
+        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
+
+    def unsupported(self, request: ChatRequest) -> tuple[str, str] | None:
+        if request.tools:
+            return "tools", "tool calling is not supported by local models"
+        if request.tool_choice not in (None, "none", "auto"):
+            return "tool_choice", "tool calling is not supported by local models"
+        if request.logit_bias:
+            return "logit_bias", "not supported by local models"
+        if request.presence_penalty or request.frequency_penalty:
+            field = "presence_penalty" if request.presence_penalty else "frequency_penalty"
+            return field, "not supported by local models (use 0)"
+        if request.response_format and request.response_format.get("type", "text") != "text":
+            return "response_format", "only {'type': 'text'} is supported by local models"
+        for i, message in enumerate(request.messages):
+            if message.role == "tool" or message.tool_calls:
+                return f"messages[{i}]", "tool messages are not supported by local models"
+        return None
+
+    def _options(self, request: ChatRequest) -> pb.GenerationOptions:
+        options = pb.GenerationOptions(
+            max_tokens=request.max_tokens or DEFAULT_MAX_TOKENS, stop=list(request.stop)
+        )
+        if request.temperature is not None:
+            options.temperature = request.temperature
+        if request.top_p is not None:
+            options.top_p = request.top_p
+        if request.seed is not None:
+            options.seed = request.seed
+        return options
+
+    def _messages(self, request: ChatRequest) -> list[pb.Message]:
+        return [pb.Message(role=m.role, content=m.content) for m in request.messages]
+
+    async def complete(self, target: Target, request: ChatRequest) -> Completion:
+        try:
+            reply = await self._stub.Generate(
+                pb.GenerateRequest(
+                    model=target.provider_model,
+                    messages=self._messages(request),
+                    options=self._options(request),
+                )
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _provider_error(exc) from None
+        except ServiceError as exc:  # the caller's deadline passed before the call could start
+            raise ProviderError(exc.message, retryable=False, status=exc.code.name, kind="timeout") from None
+        return Completion(
+            text=reply.text,
+            finish_reason=_FINISH_REASONS.get(reply.finish_reason, "stop"),
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
+        )
+
+    async def stream(self, target: Target, request: ChatRequest) -> AsyncIterator[CompletionChunk]:
+        call = None
+        try:
+            call = self._stub.GenerateStream(
+                pb.GenerateStreamRequest(
+                    model=target.provider_model,
+                    messages=self._messages(request),
+                    options=self._options(request),
+                )
+            )
+            async for piece in call:
+                yield CompletionChunk(
+                    text=piece.text,
+                    finish_reason=_FINISH_REASONS.get(piece.finish_reason),
+                    prompt_tokens=piece.prompt_tokens,
+                    completion_tokens=piece.completion_tokens,
+                )
+        except grpc.aio.AioRpcError as exc:
+            raise _provider_error(exc) from None
+        except ServiceError as exc:
+            raise ProviderError(exc.message, retryable=False, status=exc.code.name, kind="timeout") from None
+        finally:
+            # A client that went away must stop the generation too, not leave it burning the cores.
+            if call is not None:
+                call.cancel()
+
+    async def embed(self, target: Target, inputs: list[str]) -> tuple[list[list[float]], int]:
+        try:
+            reply = await self._stub.Embed(pb.EmbedRequest(model=target.provider_model, inputs=inputs))
+        except grpc.aio.AioRpcError as exc:
+            raise _provider_error(exc) from None
+        except ServiceError as exc:
+            raise ProviderError(exc.message, retryable=False, status=exc.code.name, kind="timeout") from None
+        return [list(vector.values) for vector in reply.embeddings], reply.prompt_tokens
+
+    async def close(self) -> None:
+        await self._channel.close()

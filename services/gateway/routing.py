@@ -1,0 +1,109 @@
+"""Asks the Router for a plan; when the Router cannot answer, falls back to the configured chains."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+from sophia.router.v1 import router_pb2 as pb
+from sophia.router.v1 import router_pb2_grpc
+
+from libs.clients import open_channel
+from libs.config import Config
+from libs.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError
+from services.gateway.domain import ChatRequest, Target
+
+log = logging.getLogger(__name__)
+
+# The Router's own verdicts on the request are final; anything else means "Router unavailable".
+_ROUTER_VERDICTS = {
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+}
+_PREFERENCES = {
+    "fast": pb.MODEL_PREFERENCE_FAST,
+    "quality": pb.MODEL_PREFERENCE_QUALITY,
+    "code": pb.MODEL_PREFERENCE_CODE,
+    "balanced": pb.MODEL_PREFERENCE_BALANCED,
+}
+# Routing is on the request path: a slow Router must not eat the caller's time.
+ROUTE_TIMEOUT_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Plan:
+    targets: tuple[Target, ...]
+    reason: str
+
+
+class Routing:
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._channel = open_channel(
+            config.services.router.address,
+            service="sophia.router.v1.RouterService",
+            idempotent_methods=("Route", "ListModels", "GetProviderHealth"),
+            settings=config.clients,
+        )
+        self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+
+    def check_model(self, model: str, kind: str) -> None:
+        """Unknown or wrong-kind models are refused before anything is called."""
+        if kind == "chat" and model == "auto":
+            return
+        configured = self._config.models.get(model)
+        if configured is None or not configured.enabled:
+            raise NotFound(f"model: {model!r} does not exist; GET /v1/models lists the available models")
+        if configured.kind != kind:
+            raise InvalidArgument("model", f"{model!r} is a {configured.kind} model, not a {kind} model")
+
+    def _target(self, model_id: str) -> Target:
+        return Target(model_id, self._config.models[model_id].provider, self._config.provider_model(model_id))
+
+    def default_plan(self, request: ChatRequest) -> Plan:
+        routing = self._config.routing
+        if request.model != "auto":
+            chain = [request.model, *routing.fallback_map.get(request.model, ())]
+            reason = f"explicit model {request.model} (router unavailable)"
+        else:
+            chain, reason = list(routing.default_chain), "default chain (router unavailable)"
+        enabled = [m for m in dict.fromkeys(chain) if self._config.models[m].enabled]
+        return Plan(tuple(self._target(m) for m in enabled), reason)
+
+    async def plan(
+        self, request: ChatRequest, tenant_id: str, request_id: str, estimated_tokens: int
+    ) -> Plan:
+        try:
+            reply = await self._stub.Route(
+                pb.RouteRequest(
+                    request_id=request_id,
+                    tenant_id=tenant_id,
+                    model=request.model,
+                    task_type=request.task_type,
+                    model_preference=_PREFERENCES.get(
+                        request.model_preference, pb.MODEL_PREFERENCE_UNSPECIFIED
+                    ),
+                    kind=pb.MODEL_KIND_CHAT,
+                    estimated_tokens=estimated_tokens,
+                ),
+                timeout=ROUTE_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            verdict = _ROUTER_VERDICTS.get(exc.code())
+            if verdict is not None:
+                raise verdict(exc.details()) from None
+            log.warning("router unavailable (%s); using the configured chain", exc.code().name)
+            return self.default_plan(request)
+        except ServiceError:
+            raise
+        targets = tuple(Target(t.model_id, t.provider, t.provider_model) for t in reply.targets)
+        if not targets:
+            return self.default_plan(request)
+        return Plan(targets, reply.reason)
+
+    def embedding_target(self, model: str) -> Target:
+        return self._target(model)
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,175 @@
+"""GatewayService over gRPC: authenticate, validate, run the pipeline, shape OpenAI responses."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+from sophia.gateway.v1 import gateway_pb2 as pb
+from sophia.gateway.v1 import gateway_pb2_grpc
+
+from libs.config import Config
+from libs.errors import InvalidArgument, Unavailable
+from libs.logs import request_id_var
+from services.gateway import translate
+from services.gateway.auth import KeyRing, bearer_token
+from services.gateway.domain import ChatRequest, Principal
+from services.gateway.pipeline import ChatExecutor, Served, provider_failure
+from services.gateway.providers.base import Provider, ProviderError
+from services.gateway.routing import Routing
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# Roughly four characters a token: enough to skip models whose context window is clearly too small.
+_CHARS_PER_TOKEN = 4
+_DEFAULT_COMPLETION_ESTIMATE = 256
+
+
+def _metadata(context) -> tuple[tuple[str, str | bytes], ...]:
+    return tuple(context.invocation_metadata() or ())
+
+
+def _cache_disabled_by_header(metadata) -> bool:
+    return any(
+        name == "cache-control"
+        and isinstance(value, str)
+        and {"no-cache", "no-store"} & set(value.lower().split(","))
+        for name, value in metadata
+    )
+
+
+def _estimated_tokens(request: ChatRequest) -> int:
+    prompt = sum(len(m.content) for m in request.messages) // _CHARS_PER_TOKEN
+    return prompt + (request.max_tokens or _DEFAULT_COMPLETION_ESTIMATE)
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    def __init__(
+        self, config: Config, keys: KeyRing, routing: Routing, providers: dict[str, Provider]
+    ) -> None:
+        self._config = config
+        self._keys = keys
+        self._routing = routing
+        self._providers = providers
+        self._executor = ChatExecutor(providers)
+        self._started = int(time.time())
+
+    def _begin(self, context) -> tuple[Principal, str]:
+        """Authenticates the caller and settles the request id (the client's, or a new one)."""
+        metadata = _metadata(context)
+        principal = self._keys.authenticate(bearer_token(metadata))
+        request_id = request_id_var.get()
+        if request_id and not _REQUEST_ID.fullmatch(request_id):
+            raise InvalidArgument("x-request-id", "at most 128 characters of A-Z a-z 0-9 . _ : -")
+        if not request_id:
+            request_id = uuid.uuid4().hex
+            request_id_var.set(request_id)
+        return principal, request_id
+
+    async def _plan(self, chat: ChatRequest, principal: Principal, request_id: str):
+        self._routing.check_model(chat.model, "chat")
+        plan = await self._routing.plan(chat, principal.tenant_id, request_id, _estimated_tokens(chat))
+        return self._executor.usable_targets(plan, chat)
+
+    @staticmethod
+    def _response_headers(request_id: str, served: Served, cache: str) -> tuple[tuple[str, str], ...]:
+        return (
+            ("x-request-id", request_id),
+            ("x-sophia-provider", served.target.provider),
+            ("x-sophia-model", served.target.model_id),
+            ("x-sophia-attempts", str(len(served.attempts))),
+            ("x-sophia-cache", cache),
+        )
+
+    async def CreateChatCompletion(self, request, context):
+        principal, request_id = self._begin(context)
+        chat = translate.chat_request(
+            request.params, cache_header_off=_cache_disabled_by_header(_metadata(context))
+        )
+        if request.params.stream:
+            raise InvalidArgument(
+                "stream",
+                'use StreamChatCompletion for streaming (the REST edge does this for "stream": true)',
+            )
+        targets = await self._plan(chat, principal, request_id)
+        completion, served = await self._executor.complete(targets, chat)
+        await context.send_initial_metadata(self._response_headers(request_id, served, "bypass"))
+        return translate.completion_response(
+            f"chatcmpl-{request_id}", int(time.time()), served.target.model_id, completion
+        )
+
+    async def StreamChatCompletion(self, request, context):
+        principal, request_id = self._begin(context)
+        chat = translate.chat_request(
+            request.params, cache_header_off=_cache_disabled_by_header(_metadata(context))
+        )
+        targets = await self._plan(chat, principal, request_id)
+        first, rest, served = await self._executor.stream(targets, chat)
+        await context.send_initial_metadata(self._response_headers(request_id, served, "bypass"))
+        completion_id, created, model = f"chatcmpl-{request_id}", int(time.time()), served.target.model_id
+        yield translate.chunk_response(completion_id, created, model, None, first=True)
+        last = first
+        if first.text or first.tool_calls or first.finish_reason:
+            yield translate.chunk_response(completion_id, created, model, first)
+        try:
+            async for chunk in rest:
+                last = chunk
+                if not (chunk.text or chunk.tool_calls or chunk.finish_reason):
+                    continue
+                yield translate.chunk_response(completion_id, created, model, chunk)
+        except ProviderError as error:
+            # Part of the answer is already with the client: no fallback now, just end the stream clearly.
+            raise Unavailable(f"the provider failed mid-stream: {error.message}") from None
+        if chat.include_usage:
+            yield pb.StreamChatCompletionResponse(
+                id=completion_id,
+                object="chat.completion.chunk",
+                created=created,
+                model=model,
+                usage=translate.usage(last.prompt_tokens, last.completion_tokens),
+            )
+
+    async def CreateEmbeddings(self, request, context):
+        self._begin(context)
+        if not request.model:
+            raise InvalidArgument(
+                "model", f"is required, e.g. {self._config.routing.default_embedding_model!r}"
+            )
+        self._routing.check_model(request.model, "embedding")
+        inputs = translate.embedding_inputs(request)
+        fmt = translate.encoding_format(request)
+        target = self._routing.embedding_target(request.model)
+        try:
+            vectors, tokens = await self._providers[target.provider].embed(target, inputs)
+        except ProviderError as error:
+            raise provider_failure(error, []) from None
+        if request.HasField("dimensions") and vectors and request.dimensions != len(vectors[0]):
+            raise InvalidArgument(
+                "dimensions",
+                f"{request.model} returns {len(vectors[0])} dimensions; other sizes are not supported",
+            )
+        return pb.CreateEmbeddingsResponse(
+            object="list",
+            model=request.model,
+            data=[
+                pb.Embedding(object="embedding", index=i, embedding=translate.embedding_value(vector, fmt))
+                for i, vector in enumerate(vectors)
+            ],
+            usage=pb.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+        )
+
+    async def ListModels(self, request, context):
+        self._begin(context)
+        return pb.ListModelsResponse(
+            object="list",
+            data=[
+                pb.Model(
+                    id=model_id,
+                    object="model",
+                    created=self._started,
+                    owned_by=model.owned_by or model.provider,
+                )
+                for model_id, model in self._config.models.items()
+                if model.enabled
+            ],
+        )

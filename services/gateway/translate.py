@@ -1,0 +1,291 @@
+"""OpenAI-shaped protobuf messages ⇄ the Gateway's domain objects, validating every field on the way in.
+
+Every refusal names the field the way the client wrote it (e.g. `messages[2].role`), so that the edge's
+400 tells an SDK user exactly what to fix.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+from sophia.gateway.v1 import gateway_pb2 as pb
+
+from libs.errors import InvalidArgument
+from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Message
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+PREFERENCES = ("fast", "quality", "code", "balanced")
+TOOL_CHOICES = ("none", "auto", "required")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+MAX_MESSAGES = 2048
+MAX_STOP_SEQUENCES = 4
+MAX_EMBEDDING_INPUTS = 256
+
+
+def _value(value: struct_pb2.Value) -> Any:
+    """A google.protobuf.Value as plain Python; None when unset or JSON null."""
+    if value.WhichOneof("kind") in (None, "null_value"):
+        return None
+    return json_format.MessageToDict(value)
+
+
+def _in_range(field: str, value: float | None, low: float, high: float) -> None:
+    if value is not None and not low <= value <= high:
+        raise InvalidArgument(field, f"must be between {low:g} and {high:g}, got {value:g}")
+
+
+def _content(field: str, content: Any, role: str, has_tool_calls: bool) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        if role == "assistant" and has_tool_calls:
+            return ""
+        raise InvalidArgument(field, "is required")
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise InvalidArgument(
+                    f"{field}[{j}]", "only {'type': 'text', 'text': '...'} parts are supported"
+                )
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise InvalidArgument(field, "must be a string or a list of text parts")
+
+
+def _message(i: int, message: pb.ChatMessage) -> Message:
+    field = f"messages[{i}]"
+    if message.role not in ROLES:
+        raise InvalidArgument(f"{field}.role", f"must be one of {', '.join(ROLES)}; got {message.role!r}")
+    tool_calls = tuple(
+        json_format.MessageToDict(call, preserving_proto_field_name=True) for call in message.tool_calls
+    )
+    if tool_calls and message.role != "assistant":
+        raise InvalidArgument(f"{field}.tool_calls", "only assistant messages carry tool calls")
+    if message.role == "tool" and not message.tool_call_id:
+        raise InvalidArgument(f"{field}.tool_call_id", "is required for tool messages")
+    return Message(
+        role="system" if message.role == "developer" else message.role,
+        content=_content(f"{field}.content", _value(message.content), message.role, bool(tool_calls)),
+        name=message.name,
+        tool_call_id=message.tool_call_id,
+        tool_calls=tool_calls,
+    )
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if (
+        not isinstance(stops, list)
+        or len(stops) > MAX_STOP_SEQUENCES
+        or not all(isinstance(s, str) and s for s in stops)
+    ):
+        raise InvalidArgument(
+            "stop", f"must be a non-empty string or a list of at most {MAX_STOP_SEQUENCES} of them"
+        )
+    return tuple(stops)
+
+
+def _tool_choice(value: Any) -> Any:
+    if value is None or value in TOOL_CHOICES:
+        return value
+    if (
+        isinstance(value, dict)
+        and value.get("type") == "function"
+        and (value.get("function") or {}).get("name")
+    ):
+        return value
+    raise InvalidArgument(
+        "tool_choice", "must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}"
+    )
+
+
+def _tools(tools) -> tuple[dict[str, Any], ...]:
+    result = []
+    for i, tool in enumerate(tools):
+        if tool.type != "function":
+            raise InvalidArgument(f"tools[{i}].type", "must be 'function'")
+        if not tool.function.name:
+            raise InvalidArgument(f"tools[{i}].function.name", "is required")
+        result.append(json_format.MessageToDict(tool, preserving_proto_field_name=True))
+    return tuple(result)
+
+
+def _max_tokens(params: pb.ChatCompletionParams) -> int | None:
+    limits = []
+    for field in ("max_tokens", "max_completion_tokens"):
+        if params.HasField(field):
+            value = getattr(params, field)
+            if value < 1:
+                raise InvalidArgument(field, f"must be at least 1, got {value}")
+            limits.append(value)
+    return min(limits) if limits else None
+
+
+def _refuse_unsupported(params: pb.ChatCompletionParams) -> None:
+    if params.HasField("n") and params.n != 1:
+        raise InvalidArgument("n", "only n = 1 is supported; send separate requests for more choices")
+    if params.logprobs or params.HasField("top_logprobs"):
+        raise InvalidArgument(
+            "logprobs" if params.logprobs else "top_logprobs", "log probabilities are not supported"
+        )
+    if any(modality != "text" for modality in params.modalities):
+        raise InvalidArgument("modalities", "only 'text' is supported")
+    if params.reasoning_effort:
+        raise InvalidArgument("reasoning_effort", "reasoning models are not served by this gateway yet")
+    if params.verbosity:
+        raise InvalidArgument("verbosity", "not supported by the models this gateway serves")
+
+
+def chat_request(params: pb.ChatCompletionParams, *, cache_header_off: bool = False) -> ChatRequest:
+    """Validates the body of POST /v1/chat/completions and returns the domain request."""
+    if not params.model:
+        raise InvalidArgument("model", "is required (a model id from /v1/models, or 'auto')")
+    if not params.messages:
+        raise InvalidArgument("messages", "must contain at least one message")
+    if len(params.messages) > MAX_MESSAGES:
+        raise InvalidArgument("messages", f"at most {MAX_MESSAGES} messages")
+    _refuse_unsupported(params)
+    optional = {
+        name: getattr(params, name) if params.HasField(name) else None
+        for name in (
+            "temperature",
+            "top_p",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "parallel_tool_calls",
+        )
+    }
+    _in_range("temperature", optional["temperature"], 0.0, 2.0)
+    _in_range("top_p", optional["top_p"], 0.0, 1.0)
+    if optional["top_p"] == 0.0:
+        raise InvalidArgument("top_p", "must be greater than 0")
+    _in_range("presence_penalty", optional["presence_penalty"], -2.0, 2.0)
+    _in_range("frequency_penalty", optional["frequency_penalty"], -2.0, 2.0)
+    for token, bias in params.logit_bias.items():
+        _in_range(f"logit_bias[{token}]", bias, -100, 100)
+    if params.model_preference and params.model_preference not in PREFERENCES:
+        raise InvalidArgument("model_preference", f"must be one of {', '.join(PREFERENCES)}")
+    response_format = None
+    if params.HasField("response_format"):
+        if params.response_format.type not in RESPONSE_FORMATS:
+            raise InvalidArgument("response_format.type", f"must be one of {', '.join(RESPONSE_FORMATS)}")
+        response_format = json_format.MessageToDict(params.response_format, preserving_proto_field_name=True)
+    return ChatRequest(
+        model=params.model,
+        messages=tuple(_message(i, message) for i, message in enumerate(params.messages)),
+        max_tokens=_max_tokens(params),
+        temperature=optional["temperature"],
+        top_p=optional["top_p"],
+        stop=_stop(_value(params.stop)),
+        seed=optional["seed"],
+        presence_penalty=optional["presence_penalty"],
+        frequency_penalty=optional["frequency_penalty"],
+        logit_bias=dict(params.logit_bias),
+        user=params.user,
+        tools=_tools(params.tools),
+        tool_choice=_tool_choice(_value(params.tool_choice)),
+        parallel_tool_calls=optional["parallel_tool_calls"],
+        response_format=response_format,
+        include_usage=params.stream_options.include_usage,
+        use_cache=not cache_header_off and (params.cache if params.HasField("cache") else True),
+        task_type=params.task_type,
+        model_preference=params.model_preference,
+    )
+
+
+def _tool_call_messages(tool_calls) -> list[pb.ToolCall]:
+    return [json_format.ParseDict(call, pb.ToolCall(), ignore_unknown_fields=True) for call in tool_calls]
+
+
+def completion_response(
+    completion_id: str, created: int, model: str, completion: Completion
+) -> pb.CreateChatCompletionResponse:
+    return pb.CreateChatCompletionResponse(
+        id=completion_id,
+        object="chat.completion",
+        created=created,
+        model=model,
+        choices=[
+            pb.Choice(
+                index=0,
+                message=pb.AssistantMessage(
+                    role="assistant",
+                    content=completion.text,
+                    tool_calls=_tool_call_messages(completion.tool_calls),
+                ),
+                finish_reason=completion.finish_reason,
+            )
+        ],
+        usage=usage(completion.prompt_tokens, completion.completion_tokens),
+    )
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def chunk_response(
+    completion_id: str, created: int, model: str, chunk: CompletionChunk | None, *, first: bool = False
+) -> pb.StreamChatCompletionResponse:
+    """One chat.completion.chunk; `chunk=None` with first=True is the opening role-only chunk."""
+    delta = pb.Delta()
+    if first:
+        delta.role = "assistant"
+        delta.content = ""
+    choice = pb.ChunkChoice(index=0, delta=delta)
+    if chunk is not None:
+        if chunk.text:
+            delta.content = chunk.text
+        delta.tool_calls.extend(_tool_call_messages(chunk.tool_calls))
+        if chunk.finish_reason is not None:
+            choice.finish_reason = chunk.finish_reason
+    return pb.StreamChatCompletionResponse(
+        id=completion_id, object="chat.completion.chunk", created=created, model=model, choices=[choice]
+    )
+
+
+def embedding_inputs(request: pb.CreateEmbeddingsRequest) -> list[str]:
+    value = _value(request.input)
+    inputs = [value] if isinstance(value, str) else value
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidArgument("input", "must be a non-empty string or a non-empty list of strings")
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise InvalidArgument("input", f"at most {MAX_EMBEDDING_INPUTS} items per request")
+    for i, text in enumerate(inputs):
+        if not isinstance(text, str):
+            raise InvalidArgument(f"input[{i}]", "must be a string (token arrays are not supported)")
+        if not text:
+            raise InvalidArgument(f"input[{i}]", "must not be empty")
+    return inputs
+
+
+def encoding_format(request: pb.CreateEmbeddingsRequest) -> str:
+    if request.encoding_format not in ("", "float", "base64"):
+        raise InvalidArgument("encoding_format", "must be 'float' or 'base64'")
+    return request.encoding_format or "float"
+
+
+def embedding_value(vector: list[float], fmt: str) -> struct_pb2.Value:
+    if fmt == "base64":
+        # OpenAI's base64 form: the little-endian float32 bytes of the vector.
+        return struct_pb2.Value(
+            string_value=base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        )
+    listed = struct_pb2.Value()
+    listed.list_value.values.extend(struct_pb2.Value(number_value=x) for x in vector)
+    return listed
