@@ -1,0 +1,28 @@
+"""python -m services.ledger — the CostLedger service (default port 50054)."""
+
+from sophia.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+
+from libs.config import load_config_or_exit
+from libs.server import run_service
+from services.ledger.ledger import Ledger
+from services.ledger.pricing import PriceTable
+from services.ledger.servicer import LedgerServicer
+from services.ledger.store import LedgerStore
+
+
+def main() -> None:
+    config = load_config_or_exit()
+    store = LedgerStore(config.redis.url, config.ledger.redis_timeout_seconds)
+    ledger = Ledger(store, PriceTable(config.ledger.prices), config.ledger.default_alert_percentages)
+    servicer = LedgerServicer(ledger)
+
+    def register(server):
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer, server)
+        return [ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name]
+
+    # NOT_SERVING until Redis answers: the ledger has nothing to serve without it.
+    run_service("ledger", config, register, start=store.wait_until_reachable, stop=store.close)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The ledger's durable state in Redis (run with appendonly, so an acknowledged record survives a restart).
+
+Every key of a tenant carries the tenant id as its hash tag, so a tenant's keys share one Redis Cluster
+slot and the record script can touch them all atomically:
+
+    ledger:{T}:usage:<request_id>  hash    one usage record; its existence is the idempotency marker
+    ledger:{T}:usage-index         zset    request ids scored by occurred_at (µs since the epoch)
+    ledger:{T}:spend:<YYYY-MM>     string  spend of the UTC month in micro-dollars
+    ledger:{T}:budget              hash    monthly limit, alert percentages, hard stop
+    ledger:{T}:alerted:<YYYY-MM>:<percent>  string  set once the month's alert has been logged
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis.asyncio as redis
+from redis import exceptions as redis_errors
+
+from libs.errors import Unavailable
+from services.ledger.budget import Budget
+from services.ledger.usage import UsageRecord, month_key
+
+log = logging.getLogger(__name__)
+
+# Alert markers only need to outlive their month.
+ALERT_MARKER_TTL_SECONDS = 62 * 24 * 3600
+REPORT_BATCH = 500
+PING_RETRY_SECONDS = 0.5
+PING_LOG_EVERY_SECONDS = 10.0
+
+# Adds a usage record unless one with the same request id exists, in one atomic step, so concurrent
+# retries of a request are counted exactly once.
+# KEYS: record hash, tenant index, month spend counter. ARGV: request id, index score, cost, hash fields…
+_RECORD_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {1, redis.call('HGET', KEYS[1], 'cost_micros'), 0}
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+local spent = redis.call('INCRBY', KEYS[3], ARGV[3])
+return {0, ARGV[3], spent}
+"""
+
+
+@dataclass(frozen=True)
+class StoredUsage:
+    duplicate: bool
+    # For a duplicate: the cost recorded the first time.
+    cost_micros: int
+    # Spend of the record's month after adding it (0 for a duplicate: nothing was added).
+    month_spend_micros: int
+
+
+def _micros(moment: datetime) -> int:
+    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _from_micros(micros: int) -> datetime:
+    return datetime.fromtimestamp(micros // 1_000_000, UTC).replace(microsecond=micros % 1_000_000)
+
+
+def _key(tenant_id: str, *parts: str) -> str:
+    return ":".join(("ledger", "{" + tenant_id + "}", *parts))
+
+
+@contextmanager
+def _redis_errors() -> Iterator[None]:
+    """Redis trouble is the ledger being unavailable for now (UNAVAILABLE), never an internal error."""
+    try:
+        yield
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+        raise Unavailable(f"ledger storage (Redis) is unreachable: {exc}") from None
+    except redis_errors.RedisError as exc:
+        log.error("Redis refused a ledger command: %s", exc)
+        raise Unavailable(f"ledger storage (Redis) refused the command: {exc}") from None
+
+
+class LedgerStore:
+    def __init__(self, url: str, timeout_seconds: float) -> None:
+        self._redis = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+        )
+        self._record_script = self._redis.register_script(_RECORD_SCRIPT)
+
+    async def wait_until_reachable(self) -> None:
+        """Returns once Redis answers PING; until then the service stays NOT_SERVING."""
+        last_logged = 0.0
+        while True:
+            try:
+                await self._redis.ping()
+                log.info("Redis is reachable")
+                return
+            except redis_errors.RedisError as exc:
+                if time.monotonic() - last_logged >= PING_LOG_EVERY_SECONDS:
+                    log.warning("waiting for Redis: %s", exc)
+                    last_logged = time.monotonic()
+            await asyncio.sleep(PING_RETRY_SECONDS)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def record(self, record: UsageRecord) -> StoredUsage:
+        tenant = record.tenant_id
+        occurred = _micros(record.occurred_at)
+        fields = {
+            "tenant_id": tenant,
+            "api_key_id": record.api_key_id,
+            "model_id": record.model_id,
+            "provider": record.provider,
+            "input_tokens": record.input_tokens,
+            "output_tokens": record.output_tokens,
+            "cached": int(record.cached),
+            "cost_micros": record.cost_micros,
+            "occurred_at_us": occurred,
+            "recorded_at_us": time.time_ns() // 1000,
+        }
+        with _redis_errors():
+            duplicate, cost, spent = await self._record_script(
+                keys=[
+                    _key(tenant, "usage", record.request_id),
+                    _key(tenant, "usage-index"),
+                    _key(tenant, "spend", month_key(record.occurred_at)),
+                ],
+                args=[record.request_id, occurred, record.cost_micros, *_flatten(fields)],
+            )
+        return StoredUsage(duplicate=duplicate == 1, cost_micros=int(cost), month_spend_micros=int(spent))
+
+    async def month_spend(self, tenant_id: str, month: str) -> int:
+        with _redis_errors():
+            return int(await self._redis.get(_key(tenant_id, "spend", month)) or 0)
+
+    async def get_budget(self, tenant_id: str) -> Budget | None:
+        with _redis_errors():
+            fields = await self._redis.hgetall(_key(tenant_id, "budget"))
+        if not fields:
+            return None
+        return Budget(
+            monthly_limit_micros=int(fields["monthly_limit_micros"]),
+            alert_percentages=tuple(int(p) for p in fields["alert_percentages"].split(",") if p),
+            hard_stop=fields["hard_stop"] == "1",
+        )
+
+    async def set_budget(self, tenant_id: str, budget: Budget) -> None:
+        with _redis_errors():
+            await self._redis.hset(
+                _key(tenant_id, "budget"),
+                mapping={
+                    "monthly_limit_micros": budget.monthly_limit_micros,
+                    "alert_percentages": ",".join(str(p) for p in budget.alert_percentages),
+                    "hard_stop": int(budget.hard_stop),
+                },
+            )
+
+    async def mark_alerted(self, tenant_id: str, month: str, percent: int) -> bool:
+        """True only for the first caller per tenant, month and threshold (SET NX)."""
+        with _redis_errors():
+            first = await self._redis.set(
+                _key(tenant_id, "alerted", month, str(percent)), 1, nx=True, ex=ALERT_MARKER_TTL_SECONDS
+            )
+        return bool(first)
+
+    async def records_between(
+        self, tenant_id: str, start: datetime, end: datetime
+    ) -> AsyncIterator[UsageRecord]:
+        """The tenant's records with start <= occurred_at < end, fetched in pipelined batches."""
+        with _redis_errors():
+            # One read of the index: a snapshot that records arriving meanwhile cannot shift.
+            request_ids = await self._redis.zrangebyscore(
+                _key(tenant_id, "usage-index"), _micros(start), f"({_micros(end)}"
+            )
+        for offset in range(0, len(request_ids), REPORT_BATCH):
+            batch = request_ids[offset : offset + REPORT_BATCH]
+            with _redis_errors():
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for request_id in batch:
+                        pipe.hgetall(_key(tenant_id, "usage", request_id))
+                    rows = await pipe.execute()
+            for request_id, fields in zip(batch, rows, strict=True):
+                if fields:
+                    yield _record_from_hash(request_id, fields)
+
+
+def _flatten(fields: dict[str, object]) -> list[object]:
+    return [item for pair in fields.items() for item in pair]
+
+
+def _record_from_hash(request_id: str, fields: dict[str, str]) -> UsageRecord:
+    return UsageRecord(
+        request_id=request_id,
+        tenant_id=fields["tenant_id"],
+        api_key_id=fields["api_key_id"],
+        model_id=fields["model_id"],
+        provider=fields["provider"],
+        input_tokens=int(fields["input_tokens"]),
+        output_tokens=int(fields["output_tokens"]),
+        cached=fields["cached"] == "1",
+        cost_micros=int(fields["cost_micros"]),
+        occurred_at=_from_micros(int(fields["occurred_at_us"])),
+    )

@@ -1,0 +1,164 @@
+"""Usage records and the pure rules around them: validation, UTC months, report ranges and grouping."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from libs.errors import InvalidArgument
+
+GroupBy = Literal["model", "provider", "day"]
+
+MAX_ID_LENGTH = 128
+MAX_MODEL_ID_LENGTH = 256
+MAX_REPORT_RANGE = timedelta(days=400)
+# Usage cannot predate the epoch; "a day from now" allows for clocks that disagree a little, while
+# refusing records that would count toward a future month's budget.
+EARLIEST_USAGE = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_CLOCK_SKEW = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class UsageEvent:
+    """What a caller reports about one request."""
+
+    request_id: str
+    tenant_id: str
+    model_id: str
+    input_tokens: int
+    output_tokens: int
+    api_key_id: str = ""
+    provider: str = ""
+    cached: bool = False
+    # None → the moment the ledger receives it.
+    occurred_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One request as the ledger stores it."""
+
+    request_id: str
+    tenant_id: str
+    api_key_id: str
+    model_id: str
+    provider: str
+    input_tokens: int
+    output_tokens: int
+    cached: bool
+    cost_micros: int
+    occurred_at: datetime
+
+
+@dataclass
+class UsageRow:
+    key: str
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_micros: int = 0
+
+    def add(self, record: UsageRecord) -> None:
+        self.requests += 1
+        self.input_tokens += record.input_tokens
+        self.output_tokens += record.output_tokens
+        self.cost_micros += record.cost_micros
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    rows: list[UsageRow]
+    total: UsageRow
+
+
+def validate_tenant_id(tenant_id: str) -> None:
+    if not tenant_id:
+        raise InvalidArgument("tenant_id", "must not be empty")
+    if len(tenant_id) > MAX_ID_LENGTH:
+        raise InvalidArgument("tenant_id", f"must be at most {MAX_ID_LENGTH} characters")
+    # The tenant id is the Redis hash tag of every key of the tenant; a brace would make keys ambiguous.
+    if "{" in tenant_id or "}" in tenant_id:
+        raise InvalidArgument("tenant_id", "must not contain '{' or '}'")
+
+
+def validate_event(event: UsageEvent, now: datetime) -> None:
+    if not event.request_id:
+        raise InvalidArgument("request_id", "must not be empty")
+    if len(event.request_id) > MAX_ID_LENGTH:
+        raise InvalidArgument("request_id", f"must be at most {MAX_ID_LENGTH} characters")
+    validate_tenant_id(event.tenant_id)
+    if len(event.api_key_id) > MAX_ID_LENGTH:
+        raise InvalidArgument("api_key_id", f"must be at most {MAX_ID_LENGTH} characters")
+    if not event.model_id:
+        raise InvalidArgument("model_id", "must not be empty")
+    if len(event.model_id) > MAX_MODEL_ID_LENGTH:
+        raise InvalidArgument("model_id", f"must be at most {MAX_MODEL_ID_LENGTH} characters")
+    if len(event.provider) > MAX_ID_LENGTH:
+        raise InvalidArgument("provider", f"must be at most {MAX_ID_LENGTH} characters")
+    if event.input_tokens < 0:
+        raise InvalidArgument("input_tokens", "must not be negative")
+    if event.output_tokens < 0:
+        raise InvalidArgument("output_tokens", "must not be negative")
+    if event.occurred_at is not None and not EARLIEST_USAGE <= event.occurred_at <= now + MAX_CLOCK_SKEW:
+        raise InvalidArgument("occurred_at", "must lie between 1970-01-01 and one day from now")
+
+
+def month_key(moment: datetime) -> str:
+    """The UTC calendar month of `moment`, e.g. "2024-03": budgets and spend counters are per month."""
+    return moment.astimezone(UTC).strftime("%Y-%m")
+
+
+def month_bounds(moment: datetime) -> tuple[datetime, datetime]:
+    """Start (inclusive) and end (exclusive) of the UTC month holding `moment`."""
+    moment = moment.astimezone(UTC)
+    start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
+    if moment.month == 12:
+        return start, datetime(moment.year + 1, 1, 1, tzinfo=UTC)
+    return start, datetime(moment.year, moment.month + 1, 1, tzinfo=UTC)
+
+
+def report_range(start: datetime | None, end: datetime | None, now: datetime) -> tuple[datetime, datetime]:
+    """[start, end) of a report; a missing bound is the matching bound of the current UTC month."""
+    month_start, month_end = month_bounds(now)
+    start = month_start if start is None else start
+    end = month_end if end is None else end
+    if start >= end:
+        raise InvalidArgument("start_time", "must be before end_time")
+    if end - start > MAX_REPORT_RANGE:
+        raise InvalidArgument("end_time", f"the range must span at most {MAX_REPORT_RANGE.days} days")
+    return start, end
+
+
+def group_key(record: UsageRecord, group_by: GroupBy) -> str:
+    if group_by == "model":
+        return record.model_id
+    if group_by == "provider":
+        return record.provider
+    return record.occurred_at.astimezone(UTC).strftime("%Y-%m-%d")
+
+
+class UsageSummary:
+    """Accumulates records one at a time, so a long report never holds all its records in memory."""
+
+    def __init__(self, group_by: GroupBy) -> None:
+        self._group_by = group_by
+        self._rows: dict[str, UsageRow] = {}
+        self._total = UsageRow(key="total")
+
+    def add(self, record: UsageRecord) -> None:
+        key = group_key(record, self._group_by)
+        self._rows.setdefault(key, UsageRow(key=key)).add(record)
+        self._total.add(record)
+
+    def report(self) -> UsageReport:
+        """One row per group key, sorted by key, plus the total over every record."""
+        return UsageReport(rows=[self._rows[key] for key in sorted(self._rows)], total=self._total)
+
+
+def summarize(records: Iterable[UsageRecord], group_by: GroupBy) -> UsageReport:
+    summary = UsageSummary(group_by)
+    for record in records:
+        summary.add(record)
+    return summary.report()
