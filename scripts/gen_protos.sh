@@ -15,3 +15,5 @@ $PY -m grpc_tools.protoc -I protos -I build/protodeps \
 $PY -m grpc_tools.protoc -I protos -I build/protodeps \
   --include_imports --include_source_info --descriptor_set_out=build/sophia.pb "${protos[@]}"
 echo "generated libs/gen and build/sophia.pb from ${#protos[@]} proto files"
+# The edge refuses JSON fields the protos lack (the transcoder alone would drop them silently).
+$PY deploy/envoy/gen_edge_schema.py

@@ -243,11 +243,11 @@ def chunk_response(
     completion_id: str, created: int, model: str, chunk: CompletionChunk | None, *, first: bool = False
 ) -> pb.StreamChatCompletionResponse:
     """One chat.completion.chunk; `chunk=None` with first=True is the opening role-only chunk."""
-    delta = pb.Delta()
+    choice = pb.ChunkChoice(index=0)
+    delta = choice.delta  # edited in place: protobuf copies sub-messages passed to constructors
     if first:
         delta.role = "assistant"
         delta.content = ""
-    choice = pb.ChunkChoice(index=0, delta=delta)
     if chunk is not None:
         if chunk.text:
             delta.content = chunk.text
