@@ -1,0 +1,1 @@
+"""Real stand-ins for external systems (LLM providers) that tests and benchmarks run against."""
