@@ -174,7 +174,7 @@ class Mesh:
     # --- `make up` / `make down` bookkeeping ----------------------------------------------------
 
     def record(self) -> None:
-        entries = {name: {"pid": p.pid, "cmdline": _cmdline(p.pid)} for name, p in self.processes.items()}
+        entries = {name: {"pid": p.pid, "started": _start_time(p.pid)} for name, p in self.processes.items()}
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         self.pid_file.write_text(json.dumps(entries, indent=2))
 
@@ -185,11 +185,14 @@ class Mesh:
             return {}
 
 
-def _cmdline(pid: int) -> str:
+def _start_time(pid: int) -> str:
+    """The kernel's start time of `pid`: with the pid it identifies one process, even after pid reuse."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return ""
+    # Field 22 (starttime) comes after the parenthesised command name, which may itself hold spaces.
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def _redis_ping(port: int) -> bool:
@@ -249,11 +252,11 @@ Try:
 
 
 def _alive(entry: dict) -> bool:
-    return bool(entry.get("cmdline")) and _cmdline(entry["pid"]) == entry["cmdline"]
+    return bool(entry.get("started")) and _start_time(entry["pid"]) == entry["started"]
 
 
 def down(mesh: Mesh, timeout: float = 30.0) -> None:
-    """Stops exactly the processes `up` recorded: same pid *and* same command line (no pid reuse)."""
+    """Stops exactly the processes `up` recorded: same pid *and* same start time (no pid reuse)."""
     entries = mesh.recorded()
     for name in reversed(COMPONENTS):
         entry = entries.get(name)

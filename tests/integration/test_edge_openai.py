@@ -1,0 +1,165 @@
+"""The unmodified `openai` SDK and plain HTTP against the Envoy edge, served by the real local model."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import DEV_KEY
+
+PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(mesh):
+    return openai.OpenAI(base_url=f"{mesh.edge_url}/v1", api_key=DEV_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(mesh):
+    with httpx.Client(base_url=mesh.edge_url, timeout=120) as session:
+        yield session
+
+
+def test_chat_completion_returns_generated_text_with_metadata_headers(client):
+    raw = client.chat.completions.with_raw_response.create(model="auto", messages=PROMPT, max_tokens=24)
+    completion = raw.parse()
+    assert completion.object == "chat.completion"
+    assert completion.model == "smollm2-135m-instruct"
+    assert "paris" in completion.choices[0].message.content.lower()
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage.completion_tokens > 0
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    assert raw.headers["content-type"].startswith("application/json")
+    assert raw.headers["x-sophia-provider"] == "local"
+    assert raw.headers["x-sophia-model"] == "smollm2-135m-instruct"
+    assert completion.id == f"chatcmpl-{raw.headers['x-request-id']}"
+
+
+def test_numbers_stay_json_numbers(http):
+    reply = http.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {DEV_KEY}"},
+        json={"model": "auto", "messages": PROMPT, "max_tokens": 4},
+    )
+    body = reply.json()
+    assert reply.status_code == 200, body
+    assert isinstance(body["created"], int)
+    assert isinstance(body["usage"]["prompt_tokens"], int)
+    assert isinstance(body["choices"][0]["index"], int)
+
+
+def test_streaming_chat_arrives_as_server_sent_events(client, http):
+    stream = client.chat.completions.create(
+        model="auto", messages=PROMPT, max_tokens=24, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "paris" in text.lower()
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+    with http.stream(
+        "POST",
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {DEV_KEY}"},
+        json={"model": "auto", "messages": PROMPT, "max_tokens": 8, "stream": True},
+    ) as raw:
+        assert raw.status_code == 200
+        assert raw.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in raw.iter_lines() if line.startswith("data: ")]
+    assert json.loads(events[0][len("data: ") :])["object"] == "chat.completion.chunk"
+
+
+def test_stream_flag_nested_inside_a_message_does_not_switch_to_streaming(http):
+    reply = http.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {DEV_KEY}"},
+        json={"model": "auto", "max_tokens": 4, "messages": [{"role": "user", "content": '{"stream": true}'}]},
+    )
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("application/json")
+    assert reply.json()["object"] == "chat.completion"
+
+
+def test_embeddings_have_384_dimensions_in_both_encodings(client):
+    default = client.embeddings.create(model="all-minilm-l6-v2", input=["The cat sat.", "A dog ran."])
+    assert [len(item.embedding) for item in default.data] == [384, 384]
+    assert default.usage.prompt_tokens > 0
+    floats = client.embeddings.create(model="all-minilm-l6-v2", input="The cat sat.", encoding_format="float")
+    assert len(floats.data[0].embedding) == 384
+    assert floats.data[0].embedding == pytest.approx(default.data[0].embedding, abs=1e-6)
+
+
+def test_models_list_shows_the_configured_models(client):
+    ids = {model.id for model in client.models.list()}
+    assert {"smollm2-135m-instruct", "all-minilm-l6-v2"} <= ids
+
+
+@pytest.mark.parametrize("key", [None, "sk-wrong-key-123456"])
+def test_missing_or_wrong_key_is_401(http, key):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    reply = http.post("/v1/chat/completions", headers=headers, json={"model": "auto", "messages": PROMPT})
+    assert reply.status_code == 401
+    assert "key" in reply.text.lower()
+
+
+def test_sdk_surfaces_authentication_errors(mesh):
+    client = openai.OpenAI(base_url=f"{mesh.edge_url}/v1", api_key="sk-wrong-key-123456", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as raised:
+        client.models.list()
+    assert "invalid api key" in str(raised.value).lower()
+
+
+BAD_BODIES = [
+    ("invalid json", b'{"model": "auto", "messages": [', 400, ""),
+    ("empty messages", {"model": "auto", "messages": []}, 400, "messages"),
+    ("unknown role", {"model": "auto", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    ("negative max_tokens", {"model": "auto", "messages": PROMPT, "max_tokens": -5}, 400, "max_tokens"),
+    ("temperature out of range", {"model": "auto", "messages": PROMPT, "temperature": 7}, 400, "temperature"),
+    ("unknown model", {"model": "gpt-17-ultra", "messages": PROMPT}, 404, "model"),
+    ("n above one", {"model": "auto", "messages": PROMPT, "n": 3}, 400, "n:"),
+    ("unknown field", {"model": "auto", "messages": PROMPT, "frobnicate": 1}, 400, "frobnicate"),
+    ("wrong type", {"model": "auto", "messages": PROMPT, "max_tokens": "many"}, 400, "max_tokens"),
+    ("image part", {"model": "auto", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content[0]"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "body", "status", "field"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+def test_bad_input_through_the_edge_is_a_clear_4xx(http, case, body, status, field):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    reply = http.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {DEV_KEY}", "Content-Type": "application/json"},
+        content=content,
+    )
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert field in error["message"]
+
+
+def test_oversized_body_is_413(http, mesh):
+    filler = "x" * (mesh.config.edge.max_body_bytes + 1024)
+    reply = http.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {DEV_KEY}"},
+        json={"model": "auto", "messages": [{"role": "user", "content": filler}]},
+    )
+    assert reply.status_code == 413
+    assert reply.json()["error"]["message"]
+
+
+def test_client_x_envoy_headers_do_not_reach_routing(http):
+    # A client must not be able to steer Envoy (e.g. shorten or lengthen our timeouts, force retries).
+    reply = http.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {DEV_KEY}", "x-envoy-upstream-rq-timeout-ms": "1"},
+        json={"model": "auto", "messages": PROMPT, "max_tokens": 4},
+    )
+    assert reply.status_code == 200

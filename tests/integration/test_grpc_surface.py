@@ -1,0 +1,128 @@
+"""The mesh over gRPC: reflection and health for every service with grpcurl, a Node.js client, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import grpc
+import pytest
+from sophia.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from libs.config import REPO_ROOT
+from tests.integration.conftest import DEV_KEY
+from tools.mesh import SERVICES
+
+GRPCURL = str(REPO_ROOT / ".venv" / "bin" / "grpcurl")
+SERVICE_NAMES = {
+    "gateway": "sophia.gateway.v1.GatewayService",
+    "router": "sophia.router.v1.RouterService",
+    "cache": "sophia.cache.v1.CacheService",
+    "ledger": "sophia.ledger.v1.LedgerService",
+    "inference": "sophia.inference.v1.InferenceService",
+}
+
+
+def grpcurl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_reflection_lists_and_describes_each_service(mesh, service):
+    listed = grpcurl(mesh.address(service), "list")
+    assert listed.returncode == 0, listed.stderr
+    assert SERVICE_NAMES[service] in listed.stdout.split()
+    assert "grpc.health.v1.Health" in listed.stdout.split()
+    described = grpcurl(mesh.address(service), "describe", SERVICE_NAMES[service])
+    assert described.returncode == 0, described.stderr
+    assert "rpc " in described.stdout
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_health_check_says_serving_for_each_service(mesh, service):
+    for name in ("", SERVICE_NAMES[service]):
+        checked = grpcurl("-d", json.dumps({"service": name}), mesh.address(service), "grpc.health.v1.Health/Check")
+        assert checked.returncode == 0, checked.stderr
+        assert json.loads(checked.stdout)["status"] == "SERVING"
+
+
+def test_grpcurl_chat_through_reflection_returns_response_metadata(mesh):
+    called = grpcurl(
+        "-v",
+        "-H", f"authorization: Bearer {DEV_KEY}",
+        "-H", "x-request-id: grpcurl-test-1",
+        "-d", json.dumps({"params": {"model": "auto", "max_tokens": 8, "messages": [
+            {"role": "user", "content": "Say hello"}]}}),
+        mesh.address("gateway"),
+        "sophia.gateway.v1.GatewayService/CreateChatCompletion",
+    )  # fmt: skip
+    assert called.returncode == 0, called.stderr
+    assert "x-request-id: grpcurl-test-1" in called.stdout
+    assert "x-sophia-provider: local" in called.stdout
+    assert '"chatcmpl-grpcurl-test-1"' in called.stdout
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+def test_nodejs_grpc_client_calls_the_gateway(mesh):
+    script = REPO_ROOT / "tests" / "node" / "chat_client.js"
+    ran = subprocess.run(
+        ["node", str(script), mesh.address("gateway"), DEV_KEY, "Name a colour."],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    response = json.loads(ran.stdout)
+    assert response["object"] == "chat.completion"
+    assert response["choices"][0]["message"]["content"].strip()
+    assert response["usage"]["completion_tokens"] > 0
+
+
+@pytest.fixture(scope="module")
+async def gateway(mesh):
+    async with grpc.aio.insecure_channel(mesh.address("gateway")) as channel:
+        yield gateway_pb2_grpc.GatewayServiceStub(channel)
+
+
+def chat(**params) -> gateway_pb2.CreateChatCompletionRequest:
+    request = gateway_pb2.CreateChatCompletionRequest()
+    request.params.model = params.pop("model", "auto")
+    for message in params.pop("messages", [{"role": "user", "content": "hi"}]):
+        added = request.params.messages.add(role=message["role"])
+        added.content.string_value = message["content"]
+    for name, value in params.items():
+        if isinstance(value, list):
+            getattr(request.params, name).extend(value)
+        else:
+            setattr(request.params, name, value)
+    return request
+
+
+AUTH = (("authorization", f"Bearer {DEV_KEY}"),)
+GRPC_ERRORS = [
+    ("empty messages", chat(messages=[]), grpc.StatusCode.INVALID_ARGUMENT, "messages"),
+    ("unknown role", chat(messages=[{"role": "robot", "content": "x"}]), grpc.StatusCode.INVALID_ARGUMENT,
+     "messages[0].role"),
+    ("negative max_tokens", chat(max_tokens=-1), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    ("temperature", chat(temperature=2.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ("unknown model", chat(model="nope"), grpc.StatusCode.NOT_FOUND, "model"),
+    ("embedding model for chat", chat(model="all-minilm-l6-v2"), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+    ("missing model", chat(model=""), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+    ("stream flag on the unary RPC", chat(stream=True), grpc.StatusCode.INVALID_ARGUMENT, "stream"),
+    ("tools on the local model", chat(tools=[gateway_pb2.Tool(type="function", function={"name": "f"})]),
+     grpc.StatusCode.INVALID_ARGUMENT, "tools"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "request_", "code", "field"), GRPC_ERRORS, ids=[c[0] for c in GRPC_ERRORS])
+async def test_bad_input_over_grpc_gets_the_matching_status(gateway, case, request_, code, field):
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await gateway.CreateChatCompletion(request_, metadata=AUTH, timeout=30)
+    assert raised.value.code() == code
+    assert field in raised.value.details()
+
+
+@pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer sk-nope-nope-nope"),)])
+async def test_no_or_wrong_key_is_unauthenticated(gateway, metadata):
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await gateway.ListModels(gateway_pb2.ListModelsRequest(), metadata=metadata, timeout=10)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
