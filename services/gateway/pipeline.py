@@ -82,8 +82,10 @@ class ChatExecutor:
             raise errors.Unavailable("no provider is configured for the routed models")
         return usable
 
-    async def complete(self, targets: list[Target], request: ChatRequest) -> tuple[Completion, Served]:
-        attempts: list[Attempt] = []
+    async def complete(
+        self, targets: list[Target], request: ChatRequest, attempts: list[Attempt]
+    ) -> tuple[Completion, Served]:
+        """Tries `targets` in order; every try is appended to the caller's `attempts`, failed or not."""
         for target in targets:
             started = time.perf_counter()
             try:
@@ -99,10 +101,9 @@ class ChatExecutor:
         raise errors.Unavailable("no target to try")
 
     async def stream(
-        self, targets: list[Target], request: ChatRequest
+        self, targets: list[Target], request: ChatRequest, attempts: list[Attempt]
     ) -> tuple[CompletionChunk, AsyncIterator[CompletionChunk], Served]:
         """Opens the first target that yields a first chunk; returns that chunk and the rest of the stream."""
-        attempts: list[Attempt] = []
         for target in targets:
             started = time.perf_counter()
             chunks = self._providers[target.provider].stream(target, request)

@@ -102,8 +102,37 @@ class Routing:
             return self.default_plan(request)
         return Plan(targets, reply.reason)
 
+    def report(self, attempts, background) -> None:
+        for attempt in attempts:
+            background.spawn(report_outcome(self._stub, attempt))
+
     def embedding_target(self, model: str) -> Target:
         return self._target(model)
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+_OUTCOMES = {"success": pb.OUTCOME_SUCCESS, "timeout": pb.OUTCOME_TIMEOUT}
+REPORT_TIMEOUT_SECONDS = 0.5
+
+
+async def report_outcome(stub: router_pb2_grpc.RouterServiceStub, attempt) -> None:
+    """Feeds one attempt to the Router's health stats; a Router that is down simply misses it."""
+    if attempt.outcome in _OUTCOMES:
+        outcome = _OUTCOMES[attempt.outcome]
+    else:
+        outcome = pb.OUTCOME_RETRYABLE_ERROR if attempt.retryable else pb.OUTCOME_FATAL_ERROR
+    try:
+        await stub.ReportOutcome(
+            pb.ReportOutcomeRequest(
+                provider=attempt.target.provider,
+                model_id=attempt.target.model_id,
+                outcome=outcome,
+                latency_ms=attempt.latency_ms,
+                error="" if attempt.outcome == "success" else attempt.outcome,
+            ),
+            timeout=REPORT_TIMEOUT_SECONDS,
+        )
+    except grpc.aio.AioRpcError as exc:
+        log.debug("outcome not reported to the router: %s", exc.code().name)

@@ -13,16 +13,14 @@ from libs.config import Config
 from libs.errors import InvalidArgument, Unavailable
 from libs.logs import request_id_var
 from services.gateway import translate
-from services.gateway.auth import KeyRing, bearer_token
+from services.gateway.access import AccessControl
+from services.gateway.chat import ChatFlow, ChatOutcome
 from services.gateway.domain import ChatRequest, Principal
-from services.gateway.pipeline import ChatExecutor, Served, provider_failure
+from services.gateway.pipeline import provider_failure
 from services.gateway.providers.base import Provider, ProviderError
 from services.gateway.routing import Routing
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-# Roughly four characters a token: enough to skip models whose context window is clearly too small.
-_CHARS_PER_TOKEN = 4
-_DEFAULT_COMPLETION_ESTIMATE = 256
 
 
 def _metadata(context) -> tuple[tuple[str, str | bytes], ...]:
@@ -38,26 +36,25 @@ def _cache_disabled_by_header(metadata) -> bool:
     )
 
 
-def _estimated_tokens(request: ChatRequest) -> int:
-    prompt = sum(len(m.content) for m in request.messages) // _CHARS_PER_TOKEN
-    return prompt + (request.max_tokens or _DEFAULT_COMPLETION_ESTIMATE)
-
-
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(
-        self, config: Config, keys: KeyRing, routing: Routing, providers: dict[str, Provider]
+        self,
+        config: Config,
+        access: AccessControl,
+        routing: Routing,
+        flow: ChatFlow,
+        providers: dict[str, Provider],
     ) -> None:
         self._config = config
-        self._keys = keys
+        self._access = access
         self._routing = routing
+        self._flow = flow
         self._providers = providers
-        self._executor = ChatExecutor(providers)
         self._started = int(time.time())
 
-    def _begin(self, context) -> tuple[Principal, str]:
+    async def _begin(self, context) -> tuple[Principal, str]:
         """Authenticates the caller and settles the request id (the client's, or a new one)."""
-        metadata = _metadata(context)
-        principal = self._keys.authenticate(bearer_token(metadata))
+        principal = await self._access.authenticate(_metadata(context))
         request_id = request_id_var.get()
         if request_id and not _REQUEST_ID.fullmatch(request_id):
             raise InvalidArgument("x-request-id", "at most 128 characters of A-Z a-z 0-9 . _ : -")
@@ -66,57 +63,54 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             request_id_var.set(request_id)
         return principal, request_id
 
-    async def _plan(self, chat: ChatRequest, principal: Principal, request_id: str):
-        self._routing.check_model(chat.model, "chat")
-        plan = await self._routing.plan(chat, principal.tenant_id, request_id, _estimated_tokens(chat))
-        return self._executor.usable_targets(plan, chat)
-
-    @staticmethod
-    def _response_headers(request_id: str, served: Served, cache: str) -> tuple[tuple[str, str], ...]:
-        return (
-            ("x-request-id", request_id),
-            ("x-sophia-provider", served.target.provider),
-            ("x-sophia-model", served.target.model_id),
-            ("x-sophia-attempts", str(len(served.attempts))),
-            ("x-sophia-cache", cache),
-        )
-
-    async def CreateChatCompletion(self, request, context):
-        principal, request_id = self._begin(context)
+    async def _chat_request(self, request, context) -> ChatRequest:
         chat = translate.chat_request(
             request.params, cache_header_off=_cache_disabled_by_header(_metadata(context))
         )
+        self._routing.check_model(chat.model, "chat")
+        return chat
+
+    @staticmethod
+    def _response_headers(request_id: str, outcome: ChatOutcome) -> tuple[tuple[str, str], ...]:
+        return (
+            ("x-request-id", request_id),
+            ("x-sophia-provider", outcome.provider),
+            ("x-sophia-model", outcome.model_id),
+            ("x-sophia-attempts", str(outcome.attempts)),
+            ("x-sophia-cache", outcome.cache),
+            ("x-sophia-cost-usd", f"{outcome.cost_micros / 1e6:.6f}"),
+        )
+
+    async def CreateChatCompletion(self, request, context):
+        principal, request_id = await self._begin(context)
         if request.params.stream:
             raise InvalidArgument(
                 "stream",
                 'use StreamChatCompletion for streaming (the REST edge does this for "stream": true)',
             )
-        targets = await self._plan(chat, principal, request_id)
-        completion, served = await self._executor.complete(targets, chat)
-        await context.send_initial_metadata(self._response_headers(request_id, served, "bypass"))
+        chat = await self._chat_request(request, context)
+        completion, outcome = await self._flow.complete(principal, chat, request_id)
+        await context.send_initial_metadata(self._response_headers(request_id, outcome))
         return translate.completion_response(
-            f"chatcmpl-{request_id}", int(time.time()), served.target.model_id, completion
+            f"chatcmpl-{request_id}", int(time.time()), outcome.model_id, completion
         )
 
     async def StreamChatCompletion(self, request, context):
-        principal, request_id = self._begin(context)
-        chat = translate.chat_request(
-            request.params, cache_header_off=_cache_disabled_by_header(_metadata(context))
-        )
-        targets = await self._plan(chat, principal, request_id)
-        first, rest, served = await self._executor.stream(targets, chat)
-        await context.send_initial_metadata(self._response_headers(request_id, served, "bypass"))
-        completion_id, created, model = f"chatcmpl-{request_id}", int(time.time()), served.target.model_id
+        principal, request_id = await self._begin(context)
+        chat = await self._chat_request(request, context)
+        stream = await self._flow.stream(principal, chat, request_id)
+        # The cost is only known at the end of a stream; the header says what it was when the stream opened.
+        await context.send_initial_metadata(self._response_headers(request_id, stream.outcome))
+        completion_id, created, model = f"chatcmpl-{request_id}", int(time.time()), stream.outcome.model_id
         yield translate.chunk_response(completion_id, created, model, None, first=True)
-        last = first
-        if first.text or first.tool_calls or first.finish_reason:
-            yield translate.chunk_response(completion_id, created, model, first)
+        last = stream.first
+        if last.text or last.tool_calls or last.finish_reason:
+            yield translate.chunk_response(completion_id, created, model, last)
         try:
-            async for chunk in rest:
+            async for chunk in stream.rest:
                 last = chunk
-                if not (chunk.text or chunk.tool_calls or chunk.finish_reason):
-                    continue
-                yield translate.chunk_response(completion_id, created, model, chunk)
+                if chunk.text or chunk.tool_calls or chunk.finish_reason:
+                    yield translate.chunk_response(completion_id, created, model, chunk)
         except ProviderError as error:
             # Part of the answer is already with the client: no fallback now, just end the stream clearly.
             raise Unavailable(f"the provider failed mid-stream: {error.message}") from None
@@ -130,7 +124,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             )
 
     async def CreateEmbeddings(self, request, context):
-        self._begin(context)
+        await self._begin(context)
         if not request.model:
             raise InvalidArgument(
                 "model", f"is required, e.g. {self._config.routing.default_embedding_model!r}"
@@ -159,7 +153,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
 
     async def ListModels(self, request, context):
-        self._begin(context)
+        await self._begin(context)
         return pb.ListModelsResponse(
             object="list",
             data=[

@@ -3,9 +3,9 @@
 from sophia.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from libs.config import load_config_or_exit
+from libs.pricing import PriceTable
 from libs.server import run_service
 from services.ledger.ledger import Ledger
-from services.ledger.pricing import PriceTable
 from services.ledger.servicer import LedgerServicer
 from services.ledger.store import LedgerStore
 

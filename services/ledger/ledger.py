@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from libs.pricing import Price, PriceTable
 from services.ledger.budget import BudgetStatus, budget_status, crossed_thresholds, make_budget
-from services.ledger.pricing import Price, PriceTable
 from services.ledger.store import LedgerStore
 from services.ledger.usage import (
     GroupBy,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from libs.config import PriceConfig
-from services.ledger.pricing import PriceTable, token_cost_micros, usd_to_micros
+from libs.pricing import PriceTable, token_cost_micros, usd_to_micros
 
 
 @pytest.mark.parametrize(

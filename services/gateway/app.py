@@ -1,0 +1,89 @@
+"""Assembles the Gateway: provider adapters, clients of the other services, the chat flow, the servicer.
+
+Everything that opens a gRPC channel is built in `open()`, inside the server's event loop, because
+grpc.aio channels belong to the loop they were made in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from sophia.ledger.v1 import ledger_pb2_grpc
+
+from libs.background import Background
+from libs.clients import open_channel
+from libs.config import REPO_ROOT, Config
+from services.gateway.access import AccessControl
+from services.gateway.auth import KeyRing
+from services.gateway.chat import ChatFlow
+from services.gateway.pipeline import ChatExecutor
+from services.gateway.providers.registry import build_providers
+from services.gateway.routing import Routing
+from services.gateway.servicer import GatewayServicer
+from services.gateway.usage import Outbox, UsageRecorder
+
+log = logging.getLogger(__name__)
+
+# After the server has drained, usage records and cache stores still on their way get this long.
+BACKGROUND_DRAIN_SECONDS = 10.0
+
+
+class GatewayApp:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.keys = KeyRing(config.auth)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._replay: asyncio.Task | None = None
+
+    def open(self) -> GatewayServicer:
+        config = self.config
+        self.providers = build_providers(config)
+        self.routing = Routing(config)
+        self._channels = {
+            "cache": open_channel(
+                config.services.cache.address,
+                service="sophia.cache.v1.CacheService",
+                idempotent_methods=("Lookup", "Stats"),
+                settings=config.clients,
+            ),
+            "ledger": open_channel(
+                config.services.ledger.address,
+                service="sophia.ledger.v1.LedgerService",
+                # RecordUsage is idempotent by request id, so it is safe to retry too.
+                idempotent_methods=("RecordUsage", "CheckBudget", "GetUsageReport", "ListPrices"),
+                settings=config.clients,
+            ),
+        }
+        self.background = Background()
+        self.usage = UsageRecorder(
+            ledger_pb2_grpc.LedgerServiceStub(self._channels["ledger"]),
+            Outbox(REPO_ROOT / config.gateway.outbox_dir),
+            config.gateway.outbox_replay_seconds,
+        )
+        self.access = AccessControl(self.keys)
+        flow = ChatFlow.build(
+            config,
+            self.access,
+            self.routing,
+            ChatExecutor(self.providers),
+            self._channels,
+            self.usage,
+            self.background,
+        )
+        return GatewayServicer(config, self.access, self.routing, flow, self.providers)
+
+    async def start(self) -> None:
+        """Replays usage left in the outbox by an earlier run, and whatever gets spooled from now on."""
+        self._replay = asyncio.create_task(self.usage.replay_forever())
+
+    async def close(self) -> None:
+        if self._replay is not None:
+            self._replay.cancel()
+        await self.background.drain(BACKGROUND_DRAIN_SECONDS)
+        await self.routing.close()
+        for provider in self.providers.values():
+            await provider.close()
+        for channel in self._channels.values():
+            await channel.close()

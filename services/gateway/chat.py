@@ -1,0 +1,221 @@
+"""One chat request end to end, in the order of ARCHITECTURE.md's request flow.
+
+admit (rate limits) → budget → cache lookup → route → try targets → report outcomes → respond;
+then, off the response path: record usage (or spool it), charge tokens, store the answer in the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from sophia.cache.v1 import cache_pb2_grpc
+from sophia.ledger.v1 import ledger_pb2 as ledger_pb
+from sophia.ledger.v1 import ledger_pb2_grpc
+
+from libs.background import Background
+from libs.config import Config
+from libs.errors import ResourceExhausted, Unavailable
+from libs.pricing import PriceTable
+from services.gateway.access import AccessControl
+from services.gateway.caching import CachedAnswer, ResponseCache
+from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Principal
+from services.gateway.pipeline import Attempt, ChatExecutor
+from services.gateway.routing import Routing
+from services.gateway.usage import UsageRecord, UsageRecorder
+
+log = logging.getLogger(__name__)
+
+BUDGET_TIMEOUT_SECONDS = 0.3
+# Roughly four characters a token: enough for limits and for skipping models whose window is too small.
+CHARS_PER_TOKEN = 4
+DEFAULT_COMPLETION_ESTIMATE = 256
+CACHEABLE_FINISHES = ("stop", "length")
+
+
+def estimated_tokens(request: ChatRequest) -> int:
+    prompt = sum(len(m.content) for m in request.messages) // CHARS_PER_TOKEN
+    return prompt + (request.max_tokens or DEFAULT_COMPLETION_ESTIMATE)
+
+
+@dataclass
+class ChatOutcome:
+    """What answered, for the response headers."""
+
+    model_id: str
+    provider: str
+    attempts: int
+    cache: str  # hit | miss | bypass
+    cost_micros: int = 0
+
+
+@dataclass
+class ChatStream:
+    first: CompletionChunk
+    rest: AsyncIterator[CompletionChunk]
+    outcome: ChatOutcome
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+class ChatFlow:
+    def __init__(
+        self,
+        config: Config,
+        access: AccessControl,
+        routing: Routing,
+        executor: ChatExecutor,
+        cache: ResponseCache,
+        ledger: ledger_pb2_grpc.LedgerServiceStub,
+        usage: UsageRecorder,
+        background: Background,
+    ) -> None:
+        self._config = config
+        self._access = access
+        self._routing = routing
+        self._executor = executor
+        self._cache = cache
+        self._ledger = ledger
+        self._usage = usage
+        self._background = background
+        self._prices = PriceTable(config.ledger.prices)
+
+    @classmethod
+    def build(cls, config, access, routing, executor, channels, usage, background) -> ChatFlow:
+        cache = ResponseCache(
+            cache_pb2_grpc.CacheServiceStub(channels["cache"]), config.cache, config.gateway.cache_enabled
+        )
+        ledger = ledger_pb2_grpc.LedgerServiceStub(channels["ledger"])
+        return cls(config, access, routing, executor, cache, ledger, usage, background)
+
+    async def _check_budget(self, tenant_id: str) -> None:
+        try:
+            reply = await self._ledger.CheckBudget(
+                ledger_pb.CheckBudgetRequest(tenant_id=tenant_id), timeout=BUDGET_TIMEOUT_SECONDS
+            )
+        except grpc.aio.AioRpcError as exc:
+            if self._config.gateway.budget_fail_open:
+                log.warning("budget not checked, ledger unavailable (%s): failing open", exc.code().name)
+                return
+            raise Unavailable("budget could not be checked: the ledger is unavailable") from None
+        if not reply.allowed:
+            raise ResourceExhausted(
+                f"budget exhausted: tenant {tenant_id} has spent ${reply.spent_micros / 1e6:.2f} "
+                f"of its ${reply.limit_micros / 1e6:.2f} monthly budget"
+            )
+
+    async def _admit(self, principal: Principal, request: ChatRequest) -> tuple[str, CachedAnswer | None]:
+        await self._access.admit(principal, estimated_tokens(request))
+        await self._check_budget(principal.tenant_id)
+        return await self._cache.lookup(principal.tenant_id, request)
+
+    async def _targets(self, principal: Principal, request: ChatRequest, request_id: str):
+        plan = await self._routing.plan(request, principal.tenant_id, request_id, estimated_tokens(request))
+        return self._executor.usable_targets(plan, request)
+
+    def _settle(
+        self,
+        principal: Principal,
+        request: ChatRequest,
+        request_id: str,
+        outcome: ChatOutcome,
+        completion: Completion,
+        *,
+        cacheable: bool = True,
+    ) -> None:
+        """Prices the answer now (for the response header), then records and caches it in the background."""
+        cached = outcome.cache == "hit"
+        outcome.cost_micros = self._prices.cost_micros(
+            outcome.model_id, completion.prompt_tokens, completion.completion_tokens, cached=cached
+        )
+        record = UsageRecord(
+            request_id=request_id,
+            tenant_id=principal.tenant_id,
+            api_key_id=principal.key_id,
+            model_id=outcome.model_id,
+            provider=outcome.provider,
+            input_tokens=completion.prompt_tokens,
+            output_tokens=completion.completion_tokens,
+            cached=cached,
+            occurred_at=time.time(),
+        )
+        self._background.spawn(self._usage.record(record))
+        self._background.spawn(
+            self._access.charge(principal, completion.prompt_tokens + completion.completion_tokens)
+        )
+        if cacheable and outcome.cache == "miss" and completion.finish_reason in CACHEABLE_FINISHES:
+            answer = CachedAnswer(outcome.model_id, outcome.provider, completion)
+            self._background.spawn(self._cache.store(principal.tenant_id, request, answer))
+
+    async def complete(
+        self, principal: Principal, request: ChatRequest, request_id: str
+    ) -> tuple[Completion, ChatOutcome]:
+        cache_status, answer = await self._admit(principal, request)
+        if answer is not None:
+            outcome = ChatOutcome(answer.model_id, answer.provider, 0, "hit")
+            self._settle(principal, request, request_id, outcome, answer.completion)
+            return answer.completion, outcome
+        targets = await self._targets(principal, request, request_id)
+        attempts: list[Attempt] = []
+        try:
+            completion, served = await self._executor.complete(targets, request, attempts)
+        finally:
+            self._routing.report(attempts, self._background)
+        outcome = ChatOutcome(
+            served.target.model_id, served.target.provider, len(served.attempts), cache_status
+        )
+        self._settle(principal, request, request_id, outcome, completion)
+        return completion, outcome
+
+    async def stream(self, principal: Principal, request: ChatRequest, request_id: str) -> ChatStream:
+        cache_status, answer = await self._admit(principal, request)
+        if answer is not None:
+            outcome = ChatOutcome(answer.model_id, answer.provider, 0, "hit")
+            self._settle(principal, request, request_id, outcome, answer.completion)
+            whole = answer.completion
+            first = CompletionChunk(
+                text=whole.text,
+                finish_reason=whole.finish_reason,
+                prompt_tokens=whole.prompt_tokens,
+                completion_tokens=whole.completion_tokens,
+                tool_calls=whole.tool_calls,
+            )
+            return ChatStream(first, _nothing(), outcome)
+        targets = await self._targets(principal, request, request_id)
+        attempts: list[Attempt] = []
+        try:
+            first, rest, served = await self._executor.stream(targets, request, attempts)
+        finally:
+            self._routing.report(attempts, self._background)
+        outcome = ChatOutcome(
+            served.target.model_id, served.target.provider, len(served.attempts), cache_status
+        )
+        return ChatStream(
+            first, self._settled_stream(principal, request, request_id, outcome, first, rest), outcome
+        )
+
+    async def _settled_stream(self, principal, request, request_id, outcome, first, rest):
+        """Passes the chunks through, then records what the stream really used, however it ended."""
+        text, last, saw_tool_calls = [first.text], first, bool(first.tool_calls)
+        try:
+            async for chunk in rest:
+                text.append(chunk.text)
+                saw_tool_calls = saw_tool_calls or bool(chunk.tool_calls)
+                last = chunk
+                yield chunk
+        finally:
+            completion = Completion(
+                text="".join(text),
+                finish_reason=last.finish_reason or "cancelled",
+                prompt_tokens=last.prompt_tokens,
+                completion_tokens=last.completion_tokens,
+            )
+            # Streamed tool calls arrive as fragments; only whole answers are worth caching.
+            self._settle(principal, request, request_id, outcome, completion, cacheable=not saw_tool_calls)
+
+
+async def _nothing() -> AsyncIterator[CompletionChunk]:
+    return
+    yield
