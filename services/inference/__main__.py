@@ -1,0 +1,22 @@
+"""python -m services.inference — the ModelInference service (default port 50055)."""
+
+from sophia.inference.v1 import inference_pb2, inference_pb2_grpc
+
+from libs.config import load_config_or_exit
+from libs.server import run_service
+from services.inference.servicer import InferenceServicer
+
+
+def main() -> None:
+    config = load_config_or_exit()
+    servicer = InferenceServicer(config.inference)
+
+    def register(server):
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+        return [inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]
+
+    run_service("inference", config, register, start=servicer.load_models, stop=servicer.close)
+
+
+if __name__ == "__main__":
+    main()
