@@ -70,15 +70,31 @@ class Mesh:
             data = self.state_dir / "redis"
             data.mkdir(parents=True, exist_ok=True)
             return [
-                "redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port),
-                "--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec",
-                "--save", "", "--daemonize", "no",
-            ]  # fmt: skip
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.redis_port),
+                "--dir",
+                str(data),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+            ]
         if component == "envoy":
             return [
-                str(VENV_BIN / "envoy"), "-c", str(self._render_envoy()),
-                "--disable-hot-restart", "--log-level", "warn",
-            ]  # fmt: skip
+                str(VENV_BIN / "envoy"),
+                "-c",
+                str(self._render_envoy()),
+                "--disable-hot-restart",
+                "--log-level",
+                "warn",
+            ]
         return [sys.executable, "-m", f"services.{component}"]
 
     def _render_envoy(self) -> Path:

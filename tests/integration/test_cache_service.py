@@ -184,12 +184,15 @@ def test_stats_count_hits_misses_and_entries(stub, tenant):
         ("Store", pb.StoreRequest(tenant_id="t", request_key="k", response=b"r"), "model"),
         ("Store", pb.StoreRequest(tenant_id="t", model="m", response=b"r"), "request_key"),
         ("Store", pb.StoreRequest(tenant_id="t", model="m", request_key="k"), "response"),
-        ("Store", pb.StoreRequest(tenant_id="t", model="m", request_key="k", response=b"r", ttl_seconds=-1),
-         "ttl_seconds"),
+        (
+            "Store",
+            pb.StoreRequest(tenant_id="t", model="m", request_key="k", response=b"r", ttl_seconds=-1),
+            "ttl_seconds",
+        ),
         ("Invalidate", pb.InvalidateRequest(model="m"), "tenant_id"),
         ("Stats", pb.StatsRequest(), "tenant_id"),
     ],
-)  # fmt: skip
+)
 def test_invalid_requests_name_the_field(stub, method, request_message, field):
     with pytest.raises(grpc.RpcError) as raised:
         getattr(stub, method)(request_message, timeout=RPC_TIMEOUT)

@@ -32,7 +32,9 @@ def test_chat_completion_returns_generated_text_with_metadata_headers(client):
     assert "paris" in completion.choices[0].message.content.lower()
     assert completion.choices[0].finish_reason in ("stop", "length")
     assert completion.usage.completion_tokens > 0
-    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    assert (
+        completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    )
     assert raw.headers["content-type"].startswith("application/json")
     assert raw.headers["x-sophia-provider"] == "local"
     assert raw.headers["x-sophia-model"] == "smollm2-135m-instruct"
@@ -80,7 +82,11 @@ def test_stream_flag_nested_inside_a_message_does_not_switch_to_streaming(http):
     reply = http.post(
         "/v1/chat/completions",
         headers={"Authorization": f"Bearer {DEV_KEY}"},
-        json={"model": "auto", "max_tokens": 4, "messages": [{"role": "user", "content": '{"stream": true}'}]},
+        json={
+            "model": "auto",
+            "max_tokens": 4,
+            "messages": [{"role": "user", "content": '{"stream": true}'}],
+        },
     )
     assert reply.status_code == 200
     assert reply.headers["content-type"].startswith("application/json")
@@ -119,16 +125,25 @@ def test_sdk_surfaces_authentication_errors(mesh):
 BAD_BODIES = [
     ("invalid json", b'{"model": "auto", "messages": [', 400, ""),
     ("empty messages", {"model": "auto", "messages": []}, 400, "messages"),
-    ("unknown role", {"model": "auto", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    (
+        "unknown role",
+        {"model": "auto", "messages": [{"role": "wizard", "content": "hi"}]},
+        400,
+        "messages[0].role",
+    ),
     ("negative max_tokens", {"model": "auto", "messages": PROMPT, "max_tokens": -5}, 400, "max_tokens"),
     ("temperature out of range", {"model": "auto", "messages": PROMPT, "temperature": 7}, 400, "temperature"),
     ("unknown model", {"model": "gpt-17-ultra", "messages": PROMPT}, 404, "model"),
     ("n above one", {"model": "auto", "messages": PROMPT, "n": 3}, 400, "n:"),
     ("unknown field", {"model": "auto", "messages": PROMPT, "frobnicate": 1}, 400, "frobnicate"),
     ("wrong type", {"model": "auto", "messages": PROMPT, "max_tokens": "many"}, 400, "max_tokens"),
-    ("image part", {"model": "auto", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
-     "messages[0].content[0]"),
-]  # fmt: skip
+    (
+        "image part",
+        {"model": "auto", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        400,
+        "messages[0].content[0]",
+    ),
+]
 
 
 @pytest.mark.parametrize(("case", "body", "status", "field"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])

@@ -45,7 +45,9 @@ async def test_sigterm_lets_an_in_flight_stream_finish(small_mesh):
         await asyncio.sleep(0.3)
         async with grpc.aio.insecure_channel(small_mesh.address("gateway")) as probe:
             try:
-                reply = await health_pb2_grpc.HealthStub(probe).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                reply = await health_pb2_grpc.HealthStub(probe).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
             except grpc.aio.AioRpcError as refused:  # already refusing new calls: also a correct drain
                 assert refused.code() == grpc.StatusCode.UNAVAILABLE
             else:
@@ -53,7 +55,9 @@ async def test_sigterm_lets_an_in_flight_stream_finish(small_mesh):
 
         async for chunk in stream:
             chunks.append(chunk)
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].HasField("finish_reason")]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].HasField("finish_reason")
+    ]
     assert finishes == ["length"], "the stream was cut instead of drained"
     text = "".join(c.choices[0].delta.content for c in chunks if c.choices)
     assert len(text) > 40

@@ -42,7 +42,9 @@ def test_reflection_lists_and_describes_each_service(mesh, service):
 @pytest.mark.parametrize("service", SERVICES)
 def test_health_check_says_serving_for_each_service(mesh, service):
     for name in ("", SERVICE_NAMES[service]):
-        checked = grpcurl("-d", json.dumps({"service": name}), mesh.address(service), "grpc.health.v1.Health/Check")
+        checked = grpcurl(
+            "-d", json.dumps({"service": name}), mesh.address(service), "grpc.health.v1.Health/Check"
+        )
         assert checked.returncode == 0, checked.stderr
         assert json.loads(checked.stdout)["status"] == "SERVING"
 
@@ -50,13 +52,23 @@ def test_health_check_says_serving_for_each_service(mesh, service):
 def test_grpcurl_chat_through_reflection_returns_response_metadata(mesh):
     called = grpcurl(
         "-v",
-        "-H", f"authorization: Bearer {DEV_KEY}",
-        "-H", "x-request-id: grpcurl-test-1",
-        "-d", json.dumps({"params": {"model": "auto", "max_tokens": 8, "messages": [
-            {"role": "user", "content": "Say hello"}]}}),
+        "-H",
+        f"authorization: Bearer {DEV_KEY}",
+        "-H",
+        "x-request-id: grpcurl-test-1",
+        "-d",
+        json.dumps(
+            {
+                "params": {
+                    "model": "auto",
+                    "max_tokens": 8,
+                    "messages": [{"role": "user", "content": "Say hello"}],
+                }
+            }
+        ),
         mesh.address("gateway"),
         "sophia.gateway.v1.GatewayService/CreateChatCompletion",
-    )  # fmt: skip
+    )
     assert called.returncode == 0, called.stderr
     assert "x-request-id: grpcurl-test-1" in called.stdout
     assert "x-sophia-provider: local" in called.stdout
@@ -68,8 +80,10 @@ def test_nodejs_grpc_client_calls_the_gateway(mesh):
     script = REPO_ROOT / "tests" / "node" / "chat_client.js"
     ran = subprocess.run(
         ["node", str(script), mesh.address("gateway"), DEV_KEY, "Name a colour."],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ran.returncode == 0, ran.stdout + ran.stderr
     response = json.loads(ran.stdout)
     assert response["object"] == "chat.completion"
@@ -100,17 +114,25 @@ def chat(**params) -> gateway_pb2.CreateChatCompletionRequest:
 AUTH = (("authorization", f"Bearer {DEV_KEY}"),)
 GRPC_ERRORS = [
     ("empty messages", chat(messages=[]), grpc.StatusCode.INVALID_ARGUMENT, "messages"),
-    ("unknown role", chat(messages=[{"role": "robot", "content": "x"}]), grpc.StatusCode.INVALID_ARGUMENT,
-     "messages[0].role"),
+    (
+        "unknown role",
+        chat(messages=[{"role": "robot", "content": "x"}]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "messages[0].role",
+    ),
     ("negative max_tokens", chat(max_tokens=-1), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
     ("temperature", chat(temperature=2.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
     ("unknown model", chat(model="nope"), grpc.StatusCode.NOT_FOUND, "model"),
     ("embedding model for chat", chat(model="all-minilm-l6-v2"), grpc.StatusCode.INVALID_ARGUMENT, "model"),
     ("missing model", chat(model=""), grpc.StatusCode.INVALID_ARGUMENT, "model"),
     ("stream flag on the unary RPC", chat(stream=True), grpc.StatusCode.INVALID_ARGUMENT, "stream"),
-    ("tools on the local model", chat(tools=[gateway_pb2.Tool(type="function", function={"name": "f"})]),
-     grpc.StatusCode.INVALID_ARGUMENT, "tools"),
-]  # fmt: skip
+    (
+        "tools on the local model",
+        chat(tools=[gateway_pb2.Tool(type="function", function={"name": "f"})]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tools",
+    ),
+]
 
 
 @pytest.mark.parametrize(("case", "request_", "code", "field"), GRPC_ERRORS, ids=[c[0] for c in GRPC_ERRORS])

@@ -55,12 +55,23 @@ async def test_cancelling_a_stream_stops_the_generation(inference):
     ("request_", "code", "field"),
     [
         (pb.GenerateRequest(model="nope", options=pb.GenerationOptions(max_tokens=1)), "NOT_FOUND", "model"),
-        (pb.GenerateRequest(model=MODEL, options=pb.GenerationOptions(max_tokens=1)), "INVALID_ARGUMENT", "messages"),
+        (
+            pb.GenerateRequest(model=MODEL, options=pb.GenerationOptions(max_tokens=1)),
+            "INVALID_ARGUMENT",
+            "messages",
+        ),
         (generate("hi", 0), "INVALID_ARGUMENT", "max_tokens"),
-        (pb.GenerateRequest(model=MODEL, messages=[pb.Message(role="x", content="hi")],
-                            options=pb.GenerationOptions(max_tokens=1)), "INVALID_ARGUMENT", "messages[0].role"),
+        (
+            pb.GenerateRequest(
+                model=MODEL,
+                messages=[pb.Message(role="x", content="hi")],
+                options=pb.GenerationOptions(max_tokens=1),
+            ),
+            "INVALID_ARGUMENT",
+            "messages[0].role",
+        ),
     ],
-)  # fmt: skip
+)
 async def test_invalid_generation_requests(inference, request_, code, field):
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await inference.Generate(request_, timeout=30)
