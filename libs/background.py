@@ -7,9 +7,12 @@ for them, so a SIGTERM never drops a usage record that was already on its way.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Coroutine
 from typing import Any
+
+from libs import deadline
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +22,11 @@ class Background:
         self._tasks: set[asyncio.Task] = set()
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
+        # The work outlives the request: it keeps the request id for its logs but not the request's
+        # deadline, which would cut a usage record short the moment the answer went out.
+        context = contextvars.copy_context()
+        context.run(deadline.start, None)
+        task = asyncio.get_running_loop().create_task(work, context=context)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
 

@@ -92,9 +92,9 @@ class ChatExecutor:
                 completion = await self._providers[target.provider].complete(target, request)
             except ProviderError as error:
                 attempts.append(Attempt(target, error.kind, _ms(started), error.retryable))
+                _log_failure(target, error)
                 if not error.retryable or target is targets[-1]:
                     raise provider_failure(error, attempts) from None
-                log.warning("falling back after %s from %s/%s", error.kind, target.provider, target.model_id)
                 continue
             attempts.append(Attempt(target, "success", _ms(started)))
             return completion, Served(target, attempts)
@@ -114,13 +114,23 @@ class ChatExecutor:
             except ProviderError as error:
                 await chunks.aclose()
                 attempts.append(Attempt(target, error.kind, _ms(started), error.retryable))
+                _log_failure(target, error)
                 if not error.retryable or target is targets[-1]:
                     raise provider_failure(error, attempts) from None
-                log.warning("falling back after %s from %s/%s", error.kind, target.provider, target.model_id)
                 continue
             attempts.append(Attempt(target, "success", _ms(started)))
             return first, chunks, Served(target, attempts)
         raise errors.Unavailable("no target to try")
+
+
+def _log_failure(target: Target, error: ProviderError) -> None:
+    log.warning(
+        "provider %s failed for %s: %s",
+        target.provider,
+        target.model_id,
+        error.kind,
+        extra={"retryable": error.retryable, "detail": error.message},
+    )
 
 
 def _ms(started: float) -> int:
