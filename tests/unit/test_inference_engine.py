@@ -9,7 +9,6 @@ import math
 import os
 import pathlib
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -136,9 +135,9 @@ def test_cancelled_before_start_generates_nothing(chat_model: ChatModel):
 
 
 def test_prompt_too_long_is_refused_before_generating(chat_model: ChatModel):
-    room_for_prompt = chat_model.count_prompt_tokens(CAPITAL_QUESTION)
-    fits = GenerationParams(max_tokens=chat_model.context_window - room_for_prompt)
-    too_many = GenerationParams(max_tokens=chat_model.context_window - room_for_prompt + 1)
+    prompt_tokens = chat_model.count_prompt_tokens(CAPITAL_QUESTION)
+    fits = GenerationParams(max_tokens=chat_model.context_window - prompt_tokens)
+    too_many = GenerationParams(max_tokens=chat_model.context_window - prompt_tokens + 1)
     chat_model.generate(CAPITAL_QUESTION, fits, threading.Event())  # a lazy iterator: nothing runs
     with pytest.raises(PromptTooLong, match="context window 8192"):
         chat_model.generate(CAPITAL_QUESTION, too_many, threading.Event())
@@ -177,10 +176,8 @@ def test_invalid_params_are_rejected():
 
 
 def test_reload_reads_the_weights_cache(chat_model: ChatModel, weights_dir: pathlib.Path, caplog):
-    started = time.perf_counter()
     with caplog.at_level(logging.INFO, logger="services.inference.engine"):
         reloaded = load_chat_model(CHAT_MODEL_ID, weights_dir, device="cpu")
-    assert time.perf_counter() - started < 10
     assert f"from weights cache {weights_dir / CHAT_MODEL_ID}" in caplog.text
     params = GenerationParams(max_tokens=8)
     assert joined(generate(reloaded, CAPITAL_QUESTION, params)) == joined(
