@@ -15,6 +15,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_port_block(size: int) -> int:
+    """The first of `size` consecutive ports that are free right now (Prometheus ports go by offset)."""
+    for _ in range(100):
+        first = free_port()
+        if first + size > 65535:
+            continue
+        try:
+            held = []
+            for port in range(first, first + size):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise RuntimeError(f"no block of {size} free ports")
+
+
 def mesh_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The current environment with every port moved to a free one, so tests never meet `make up`."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SOPHIA")}

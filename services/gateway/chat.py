@@ -20,6 +20,7 @@ from libs.background import Background
 from libs.config import Config
 from libs.errors import ResourceExhausted, Unavailable
 from libs.pricing import PriceTable
+from services.gateway import metrics
 from services.gateway.access import AccessControl
 from services.gateway.caching import CachedAnswer, ResponseCache
 from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Principal
@@ -130,6 +131,11 @@ class ChatFlow:
         outcome.cost_micros = self._prices.cost_micros(
             outcome.model_id, completion.prompt_tokens, completion.completion_tokens, cached=cached
         )
+        labels = {"model": outcome.model_id, "provider": outcome.provider}
+        metrics.tokens.add(completion.prompt_tokens, {**labels, "direction": "input"})
+        metrics.tokens.add(completion.completion_tokens, {**labels, "direction": "output"})
+        metrics.cost.add(outcome.cost_micros, labels)
+        metrics.cache_results.add(1, {"result": outcome.cache})
         record = UsageRecord(
             request_id=request_id,
             tenant_id=principal.tenant_id,

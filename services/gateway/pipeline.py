@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import grpc
 
 from libs import errors
+from services.gateway import metrics
 from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Target
 from services.gateway.providers.base import Provider, ProviderError
 from services.gateway.routing import Plan
@@ -124,6 +125,9 @@ class ChatExecutor:
 
 
 def _log_failure(target: Target, error: ProviderError) -> None:
+    metrics.provider_errors.add(
+        1, {"provider": target.provider, "model": target.model_id, "kind": error.kind}
+    )
     log.warning(
         "provider %s failed for %s: %s",
         target.provider,

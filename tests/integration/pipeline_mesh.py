@@ -12,7 +12,7 @@ import httpx
 import yaml
 
 from libs.config import REPO_ROOT
-from tests.support import free_port, mesh_environ
+from tests.support import free_port, free_port_block, mesh_environ
 from tools.mesh import Mesh
 
 CANARY_KEY = "sk-canary-5f1d2c9e8a7b6c5d4e3f2a1b"
@@ -35,6 +35,10 @@ FAKES = {
 class PipelineMesh:
     mesh: Mesh
     fakes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.mesh.config.telemetry.prometheus_base_port}/metrics"
 
     @property
     def edge(self) -> str:
@@ -96,6 +100,7 @@ def start_pipeline_mesh(state: Path) -> PipelineMesh:
     config_path = state / "sophia.yaml"
     config_path.write_text(yaml.safe_dump(_config(ports, state / "outbox")))
     environ = mesh_environ({"SOPHIA_CONFIG": str(config_path), "PIPELINE_PROVIDER_KEY": CANARY_KEY})
+    environ["SOPHIA__TELEMETRY__PROMETHEUS_BASE_PORT"] = str(free_port_block(5))
     running = PipelineMesh(Mesh(state, environ))
     (state / "log").mkdir(parents=True, exist_ok=True)
     for name, fault in FAKES.items():

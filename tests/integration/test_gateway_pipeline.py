@@ -230,3 +230,22 @@ def test_provider_key_never_reaches_logs_or_clients(pipeline, edge):
     logs = pipeline.logs()
     assert "wrongkey" in logs or "http_401" in logs  # the failure itself was logged…
     assert CANARY_KEY not in logs  # …without the key
+
+
+def _samples(exposition: str, name: str, **labels: str) -> list[float]:
+    """Values of the Prometheus samples called `name` whose labels include `labels`."""
+    values = []
+    for line in exposition.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            values.append(float(line.rsplit(" ", 1)[1]))
+    return values
+
+
+def test_prometheus_metrics_count_tokens_cost_cache_and_provider_errors(pipeline, edge):
+    chat(edge, "fail500-gpt", cache=False)
+    text = httpx.get(pipeline.metrics_url, timeout=10).text
+    assert sum(_samples(text, "sophia_gateway_tokens_total", model="good-gpt", direction="output")) > 0
+    assert sum(_samples(text, "sophia_gateway_cache_total", result="bypass")) > 0
+    assert _samples(text, "sophia_gateway_provider_errors_total", provider="fail500", kind="http_500")
+    assert [line for line in text.splitlines() if line.startswith("sophia_gateway_cost")]
+    assert _samples(text, "rpc_server_duration_milliseconds_count", rpc_grpc_status_code="OK")
