@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import metrics, trace
@@ -214,6 +215,7 @@ def run_service(
     setup_telemetry(component, config.telemetry)
     endpoint: Endpoint = getattr(config.services, component)
     try:
-        asyncio.run(_serve(component, endpoint, config, register, start, stop))
+        # uvloop's event loop roughly halves the per-RPC overhead of the asyncio parts of a call.
+        uvloop.run(_serve(component, endpoint, config, register, start, stop))
     finally:
         shutdown_telemetry()

@@ -31,6 +31,9 @@ from services.gateway.usage import UsageRecord, UsageRecorder
 log = logging.getLogger(__name__)
 
 BUDGET_TIMEOUT_SECONDS = 0.3
+# A tenant found within budget is not asked about again for this long: one ledger call per tenant per
+# second instead of one per request, at the price of overshooting a hard stop by at most that second.
+BUDGET_RECHECK_SECONDS = 1.0
 # Roughly four characters a token: enough for limits and for skipping models whose window is too small.
 CHARS_PER_TOKEN = 4
 DEFAULT_COMPLETION_ESTIMATE = 256
@@ -82,6 +85,7 @@ class ChatFlow:
         self._usage = usage
         self._background = background
         self._prices = PriceTable(config.ledger.prices)
+        self._within_budget_until: dict[str, float] = {}
 
     @classmethod
     def build(cls, config, access, routing, executor, channels, usage, background) -> ChatFlow:
@@ -92,6 +96,8 @@ class ChatFlow:
         return cls(config, access, routing, executor, cache, ledger, usage, background)
 
     async def _check_budget(self, tenant_id: str) -> None:
+        if self._within_budget_until.get(tenant_id, 0.0) > time.monotonic():
+            return
         try:
             reply = await self._ledger.CheckBudget(
                 ledger_pb.CheckBudgetRequest(tenant_id=tenant_id), timeout=BUDGET_TIMEOUT_SECONDS
@@ -99,13 +105,16 @@ class ChatFlow:
         except grpc.aio.AioRpcError as exc:
             if self._config.gateway.budget_fail_open:
                 log.warning("budget not checked, ledger unavailable (%s): failing open", exc.code().name)
+                self._within_budget_until[tenant_id] = time.monotonic() + BUDGET_RECHECK_SECONDS
                 return
             raise Unavailable("budget could not be checked: the ledger is unavailable") from None
-        if not reply.allowed:
-            raise ResourceExhausted(
-                f"budget exhausted: tenant {tenant_id} has spent ${reply.spent_micros / 1e6:.2f} "
-                f"of its ${reply.limit_micros / 1e6:.2f} monthly budget"
-            )
+        if reply.allowed:
+            self._within_budget_until[tenant_id] = time.monotonic() + BUDGET_RECHECK_SECONDS
+            return
+        raise ResourceExhausted(
+            f"budget exhausted: tenant {tenant_id} has spent ${reply.spent_micros / 1e6:.2f} "
+            f"of its ${reply.limit_micros / 1e6:.2f} monthly budget"
+        )
 
     async def _admit(self, principal: Principal, request: ChatRequest) -> tuple[str, CachedAnswer | None]:
         await self._access.admit(principal, estimated_tokens(request))
