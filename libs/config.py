@@ -169,6 +169,11 @@ class GatewayConfig(_Strict):
     # Usage records the ledger could not take wait here (one file per record) until it is back.
     outbox_dir: str = "var/outbox"
     outbox_replay_seconds: float = Field(default=2.0, gt=0)
+    # API keys found in Redis are remembered this long per replica: a key revoked through another
+    # replica keeps working here for at most this many seconds. 0 → look every key up in Redis.
+    key_cache_seconds: float = Field(default=5.0, ge=0)
+    # Keys and rate limits live in Redis; a slower command counts as Redis being down (see access.py).
+    redis_timeout_seconds: float = Field(default=0.5, gt=0)
 
 
 class RedisConfig(_Strict):

@@ -1,9 +1,10 @@
-"""python -m services.gateway — the Gateway service (default port 50051)."""
+"""python -m services.gateway — the Gateway service (default port 50051), with its AdminService."""
 
-from sophia.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from sophia.gateway.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
 from libs.config import load_config_or_exit
 from libs.server import run_service
+from services.gateway.admin import AdminServicer
 from services.gateway.app import GatewayApp
 
 
@@ -12,7 +13,11 @@ def main() -> None:
 
     def register(server):
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(app.open(), server)
-        return [gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name]
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app.access, app.ledger), server)
+        return [
+            gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
+            admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+        ]
 
     run_service("gateway", app.config, register, start=app.start, stop=app.close)
 

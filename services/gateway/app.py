@@ -18,8 +18,10 @@ from libs.config import REPO_ROOT, Config
 from services.gateway.access import AccessControl
 from services.gateway.auth import KeyRing
 from services.gateway.chat import ChatFlow
+from services.gateway.keystore import KeyStore, open_redis
 from services.gateway.pipeline import ChatExecutor
 from services.gateway.providers.registry import build_providers
+from services.gateway.ratelimit import RateLimiter
 from services.gateway.routing import Routing
 from services.gateway.servicer import GatewayServicer
 from services.gateway.usage import Outbox, UsageRecorder
@@ -57,12 +59,20 @@ class GatewayApp:
             ),
         }
         self.background = Background()
+        self.ledger = ledger_pb2_grpc.LedgerServiceStub(self._channels["ledger"])
         self.usage = UsageRecorder(
-            ledger_pb2_grpc.LedgerServiceStub(self._channels["ledger"]),
+            self.ledger,
             Outbox(REPO_ROOT / config.gateway.outbox_dir),
             config.gateway.outbox_replay_seconds,
         )
-        self.access = AccessControl(self.keys)
+        # API keys and rate-limit counters, shared with the other Gateway replicas.
+        self.redis = open_redis(config)
+        self.access = AccessControl(
+            self.keys,
+            KeyStore(self.redis),
+            RateLimiter(self.redis),
+            key_cache_seconds=config.gateway.key_cache_seconds,
+        )
         flow = ChatFlow.build(
             config,
             self.access,
@@ -87,3 +97,5 @@ class GatewayApp:
             await provider.close()
         for channel in self._channels.values():
             await channel.close()
+        # After the background drain, which may still charge tokens.
+        await self.redis.aclose()
