@@ -17,9 +17,8 @@ from libs.clients import open_channel
 from libs.config import REPO_ROOT, Config
 from services.gateway.access import AccessControl
 from services.gateway.auth import KeyRing
-from services.gateway.chat import ChatFlow
+from services.gateway.flow import RequestFlow
 from services.gateway.keystore import KeyStore, open_redis
-from services.gateway.pipeline import ChatExecutor
 from services.gateway.providers.registry import build_providers
 from services.gateway.ratelimit import RateLimiter
 from services.gateway.routing import Routing
@@ -73,16 +72,16 @@ class GatewayApp:
             RateLimiter(self.redis),
             key_cache_seconds=config.gateway.key_cache_seconds,
         )
-        flow = ChatFlow.build(
+        flow = RequestFlow.build(
             config,
             self.access,
             self.routing,
-            ChatExecutor(self.providers),
+            self.providers,
             self._channels,
             self.usage,
             self.background,
         )
-        return GatewayServicer(config, self.access, self.routing, flow, self.providers)
+        return GatewayServicer(config, self.access, self.routing, flow)
 
     async def start(self) -> None:
         """Replays usage left in the outbox by an earlier run, and whatever gets spooled from now on."""

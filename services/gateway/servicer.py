@@ -14,10 +14,9 @@ from libs.errors import InvalidArgument, Unavailable
 from libs.logs import request_id_var
 from services.gateway import translate
 from services.gateway.access import AccessControl
-from services.gateway.chat import ChatFlow, ChatOutcome
 from services.gateway.domain import ChatRequest, Principal
-from services.gateway.pipeline import provider_failure
-from services.gateway.providers.base import Provider, ProviderError
+from services.gateway.flow import ChatOutcome, RequestFlow
+from services.gateway.providers.base import ProviderError
 from services.gateway.routing import Routing
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -42,14 +41,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         config: Config,
         access: AccessControl,
         routing: Routing,
-        flow: ChatFlow,
-        providers: dict[str, Provider],
+        flow: RequestFlow,
     ) -> None:
         self._config = config
         self._access = access
         self._routing = routing
         self._flow = flow
-        self._providers = providers
         self._started = int(time.time())
 
     async def _begin(self, context) -> tuple[Principal, str]:
@@ -124,7 +121,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             )
 
     async def CreateEmbeddings(self, request, context):
-        await self._begin(context)
+        principal, request_id = await self._begin(context)
         if not request.model:
             raise InvalidArgument(
                 "model", f"is required, e.g. {self._config.routing.default_embedding_model!r}"
@@ -133,15 +130,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         inputs = translate.embedding_inputs(request)
         fmt = translate.encoding_format(request)
         target = self._routing.embedding_target(request.model)
-        try:
-            vectors, tokens = await self._providers[target.provider].embed(target, inputs)
-        except ProviderError as error:
-            raise provider_failure(error, []) from None
+        vectors, tokens = await self._flow.embed(principal, target, inputs, request_id)
         if request.HasField("dimensions") and vectors and request.dimensions != len(vectors[0]):
             raise InvalidArgument(
                 "dimensions",
                 f"{request.model} returns {len(vectors[0])} dimensions; other sizes are not supported",
             )
+        await context.send_initial_metadata(
+            (
+                ("x-request-id", request_id),
+                ("x-sophia-provider", target.provider),
+                ("x-sophia-model", target.model_id),
+            )
+        )
         return pb.CreateEmbeddingsResponse(
             object="list",
             model=request.model,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
+import grpc
 import httpx
 import openai
 import pytest
+from sophia.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from tests.integration.conftest import DEV_KEY
 
@@ -178,3 +181,20 @@ def test_client_x_envoy_headers_do_not_reach_routing(http):
         json={"model": "auto", "messages": PROMPT, "max_tokens": 4},
     )
     assert reply.status_code == 200
+
+
+def test_embeddings_and_chats_are_recorded_in_the_ledger(mesh, client):
+    client.embeddings.create(model="all-minilm-l6-v2", input="count this")
+    client.chat.completions.create(model="auto", messages=PROMPT, max_tokens=2)
+    with grpc.insecure_channel(mesh.address("ledger")) as channel:
+        ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+        for _ in range(50):  # usage is recorded off the response path
+            report = ledger.GetUsageReport(ledger_pb2.GetUsageReportRequest(tenant_id="dev"), timeout=10)
+            models = {row.key: row for row in report.rows}
+            if {"all-minilm-l6-v2", "smollm2-135m-instruct"} <= set(models):
+                break
+            time.sleep(0.1)
+    assert models["all-minilm-l6-v2"].input_tokens > 0
+    assert models["all-minilm-l6-v2"].output_tokens == 0
+    assert models["smollm2-135m-instruct"].output_tokens > 0
+    assert models["smollm2-135m-instruct"].cost_micros == 0  # the local model is free

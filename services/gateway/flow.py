@@ -1,7 +1,8 @@
-"""One chat request end to end, in the order of ARCHITECTURE.md's request flow.
+"""One request end to end, in the order of ARCHITECTURE.md's request flow.
 
-admit (rate limits) → budget → cache lookup → route → try targets → report outcomes → respond;
+Chat: admit (rate limits) → budget → cache lookup → route → try targets → report outcomes → respond;
 then, off the response path: record usage (or spool it), charge tokens, store the answer in the cache.
+Embeddings take the same door (limits, budget, usage) without the cache and the router.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from libs.pricing import PriceTable
 from services.gateway import metrics
 from services.gateway.access import AccessControl
 from services.gateway.caching import CachedAnswer, ResponseCache
-from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Principal
-from services.gateway.pipeline import Attempt, ChatExecutor
+from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Principal, Target
+from services.gateway.pipeline import Attempt, ChatExecutor, provider_failure
+from services.gateway.providers.base import Provider, ProviderError
 from services.gateway.routing import Routing
 from services.gateway.usage import UsageRecord, UsageRecorder
 
@@ -64,13 +66,14 @@ class ChatStream:
     usage: dict[str, int] = field(default_factory=dict)
 
 
-class ChatFlow:
+class RequestFlow:
     def __init__(
         self,
         config: Config,
         access: AccessControl,
         routing: Routing,
         executor: ChatExecutor,
+        providers: dict[str, Provider],
         cache: ResponseCache,
         ledger: ledger_pb2_grpc.LedgerServiceStub,
         usage: UsageRecorder,
@@ -80,6 +83,7 @@ class ChatFlow:
         self._access = access
         self._routing = routing
         self._executor = executor
+        self._providers = providers
         self._cache = cache
         self._ledger = ledger
         self._usage = usage
@@ -88,12 +92,14 @@ class ChatFlow:
         self._within_budget_until: dict[str, float] = {}
 
     @classmethod
-    def build(cls, config, access, routing, executor, channels, usage, background) -> ChatFlow:
+    def build(cls, config, access, routing, providers, channels, usage, background) -> RequestFlow:
         cache = ResponseCache(
             cache_pb2_grpc.CacheServiceStub(channels["cache"]), config.cache, config.gateway.cache_enabled
         )
         ledger = ledger_pb2_grpc.LedgerServiceStub(channels["ledger"])
-        return cls(config, access, routing, executor, cache, ledger, usage, background)
+        return cls(
+            config, access, routing, ChatExecutor(providers), providers, cache, ledger, usage, background
+        )
 
     async def _check_budget(self, tenant_id: str) -> None:
         if self._within_budget_until.get(tenant_id, 0.0) > time.monotonic():
@@ -128,7 +134,7 @@ class ChatFlow:
     def _settle(
         self,
         principal: Principal,
-        request: ChatRequest,
+        request: ChatRequest | None,
         request_id: str,
         outcome: ChatOutcome,
         completion: Completion,
@@ -163,6 +169,20 @@ class ChatFlow:
         if cacheable and outcome.cache == "miss" and completion.finish_reason in CACHEABLE_FINISHES:
             answer = CachedAnswer(outcome.model_id, outcome.provider, completion)
             self._background.spawn(self._cache.store(principal.tenant_id, request, answer))
+
+    async def embed(
+        self, principal: Principal, target: Target, inputs: list[str], request_id: str
+    ) -> tuple[list[list[float]], int]:
+        await self._access.admit(principal, sum(len(text) for text in inputs) // CHARS_PER_TOKEN)
+        await self._check_budget(principal.tenant_id)
+        try:
+            vectors, tokens = await self._providers[target.provider].embed(target, inputs)
+        except ProviderError as error:
+            raise provider_failure(error, []) from None
+        outcome = ChatOutcome(target.model_id, target.provider, 1, "bypass")
+        usage = Completion(text="", finish_reason="stop", prompt_tokens=tokens, completion_tokens=0)
+        self._settle(principal, None, request_id, outcome, usage, cacheable=False)
+        return vectors, tokens
 
     async def complete(
         self, principal: Principal, request: ChatRequest, request_id: str
