@@ -154,7 +154,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
 
     async def ListModels(self, request, context):
-        await self._begin(context)
+        principal, _ = await self._begin(context)
+        await self._access.admit(principal, 0)  # every authenticated request counts against the key's RPM
         return pb.ListModelsResponse(
             object="list",
             data=[

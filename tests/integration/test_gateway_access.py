@@ -348,6 +348,17 @@ async def test_the_request_limit_is_shared_exactly_by_two_gateway_replicas(mesh,
             assert details == f"rate limit exceeded: {limit} requests per minute for key {created.key.key_id}"
 
 
+async def test_model_listing_counts_against_the_request_limit(mesh, stubs, admin):
+    wait_for_window_room(mesh, 10)
+    created = await create_key(admin, requests_per_minute=1)
+    (gateway, _), _ = stubs
+    auth = (("authorization", f"Bearer {created.secret}"),)
+    await gateway.ListModels(gateway_pb2.ListModelsRequest(), metadata=auth, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await gateway.ListModels(gateway_pb2.ListModelsRequest(), metadata=auth, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 async def test_config_keys_are_rate_limited_too(mesh, stubs):
     wait_for_window_room(mesh, 10)
     gateway = stubs[0][0]
