@@ -8,6 +8,7 @@ import logging
 import re
 import sys
 import time
+from typing import Any
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("sophia_request_id", default="")
 
@@ -49,7 +50,20 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return redact(json.dumps(entry, default=str))
+        # Masked value by value: masking the serialised line could swallow a closing quote.
+        return json.dumps(_redacted(entry))
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {str(key): _redacted(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_redacted(item) for item in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return redact(str(value))
 
 
 def setup_logging(service: str, level: str = "INFO") -> None:
