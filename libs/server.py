@@ -10,6 +10,7 @@ in-flight RPCs (streams included) for up to `server.drain_seconds`, then exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -61,80 +62,64 @@ class _Observed(grpc.aio.ServerInterceptor):
             )
         return handler
 
-    def _begin(self, method: str, metadata, context):
+    @contextlib.asynccontextmanager
+    async def _observed(self, method: str, metadata, context):
+        """Request id, deadline and trace span around one RPC; errors become statuses; duration recorded."""
+        started = time.perf_counter()
         request_id = next((v for k, v in metadata if k == REQUEST_ID_HEADER and isinstance(v, str)), "")
-        tokens = (request_id_var.set(request_id[:128]), deadline.start(context.time_remaining()))
-        span = self._tracer.start_as_current_span(
-            method.lstrip("/"),
-            context=extract_context(metadata),
-            kind=trace.SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.method": method},
-        )
-        return tokens, span
-
-    def _end(self, method: str, tokens, started: float, code: grpc.StatusCode) -> None:
-        self._duration.record(
-            (time.perf_counter() - started) * 1000, {"rpc.method": method, "rpc.grpc.status_code": code.name}
-        )
-        request_id_var.reset(tokens[0])
-        deadline.reset(tokens[1])
+        request_token = request_id_var.set(request_id[:128])
+        deadline_token = deadline.start(context.time_remaining())
+        code = grpc.StatusCode.OK
+        try:
+            with self._tracer.start_as_current_span(
+                method.lstrip("/"),
+                context=extract_context(metadata),
+                kind=trace.SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.method": method},
+            ):
+                try:
+                    yield
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    code = exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.INTERNAL
+                    await self._fail(context, exc)
+        finally:
+            final = context.code() if isinstance(context.code(), grpc.StatusCode) else code
+            self._duration.record(
+                (time.perf_counter() - started) * 1000,
+                {"rpc.method": method, "rpc.grpc.status_code": final.name},
+            )
+            request_id_var.reset(request_token)
+            deadline.reset(deadline_token)
 
     async def _fail(self, context, exc: Exception) -> None:
+        request_id = request_id_var.get()
+        trailers = ((REQUEST_ID_HEADER, request_id),) if request_id else ()
         if isinstance(exc, ServiceError):
-            if exc.trailers:
-                context.set_trailing_metadata(exc.trailers)
+            context.set_trailing_metadata((*exc.trailers, *trailers))
             await context.abort(exc.code, exc.message)
         log.exception("unhandled error in RPC")
-        await context.abort(
-            grpc.StatusCode.INTERNAL, f"internal error (request id {request_id_var.get() or '-'})"
-        )
+        context.set_trailing_metadata(trailers)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id or '-'})")
 
     def _wrap_unary(self, method, metadata, behavior):
         async def unary(request, context):
-            started = time.perf_counter()
-            tokens, span = self._begin(method, metadata, context)
-            code = grpc.StatusCode.OK
-            try:
-                with span:
-                    try:
-                        return await behavior(request, context)
-                    except (ServiceError, Exception) as exc:
-                        if isinstance(exc, grpc.aio.AbortError):
-                            raise
-                        code = exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.INTERNAL
-                        await self._fail(context, exc)
-            finally:
-                self._end(method, tokens, started, _final_code(context, code))
+            async with self._observed(method, metadata, context):
+                return await behavior(request, context)
 
         return unary
 
     def _wrap_stream(self, method, metadata, behavior):
         async def stream(request, context):
-            started = time.perf_counter()
-            tokens, span = self._begin(method, metadata, context)
-            code = grpc.StatusCode.OK
-            try:
-                with span:
-                    try:
-                        async for response in behavior(request, context):
-                            yield response
-                    except asyncio.CancelledError:
-                        code = grpc.StatusCode.CANCELLED
-                        raise
-                    except (ServiceError, Exception) as exc:
-                        if isinstance(exc, grpc.aio.AbortError):
-                            raise
-                        code = exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.INTERNAL
-                        await self._fail(context, exc)
-            finally:
-                self._end(method, tokens, started, _final_code(context, code))
+            async with self._observed(method, metadata, context):
+                async for response in behavior(request, context):
+                    yield response
 
         return stream
-
-
-def _final_code(context, fallback: grpc.StatusCode) -> grpc.StatusCode:
-    code = context.code() if hasattr(context, "code") else None
-    return code if isinstance(code, grpc.StatusCode) else fallback
 
 
 async def _serve(

@@ -198,3 +198,13 @@ def test_embeddings_and_chats_are_recorded_in_the_ledger(mesh, client):
     assert models["all-minilm-l6-v2"].output_tokens == 0
     assert models["smollm2-135m-instruct"].output_tokens > 0
     assert models["smollm2-135m-instruct"].cost_micros == 0  # the local model is free
+
+
+def test_errors_carry_the_request_id(http):
+    reply = http.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {DEV_KEY}", "x-request-id": "client-chosen-id-7"},
+        json={"model": "auto", "messages": PROMPT, "max_tokens": -1},
+    )
+    assert reply.status_code == 400
+    assert reply.headers["x-request-id"] == "client-chosen-id-7"
