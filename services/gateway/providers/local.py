@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -23,6 +24,17 @@ _FINISH_REASONS = {
     pb.FINISH_REASON_CANCELLED: "cancelled",
 }
 DEFAULT_MAX_TOKENS = 256
+
+
+@contextlib.contextmanager
+def _as_provider_errors():
+    """ModelInference's statuses (and a deadline already passed) as the ProviderError the Gateway expects."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise _provider_error(exc) from None
+    except ServiceError as exc:  # the caller's deadline passed before the call could start
+        raise ProviderError(exc.message, retryable=False, status=exc.code.name, kind="timeout") from None
 
 
 def _provider_error(exc: grpc.aio.AioRpcError) -> ProviderError:
@@ -83,7 +95,7 @@ class LocalProvider:
         return [pb.Message(role=m.role, content=m.content) for m in request.messages]
 
     async def complete(self, target: Target, request: ChatRequest) -> Completion:
-        try:
+        with _as_provider_errors():
             reply = await self._stub.Generate(
                 pb.GenerateRequest(
                     model=target.provider_model,
@@ -91,10 +103,6 @@ class LocalProvider:
                     options=self._options(request),
                 )
             )
-        except grpc.aio.AioRpcError as exc:
-            raise _provider_error(exc) from None
-        except ServiceError as exc:  # the caller's deadline passed before the call could start
-            raise ProviderError(exc.message, retryable=False, status=exc.code.name, kind="timeout") from None
         return Completion(
             text=reply.text,
             finish_reason=_FINISH_REASONS.get(reply.finish_reason, "stop"),
@@ -105,36 +113,29 @@ class LocalProvider:
     async def stream(self, target: Target, request: ChatRequest) -> AsyncIterator[CompletionChunk]:
         call = None
         try:
-            call = self._stub.GenerateStream(
-                pb.GenerateStreamRequest(
-                    model=target.provider_model,
-                    messages=self._messages(request),
-                    options=self._options(request),
+            with _as_provider_errors():
+                call = self._stub.GenerateStream(
+                    pb.GenerateStreamRequest(
+                        model=target.provider_model,
+                        messages=self._messages(request),
+                        options=self._options(request),
+                    )
                 )
-            )
-            async for piece in call:
-                yield CompletionChunk(
-                    text=piece.text,
-                    finish_reason=_FINISH_REASONS.get(piece.finish_reason),
-                    prompt_tokens=piece.prompt_tokens,
-                    completion_tokens=piece.completion_tokens,
-                )
-        except grpc.aio.AioRpcError as exc:
-            raise _provider_error(exc) from None
-        except ServiceError as exc:
-            raise ProviderError(exc.message, retryable=False, status=exc.code.name, kind="timeout") from None
+                async for piece in call:
+                    yield CompletionChunk(
+                        text=piece.text,
+                        finish_reason=_FINISH_REASONS.get(piece.finish_reason),
+                        prompt_tokens=piece.prompt_tokens,
+                        completion_tokens=piece.completion_tokens,
+                    )
         finally:
             # A client that went away must stop the generation too, not leave it burning the cores.
             if call is not None:
                 call.cancel()
 
     async def embed(self, target: Target, inputs: list[str]) -> tuple[list[list[float]], int]:
-        try:
+        with _as_provider_errors():
             reply = await self._stub.Embed(pb.EmbedRequest(model=target.provider_model, inputs=inputs))
-        except grpc.aio.AioRpcError as exc:
-            raise _provider_error(exc) from None
-        except ServiceError as exc:
-            raise ProviderError(exc.message, retryable=False, status=exc.code.name, kind="timeout") from None
         return [list(vector.values) for vector in reply.embeddings], reply.prompt_tokens
 
     async def close(self) -> None:
