@@ -67,7 +67,7 @@ class _Observed(grpc.aio.ServerInterceptor):
         """Request id, deadline and trace span around one RPC; errors become statuses; duration recorded."""
         started = time.perf_counter()
         request_id = next((v for k, v in metadata if k == REQUEST_ID_HEADER and isinstance(v, str)), "")
-        request_token = request_id_var.set(request_id[:128])
+        request_token = request_id_var.set(request_id)
         deadline_token = deadline.start(context.time_remaining())
         code = grpc.StatusCode.OK
         try:

@@ -26,11 +26,11 @@ def _metadata(context) -> tuple[tuple[str, str | bytes], ...]:
     return tuple(context.invocation_metadata() or ())
 
 
-def _cache_disabled_by_header(metadata) -> bool:
+def cache_disabled_by_header(metadata) -> bool:
     return any(
         name == "cache-control"
         and isinstance(value, str)
-        and {"no-cache", "no-store"} & set(value.lower().split(","))
+        and {"no-cache", "no-store"} & {directive.strip() for directive in value.lower().split(",")}
         for name, value in metadata
     )
 
@@ -62,7 +62,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def _chat_request(self, request, context) -> ChatRequest:
         chat = translate.chat_request(
-            request.params, cache_header_off=_cache_disabled_by_header(_metadata(context))
+            request.params, cache_header_off=cache_disabled_by_header(_metadata(context))
         )
         self._routing.check_model(chat.model, "chat")
         return chat

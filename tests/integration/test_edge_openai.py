@@ -208,3 +208,13 @@ def test_errors_carry_the_request_id(http):
     )
     assert reply.status_code == 400
     assert reply.headers["x-request-id"] == "client-chosen-id-7"
+
+
+def test_an_overlong_request_id_is_refused(http):
+    reply = http.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {DEV_KEY}", "x-request-id": "x" * 200},
+        json={"model": "auto", "messages": PROMPT, "max_tokens": 1},
+    )
+    assert reply.status_code == 400
+    assert "x-request-id" in reply.json()["error"]["message"]

@@ -13,6 +13,7 @@ from sophia.gateway.v1 import gateway_pb2 as pb
 from libs.errors import InvalidArgument
 from services.gateway import translate
 from services.gateway.caching import request_key
+from services.gateway.servicer import cache_disabled_by_header
 from services.gateway.usage import Outbox, UsageRecord
 
 
@@ -111,3 +112,9 @@ def test_outbox_survives_and_lists_oldest_first(tmp_path):
     reopened = Outbox(tmp_path)
     assert [record for _, record in reopened.pending()] == records
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cache_control_directives_anywhere_in_the_header():
+    assert cache_disabled_by_header([("cache-control", "max-age=0, No-Cache")])
+    assert cache_disabled_by_header([("cache-control", "no-store")])
+    assert not cache_disabled_by_header([("cache-control", "max-age=60")])
