@@ -109,8 +109,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 if chunk.text or chunk.tool_calls or chunk.finish_reason:
                     yield translate.chunk_response(completion_id, created, model, chunk)
         except ProviderError as error:
-            # Part of the answer is already with the client: no fallback now, just end the stream clearly.
-            raise Unavailable(f"the provider failed mid-stream: {error.message}") from None
+            # Part of the answer is already with the client: no fallback now. Say so in-band (SSE clients
+            # only see messages once the HTTP status went out), then end the RPC with the status.
+            failure = Unavailable(f"the provider failed mid-stream: {error.message}")
+            yield pb.StreamChatCompletionResponse(
+                id=completion_id,
+                object="chat.completion.chunk",
+                created=created,
+                model=model,
+                error=pb.StreamError(message=failure.message, type="server_error", code=failure.code.name),
+            )
+            raise failure from None
         if chat.include_usage:
             yield pb.StreamChatCompletionResponse(
                 id=completion_id,

@@ -249,3 +249,14 @@ def test_prometheus_metrics_count_tokens_cost_cache_and_provider_errors(pipeline
     assert _samples(text, "sophia_gateway_provider_errors_total", provider="fail500", kind="http_500")
     assert [line for line in text.splitlines() if line.startswith("sophia_gateway_cost")]
     assert _samples(text, "rpc_server_duration_milliseconds_count", rpc_grpc_status_code="OK")
+
+
+def test_a_stream_that_fails_after_its_first_token_ends_in_an_sdk_error(pipeline):
+    client = openai.OpenAI(base_url=f"{pipeline.edge}/v1", api_key=DEV_KEY, max_retries=0)
+    received = []
+    long_prompt = [{"role": "user", "content": " ".join(f"word{i}" for i in range(40))}]
+    with pytest.raises(openai.APIError) as raised:
+        for chunk in client.chat.completions.create(model="drop-gpt", messages=long_prompt, stream=True):
+            received.extend(c.delta.content or "" for c in chunk.choices)
+    assert "".join(received), "the failure should come after the first tokens"
+    assert "mid-stream" in str(raised.value)
