@@ -62,6 +62,15 @@ def test_retryable_failures_fall_back_to_the_next_target(edge, failing):
     assert reply.json()["choices"][0]["message"]["content"] == HELLO[0]["content"]
 
 
+def test_a_stream_falls_back_before_its_first_token(pipeline):
+    client = openai.OpenAI(base_url=f"{pipeline.edge}/v1", api_key=DEV_KEY, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model="fail500-gpt", messages=HELLO, stream=True)
+    assert raw.headers["x-sophia-model"] == "good-gpt"
+    assert raw.headers["x-sophia-attempts"] == "2"
+    text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    assert text == HELLO[0]["content"]
+
+
 def test_a_bad_request_is_not_retried_elsewhere(edge):
     reply = chat(edge, "fail400-gpt", cache=False)
     assert reply.status_code == 400
@@ -181,7 +190,9 @@ async def test_usage_survives_a_ledger_outage_mid_load(pipeline):
     ) as client:
         load = asyncio.gather(*(fire(client) for _ in range(4)))
         await asyncio.sleep(0.3)
-        await asyncio.to_thread(pipeline.mesh.stop, "ledger")
+        killed = pipeline.mesh.processes.pop("ledger")
+        killed.kill()  # no goodbye: whatever it had not acknowledged must come back from the outbox
+        await asyncio.to_thread(killed.wait)
         await asyncio.sleep(1.5)
         pipeline.mesh.start("ledger")
         await asyncio.to_thread(pipeline.mesh.wait_ready, ["ledger"], 60)
