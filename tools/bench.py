@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -32,6 +31,7 @@ import yaml
 
 from libs.config import DEFAULT_CONFIG_PATH, REPO_ROOT, ConfigError
 from tools.mesh import COMPONENTS, Mesh, MeshError
+from tools.ports import free_port_block, isolated_environ
 
 # A widely used Python gateway (LiteLLM 1.106, 2 workers) measured on a 2-core machine like this one.
 REFERENCE_NAME = "LiteLLM 1.106 (2 workers)"
@@ -111,30 +111,6 @@ class BenchError(Exception):
 # --- set-up --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port_run(length: int) -> int:
-    """The first of `length` consecutive free ports (each service scrapes on base + its offset)."""
-    for _ in range(100):
-        base = _free_port()
-        if base + length <= 65535 and all(_port_is_free(base + i) for i in range(length)):
-            return base
-    raise BenchError(f"found no {length} consecutive free ports")
-
-
 def bench_config(provider_url: str) -> dict:
     """The reference config plus a paid model on the fake provider, chosen by default, and one client key."""
     config = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
@@ -159,22 +135,17 @@ def bench_config(provider_url: str) -> dict:
 
 
 def mesh_environ(state_dir: Path, config_path: Path) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SOPHIA")}
-    for service in ("gateway", "router", "cache", "ledger", "inference"):
-        environ[f"SOPHIA__SERVICES__{service.upper()}__PORT"] = str(_free_port())
-    environ |= {
-        "SOPHIA_CONFIG": str(config_path),
-        "SOPHIA_REDIS_URL": f"redis://127.0.0.1:{_free_port()}/0",
-        "SOPHIA__EDGE__PORT": str(_free_port()),
-        "SOPHIA__EDGE__ADMIN_PORT": str(_free_port()),
-        # Metrics are recorded and served as in production, on ports that never meet `make up`.
-        "SOPHIA__TELEMETRY__PROMETHEUS_BASE_PORT": str(_free_port_run(5)),
-        # Logging per request is not what we measure; everything on the request path stays on.
-        "SOPHIA__TELEMETRY__LOG_LEVEL": "WARNING",
-        "SOPHIA__GATEWAY__OUTBOX_DIR": str(state_dir / "outbox"),
-        PROVIDER_KEY_ENV: PROVIDER_KEY,
-    }
-    return environ
+    return isolated_environ(
+        {
+            "SOPHIA_CONFIG": str(config_path),
+            # Metrics are recorded and served as in production, on ports that never meet `make up`.
+            "SOPHIA__TELEMETRY__PROMETHEUS_BASE_PORT": str(free_port_block(5)),
+            # Logging per request is not what we measure; everything on the request path stays on.
+            "SOPHIA__TELEMETRY__LOG_LEVEL": "WARNING",
+            "SOPHIA__GATEWAY__OUTBOX_DIR": str(state_dir / "outbox"),
+            PROVIDER_KEY_ENV: PROVIDER_KEY,
+        }
+    )
 
 
 def start_provider(state_dir: Path) -> tuple[subprocess.Popen, str]:
