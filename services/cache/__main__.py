@@ -3,14 +3,17 @@
 from sophia.cache.v1 import cache_pb2, cache_pb2_grpc
 
 from libs.config import load_config_or_exit
+from libs.redis_store import open_redis, wait_for_redis
 from libs.server import run_service
-from services.cache.domain import Cache, open_redis, redis_location
+from services.cache.domain import REDIS_TIMEOUT_SECONDS, Cache
 from services.cache.servicer import CacheServicer
 
 
 def main() -> None:
     config = load_config_or_exit()
-    cache = Cache(open_redis(config.redis.url), config.cache)
+    # Cached responses are bytes, so the client keeps them undecoded.
+    redis = open_redis(config.redis.url, timeout_seconds=REDIS_TIMEOUT_SECONDS, decode_responses=False)
+    cache = Cache(redis, config.cache)
     servicer = CacheServicer(cache)
 
     def register(server):
@@ -18,7 +21,7 @@ def main() -> None:
         return [cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name]
 
     async def start():
-        await cache.wait_for_redis(redis_location(config.redis.url))
+        await wait_for_redis(redis, config.redis.url)
 
     run_service("cache", config, register, start=start, stop=cache.close)
 

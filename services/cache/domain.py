@@ -7,22 +7,15 @@ bypass the cache instead of waiting on it.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
-import time
-import urllib.parse
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from libs.config import CacheConfig
-from libs.errors import InvalidArgument, Unavailable
+from libs.errors import InvalidArgument
+from libs.redis_store import unavailable_when_redis_fails
 from services.cache import keys
 from services.cache.exact import ExactCache
 
@@ -30,12 +23,9 @@ log = logging.getLogger(__name__)
 
 # Redis on the same network answers in about a millisecond; a call that takes longer than this means
 # Redis is unwell, and the Gateway is better served by a quick UNAVAILABLE than by waiting.
-REDIS_SOCKET_TIMEOUT_SECONDS = 1.0
-REDIS_CONNECT_TIMEOUT_SECONDS = 0.5
-REDIS_READY_POLL_SECONDS = 0.5
+REDIS_TIMEOUT_SECONDS = 1.0
 MAX_NAME_CHARS = 256
 INT32_MAX = 2**31 - 1
-_REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError)
 
 
 class LookupKind(enum.Enum):
@@ -56,23 +46,6 @@ class TenantStats:
     entries: int
 
 
-def open_redis(url: str) -> Redis:
-    return Redis.from_url(
-        url,
-        socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS,
-        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS,
-        # One immediate retry on a broken connection covers pooled connections that died with a Redis
-        # restart; timeouts are not retried, so a hung Redis costs one socket timeout, not several.
-        retry=Retry(NoBackoff(), retries=1, supported_errors=(redis_errors.ConnectionError,)),
-    )
-
-
-def redis_location(url: str) -> str:
-    """host:port/db for logs: the URL may carry a password."""
-    parsed = urllib.parse.urlparse(url)
-    return f"{parsed.hostname}:{parsed.port or 6379}{parsed.path}"
-
-
 def _require_name(field: str, value: str) -> None:
     if not value:
         raise InvalidArgument(field, "must not be empty")
@@ -89,15 +62,6 @@ def resolve_ttl(ttl_seconds: int, default_seconds: int) -> int:
     if ttl_seconds < 0:
         raise InvalidArgument("ttl_seconds", "must not be negative (0 uses the configured default)")
     return ttl_seconds or default_seconds
-
-
-@asynccontextmanager
-async def _redis_guard(operation: str) -> AsyncIterator[None]:
-    try:
-        yield
-    except _REDIS_DOWN as exc:
-        log.warning("redis unavailable during %s: %s", operation, exc)
-        raise Unavailable(f"cache store (redis) is unavailable: {type(exc).__name__}") from None
 
 
 class HitCounters:
@@ -121,20 +85,6 @@ class Cache:
         self._exact = ExactCache(redis)
         self._counters = HitCounters(redis)
 
-    async def wait_for_redis(self, location: str) -> None:
-        """Returns once Redis answers PING; until then the service reports NOT_SERVING."""
-        last_warning = 0.0
-        while True:
-            try:
-                await self._redis.ping()
-                log.info("redis at %s answers", location)
-                return
-            except _REDIS_DOWN as exc:
-                if time.monotonic() - last_warning > 10:
-                    log.warning("waiting for redis at %s: %s", location, exc)
-                    last_warning = time.monotonic()
-            await asyncio.sleep(REDIS_READY_POLL_SECONDS)
-
     async def close(self) -> None:
         await self._redis.aclose()
 
@@ -142,7 +92,7 @@ class Cache:
         _require_name("tenant_id", tenant_id)
         _require_name("model", model)
         _require_key(request_key)
-        async with _redis_guard("lookup"):
+        with unavailable_when_redis_fails("cache store"):
             response = await self._exact.get(tenant_id, model, request_key)
             await self._counters.record(tenant_id, hit=response is not None)
         if response is None:
@@ -163,7 +113,7 @@ class Cache:
                 f"{len(response)} bytes exceeds the entry limit of {self._config.max_entry_bytes} bytes",
             )
         ttl = resolve_ttl(ttl_seconds, self._config.ttl_seconds)
-        async with _redis_guard("store"):
+        with unavailable_when_redis_fails("cache store"):
             await self._exact.put(tenant_id, model, request_key, response, ttl)
 
     async def invalidate(self, tenant_id: str, model: str) -> int:
@@ -171,13 +121,13 @@ class Cache:
         _require_name("tenant_id", tenant_id)
         if len(model) > MAX_NAME_CHARS:
             raise InvalidArgument("model", f"must be at most {MAX_NAME_CHARS} characters")
-        async with _redis_guard("invalidate"):
+        with unavailable_when_redis_fails("cache store"):
             removed = await self._exact.invalidate(tenant_id, model or None)
         return min(removed, INT32_MAX)
 
     async def stats(self, tenant_id: str) -> TenantStats:
         _require_name("tenant_id", tenant_id)
-        async with _redis_guard("stats"):
+        with unavailable_when_redis_fails("cache store"):
             hits, misses = await self._counters.read(tenant_id)
             entries = await self._exact.count_entries(tenant_id)
         return TenantStats(hits=hits, misses=misses, entries=entries)

@@ -15,10 +15,11 @@ from sophia.ledger.v1 import ledger_pb2_grpc
 from libs.background import Background
 from libs.clients import open_channel
 from libs.config import REPO_ROOT, Config
+from libs.redis_store import open_redis
 from services.gateway.access import AccessControl
 from services.gateway.auth import KeyRing
 from services.gateway.flow import RequestFlow
-from services.gateway.keystore import KeyStore, open_redis
+from services.gateway.keystore import KeyStore
 from services.gateway.providers.registry import build_providers
 from services.gateway.ratelimit import RateLimiter
 from services.gateway.routing import Routing
@@ -65,7 +66,7 @@ class GatewayApp:
             config.gateway.outbox_replay_seconds,
         )
         # API keys and rate-limit counters, shared with the other Gateway replicas.
-        self.redis = open_redis(config)
+        self.redis = open_redis(config.redis.url, timeout_seconds=config.gateway.redis_timeout_seconds)
         self.access = AccessControl(
             self.keys,
             KeyStore(self.redis),

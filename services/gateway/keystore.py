@@ -16,16 +16,11 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import redis.asyncio as redis
-from redis import exceptions as redis_errors
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
-from libs.config import Config
-from libs.errors import Unavailable
+from libs.redis_store import unavailable_when_redis_fails
 from services.gateway.auth import ApiKey, key_digest
 from services.gateway.domain import Principal
 
@@ -63,30 +58,6 @@ return redis.call('HGETALL', record)
 """
 
 
-def open_redis(config: Config) -> redis.Redis:
-    """The Gateway's Redis client: short timeouts and one immediate retry, since it sits on the hot path."""
-    timeout = config.gateway.redis_timeout_seconds
-    return redis.Redis.from_url(
-        config.redis.url,
-        decode_responses=True,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1),
-    )
-
-
-@contextmanager
-def redis_trouble(what: str) -> Iterator[None]:
-    """Any Redis failure becomes UNAVAILABLE naming `what`, never an internal error."""
-    try:
-        yield
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-        raise Unavailable(f"{what} unavailable") from exc
-    except redis_errors.RedisError as exc:
-        log.error("Redis refused a %s command: %s", what, exc)
-        raise Unavailable(f"{what} unavailable") from exc
-
-
 def new_secret() -> str:
     # 24 random bytes → 32 URL-safe characters (192 bits).
     return SECRET_PREFIX + secrets.token_urlsafe(24)
@@ -116,7 +87,7 @@ class KeyStore:
         """A new key and its secret; the secret is not kept anywhere."""
         secret = new_secret()
         digest = key_digest(secret)
-        with redis_trouble("key store"):
+        with unavailable_when_redis_fails("key store"):
             while True:
                 key = ApiKey(
                     key_id=KEY_ID_PREFIX + secrets.token_hex(6),
@@ -141,12 +112,12 @@ class KeyStore:
                     return key, secret
 
     async def find(self, digest: str) -> ApiKey | None:
-        with redis_trouble("key store"):
+        with unavailable_when_redis_fails("key store"):
             fields = await self._redis.hgetall(_RECORD_PREFIX + digest)
         return _from_hash(fields) if fields else None
 
     async def list_keys(self, tenant_id: str = "") -> list[ApiKey]:
-        with redis_trouble("key store"):
+        with unavailable_when_redis_fails("key store"):
             digests = await self._redis.hvals(_IDS)
             async with self._redis.pipeline(transaction=False) as pipe:
                 for digest in digests:
@@ -159,7 +130,7 @@ class KeyStore:
 
     async def revoke(self, key_id: str) -> ApiKey | None:
         """The revoked key (revoking twice is harmless), or None when no key has this id."""
-        with redis_trouble("key store"):
+        with unavailable_when_redis_fails("key store"):
             flat = await self._revoke(keys=[_IDS, _RECORD_PREFIX], args=[key_id])
         if not flat:
             return None

@@ -18,7 +18,7 @@ from typing import Literal
 
 import redis.asyncio as redis
 
-from services.gateway.keystore import redis_trouble
+from libs.redis_store import unavailable_when_redis_fails
 
 WINDOW_SECONDS = 60
 # A window's counters outlive it a little, for requests charged just after it closed.
@@ -81,7 +81,7 @@ class RateLimiter:
         request's estimate would pass it — except in a window with nothing charged yet, so that a request
         estimated above the whole limit still runs once a minute instead of never.
         """
-        with redis_trouble("rate limiter"):
+        with unavailable_when_redis_fails("rate limiter"):
             verdict, retry_after = await self._admit(
                 keys=[_prefix(key_id)],
                 args=[requests_per_minute, tokens_per_minute, max(estimated_tokens, 0)],
@@ -93,5 +93,5 @@ class RateLimiter:
         return Refusal("tokens", tokens_per_minute, int(retry_after))
 
     async def charge(self, key_id: str, tokens: int) -> None:
-        with redis_trouble("rate limiter"):
+        with unavailable_when_redis_fails("rate limiter"):
             await self._charge(keys=[_prefix(key_id)], args=[tokens])

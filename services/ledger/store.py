@@ -12,28 +12,18 @@ slot and the record script can touch them all atomically:
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import redis.asyncio as redis
-from redis import exceptions as redis_errors
-
-from libs.errors import Unavailable
+from libs.redis_store import open_redis, unavailable_when_redis_fails, wait_for_redis
 from services.ledger.budget import Budget
 from services.ledger.usage import UsageRecord, month_key
-
-log = logging.getLogger(__name__)
 
 # Alert markers only need to outlive their month.
 ALERT_MARKER_TTL_SECONDS = 62 * 24 * 3600
 REPORT_BATCH = 500
-PING_RETRY_SECONDS = 0.5
-PING_LOG_EVERY_SECONDS = 10.0
 
 # Adds a usage record unless one with the same request id exists, in one atomic step, so concurrent
 # retries of a request are counted exactly once.
@@ -71,41 +61,14 @@ def _key(tenant_id: str, *parts: str) -> str:
     return ":".join(("ledger", "{" + tenant_id + "}", *parts))
 
 
-@contextmanager
-def _redis_errors() -> Iterator[None]:
-    """Redis trouble is the ledger being unavailable for now (UNAVAILABLE), never an internal error."""
-    try:
-        yield
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-        raise Unavailable(f"ledger storage (Redis) is unreachable: {exc}") from None
-    except redis_errors.RedisError as exc:
-        log.error("Redis refused a ledger command: %s", exc)
-        raise Unavailable(f"ledger storage (Redis) refused the command: {exc}") from None
-
-
 class LedgerStore:
     def __init__(self, url: str, timeout_seconds: float) -> None:
-        self._redis = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-        )
+        self._url = url
+        self._redis = open_redis(url, timeout_seconds=timeout_seconds)
         self._record_script = self._redis.register_script(_RECORD_SCRIPT)
 
     async def wait_until_reachable(self) -> None:
-        """Returns once Redis answers PING; until then the service stays NOT_SERVING."""
-        last_logged = 0.0
-        while True:
-            try:
-                await self._redis.ping()
-                log.info("Redis is reachable")
-                return
-            except redis_errors.RedisError as exc:
-                if time.monotonic() - last_logged >= PING_LOG_EVERY_SECONDS:
-                    log.warning("waiting for Redis: %s", exc)
-                    last_logged = time.monotonic()
-            await asyncio.sleep(PING_RETRY_SECONDS)
+        await wait_for_redis(self._redis, self._url)
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -125,7 +88,7 @@ class LedgerStore:
             "occurred_at_us": occurred,
             "recorded_at_us": time.time_ns() // 1000,
         }
-        with _redis_errors():
+        with unavailable_when_redis_fails("ledger storage (Redis)"):
             duplicate, cost, spent = await self._record_script(
                 keys=[
                     _key(tenant, "usage", record.request_id),
@@ -137,11 +100,11 @@ class LedgerStore:
         return StoredUsage(duplicate=duplicate == 1, cost_micros=int(cost), month_spend_micros=int(spent))
 
     async def month_spend(self, tenant_id: str, month: str) -> int:
-        with _redis_errors():
+        with unavailable_when_redis_fails("ledger storage (Redis)"):
             return int(await self._redis.get(_key(tenant_id, "spend", month)) or 0)
 
     async def get_budget(self, tenant_id: str) -> Budget | None:
-        with _redis_errors():
+        with unavailable_when_redis_fails("ledger storage (Redis)"):
             fields = await self._redis.hgetall(_key(tenant_id, "budget"))
         if not fields:
             return None
@@ -152,7 +115,7 @@ class LedgerStore:
         )
 
     async def set_budget(self, tenant_id: str, budget: Budget) -> None:
-        with _redis_errors():
+        with unavailable_when_redis_fails("ledger storage (Redis)"):
             await self._redis.hset(
                 _key(tenant_id, "budget"),
                 mapping={
@@ -164,7 +127,7 @@ class LedgerStore:
 
     async def mark_alerted(self, tenant_id: str, month: str, percent: int) -> bool:
         """True only for the first caller per tenant, month and threshold (SET NX)."""
-        with _redis_errors():
+        with unavailable_when_redis_fails("ledger storage (Redis)"):
             first = await self._redis.set(
                 _key(tenant_id, "alerted", month, str(percent)), 1, nx=True, ex=ALERT_MARKER_TTL_SECONDS
             )
@@ -174,14 +137,14 @@ class LedgerStore:
         self, tenant_id: str, start: datetime, end: datetime
     ) -> AsyncIterator[UsageRecord]:
         """The tenant's records with start <= occurred_at < end, fetched in pipelined batches."""
-        with _redis_errors():
+        with unavailable_when_redis_fails("ledger storage (Redis)"):
             # One read of the index: a snapshot that records arriving meanwhile cannot shift.
             request_ids = await self._redis.zrangebyscore(
                 _key(tenant_id, "usage-index"), _micros(start), f"({_micros(end)}"
             )
         for offset in range(0, len(request_ids), REPORT_BATCH):
             batch = request_ids[offset : offset + REPORT_BATCH]
-            with _redis_errors():
+            with unavailable_when_redis_fails("ledger storage (Redis)"):
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for request_id in batch:
                         pipe.hgetall(_key(tenant_id, "usage", request_id))

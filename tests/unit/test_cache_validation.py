@@ -4,7 +4,8 @@ import pytest
 
 from libs.config import CacheConfig
 from libs.errors import InvalidArgument
-from services.cache.domain import MAX_NAME_CHARS, Cache, open_redis, redis_location, resolve_ttl
+from libs.redis_store import open_redis, redis_location
+from services.cache.domain import MAX_NAME_CHARS, Cache, resolve_ttl
 
 # Nothing listens on port 1: any call that reached Redis would fail with Unavailable, not InvalidArgument.
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
@@ -12,7 +13,10 @@ UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
 
 @pytest.fixture
 def cache():
-    return Cache(open_redis(UNREACHABLE_REDIS), CacheConfig(ttl_seconds=60, max_entry_bytes=16))
+    return Cache(
+        open_redis(UNREACHABLE_REDIS, timeout_seconds=0.5, decode_responses=False),
+        CacheConfig(ttl_seconds=60, max_entry_bytes=16),
+    )
 
 
 async def _field_of(call) -> str:

@@ -9,11 +9,12 @@ import pytest
 
 from libs.config import AuthConfig, load_config
 from libs.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
+from libs.redis_store import open_redis
 from services.gateway.access import AccessControl
 from services.gateway.admin import group_by, monthly_limit_micros, parse_time, validate_new_key
 from services.gateway.auth import KeyRing
 from services.gateway.domain import Principal
-from services.gateway.keystore import KeyStore, RecentKeys, new_secret, open_redis
+from services.gateway.keystore import KeyStore, RecentKeys, new_secret
 from services.gateway.ratelimit import RateLimiter
 from tests.support import free_port
 
@@ -139,7 +140,7 @@ async def access_without_redis():
             "SOPHIA__AUTH__TENANTS": f"{{dev: {{api_keys: [{{name: dev, key: {CONFIG_KEY}}}]}}}}",
         }
     )
-    client = open_redis(config)
+    client = open_redis(config.redis.url, timeout_seconds=config.gateway.redis_timeout_seconds)
     yield AccessControl(KeyRing(config.auth), KeyStore(client), RateLimiter(client), key_cache_seconds=5)
     await client.aclose()
 

@@ -1,0 +1,69 @@
+"""Redis, the same way for every service: connect with short timeouts, wait for it at start-up, and
+turn its failures into UNAVAILABLE (never an internal error, never a hang).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from libs.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+READY_POLL_SECONDS = 0.5
+WAITING_LOG_EVERY_SECONDS = 10.0
+
+
+def open_redis(url: str, *, timeout_seconds: float, decode_responses: bool = True) -> Redis:
+    return Redis.from_url(
+        url,
+        decode_responses=decode_responses,
+        socket_timeout=timeout_seconds,
+        socket_connect_timeout=timeout_seconds,
+        # One immediate retry on a broken connection covers pooled connections that died with a Redis
+        # restart; timeouts are not retried, so a hung Redis costs one socket timeout, not several.
+        retry=Retry(NoBackoff(), retries=1, supported_errors=(redis_errors.ConnectionError,)),
+    )
+
+
+def redis_location(url: str) -> str:
+    """host:port/db for logs: the URL may carry a password."""
+    parsed = urllib.parse.urlparse(url)
+    return f"{parsed.hostname}:{parsed.port or 6379}{parsed.path}"
+
+
+async def wait_for_redis(client: Redis, url: str) -> None:
+    """Returns once Redis answers PING; a service's health stays NOT_SERVING until then."""
+    location, last_logged = redis_location(url), float("-inf")
+    while True:
+        try:
+            await client.ping()
+            log.info("redis at %s answers", location)
+            return
+        except redis_errors.RedisError as exc:
+            if time.monotonic() - last_logged >= WAITING_LOG_EVERY_SECONDS:
+                log.warning("waiting for redis at %s: %s", location, exc)
+                last_logged = time.monotonic()
+        await asyncio.sleep(READY_POLL_SECONDS)
+
+
+@contextmanager
+def unavailable_when_redis_fails(what: str) -> Iterator[None]:
+    """Redis trouble inside the block becomes `Unavailable("<what> unavailable")`."""
+    try:
+        yield
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+        raise Unavailable(f"{what} unavailable") from exc
+    except redis_errors.RedisError as exc:
+        log.error("redis refused a %s command: %s", what, exc)
+        raise Unavailable(f"{what} unavailable") from exc
