@@ -11,7 +11,8 @@ from sophia.router.v1 import router_pb2_grpc
 
 from libs.clients import open_channel
 from libs.config import Config
-from libs.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError
+from libs.errors import FailedPrecondition, InvalidArgument, NotFound
+from libs.routing_rules import RouteQuery, RoutingRules
 from services.gateway.domain import ChatRequest, Target
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Routing:
             settings=config.clients,
         )
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+        self._rules = RoutingRules(config)
 
     def check_model(self, model: str, kind: str) -> None:
         """Unknown or wrong-kind models are refused before anything is called."""
@@ -58,18 +60,18 @@ class Routing:
         if configured.kind != kind:
             raise InvalidArgument("model", f"{model!r} is a {configured.kind} model, not a {kind} model")
 
-    def _target(self, model_id: str) -> Target:
-        return Target(model_id, self._config.models[model_id].provider, self._config.provider_model(model_id))
-
-    def default_plan(self, request: ChatRequest) -> Plan:
-        routing = self._config.routing
-        if request.model != "auto":
-            chain = [request.model, *routing.fallback_map.get(request.model, ())]
-            reason = f"explicit model {request.model} (router unavailable)"
-        else:
-            chain, reason = list(routing.default_chain), "default chain (router unavailable)"
-        enabled = [m for m in dict.fromkeys(chain) if self._config.models[m].enabled]
-        return Plan(tuple(self._target(m) for m in enabled), reason)
+    def local_plan(self, request: ChatRequest, estimated_tokens: int) -> Plan:
+        """The plan the Router's rules give, computed here because the Router could not answer."""
+        plan = self._rules.route(
+            RouteQuery(
+                model=request.model,
+                task_type=request.task_type,
+                preference=request.model_preference or None,
+                estimated_tokens=estimated_tokens,
+            )
+        )
+        targets = tuple(Target(t.model_id, t.provider, t.provider_model) for t in plan.targets)
+        return Plan(targets, f"{plan.reason} (router unavailable)")
 
     async def plan(
         self, request: ChatRequest, tenant_id: str, request_id: str, estimated_tokens: int
@@ -93,13 +95,11 @@ class Routing:
             verdict = _ROUTER_VERDICTS.get(exc.code())
             if verdict is not None:
                 raise verdict(exc.details()) from None
-            log.warning("router unavailable (%s); using the configured chain", exc.code().name)
-            return self.default_plan(request)
-        except ServiceError:
-            raise
+            log.warning("router unavailable (%s); routing by the configured rules", exc.code().name)
+            return self.local_plan(request, estimated_tokens)
         targets = tuple(Target(t.model_id, t.provider, t.provider_model) for t in reply.targets)
         if not targets:
-            return self.default_plan(request)
+            return self.local_plan(request, estimated_tokens)
         return Plan(targets, reply.reason)
 
     def report(self, attempts, background) -> None:
@@ -107,7 +107,7 @@ class Routing:
             background.spawn(report_outcome(self._stub, attempt))
 
     def embedding_target(self, model: str) -> Target:
-        return self._target(model)
+        return Target(model, self._config.models[model].provider, self._config.provider_model(model))
 
     async def close(self) -> None:
         await self._channel.close()

@@ -10,8 +10,8 @@ from sophia.router.v1 import router_pb2_grpc
 
 from libs.config import Config, ConfigError, load_config
 from libs.errors import FailedPrecondition, InvalidArgument
+from libs.routing_rules import RouteQuery, RoutingRules
 from services.router.health import HealthBook, Outcome
-from services.router.rules import RouteQuery, RoutingRules
 
 log = logging.getLogger(__name__)
 

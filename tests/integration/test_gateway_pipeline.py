@@ -271,3 +271,17 @@ def test_a_stream_that_fails_after_its_first_token_ends_in_an_sdk_error(pipeline
             received.extend(c.delta.content or "" for c in chunk.choices)
     assert "".join(received), "the failure should come after the first tokens"
     assert "mid-stream" in str(raised.value)
+
+
+def test_with_the_router_down_the_gateway_routes_by_the_same_rules(pipeline, edge):
+    pipeline.mesh.stop("router")
+    try:
+        reply = chat(edge, "fail500-gpt", cache=False)
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["x-sophia-model"] == "good-gpt"  # the fallback map, applied locally
+        assert reply.headers["x-sophia-attempts"] == "2"
+        assert chat(edge, "auto", cache=False).headers["x-sophia-model"] == "good-gpt"
+        assert "routing by the configured rules" in pipeline.mesh.log_path("gateway").read_text()
+    finally:
+        pipeline.mesh.start("router")
+        pipeline.mesh.wait_ready(["router"], 60)

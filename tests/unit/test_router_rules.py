@@ -8,9 +8,9 @@ import pytest
 
 from libs.config import Config
 from libs.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from libs.routing_rules import RouteQuery, RouteTarget, RoutingRules
 from services.router import health
 from services.router.health import HealthBook, Outcome
-from services.router.rules import RouteQuery, RouteTarget, RoutingRules
 
 MODELS: dict[str, dict[str, Any]] = {
     "local-small": {"provider": "local", "context_window": 8192},

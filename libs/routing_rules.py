@@ -1,5 +1,8 @@
 """Rule-based routing: turns what a request asks for into an ordered list of models to try.
 
+Shared by the Router (which serves it) and the Gateway (which falls back to it when the Router cannot
+answer), so both always agree on the plan.
+
 Plain Python over the validated config (the `models` and `routing` sections), so every rule is testable
 without gRPC. Precedence:
 
