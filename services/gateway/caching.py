@@ -32,6 +32,14 @@ _ANSWER_SHAPING_FIELDS = (
 )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class CacheKey:
+    tenant_id: str
+    model: str
+    request_key: str
+    prompt_text: str
+
+
 @dataclass
 class CachedAnswer:
     model_id: str
@@ -58,21 +66,24 @@ class ResponseCache:
         self._config = config
         self._enabled = enabled
 
-    def cacheable(self, request: ChatRequest) -> bool:
+    def key(self, tenant_id: str, request: ChatRequest) -> CacheKey | None:
+        """Where this request's answer lives in the cache; None when it must not be cached."""
         temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
-        return self._enabled and request.use_cache and temperature <= self._config.max_temperature
+        if not (self._enabled and request.use_cache and temperature <= self._config.max_temperature):
+            return None
+        return CacheKey(tenant_id, request.model, request_key(request), prompt_text(request))
 
-    async def lookup(self, tenant_id: str, request: ChatRequest) -> tuple[str, CachedAnswer | None]:
+    async def lookup(self, key: CacheKey | None) -> tuple[str, CachedAnswer | None]:
         """("hit", answer), ("miss", None) or ("bypass", None) when not cacheable or the cache is down."""
-        if not self.cacheable(request):
+        if key is None:
             return "bypass", None
         try:
             reply = await self._stub.Lookup(
                 pb.LookupRequest(
-                    tenant_id=tenant_id,
-                    model=request.model,
-                    request_key=request_key(request),
-                    prompt_text=prompt_text(request),
+                    tenant_id=key.tenant_id,
+                    model=key.model,
+                    request_key=key.request_key,
+                    prompt_text=key.prompt_text,
                 ),
                 timeout=LOOKUP_TIMEOUT_SECONDS,
             )
@@ -92,7 +103,7 @@ class ResponseCache:
             return "hit", answer
         return "miss", None
 
-    async def store(self, tenant_id: str, request: ChatRequest, answer: CachedAnswer) -> None:
+    async def store(self, key: CacheKey, answer: CachedAnswer) -> None:
         value = {
             "model_id": answer.model_id,
             "provider": answer.provider,
@@ -101,10 +112,10 @@ class ResponseCache:
         try:
             await self._stub.Store(
                 pb.StoreRequest(
-                    tenant_id=tenant_id,
-                    model=request.model,
-                    request_key=request_key(request),
-                    prompt_text=prompt_text(request),
+                    tenant_id=key.tenant_id,
+                    model=key.model,
+                    request_key=key.request_key,
+                    prompt_text=key.prompt_text,
                     response=json.dumps(value).encode(),
                 ),
                 timeout=STORE_TIMEOUT_SECONDS,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from sophia.cache.v1 import cache_pb2_grpc
@@ -23,7 +23,7 @@ from libs.errors import ResourceExhausted, Unavailable
 from libs.pricing import PriceTable
 from services.gateway import metrics
 from services.gateway.access import AccessControl
-from services.gateway.caching import CachedAnswer, ResponseCache
+from services.gateway.caching import CachedAnswer, CacheKey, ResponseCache
 from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Principal, Target
 from services.gateway.pipeline import Attempt, ChatExecutor, provider_failure
 from services.gateway.providers.base import Provider, ProviderError
@@ -59,11 +59,18 @@ class ChatOutcome:
 
 
 @dataclass
+class _Prepared:
+    cache_key: CacheKey | None
+    cache_status: str
+    answer: CachedAnswer | None  # set on a cache hit
+    targets: list[Target]  # the route, when there was no hit
+
+
+@dataclass
 class ChatStream:
     first: CompletionChunk
     rest: AsyncIterator[CompletionChunk]
     outcome: ChatOutcome
-    usage: dict[str, int] = field(default_factory=dict)
 
 
 class RequestFlow:
@@ -122,19 +129,22 @@ class RequestFlow:
             f"of its ${reply.limit_micros / 1e6:.2f} monthly budget"
         )
 
-    async def _admit(self, principal: Principal, request: ChatRequest) -> tuple[str, CachedAnswer | None]:
-        await self._access.admit(principal, estimated_tokens(request))
+    async def _prepare(self, principal: Principal, request: ChatRequest, request_id: str) -> _Prepared:
+        """Limits, budget and cache, in that order; the route only when the cache has no answer."""
+        estimate = estimated_tokens(request)
+        await self._access.admit(principal, estimate)
         await self._check_budget(principal.tenant_id)
-        return await self._cache.lookup(principal.tenant_id, request)
-
-    async def _targets(self, principal: Principal, request: ChatRequest, request_id: str):
-        plan = await self._routing.plan(request, principal.tenant_id, request_id, estimated_tokens(request))
-        return self._executor.usable_targets(plan, request)
+        cache_key = self._cache.key(principal.tenant_id, request)
+        cache_status, answer = await self._cache.lookup(cache_key)
+        if answer is not None:
+            return _Prepared(cache_key, cache_status, answer, [])
+        plan = await self._routing.plan(request, principal.tenant_id, request_id, estimate)
+        return _Prepared(cache_key, cache_status, None, self._executor.usable_targets(plan, request))
 
     def _settle(
         self,
         principal: Principal,
-        request: ChatRequest | None,
+        cache_key: CacheKey | None,
         request_id: str,
         outcome: ChatOutcome,
         completion: Completion,
@@ -166,9 +176,14 @@ class RequestFlow:
         self._background.spawn(
             self._access.charge(principal, completion.prompt_tokens + completion.completion_tokens)
         )
-        if cacheable and outcome.cache == "miss" and completion.finish_reason in CACHEABLE_FINISHES:
+        if (
+            cacheable
+            and cache_key is not None
+            and outcome.cache == "miss"
+            and completion.finish_reason in CACHEABLE_FINISHES
+        ):
             answer = CachedAnswer(outcome.model_id, outcome.provider, completion)
-            self._background.spawn(self._cache.store(principal.tenant_id, request, answer))
+            self._background.spawn(self._cache.store(cache_key, answer))
 
     async def embed(
         self, principal: Principal, target: Target, inputs: list[str], request_id: str
@@ -187,29 +202,28 @@ class RequestFlow:
     async def complete(
         self, principal: Principal, request: ChatRequest, request_id: str
     ) -> tuple[Completion, ChatOutcome]:
-        cache_status, answer = await self._admit(principal, request)
-        if answer is not None:
-            outcome = ChatOutcome(answer.model_id, answer.provider, 0, "hit")
-            self._settle(principal, request, request_id, outcome, answer.completion)
-            return answer.completion, outcome
-        targets = await self._targets(principal, request, request_id)
+        prepared = await self._prepare(principal, request, request_id)
+        if prepared.answer is not None:
+            outcome = ChatOutcome(prepared.answer.model_id, prepared.answer.provider, 0, "hit")
+            self._settle(principal, prepared.cache_key, request_id, outcome, prepared.answer.completion)
+            return prepared.answer.completion, outcome
         attempts: list[Attempt] = []
         try:
-            completion, served = await self._executor.complete(targets, request, attempts)
+            completion, served = await self._executor.complete(prepared.targets, request, attempts)
         finally:
             self._routing.report(attempts, self._background)
         outcome = ChatOutcome(
-            served.target.model_id, served.target.provider, len(served.attempts), cache_status
+            served.target.model_id, served.target.provider, len(served.attempts), prepared.cache_status
         )
-        self._settle(principal, request, request_id, outcome, completion)
+        self._settle(principal, prepared.cache_key, request_id, outcome, completion)
         return completion, outcome
 
     async def stream(self, principal: Principal, request: ChatRequest, request_id: str) -> ChatStream:
-        cache_status, answer = await self._admit(principal, request)
-        if answer is not None:
-            outcome = ChatOutcome(answer.model_id, answer.provider, 0, "hit")
-            self._settle(principal, request, request_id, outcome, answer.completion)
-            whole = answer.completion
+        prepared = await self._prepare(principal, request, request_id)
+        if prepared.answer is not None:
+            whole = prepared.answer.completion
+            outcome = ChatOutcome(prepared.answer.model_id, prepared.answer.provider, 0, "hit")
+            self._settle(principal, prepared.cache_key, request_id, outcome, whole)
             first = CompletionChunk(
                 text=whole.text,
                 finish_reason=whole.finish_reason,
@@ -218,20 +232,18 @@ class RequestFlow:
                 tool_calls=whole.tool_calls,
             )
             return ChatStream(first, _nothing(), outcome)
-        targets = await self._targets(principal, request, request_id)
         attempts: list[Attempt] = []
         try:
-            first, rest, served = await self._executor.stream(targets, request, attempts)
+            first, rest, served = await self._executor.stream(prepared.targets, request, attempts)
         finally:
             self._routing.report(attempts, self._background)
         outcome = ChatOutcome(
-            served.target.model_id, served.target.provider, len(served.attempts), cache_status
+            served.target.model_id, served.target.provider, len(served.attempts), prepared.cache_status
         )
-        return ChatStream(
-            first, self._settled_stream(principal, request, request_id, outcome, first, rest), outcome
-        )
+        settled = self._settled_stream(principal, prepared.cache_key, request_id, outcome, first, rest)
+        return ChatStream(first, settled, outcome)
 
-    async def _settled_stream(self, principal, request, request_id, outcome, first, rest):
+    async def _settled_stream(self, principal, cache_key, request_id, outcome, first, rest):
         """Passes the chunks through, then records what the stream really used, however it ended."""
         text, last, saw_tool_calls = [first.text], first, bool(first.tool_calls)
         try:
@@ -248,7 +260,7 @@ class RequestFlow:
                 completion_tokens=last.completion_tokens,
             )
             # Streamed tool calls arrive as fragments; only whole answers are worth caching.
-            self._settle(principal, request, request_id, outcome, completion, cacheable=not saw_tool_calls)
+            self._settle(principal, cache_key, request_id, outcome, completion, cacheable=not saw_tool_calls)
 
 
 async def _nothing() -> AsyncIterator[CompletionChunk]:
