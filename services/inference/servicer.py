@@ -6,6 +6,7 @@ import asyncio
 import logging
 import pathlib
 
+from opentelemetry import metrics
 from sophia.inference.v1 import inference_pb2 as pb
 from sophia.inference.v1 import inference_pb2_grpc
 
@@ -47,6 +48,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return REPO_ROOT / self._config.weights_dir
 
     async def load_models(self) -> None:
+        # Made here, once the server has set up telemetry: observable gauges are not forwarded by the
+        # placeholder meter that exists before.
+        metrics.get_meter("sophia.inference").create_observable_gauge(
+            "sophia.inference.generations",
+            callbacks=[lambda _options: [metrics.Observation(self._scheduler.admitted)]],
+            description="Generations and embedding batches running or waiting for a slot",
+        )
         self._chat = await asyncio.to_thread(
             load_chat_model, self._config.chat_model, self.weights_dir, self._config.device
         )

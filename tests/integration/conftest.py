@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import mesh_environ
+from libs.telemetry import PROMETHEUS_PORT_OFFSETS
+from tests.support import free_port_block, mesh_environ
 from tools.mesh import COMPONENTS, SERVICES, Mesh
 
 DEV_KEY = "sk-test-dev-key-0001"
@@ -15,6 +16,7 @@ ADMIN_KEY = "sk-test-admin-key-0001"
 def mesh(tmp_path_factory):
     environ = mesh_environ({"SOPHIA_DEV_KEY": DEV_KEY, "SOPHIA_ADMIN_KEY": ADMIN_KEY})
     environ["SOPHIA__GATEWAY__OUTBOX_DIR"] = str(tmp_path_factory.mktemp("outbox"))
+    environ["SOPHIA__TELEMETRY__PROMETHEUS_BASE_PORT"] = str(free_port_block(len(PROMETHEUS_PORT_OFFSETS)))
     running = Mesh(tmp_path_factory.mktemp("mesh"), environ)
     try:
         for component in COMPONENTS:
@@ -27,3 +29,8 @@ def mesh(tmp_path_factory):
         yield running
     finally:
         running.stop_all()
+
+
+def metrics_url(mesh: Mesh, component: str) -> str:
+    port = mesh.config.telemetry.prometheus_base_port + PROMETHEUS_PORT_OFFSETS[component]
+    return f"http://127.0.0.1:{port}/metrics"
