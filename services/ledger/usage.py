@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -155,10 +154,3 @@ class UsageSummary:
     def report(self) -> UsageReport:
         """One row per group key, sorted by key, plus the total over every record."""
         return UsageReport(rows=[self._rows[key] for key in sorted(self._rows)], total=self._total)
-
-
-def summarize(records: Iterable[UsageRecord], group_by: GroupBy) -> UsageReport:
-    summary = UsageSummary(group_by)
-    for record in records:
-        summary.add(record)
-    return summary.report()

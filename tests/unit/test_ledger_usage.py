@@ -11,12 +11,19 @@ from services.ledger.budget import Budget, budget_status, crossed_thresholds, ma
 from services.ledger.usage import (
     UsageEvent,
     UsageRecord,
+    UsageSummary,
     month_bounds,
     month_key,
     report_range,
-    summarize,
     validate_event,
 )
+
+
+def summarize(records, group_by):
+    summary = UsageSummary(group_by)
+    for record in records:
+        summary.add(record)
+    return summary.report()
 
 
 def _record(model: str, provider: str, when: datetime, tokens=(10, 20), cost: int = 5) -> UsageRecord:
