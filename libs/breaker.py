@@ -1,0 +1,134 @@
+"""Fail fast while a dependency is known to be down, and notice at once when it is back.
+
+A `DependencyBreaker` guards one dependency (a gRPC service, Redis) of one process. Callers ask
+`breaker.allows()` before calling it; while the breaker is OPEN they skip the call and degrade at once
+(bypass the cache, route locally, fail a budget check open or closed) instead of paying connection
+attempts and retries on every request. A call that fails because the dependency is unreachable
+(UNAVAILABLE, a timeout, a refused connection; not a verdict such as NOT_FOUND) is reported with
+`record_failure(reason)`, which opens the breaker.
+
+Only a background probe closes it again: every `probe_interval_seconds` it runs `probe()` (a
+grpc.health.v1 Check for gRPC services, see `grpc_health_probe`; a PING for Redis, see
+`libs.redis_store.redis_ping_probe`) and closes the breaker on the first success, so the dependency is
+used again within about one interval of coming back, with no request paying for the discovery.
+
+Logs: one WARNING when the breaker opens (not one per request) and one INFO when it closes.
+
+Usage:
+
+    breaker = DependencyBreaker("cache", grpc_health_probe(channel, "sophia.cache.v1.CacheService"))
+    if not breaker.allows():
+        return bypass()
+    try:
+        reply = await stub.Lookup(request)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in UNREACHABLE:
+            breaker.record_failure(exc.code().name)
+        return bypass()
+    ...
+    await breaker.aclose()   # on shutdown: stops the probe
+
+A breaker belongs to the event loop it is first opened in (the probe is a task of that loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+PROBE_INTERVAL_SECONDS = 0.25
+PROBE_TIMEOUT_SECONDS = 0.5
+
+# Statuses that mean "the dependency could not be reached or did not answer in time".
+UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+Probe = Callable[[], Awaitable[object]]
+
+
+class BreakerState(enum.Enum):
+    CLOSED = "closed"  # the dependency is used
+    OPEN = "open"  # known down: callers skip it until the probe sees it answer again
+
+
+class DependencyBreaker:
+    def __init__(
+        self,
+        name: str,
+        probe: Probe,
+        *,
+        probe_interval_seconds: float = PROBE_INTERVAL_SECONDS,
+        probe_timeout_seconds: float = PROBE_TIMEOUT_SECONDS,
+    ) -> None:
+        """`probe()` must raise (or time out) while the dependency is down; its return value is ignored."""
+        self.name = name
+        self._probe = probe
+        self._interval = probe_interval_seconds
+        self._timeout = probe_timeout_seconds
+        self._state = BreakerState.CLOSED
+        self._opened_at = 0.0
+        self._probing: asyncio.Task | None = None
+
+    @property
+    def state(self) -> BreakerState:
+        return self._state
+
+    def allows(self) -> bool:
+        """True when the dependency may be called now."""
+        return self._state is BreakerState.CLOSED
+
+    def record_failure(self, reason: str) -> None:
+        """The dependency could not be reached: open (logging once per outage) and start probing."""
+        if self._state is BreakerState.OPEN:
+            return
+        self._state = BreakerState.OPEN
+        self._opened_at = time.monotonic()
+        log.warning("%s unavailable (%s): skipping it until it answers again", self.name, reason)
+        # A fresh context: the probe must not inherit the failed request's deadline, id or trace.
+        self._probing = asyncio.get_running_loop().create_task(
+            self._probe_until_back(), context=contextvars.Context()
+        )
+
+    async def _probe_until_back(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await asyncio.wait_for(self._probe(), self._timeout)
+            except Exception as exc:  # any failure of the probe means "still down"
+                log.debug("%s still unavailable: %s", self.name, exc)
+                continue
+            self._state = BreakerState.CLOSED
+            self._probing = None
+            log.info("%s available again after %.1fs", self.name, time.monotonic() - self._opened_at)
+            return
+
+    async def aclose(self) -> None:
+        """Stops the probe (at shutdown)."""
+        if self._probing is not None:
+            self._probing.cancel()
+            await asyncio.gather(self._probing, return_exceptions=True)
+            self._probing = None
+
+
+def grpc_health_probe(channel: grpc.aio.Channel, service: str) -> Probe:
+    """A probe that succeeds when `service` on `channel` answers grpc.health.v1 Check with SERVING."""
+    stub = health_pb2_grpc.HealthStub(channel)
+
+    async def probe() -> None:
+        reply = await stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=PROBE_TIMEOUT_SECONDS
+        )
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise RuntimeError(
+                f"{service} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+            )
+
+    return probe
