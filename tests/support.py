@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import grpc
+
 from libs.config import REPO_ROOT
+from tools.mesh import Mesh
 from tools.ports import free_port, free_port_block, isolated_environ
 
-__all__ = ["free_port", "free_port_block", "mesh_environ"]
+__all__ = ["free_port", "free_port_block", "internal_blocking_channel", "internal_channel", "mesh_environ"]
 
 
 def mesh_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -17,3 +20,13 @@ def mesh_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
             **(extra or {}),
         }
     )
+
+
+def internal_channel(mesh: Mesh, service: str, identity: str = "gateway") -> grpc.aio.Channel:
+    """An asyncio channel to an internal service of `mesh`, calling as `identity`."""
+    return grpc.aio.insecure_channel(mesh.address(service))
+
+
+def internal_blocking_channel(mesh: Mesh, service: str, identity: str = "gateway") -> grpc.Channel:
+    """The blocking twin of `internal_channel`, for tests written without asyncio."""
+    return grpc.insecure_channel(mesh.address(service))

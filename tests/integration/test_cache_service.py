@@ -15,7 +15,7 @@ from sophia.cache.v1 import cache_pb2 as pb
 from sophia.cache.v1 import cache_pb2_grpc
 
 from services.cache import keys
-from tests.support import mesh_environ
+from tests.support import internal_blocking_channel, mesh_environ
 from tools.mesh import Mesh
 
 pytestmark = pytest.mark.integration
@@ -50,7 +50,7 @@ def mesh(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stub(mesh):
-    with grpc.insecure_channel(mesh.address("cache")) as channel:
+    with internal_blocking_channel(mesh, "cache") as channel:
         yield cache_pb2_grpc.CacheServiceStub(channel)
 
 
@@ -214,7 +214,7 @@ def test_oversized_entry_is_refused(stub, tenant):
 
 
 def _health(mesh: Mesh) -> int | None:
-    with grpc.insecure_channel(mesh.address("cache")) as channel:
+    with internal_blocking_channel(mesh, "cache") as channel:
         try:
             return (
                 health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
@@ -242,7 +242,7 @@ def test_not_serving_until_redis_answers(tmp_path):
         assert _health(mesh) == health_pb2.HealthCheckResponse.NOT_SERVING
         mesh.start("redis")
         mesh.wait_ready(["cache"], timeout=30)
-        with grpc.insecure_channel(mesh.address("cache")) as channel:
+        with internal_blocking_channel(mesh, "cache") as channel:
             assert lookup(cache_pb2_grpc.CacheServiceStub(channel), "t", "k").result == pb.CACHE_RESULT_MISS
     finally:
         mesh.stop_all()
@@ -256,7 +256,7 @@ def fresh_mesh(tmp_path):
 
 
 def test_unavailable_while_redis_is_stopped_then_recovers(fresh_mesh):
-    with grpc.insecure_channel(fresh_mesh.address("cache")) as channel:
+    with internal_blocking_channel(fresh_mesh, "cache") as channel:
         stub = cache_pb2_grpc.CacheServiceStub(channel)
         store(stub, "t", "k", b"kept")
         time.sleep(1.2)  # appendfsync everysec: let the entry reach the append-only file
@@ -271,7 +271,7 @@ def test_unavailable_while_redis_is_stopped_then_recovers(fresh_mesh):
 
 def test_unavailable_not_a_hang_when_redis_freezes(fresh_mesh):
     redis_pid = fresh_mesh.processes["redis"].pid
-    with grpc.insecure_channel(fresh_mesh.address("cache")) as channel:
+    with internal_blocking_channel(fresh_mesh, "cache") as channel:
         stub = cache_pb2_grpc.CacheServiceStub(channel)
         assert lookup(stub, "t", "k").result == pb.CACHE_RESULT_MISS
         os.kill(redis_pid, signal.SIGSTOP)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import time
 
-import grpc
 import httpx
 import openai
 import pytest
 from sophia.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from tests.integration.conftest import DEV_KEY
+from tests.support import internal_blocking_channel
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -186,7 +186,7 @@ def test_client_x_envoy_headers_do_not_reach_routing(http):
 def test_embeddings_and_chats_are_recorded_in_the_ledger(mesh, client):
     client.embeddings.create(model="all-minilm-l6-v2", input="count this")
     client.chat.completions.create(model="auto", messages=PROMPT, max_tokens=2)
-    with grpc.insecure_channel(mesh.address("ledger")) as channel:
+    with internal_blocking_channel(mesh, "ledger") as channel:
         ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
         for _ in range(50):  # usage is recorded off the response path
             report = ledger.GetUsageReport(ledger_pb2.GetUsageReportRequest(tenant_id="dev"), timeout=10)

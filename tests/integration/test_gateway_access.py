@@ -28,7 +28,7 @@ from services.gateway.auth import KeyRing
 from services.gateway.domain import Principal
 from services.gateway.keystore import KeyStore
 from services.gateway.ratelimit import RateLimiter
-from tests.support import free_port, mesh_environ
+from tests.support import free_port, internal_channel, mesh_environ
 from tools.mesh import Mesh
 
 ADMIN_KEY = "sk-access-admin-key-01"
@@ -448,7 +448,7 @@ async def test_budget_set_through_admin_reaches_the_ledger(mesh, admin):
         timeout=10,
     )
     assert reply.tenant_id == tenant and reply.monthly_limit_usd == 12.34
-    async with grpc.aio.insecure_channel(mesh.address("ledger")) as channel:
+    async with internal_channel(mesh, "ledger") as channel:
         status = await ledger_pb2_grpc.LedgerServiceStub(channel).CheckBudget(
             ledger_pb2.CheckBudgetRequest(tenant_id=tenant), timeout=10
         )

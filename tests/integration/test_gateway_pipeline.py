@@ -19,6 +19,7 @@ from tests.integration.pipeline_mesh import (
     start_pipeline_mesh,
     stop_pipeline_mesh,
 )
+from tests.support import internal_channel
 
 HELLO = [{"role": "user", "content": "hello from the pipeline test"}]
 
@@ -46,7 +47,7 @@ def chat(edge: httpx.Client, model: str, *, headers=None, **extra) -> httpx.Resp
 
 
 async def usage_report(pipeline, tenant: str) -> ledger_pb2.GetUsageReportResponse:
-    async with grpc.aio.insecure_channel(pipeline.mesh.address("ledger")) as channel:
+    async with internal_channel(pipeline.mesh, "ledger") as channel:
         return await ledger_pb2_grpc.LedgerServiceStub(channel).GetUsageReport(
             ledger_pb2.GetUsageReportRequest(tenant_id=tenant, group_by=ledger_pb2.GROUP_BY_MODEL), timeout=10
         )
@@ -210,7 +211,7 @@ async def test_usage_survives_a_ledger_outage_mid_load(pipeline):
 
 
 async def test_budget_hard_stop_refuses_before_any_provider_call(pipeline):
-    async with grpc.aio.insecure_channel(pipeline.mesh.address("ledger")) as channel:
+    async with internal_channel(pipeline.mesh, "ledger") as channel:
         await ledger_pb2_grpc.LedgerServiceStub(channel).SetBudget(
             ledger_pb2.SetBudgetRequest(tenant_id="budgeted", monthly_limit_micros=1, hard_stop=True),
             timeout=10,

@@ -11,13 +11,14 @@ from sophia.inference.v1 import inference_pb2 as pb
 from sophia.inference.v1 import inference_pb2_grpc
 
 from tests.integration.conftest import metrics_url
+from tests.support import internal_channel
 
 MODEL = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="module")
 async def inference(mesh):
-    async with grpc.aio.insecure_channel(mesh.address("inference")) as channel:
+    async with internal_channel(mesh, "inference") as channel:
         yield inference_pb2_grpc.InferenceServiceStub(channel)
 
 

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sophia.ledger.v1 import ledger_pb2 as pb
 from sophia.ledger.v1 import ledger_pb2_grpc
 
-from tests.support import mesh_environ
+from tests.support import internal_channel, mesh_environ
 from tools.mesh import Mesh
 
 pytestmark = pytest.mark.integration
@@ -41,7 +41,7 @@ def mesh(tmp_path_factory):
 
 @pytest.fixture
 async def ledger(mesh):
-    async with grpc.aio.insecure_channel(mesh.address("ledger")) as channel:
+    async with internal_channel(mesh, "ledger") as channel:
         yield ledger_pb2_grpc.LedgerServiceStub(channel)
 
 
@@ -245,7 +245,7 @@ async def test_invalid_requests_are_rejected_naming_the_field(ledger, method, re
 
 
 async def _health(mesh: Mesh) -> int:
-    async with grpc.aio.insecure_channel(mesh.address("ledger")) as channel:
+    async with internal_channel(mesh, "ledger") as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), timeout=20, wait_for_ready=True
         )
@@ -255,14 +255,14 @@ async def _health(mesh: Mesh) -> int:
 async def test_records_survive_ledger_and_redis_restarts(mesh, tenant) -> None:
     async def state() -> tuple:
         # A fresh channel each time: an old one may still be backing off from the restart.
-        async with grpc.aio.insecure_channel(mesh.address("ledger")) as channel:
+        async with internal_channel(mesh, "ledger") as channel:
             ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
             retry = await ledger.RecordUsage(_usage(tenant, "durable-1"))
             budget = await ledger.CheckBudget(pb.CheckBudgetRequest(tenant_id=tenant))
             report = await ledger.GetUsageReport(pb.GetUsageReportRequest(tenant_id=tenant))
         return retry.duplicate, budget.spent_micros, budget.limit_micros, _rows(report)
 
-    async with grpc.aio.insecure_channel(mesh.address("ledger")) as channel:
+    async with internal_channel(mesh, "ledger") as channel:
         ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
         await ledger.RecordUsage(_usage(tenant, "durable-1"))
         await ledger.SetBudget(pb.SetBudgetRequest(tenant_id=tenant, monthly_limit_micros=10_000))
@@ -276,7 +276,7 @@ async def test_records_survive_ledger_and_redis_restarts(mesh, tenant) -> None:
 
     # Redis goes away under a running ledger: a clear UNAVAILABLE, not INTERNAL.
     mesh.stop("redis")
-    async with grpc.aio.insecure_channel(mesh.address("ledger")) as channel:
+    async with internal_channel(mesh, "ledger") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await ledger_pb2_grpc.LedgerServiceStub(channel).CheckBudget(
                 pb.CheckBudgetRequest(tenant_id=tenant), wait_for_ready=True

@@ -11,7 +11,7 @@ import pytest
 from sophia.router.v1 import router_pb2 as pb
 from sophia.router.v1 import router_pb2_grpc
 
-from tests.support import mesh_environ
+from tests.support import internal_blocking_channel, mesh_environ
 from tools.mesh import Mesh
 
 pytestmark = pytest.mark.integration
@@ -51,7 +51,7 @@ def running_router(state_dir: Path, config_text: str):
     try:
         mesh.start("router")
         mesh.wait_ready(["router"], timeout=60)
-        with grpc.insecure_channel(mesh.address("router")) as channel:
+        with internal_blocking_channel(mesh, "router") as channel:
             yield router_pb2_grpc.RouterServiceStub(channel), config_path
     finally:
         mesh.stop_all()
