@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -53,6 +54,19 @@ class Edge(_Strict):
     port: int = Field(default=8080, ge=0, le=65535)
     admin_port: int = Field(default=9901, ge=0, le=65535)
     max_body_bytes: int = Field(default=1_048_576, gt=0)
+    # A client must have sent its whole request (headers and body) within this time, or it gets 408;
+    # Envoy disarms the timer once the request is complete, so long answers and streams are not cut.
+    request_timeout_seconds: float = Field(default=30.0, gt=0)
+    request_headers_timeout_seconds: float = Field(default=10.0, gt=0)
+    # A keep-alive connection with no request in flight is closed after this long.
+    idle_timeout_seconds: float = Field(default=60.0, gt=0)
+    # Read buffer per client connection: beyond it Envoy stops reading the socket (back-pressure).
+    per_connection_buffer_bytes: int = Field(default=32_768, ge=1024)
+    # Client connections across the edge; beyond it new connections are refused.
+    max_connections: int = Field(default=4096, gt=0)
+    # Envoy's heap limit for the overload manager: near it, Envoy stops keep-alive, shortens idle
+    # timeouts, resets the streams holding the most memory and finally refuses new requests.
+    max_heap_bytes: int = Field(default=512 * 1024 * 1024, ge=64 * 1024 * 1024)
 
 
 class ServerSettings(_Strict):
@@ -117,6 +131,10 @@ class ModelConfig(_Strict):
     context_window: int = Field(default=8192, gt=0)
     enabled: bool = True
     owned_by: str = ""
+    # Embedding models: the size of the vectors the model returns (0 = not known), and whether the
+    # provider takes a `dimensions` parameter to return fewer (OpenAI's text-embedding-3 models do).
+    dimensions: int = Field(default=0, ge=0)
+    accepts_dimensions: bool = False
 
 
 class RoutingConfig(_Strict):
@@ -174,10 +192,36 @@ class GatewayConfig(_Strict):
     key_cache_seconds: float = Field(default=5.0, ge=0)
     # Keys and rate limits live in Redis; a slower command counts as Redis being down (see access.py).
     redis_timeout_seconds: float = Field(default=0.5, gt=0)
+    # Admission control (admission.py): requests in flight per replica, beyond which the replica answers
+    # 503 at once; the edge refuses beyond the same number (its circuit breaker on the gateway cluster).
+    # Size it as throughput × provider latency: CPU-bound work beyond it only queues.
+    max_inflight_requests: int = Field(default=256, gt=0)
+    # The part of those slots one tenant may hold; beyond it that tenant gets 429 and the others the rest.
+    max_tenant_share: float = Field(default=0.5, gt=0, le=1)
+    # Sent with a refusal as retry-after-ms (and retry-after in whole seconds, rounded up).
+    overload_retry_after_ms: int = Field(default=500, gt=0)
 
 
 class RedisConfig(_Strict):
     url: str = "redis://127.0.0.1:6379/0"
+
+
+class TlsMode(StrEnum):
+    # Internal services accept only callers presenting a certificate from the mesh CA, and each method
+    # only from the identities its service lists.
+    MTLS = "mtls"
+    # No encryption and no caller authentication: local development only, never the default.
+    PLAINTEXT = "plaintext"
+
+
+class TlsConfig(_Strict):
+    mode: TlsMode = TlsMode.MTLS
+    # ca.pem, <identity>.pem and <identity>-key.pem (see tools/certs.py); relative to the repository root.
+    # `make up` and the test meshes generate them under their state folder when missing.
+    dir: str = "var/certs"
+    # The Gateway's public port also serves TLS (gateway certificate); callers still present API keys.
+    # Envoy reaches the Gateway in plaintext, so this is for direct gRPC clients without the edge.
+    gateway_public_tls: bool = False
 
 
 class Config(_Strict):
@@ -187,6 +231,7 @@ class Config(_Strict):
     clients: ClientSettings = ClientSettings()
     telemetry: Telemetry = Telemetry()
     redis: RedisConfig = RedisConfig()
+    tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]

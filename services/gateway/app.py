@@ -17,6 +17,7 @@ from libs.clients import open_channel
 from libs.config import REPO_ROOT, Config
 from libs.redis_store import open_redis
 from services.gateway.access import AccessControl
+from services.gateway.admission import Admission
 from services.gateway.auth import KeyRing
 from services.gateway.flow import RequestFlow
 from services.gateway.keystore import KeyStore
@@ -82,7 +83,12 @@ class GatewayApp:
             self.usage,
             self.background,
         )
-        return GatewayServicer(config, self.access, self.routing, flow)
+        admission = Admission(
+            max_inflight=config.gateway.max_inflight_requests,
+            max_tenant_share=config.gateway.max_tenant_share,
+            retry_after_ms=config.gateway.overload_retry_after_ms,
+        )
+        return GatewayServicer(config, self.access, self.routing, flow, admission)
 
     async def start(self) -> None:
         """Replays usage left in the outbox by an earlier run, and whatever gets spooled from now on."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import uuid
@@ -14,6 +15,7 @@ from libs.errors import InvalidArgument, Unavailable
 from libs.logs import request_id_var
 from services.gateway import translate
 from services.gateway.access import AccessControl
+from services.gateway.admission import Admission
 from services.gateway.domain import ChatRequest, Principal
 from services.gateway.flow import ChatOutcome, RequestFlow
 from services.gateway.providers.base import ProviderError
@@ -42,15 +44,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         access: AccessControl,
         routing: Routing,
         flow: RequestFlow,
+        admission: Admission,
     ) -> None:
         self._config = config
         self._access = access
         self._routing = routing
         self._flow = flow
+        self._admission = admission
         self._started = int(time.time())
 
     async def _begin(self, context) -> tuple[Principal, str]:
-        """Authenticates the caller and settles the request id (the client's, or a new one)."""
+        """Authenticates the caller, settles the request id (the client's, or a new one) and takes an
+        admission slot, held until the RPC terminates (a stream's included), or refuses it at once."""
         principal = await self._access.authenticate(_metadata(context))
         request_id = request_id_var.get()
         if request_id and not _REQUEST_ID.fullmatch(request_id):
@@ -58,6 +63,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if not request_id:
             request_id = uuid.uuid4().hex
             request_id_var.set(request_id)
+        slot = self._admission.admit(principal.tenant_id)
+        context.add_done_callback(lambda _context: slot.release())
         return principal, request_id
 
     async def _chat_request(self, request, context) -> ChatRequest:
@@ -96,6 +103,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         principal, request_id = await self._begin(context)
         chat = await self._chat_request(request, context)
         stream = await self._flow.stream(principal, chat, request_id)
+        # Closed here, in the RPC's own task, however the RPC ends (a client that went away included), so
+        # what was delivered is billed at once, not whenever the generator happens to be collected.
+        async with contextlib.aclosing(stream.rest):
+            async for response in self._stream_responses(context, chat, request_id, stream):
+                yield response
+
+    async def _stream_responses(self, context, chat: ChatRequest, request_id: str, stream):
         # The cost is only known at the end of a stream; the header says what it was when the stream opened.
         await context.send_initial_metadata(self._response_headers(request_id, stream.outcome))
         completion_id, created, model = f"chatcmpl-{request_id}", int(time.time()), stream.outcome.model_id
@@ -139,12 +153,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         inputs = translate.embedding_inputs(request)
         fmt = translate.encoding_format(request)
         target = self._routing.embedding_target(request.model)
-        vectors, tokens = await self._flow.embed(principal, target, inputs, request_id)
-        if request.HasField("dimensions") and vectors and request.dimensions != len(vectors[0]):
-            raise InvalidArgument(
-                "dimensions",
-                f"{request.model} returns {len(vectors[0])} dimensions; other sizes are not supported",
-            )
+        dimensions = request.dimensions if request.HasField("dimensions") else None
+        vectors, tokens = await self._flow.embed(principal, target, inputs, request_id, dimensions)
         await context.send_initial_metadata(
             (
                 ("x-request-id", request_id),
