@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -131,10 +130,6 @@ class ModelConfig(_Strict):
     context_window: int = Field(default=8192, gt=0)
     enabled: bool = True
     owned_by: str = ""
-    # Embedding models: the size of the vectors the model returns (0 = not known), and whether the
-    # provider takes a `dimensions` parameter to return fewer (OpenAI's text-embedding-3 models do).
-    dimensions: int = Field(default=0, ge=0)
-    accepts_dimensions: bool = False
 
 
 class RoutingConfig(_Strict):
@@ -206,24 +201,6 @@ class RedisConfig(_Strict):
     url: str = "redis://127.0.0.1:6379/0"
 
 
-class TlsMode(StrEnum):
-    # Internal services accept only callers presenting a certificate from the mesh CA, and each method
-    # only from the identities its service lists.
-    MTLS = "mtls"
-    # No encryption and no caller authentication: local development only, never the default.
-    PLAINTEXT = "plaintext"
-
-
-class TlsConfig(_Strict):
-    mode: TlsMode = TlsMode.MTLS
-    # ca.pem, <identity>.pem and <identity>-key.pem (see tools/certs.py); relative to the repository root.
-    # `make up` and the test meshes generate them under their state folder when missing.
-    dir: str = "var/certs"
-    # The Gateway's public port also serves TLS (gateway certificate); callers still present API keys.
-    # Envoy reaches the Gateway in plaintext, so this is for direct gRPC clients without the edge.
-    gateway_public_tls: bool = False
-
-
 class Config(_Strict):
     services: Services = Services()
     edge: Edge = Edge()
@@ -231,7 +208,6 @@ class Config(_Strict):
     clients: ClientSettings = ClientSettings()
     telemetry: Telemetry = Telemetry()
     redis: RedisConfig = RedisConfig()
-    tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]
