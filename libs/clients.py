@@ -17,9 +17,15 @@ from libs.config import ClientSettings
 from libs.logs import request_id_var
 from libs.server import REQUEST_ID_HEADER
 from libs.telemetry import inject_context
+from libs.tls import adopted, mesh_channel, server_identity
+
+RECONNECT_BACKOFF_INITIAL_MS = 250
+RECONNECT_BACKOFF_MAX_MS = 750
 
 
-class _Outbound(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+class _OutboundDetails:
+    """Derives an outbound call's deadline, request id and trace context from the inbound RPC."""
+
     def __init__(self, settings: ClientSettings) -> None:
         self._settings = settings
 
@@ -39,9 +45,15 @@ class _Outbound(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClient
             details.method, timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+# grpc.aio files an interceptor under one kind only (the first base it matches), so each call kind
+# gets its own class: one class with both bases would leave streaming calls unintercepted.
+class _OutboundUnary(_OutboundDetails, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
+
+class _OutboundStream(_OutboundDetails, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
@@ -54,11 +66,15 @@ def _service_config(service: str, idempotent_methods: Sequence[str]) -> str:
             "methodConfig": [
                 {
                     "name": [{"service": service, "method": method} for method in idempotent_methods],
+                    # One quick retry covers a connection that broke under a call (a peer restarting);
+                    # a peer that is simply down costs one short backoff, and then the caller's
+                    # breaker (libs.breaker) stops calling it: longer backoffs only delayed every
+                    # request of an outage.
                     "retryPolicy": {
-                        "maxAttempts": 3,
-                        "initialBackoff": "0.05s",
-                        "maxBackoff": "0.5s",
-                        "backoffMultiplier": 2,
+                        "maxAttempts": 2,
+                        "initialBackoff": "0.01s",
+                        "maxBackoff": "0.01s",
+                        "backoffMultiplier": 1,
                         "retryableStatusCodes": ["UNAVAILABLE"],
                     },
                 }
@@ -75,15 +91,22 @@ def open_channel(
     settings: ClientSettings,
     max_message_bytes: int = 4 * 1024 * 1024,
 ) -> grpc.aio.Channel:
-    """An insecure channel to `service` at `address` (mesh traffic stays on the private network)."""
-    return grpc.aio.insecure_channel(
+    """A channel to `service` at `address` that presents this process's mesh certificate (mTLS) and
+    accepts only the certificate of the identity serving `service`, whatever the address says."""
+    return mesh_channel(
         address,
+        adopted(),
+        server_identity(service),
         options=[
             ("grpc.enable_retries", 1),
             ("grpc.service_config", _service_config(service, idempotent_methods)),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.keepalive_time_ms", 30_000),
+            # Reconnect to a dead peer at least every RECONNECT_BACKOFF_MAX_MS (gRPC's default grows to
+            # 120 s), so a dependency that comes back is reachable again within about a second.
+            ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_INITIAL_MS),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
         ],
-        interceptors=[_Outbound(settings)],
+        interceptors=[_OutboundUnary(settings), _OutboundStream(settings)],
     )

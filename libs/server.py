@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 import time
@@ -18,23 +19,66 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 import uvloop
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import metrics, trace
 
 from libs import deadline
 from libs.config import Config, Endpoint
-from libs.errors import ServiceError
+from libs.errors import InvalidArgument, ServiceError
 from libs.logs import request_id_var, setup_logging
 from libs.telemetry import extract_context, setup_telemetry, shutdown_telemetry
+from libs.tls import CallerPolicy, Identity, MeshCredentials, TlsError, adopt, load_credentials, peer_identity
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+# Server span attribute: seconds the caller had left when the RPC arrived (absent: no deadline).
+DEADLINE_ATTRIBUTE = "sophia.rpc.deadline_remaining_s"
+# Server span attribute: the x-request-id the call arrived with (absent: none).
+REQUEST_ID_ATTRIBUTE = "sophia.request_id"
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse, so the handler can answer INVALID_ARGUMENT.
+
+    A deserializer that raises makes grpc answer UNKNOWN (it has no context to set a status on).
+    """
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _tolerant_deserializer(deserialize, method: str):
+    if deserialize is None:
+        return None
+    message_type = getattr(deserialize, "__self__", None)
+    descriptor = getattr(message_type, "DESCRIPTOR", None)
+    type_name = descriptor.full_name if descriptor is not None else f"request of {method}"
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return _Undecodable(type_name)
+
+    return parse
+
+
+def _refuse_undecodable(request) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument("request", f"not a valid {request.type_name}")
 
 
 class _Observed(grpc.aio.ServerInterceptor):
-    """Traces, times and logs each RPC and maps ServiceError (and any bug) to a proper status."""
+    """Traces, times and logs each RPC and maps ServiceError (and any bug) to a proper status.
+
+    Streaming handlers are run as coroutines that write each response themselves, inside the RPC's own
+    task: the span, request id and deadline are set and reset in one context, and a client that goes
+    away cancels that task, which closes the handler's generator right there (no generator left for
+    the garbage collector to finish in another context).
+    """
 
     def __init__(self) -> None:
         self._tracer = trace.get_tracer("sophia.server")
@@ -48,16 +92,17 @@ class _Observed(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method
         metadata = tuple(handler_call_details.invocation_metadata or ())
+        deserializer = _tolerant_deserializer(handler.request_deserializer, method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, metadata, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(method, metadata, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -68,14 +113,21 @@ class _Observed(grpc.aio.ServerInterceptor):
         started = time.perf_counter()
         request_id = next((v for k, v in metadata if k == REQUEST_ID_HEADER and isinstance(v, str)), "")
         request_token = request_id_var.set(request_id)
-        deadline_token = deadline.start(context.time_remaining())
+        time_remaining = context.time_remaining()
+        deadline_token = deadline.start(time_remaining)
+        attributes = {"rpc.system": "grpc", "rpc.method": method}
+        if request_id:
+            attributes[REQUEST_ID_ATTRIBUTE] = request_id
+        if time_remaining is not None:
+            # The caller's deadline as it arrived: shows in a trace whether each hop passed it on.
+            attributes[DEADLINE_ATTRIBUTE] = round(time_remaining, 3)
         code = grpc.StatusCode.OK
         try:
             with self._tracer.start_as_current_span(
                 method.lstrip("/"),
                 context=extract_context(metadata),
                 kind=trace.SpanKind.SERVER,
-                attributes={"rpc.system": "grpc", "rpc.method": method},
+                attributes=attributes,
             ):
                 try:
                     yield
@@ -109,17 +161,102 @@ class _Observed(grpc.aio.ServerInterceptor):
     def _wrap_unary(self, method, metadata, behavior):
         async def unary(request, context):
             async with self._observed(method, metadata, context):
+                _refuse_undecodable(request)
                 return await behavior(request, context)
 
         return unary
 
     def _wrap_stream(self, method, metadata, behavior):
-        async def stream(request, context):
+        async def stream(request, context) -> None:
             async with self._observed(method, metadata, context):
-                async for response in behavior(request, context):
-                    yield response
+                _refuse_undecodable(request)
+                responses = behavior(request, context)
+                if not inspect.isasyncgen(responses):
+                    # A handler that writes its responses itself (e.g. grpc.health.v1 Watch).
+                    await responses
+                    return
+                async with contextlib.aclosing(responses):
+                    async for response in responses:
+                        await context.write(response)
 
         return stream
+
+
+class _Authorized(grpc.aio.ServerInterceptor):
+    """Refuses with PERMISSION_DENIED every call whose certificate identity the policy does not admit.
+
+    Runs inside _Observed, so refusals are traced and counted like any other outcome.
+    """
+
+    def __init__(self, policy: CallerPolicy) -> None:
+        self._policy = policy
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._guard_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._guard_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # No client-streaming methods exist; refuse rather than serve one unchecked.
+        return None
+
+    async def _admit(self, method: str, context) -> None:
+        identity = peer_identity(context.auth_context())
+        if not self._policy.allows(method, identity):
+            caller = repr(identity) if identity else "a caller without a mesh identity"
+            log.warning("refused %s: %s may not call it", method, caller)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{caller} may not call {method}")
+
+    def _guard_unary(self, method, behavior):
+        async def unary(request, context):
+            await self._admit(method, context)
+            return await behavior(request, context)
+
+        return unary
+
+    def _guard_stream(self, method, behavior):
+        async def stream(request, context) -> None:
+            await self._admit(method, context)
+            responses = behavior(request, context)
+            if not inspect.isasyncgen(responses):
+                await responses
+                return
+            async with contextlib.aclosing(responses):
+                async for response in responses:
+                    await context.write(response)
+
+        return stream
+
+
+def _bind(
+    server: grpc.aio.Server,
+    endpoint: Endpoint,
+    config: Config,
+    credentials: MeshCredentials | None,
+    callers: CallerPolicy | None,
+) -> None:
+    """Internal services (with a caller policy) require client certificates; the public port does not."""
+    if credentials is None:
+        log.warning("plaintext (tls.mode: plaintext): callers are not authenticated, development only")
+        server.add_insecure_port(endpoint.address)
+    elif callers is not None:
+        server.add_secure_port(endpoint.address, credentials.server(require_client_auth=True))
+    elif config.tls.gateway_public_tls:
+        server.add_secure_port(endpoint.address, credentials.server(require_client_auth=False))
+    else:
+        # The public port authenticates API keys; Envoy and `grpcurl -plaintext` reach it as before.
+        server.add_insecure_port(endpoint.address)
 
 
 async def _serve(
@@ -129,10 +266,15 @@ async def _serve(
     register: Callable[[grpc.aio.Server], Iterable[str]],
     start: Callable[[], Awaitable[None]] | None,
     stop: Callable[[], Awaitable[None]] | None,
+    credentials: MeshCredentials | None,
+    callers: CallerPolicy | None,
 ) -> None:
     limits = config.server
+    interceptors: list[grpc.aio.ServerInterceptor] = [_Observed()]
+    if credentials is not None and callers is not None:
+        interceptors.append(_Authorized(callers))
     server = grpc.aio.server(
-        interceptors=[_Observed()],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.max_send_message_length", limits.max_message_bytes),
@@ -151,7 +293,7 @@ async def _serve(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     try:
-        server.add_insecure_port(endpoint.address)
+        _bind(server, endpoint, config, credentials, callers)
     except RuntimeError:
         raise SystemExit(f"{component}: cannot listen on {endpoint.address} (port in use?)") from None
     await server.start()
@@ -194,13 +336,24 @@ def run_service(
     *,
     start: Callable[[], Awaitable[None]] | None = None,
     stop: Callable[[], Awaitable[None]] | None = None,
+    callers: CallerPolicy | None = None,
 ) -> None:
-    """Runs one service until SIGTERM. `register` adds servicers and returns their full service names."""
+    """Runs one service until SIGTERM. `register` adds servicers and returns their full service names.
+
+    `callers` makes it an internal service: with mTLS it requires a client certificate and admits each
+    method only from the identities listed. Without it the port is public (the Gateway: API keys).
+    """
     setup_logging(component, config.telemetry.log_level)
     setup_telemetry(component, config.telemetry)
     endpoint: Endpoint = getattr(config.services, component)
     try:
+        credentials = load_credentials(config.tls, Identity(component))
+    except TlsError as exc:
+        raise SystemExit(f"{component}: {exc}") from None
+    # Every channel this process opens to another service presents the same identity.
+    adopt(credentials)
+    try:
         # uvloop's event loop roughly halves the per-RPC overhead of the asyncio parts of a call.
-        uvloop.run(_serve(component, endpoint, config, register, start, stop))
+        uvloop.run(_serve(component, endpoint, config, register, start, stop, credentials, callers))
     finally:
         shutdown_telemetry()
