@@ -271,9 +271,15 @@ class ChatModel:
         yield event(text + stop_filter.flush() + decoder.flush(), finish_reason)
 
 
+# Below this temperature sampling is greedy: logits / T overflows float32 to inf (then NaN) for tiny T,
+# and at T this small the softmax already puts all the mass on the top token.
+GREEDY_BELOW_TEMPERATURE = 1e-3
+
+
 class _Sampler:
-    """Picks the next token: argmax at temperature 0, otherwise nucleus sampling from its own seeded RNG so
-    concurrent generations neither share nor disturb each other's random state."""
+    """Picks the next token: argmax at temperatures below GREEDY_BELOW_TEMPERATURE (0 included), otherwise
+    nucleus sampling from its own seeded RNG so concurrent generations neither share nor disturb each
+    other's random state."""
 
     def __init__(self, params: GenerationParams, device: str) -> None:
         self._temperature = params.temperature
@@ -286,7 +292,7 @@ class _Sampler:
 
     def choose(self, logits: torch.Tensor) -> int:
         logits = logits.float()
-        if self._temperature == 0:
+        if self._temperature < GREEDY_BELOW_TEMPERATURE:
             return int(logits.argmax())
         probabilities = torch.softmax(logits / self._temperature, dim=-1)
         if self._top_p < 1:

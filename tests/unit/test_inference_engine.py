@@ -24,6 +24,7 @@ from services.inference.engine import (
     GenerationParams,
     PromptTooLong,
     _IncrementalDecoder,
+    _Sampler,
     _StopStringFilter,
     load_chat_model,
     load_embedding_model,
@@ -261,3 +262,17 @@ def test_stop_filter_catches_stop_strings_split_across_deltas():
     assert released == ["a ", "", "STing"] and not stop_filter.stopped
     stop_filter = _StopStringFilter(("STOP",))
     assert stop_filter.feed("and ST") == "and " and stop_filter.flush() == "ST"
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-30, 1e-6])
+def test_tiny_temperatures_sample_greedily_instead_of_overflowing(temperature: float):
+    # logits / 1e-38 overflows float32: without the greedy cut-off softmax gives NaN and sampling fails.
+    logits = torch.tensor([3.0, 9.5, -2.0, 9.4])
+    sampler = _Sampler(GenerationParams(max_tokens=1, temperature=temperature, seed=1), "cpu")
+    assert [sampler.choose(logits) for _ in range(5)] == [1] * 5
+
+
+def test_tiny_temperature_generates_the_greedy_answer(chat_model: ChatModel):
+    greedy = joined(generate(chat_model, CAPITAL_QUESTION, GenerationParams(max_tokens=12)))
+    tiny = joined(generate(chat_model, CAPITAL_QUESTION, GenerationParams(max_tokens=12, temperature=1e-38)))
+    assert tiny == greedy
