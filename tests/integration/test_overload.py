@@ -199,6 +199,32 @@ def test_a_stream_holds_its_slot_until_it_ends(overload_mesh):
     assert after.status_code == 200, after.text
 
 
+def test_a_stream_the_client_abandons_gives_its_slot_back(overload_mesh):
+    async def abandon(client: httpx.AsyncClient) -> None:
+        body = chat_body("fault=chunk_latency:1 one two three four five six seven eight", stream=True)
+        headers = {"Authorization": f"Bearer {KEYS['beta']}"}
+        async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    return  # leaves after the first event: the connection is closed mid-stream
+
+    async def scenario():
+        async with edge_client(overload_mesh) as client:
+            await asyncio.gather(abandon(client), abandon(client))
+        async with edge_client(overload_mesh) as client:
+            # The abandoned streams had beta's whole share; their slots come back once the cancellation
+            # reaches the Gateway, long before the streams would have ended by themselves (8 s).
+            deadline = time.monotonic() + 5
+            while True:
+                response, _ = await post(client, "beta", chat_body("after abandoning"))
+                if response.status_code == 200 or time.monotonic() > deadline:
+                    return response
+                await asyncio.sleep(0.2)
+
+    assert asyncio.run(scenario()).status_code == 200
+
+
 # --- slow clients at the edge ------------------------------------------------------------------------
 
 
