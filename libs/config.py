@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -201,6 +202,24 @@ class RedisConfig(_Strict):
     url: str = "redis://127.0.0.1:6379/0"
 
 
+class TlsMode(StrEnum):
+    # Internal services accept only callers presenting a certificate from the mesh CA, and each method
+    # only from the identities its service lists.
+    MTLS = "mtls"
+    # No encryption and no caller authentication: local development only, never the default.
+    PLAINTEXT = "plaintext"
+
+
+class TlsConfig(_Strict):
+    mode: TlsMode = TlsMode.MTLS
+    # ca.pem, <identity>.pem and <identity>-key.pem (see tools/certs.py); relative to the repository root.
+    # `make up` and the test meshes generate them under their state folder when missing.
+    dir: str = "var/certs"
+    # The Gateway's public port also serves TLS (gateway certificate); callers still present API keys.
+    # Envoy reaches the Gateway in plaintext, so this is for direct gRPC clients without the edge.
+    gateway_public_tls: bool = False
+
+
 class Config(_Strict):
     services: Services = Services()
     edge: Edge = Edge()
@@ -208,6 +227,7 @@ class Config(_Strict):
     clients: ClientSettings = ClientSettings()
     telemetry: Telemetry = Telemetry()
     redis: RedisConfig = RedisConfig()
+    tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]

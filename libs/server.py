@@ -208,8 +208,18 @@ class _Authorized(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        # No client-streaming methods exist; refuse rather than serve one unchecked.
-        return None
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._guard_unary(method, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # Reflection is a bidirectional stream.
+        return grpc.stream_stream_rpc_method_handler(
+            self._guard_stream(method, handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     async def _admit(self, method: str, context) -> None:
         identity = peer_identity(context.auth_context())
@@ -218,6 +228,7 @@ class _Authorized(grpc.aio.ServerInterceptor):
             log.warning("refused %s: %s may not call it", method, caller)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{caller} may not call {method}")
 
+    # `request` is the request, or an iterator of requests for client-streaming methods.
     def _guard_unary(self, method, behavior):
         async def unary(request, context):
             await self._admit(method, context)

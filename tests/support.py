@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from libs.config import REPO_ROOT
+from libs.tls import Identity, mesh_channel
 from tools.mesh import Mesh
 from tools.ports import free_port, free_port_block, isolated_environ
 
@@ -23,10 +24,10 @@ def mesh_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def internal_channel(mesh: Mesh, service: str, identity: str = "gateway") -> grpc.aio.Channel:
-    """An asyncio channel to an internal service of `mesh`, calling as `identity`."""
-    return grpc.aio.insecure_channel(mesh.address(service))
+    """An asyncio channel to an internal service of `mesh`, presenting `identity`'s certificate."""
+    return mesh_channel(mesh.address(service), mesh.credentials(Identity(identity)), Identity(service))
 
 
 def internal_blocking_channel(mesh: Mesh, service: str, identity: str = "gateway") -> grpc.Channel:
     """The blocking twin of `internal_channel`, for tests written without asyncio."""
-    return grpc.insecure_channel(mesh.address(service))
+    return mesh.blocking_channel(service, Identity(identity))

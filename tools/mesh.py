@@ -23,7 +23,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from libs.config import REPO_ROOT, Config, ConfigError, load_config
+from libs.config import REPO_ROOT, Config, ConfigError, TlsMode, load_config
+from libs.tls import Identity, MeshCredentials, TlsError, cert_dir, load_credentials, server_name_options
+from tools import certs
 
 # Start order: the Gateway last, once what it calls is up.
 SERVICES = ("inference", "router", "cache", "ledger", "gateway")
@@ -42,6 +44,9 @@ class Mesh:
         self.state_dir = state_dir.resolve()
         self.environ = dict(os.environ if environ is None else environ)
         self.environ.setdefault("PYTHONUNBUFFERED", "1")
+        # A mesh's certificates live in its state folder, like its logs and Redis data (var/certs for
+        # `make up`); an explicit SOPHIA__TLS__DIR still wins.
+        self.environ.setdefault("SOPHIA__TLS__DIR", str(self.state_dir / "certs"))
         self.config: Config = load_config(environ=self.environ)
         self.log_dir = self.state_dir / "log"
         self.pid_file = self.state_dir / "run" / "mesh.json"
@@ -62,6 +67,28 @@ class Mesh:
 
     def log_path(self, component: str) -> Path:
         return self.log_dir / f"{component}.log"
+
+    # --- certificates ----------------------------------------------------------------------------
+
+    @property
+    def cert_dir(self) -> Path:
+        return cert_dir(self.config.tls)
+
+    def credentials(self, identity: Identity) -> MeshCredentials | None:
+        """`identity`'s certificate and key in this mesh; None when it runs in plaintext."""
+        return load_credentials(self.config.tls, identity)
+
+    def blocking_channel(self, service: str, identity: Identity = Identity.OPERATOR) -> grpc.Channel:
+        """A channel to `service` calling as `identity` (the Gateway's public port needs no certificate)."""
+        server = Identity(service)
+        credentials = self.credentials(identity)
+        if credentials is None or (server is Identity.GATEWAY and not self.config.tls.gateway_public_tls):
+            return grpc.insecure_channel(self.address(service))
+        if server is Identity.GATEWAY:
+            channel_credentials = grpc.ssl_channel_credentials(root_certificates=credentials.ca)
+        else:
+            channel_credentials = credentials.channel()
+        return grpc.secure_channel(self.address(service), channel_credentials, server_name_options(server))
 
     # --- starting --------------------------------------------------------------------------------
 
@@ -127,6 +154,8 @@ class Mesh:
 
     def start(self, component: str, *, detach: bool = False) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if component in SERVICES and self.config.tls.mode is TlsMode.MTLS:
+            certs.ensure(self.cert_dir)
         with open(self.log_path(component), "ab") as log:
             process = subprocess.Popen(
                 self._command(component),
@@ -148,7 +177,7 @@ class Mesh:
             return _redis_ping(self.redis_port)
         if component == "envoy":
             return _edge_reaches_gateway(self.edge_url)
-        with grpc.insecure_channel(self.address(component)) as channel:
+        with self.blocking_channel(component) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
             except grpc.RpcError:
@@ -270,6 +299,7 @@ def up(mesh: Mesh, timeout: float) -> None:
   Redis                     127.0.0.1:{mesh.redis_port}
   Envoy admin               http://127.0.0.1:{mesh.config.edge.admin_port}
   Logs                      {mesh.log_dir}/
+  Certificates              {mesh.cert_dir}/   (internal services take only mTLS callers, see README)
 
 Try:
   curl -s {edge}/v1/chat/completions -H 'Authorization: Bearer {dev_key}' \\
@@ -314,7 +344,7 @@ def main(argv: list[str]) -> int:
         else:
             print("usage: python -m tools.mesh up|down|status", file=sys.stderr)
             return 2
-    except (MeshError, ConfigError) as exc:
+    except (MeshError, ConfigError, TlsError) as exc:
         print(f"sophia: {exc}", file=sys.stderr)
         return 1
     return 0

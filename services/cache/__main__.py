@@ -5,8 +5,20 @@ from sophia.cache.v1 import cache_pb2, cache_pb2_grpc
 from libs.config import load_config_or_exit
 from libs.redis_store import open_redis, wait_for_redis
 from libs.server import run_service
+from libs.tls import CallerPolicy, Identity
 from services.cache.domain import REDIS_TIMEOUT_SECONDS, Cache
 from services.cache.servicer import CacheServicer
+
+# Only the Gateway reads and writes entries: a forged Store would be served to a tenant as a hit.
+CALLERS = CallerPolicy(
+    cache_pb2.DESCRIPTOR.services_by_name["CacheService"],
+    {
+        "Lookup": {Identity.GATEWAY},
+        "Store": {Identity.GATEWAY},
+        "Invalidate": {Identity.GATEWAY, Identity.OPERATOR},
+        "Stats": {Identity.GATEWAY, Identity.OPERATOR},
+    },
+)
 
 
 def main() -> None:
@@ -23,7 +35,7 @@ def main() -> None:
     async def start():
         await wait_for_redis(redis, config.redis.url)
 
-    run_service("cache", config, register, start=start, stop=cache.close)
+    run_service("cache", config, register, start=start, stop=cache.close, callers=CALLERS)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,22 @@ from sophia.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from libs.config import load_config_or_exit
 from libs.pricing import PriceTable
 from libs.server import run_service
+from libs.tls import CallerPolicy, Identity
 from services.ledger.ledger import Ledger
 from services.ledger.servicer import LedgerServicer
 from services.ledger.store import LedgerStore
+
+# Usage and budget checks come from the Gateway alone: a forged RecordUsage charges a tenant.
+CALLERS = CallerPolicy(
+    ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"],
+    {
+        "RecordUsage": {Identity.GATEWAY},
+        "CheckBudget": {Identity.GATEWAY},
+        "SetBudget": {Identity.GATEWAY, Identity.OPERATOR},
+        "GetUsageReport": {Identity.GATEWAY, Identity.OPERATOR},
+        "ListPrices": {Identity.GATEWAY, Identity.OPERATOR},
+    },
+)
 
 
 def main() -> None:
@@ -21,7 +34,9 @@ def main() -> None:
         return [ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name]
 
     # NOT_SERVING until Redis answers: the ledger has nothing to serve without it.
-    run_service("ledger", config, register, start=store.wait_until_reachable, stop=store.close)
+    run_service(
+        "ledger", config, register, start=store.wait_until_reachable, stop=store.close, callers=CALLERS
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,20 @@ from sophia.router.v1 import router_pb2, router_pb2_grpc
 
 from libs.config import load_config_or_exit
 from libs.server import run_service
+from libs.tls import CallerPolicy, Identity
 from services.router.servicer import RouterServicer
+
+# Plans and outcomes belong to the Gateway's requests; operators may look and reload.
+CALLERS = CallerPolicy(
+    router_pb2.DESCRIPTOR.services_by_name["RouterService"],
+    {
+        "Route": {Identity.GATEWAY},
+        "ReportOutcome": {Identity.GATEWAY},
+        "GetProviderHealth": {Identity.GATEWAY, Identity.OPERATOR},
+        "ListModels": {Identity.GATEWAY, Identity.OPERATOR},
+        "ReloadConfig": {Identity.GATEWAY, Identity.OPERATOR},
+    },
+)
 
 
 def main() -> None:
@@ -15,7 +28,7 @@ def main() -> None:
         router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server)
         return [router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name]
 
-    run_service("router", config, register)
+    run_service("router", config, register, callers=CALLERS)
 
 
 if __name__ == "__main__":
