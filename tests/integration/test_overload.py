@@ -279,6 +279,25 @@ def test_slow_body_clients_are_cut_while_a_normal_client_is_served(overload_mesh
             sock.close()
 
 
+def test_a_body_without_credentials_is_refused_before_it_is_read(overload_mesh):
+    """Headers that promise 1 MB but carry no key get 401 at once, without a byte of the body sent."""
+    with socket.create_connection((overload_mesh.config.edge.host, overload_mesh.config.edge.port)) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: edge\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+        )
+        sock.settimeout(EDGE_TIMEOUT_SECONDS / 2)  # well before request_timeout could answer 408
+        head, _, body = sock.recv(65536).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), head
+    error = json.loads(body)["error"]
+    assert error["code"] == "UNAUTHENTICATED" and error["type"] == "authentication_error"
+    assert "Authorization: Bearer" in error["message"]
+    # Without a body the request still reaches the Gateway, which answers the same 401 itself.
+    models = httpx.get(f"{overload_mesh.edge_url}/v1/models", timeout=10)
+    assert models.status_code == 401
+    assert models.json()["error"]["code"] == error["code"]
+
+
 def test_slow_header_clients_are_cut(overload_mesh):
     with socket.create_connection((overload_mesh.config.edge.host, overload_mesh.config.edge.port)) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: edge\r\n")
