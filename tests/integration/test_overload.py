@@ -39,6 +39,7 @@ def overload_mesh(tmp_path_factory):
     provider, provider_url = start_provider(state)
     config = bench_config(provider_url)
     config["auth"]["tenants"] = {t: {"api_keys": [{"name": t, "key": k}]} for t, k in KEYS.items()}
+    config["models"][BENCH_MODEL]["context_window"] = 1_000_000  # room for the large-body test
     config["gateway"].update(
         max_inflight_requests=MAX_INFLIGHT,
         max_tenant_share=0.5,
@@ -296,6 +297,19 @@ def test_a_body_without_credentials_is_refused_before_it_is_read(overload_mesh):
     models = httpx.get(f"{overload_mesh.edge_url}/v1/models", timeout=10)
     assert models.status_code == 401
     assert models.json()["error"]["code"] == error["code"]
+
+
+def test_a_large_body_still_passes_the_small_per_connection_buffer(overload_mesh):
+    """The 32 KiB read buffer per connection is flow control: bodies up to max_body_bytes still arrive."""
+    words = "word " * 180_000  # 900 kB, under the 1 MiB body limit
+    response = httpx.post(
+        f"{overload_mesh.edge_url}/v1/chat/completions",
+        json=chat_body(words),
+        headers={"Authorization": f"Bearer {KEYS['gamma']}"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text[:300]
+    assert response.json()["choices"][0]["message"]["content"] == words.strip()
 
 
 def test_slow_header_clients_are_cut(overload_mesh):
