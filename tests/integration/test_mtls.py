@@ -258,3 +258,33 @@ async def test_plaintext_only_when_set_explicitly(tmp_path):
         development.stop_all()
     assert reply.targets
     assert not (tmp_path / "certs").exists()
+
+
+async def test_the_gateway_public_port_serves_tls_when_set(tmp_path):
+    public = Mesh(
+        tmp_path, mesh_environ({"SOPHIA_DEV_KEY": DEV_KEY, "SOPHIA__TLS__GATEWAY_PUBLIC_TLS": "true"})
+    )
+    public.environ["SOPHIA__GATEWAY__OUTBOX_DIR"] = str(tmp_path / "outbox")
+    key = (("authorization", f"Bearer {DEV_KEY}"),)
+    try:
+        public.start("redis")
+        public.wait_ready(["redis"], 30)
+        public.start("gateway")
+        public.wait_ready(["gateway"], 60)
+        # API keys authenticate the caller: the client needs the CA, no certificate of its own.
+        server_only = grpc.ssl_channel_credentials(root_certificates=ca_path(public.cert_dir).read_bytes())
+        async with grpc.aio.secure_channel(
+            public.address("gateway"), server_only, options=server_name_options(Identity.GATEWAY)
+        ) as channel:
+            reply = await gateway_pb2_grpc.GatewayServiceStub(channel).ListModels(
+                gateway_pb2.ListModelsRequest(), metadata=key, timeout=RPC_TIMEOUT
+            )
+        async with grpc.aio.insecure_channel(public.address("gateway")) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await gateway_pb2_grpc.GatewayServiceStub(channel).ListModels(
+                    gateway_pb2.ListModelsRequest(), metadata=key, timeout=RPC_TIMEOUT
+                )
+    finally:
+        public.stop_all()
+    assert reply.data
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
