@@ -11,18 +11,35 @@ up. Two limits apply to every public RPC:
 
 A slot is held until the request ends, however it ends (answer, error, cancellation); a stream holds
 its slot until its last message. The event loop runs one coroutine at a time, so the counters need no lock.
+Slots held and refusals by reason are metrics (sophia.gateway.inflight, sophia.gateway.admission.refused).
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from collections import Counter
 from types import TracebackType
+
+from opentelemetry import metrics
 
 from libs.errors import ResourceExhausted, Unavailable
 
 RETRY_AFTER_MS = "retry-after-ms"
 RETRY_AFTER = "retry-after"
+
+_meter = metrics.get_meter("sophia.gateway")
+_inflight = _meter.create_up_down_counter(
+    "sophia.gateway.inflight", description="Requests holding an admission slot"
+)
+_refused = _meter.create_counter(
+    "sophia.gateway.admission.refused", description="Requests refused at once by admission control"
+)
+
+
+class Refusal(enum.Enum):
+    REPLICA_FULL = "replica_full"
+    TENANT_SHARE_USED = "tenant_share_used"
 
 
 def retry_trailers(retry_after_ms: int) -> tuple[tuple[str, str], ...]:
@@ -81,11 +98,13 @@ class Admission:
     def admit(self, tenant_id: str) -> Slot:
         """A slot for one request of `tenant_id`, or ServiceError (503/429 with retry-after) at once."""
         if self._inflight >= self.max_inflight:
+            _refused.add(1, {"reason": Refusal.REPLICA_FULL.value})
             raise Unavailable(
                 f"the gateway is at its limit of {self.max_inflight} requests in flight; retry shortly",
                 trailers=retry_trailers(self.retry_after_ms),
             )
         if self._per_tenant[tenant_id] >= self.max_per_tenant:
+            _refused.add(1, {"reason": Refusal.TENANT_SHARE_USED.value})
             raise ResourceExhausted(
                 f"tenant {tenant_id!r} already has {self.max_per_tenant} requests in flight "
                 "(its share of this gateway); retry shortly",
@@ -93,11 +112,13 @@ class Admission:
             )
         self._inflight += 1
         self._per_tenant[tenant_id] += 1
+        _inflight.add(1)
         return Slot(self, tenant_id)
 
     def _release(self, tenant_id: str) -> None:
         self._inflight -= 1
         self._per_tenant[tenant_id] -= 1
+        _inflight.add(-1)
         if not self._per_tenant[tenant_id]:
             # Tenants come and go: keep the counter to the ones with requests in flight.
             del self._per_tenant[tenant_id]

@@ -19,7 +19,7 @@ import yaml
 from google.protobuf import struct_pb2
 from sophia.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from tests.support import mesh_environ
+from tests.support import free_port_block, mesh_environ
 from tools.bench import BENCH_MODEL, PROVIDER_KEY, PROVIDER_KEY_ENV, bench_config, start_provider
 from tools.mesh import COMPONENTS, Mesh
 
@@ -51,7 +51,9 @@ def overload_mesh(tmp_path_factory):
     )
     config_path = state / "overload.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    mesh = Mesh(state, mesh_environ({"SOPHIA_CONFIG": str(config_path), PROVIDER_KEY_ENV: PROVIDER_KEY}))
+    environ = mesh_environ({"SOPHIA_CONFIG": str(config_path), PROVIDER_KEY_ENV: PROVIDER_KEY})
+    environ["SOPHIA__TELEMETRY__PROMETHEUS_BASE_PORT"] = str(free_port_block(5))
+    mesh = Mesh(state, environ)
     try:
         for component in MESH_COMPONENTS:
             mesh.start(component)
@@ -115,6 +117,14 @@ def test_a_flooding_tenant_is_refused_at_once_while_another_is_served(overload_m
             assert "alpha" in response.json()["error"]["message"]
         else:
             assert_refused_with_retry_hints(response, 503, "UNAVAILABLE")
+
+    metrics = httpx.get(
+        f"http://127.0.0.1:{overload_mesh.config.telemetry.prometheus_base_port}/metrics", timeout=10
+    ).text
+    assert any(
+        line.startswith("sophia_gateway_admission_refused_total{") and 'reason="tenant_share_used"' in line
+        for line in metrics.splitlines()
+    )
 
     async def after_the_flood():
         async with edge_client(overload_mesh) as client:
