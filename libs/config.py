@@ -131,6 +131,10 @@ class ModelConfig(_Strict):
     context_window: int = Field(default=8192, gt=0)
     enabled: bool = True
     owned_by: str = ""
+    # Embedding models: the size of the vectors the model returns (0 = not known), and whether the
+    # provider takes a `dimensions` parameter to return fewer (OpenAI's text-embedding-3 models do).
+    dimensions: int = Field(default=0, ge=0)
+    accepts_dimensions: bool = False
 
 
 class RoutingConfig(_Strict):

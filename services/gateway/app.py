@@ -6,13 +6,13 @@ grpc.aio channels belong to the loop they were made in.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
 from sophia.ledger.v1 import ledger_pb2_grpc
 
 from libs.background import Background
+from libs.breaker import DependencyBreaker, grpc_health_probe
 from libs.clients import open_channel
 from libs.config import REPO_ROOT, Config
 from libs.redis_store import open_redis
@@ -20,12 +20,13 @@ from services.gateway.access import AccessControl
 from services.gateway.admission import Admission
 from services.gateway.auth import KeyRing
 from services.gateway.flow import RequestFlow
+from services.gateway.journal import UsageJournal
 from services.gateway.keystore import KeyStore
 from services.gateway.providers.registry import build_providers
 from services.gateway.ratelimit import RateLimiter
 from services.gateway.routing import Routing
 from services.gateway.servicer import GatewayServicer
-from services.gateway.usage import Outbox, UsageRecorder
+from services.gateway.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ class GatewayApp:
         self.config = config
         self.keys = KeyRing(config.auth)
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._replay: asyncio.Task | None = None
 
     def open(self) -> GatewayServicer:
         config = self.config
@@ -63,8 +63,13 @@ class GatewayApp:
         self.ledger = ledger_pb2_grpc.LedgerServiceStub(self._channels["ledger"])
         self.usage = UsageRecorder(
             self.ledger,
-            Outbox(REPO_ROOT / config.gateway.outbox_dir),
+            UsageJournal(REPO_ROOT / config.gateway.outbox_dir),
             config.gateway.outbox_replay_seconds,
+            DependencyBreaker(
+                # The breaker's one WARNING per outage says where the records wait meanwhile.
+                "ledger (usage records spooled to the outbox)",
+                grpc_health_probe(self._channels["ledger"], "sophia.ledger.v1.LedgerService"),
+            ),
         )
         # API keys and rate-limit counters, shared with the other Gateway replicas.
         self.redis = open_redis(config.redis.url, timeout_seconds=config.gateway.redis_timeout_seconds)
@@ -91,13 +96,13 @@ class GatewayApp:
         return GatewayServicer(config, self.access, self.routing, flow, admission)
 
     async def start(self) -> None:
-        """Replays usage left in the outbox by an earlier run, and whatever gets spooled from now on."""
-        self._replay = asyncio.create_task(self.usage.replay_forever())
+        """Takes up usage an earlier run left unacknowledged in the journal, and replays from now on."""
+        await self.usage.start()
 
     async def close(self) -> None:
-        if self._replay is not None:
-            self._replay.cancel()
         await self.background.drain(BACKGROUND_DRAIN_SECONDS)
+        # Unacknowledged records stay in the journal for the next start.
+        await self.usage.close(BACKGROUND_DRAIN_SECONDS)
         await self.routing.close()
         for provider in self.providers.values():
             await provider.close()

@@ -75,3 +75,63 @@ class Principal:
     key_id: str
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
+
+
+# Token counts where no tokenizer counted (admission estimates, a stream cut off before the provider's
+# usage arrived): English runs about four characters a token, code and other scripts fewer, so three
+# errs towards charging a little more, never less. Each message adds a few tokens of framing (role,
+# separators) on top of its text.
+ESTIMATE_CHARS_PER_TOKEN = 3
+MESSAGE_FRAMING_TOKENS = 4
+
+
+def estimated_text_tokens(text: str) -> int:
+    """A conservative token count of `text`: never 0 for text that is not empty."""
+    return -(-len(text) // ESTIMATE_CHARS_PER_TOKEN)
+
+
+def estimated_prompt_tokens(messages: tuple[Message, ...]) -> int:
+    return sum(MESSAGE_FRAMING_TOKENS + estimated_text_tokens(m.content) for m in messages)
+
+
+@dataclass
+class StreamTally:
+    """What a stream has delivered so far, and what it is billed for however it ends.
+
+    The provider's counts are used where it sent them (OpenAI's and Anthropic's usage events, the local
+    model's running counts on every chunk); a stream cut off before them is billed for its prompt and
+    the text and tool calls it delivered, estimated conservatively, so content sent is never free.
+    """
+
+    prompt_estimate: int
+    text: list[str] = field(default_factory=list)
+    tool_call_chars: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+    def add(self, chunk: CompletionChunk) -> None:
+        self.text.append(chunk.text)
+        for call in chunk.tool_calls:
+            function = call.get("function") or {}
+            self.tool_call_chars += len(str(function.get("name") or "")) + len(
+                str(function.get("arguments") or "")
+            )
+        self.prompt_tokens = max(self.prompt_tokens, chunk.prompt_tokens)
+        self.completion_tokens = max(self.completion_tokens, chunk.completion_tokens)
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+
+    @property
+    def saw_tool_calls(self) -> bool:
+        return self.tool_call_chars > 0
+
+    def completion(self) -> Completion:
+        text = "".join(self.text)
+        tool_call_estimate = -(-self.tool_call_chars // ESTIMATE_CHARS_PER_TOKEN)
+        delivered_estimate = estimated_text_tokens(text) + tool_call_estimate
+        return Completion(
+            text=text,
+            finish_reason=self.finish_reason or "cancelled",
+            prompt_tokens=self.prompt_tokens or self.prompt_estimate,
+            completion_tokens=self.completion_tokens or delivered_estimate,
+        )

@@ -7,9 +7,10 @@ Embeddings take the same door (limits, budget, usage) without the cache and the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -18,13 +19,22 @@ from sophia.ledger.v1 import ledger_pb2 as ledger_pb
 from sophia.ledger.v1 import ledger_pb2_grpc
 
 from libs.background import Background
-from libs.config import Config
-from libs.errors import ResourceExhausted, Unavailable
+from libs.config import Config, ModelConfig
+from libs.errors import InvalidArgument, ResourceExhausted, Unavailable
 from libs.pricing import PriceTable
 from services.gateway import metrics
 from services.gateway.access import AccessControl
 from services.gateway.caching import CachedAnswer, CacheKey, ResponseCache
-from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Principal, Target
+from services.gateway.domain import (
+    ChatRequest,
+    Completion,
+    CompletionChunk,
+    Principal,
+    StreamTally,
+    Target,
+    estimated_prompt_tokens,
+    estimated_text_tokens,
+)
 from services.gateway.pipeline import Attempt, ChatExecutor, provider_failure
 from services.gateway.providers.base import Provider, ProviderError
 from services.gateway.routing import Routing
@@ -36,15 +46,28 @@ BUDGET_TIMEOUT_SECONDS = 0.3
 # A tenant found within budget is not asked about again for this long: one ledger call per tenant per
 # second instead of one per request, at the price of overshooting a hard stop by at most that second.
 BUDGET_RECHECK_SECONDS = 1.0
-# Roughly four characters a token: enough for limits and for skipping models whose window is too small.
-CHARS_PER_TOKEN = 4
 DEFAULT_COMPLETION_ESTIMATE = 256
 CACHEABLE_FINISHES = ("stop", "length")
 
 
 def estimated_tokens(request: ChatRequest) -> int:
-    prompt = sum(len(m.content) for m in request.messages) // CHARS_PER_TOKEN
-    return prompt + (request.max_tokens or DEFAULT_COMPLETION_ESTIMATE)
+    """For limits and for skipping models whose context window is too small."""
+    return estimated_prompt_tokens(request.messages) + (request.max_tokens or DEFAULT_COMPLETION_ESTIMATE)
+
+
+def provider_dimensions(model_id: str, model: ModelConfig, requested: int | None) -> int | None:
+    """The `dimensions` to pass the provider (None: the model's own size), or InvalidArgument when the
+    model cannot return vectors of the requested size; checked before the call, so it is never billed."""
+    if requested is None:
+        return None
+    if requested < 1:
+        raise InvalidArgument("dimensions", f"must be at least 1, got {requested}")
+    if model.accepts_dimensions and (not model.dimensions or requested <= model.dimensions):
+        return requested
+    if requested == model.dimensions:
+        return None
+    native = f"returns {model.dimensions} dimensions" if model.dimensions else "has a fixed size"
+    raise InvalidArgument("dimensions", f"{model_id} {native}; other sizes are not supported")
 
 
 @dataclass
@@ -69,7 +92,7 @@ class _Prepared:
 @dataclass
 class ChatStream:
     first: CompletionChunk
-    rest: AsyncIterator[CompletionChunk]
+    rest: SettledStream | _NoMoreChunks
     outcome: ChatOutcome
 
 
@@ -141,7 +164,7 @@ class RequestFlow:
         plan = await self._routing.plan(request, principal.tenant_id, request_id, estimate)
         return _Prepared(cache_key, cache_status, None, self._executor.usable_targets(plan, request))
 
-    def _settle(
+    async def _settle(
         self,
         principal: Principal,
         cache_key: CacheKey | None,
@@ -151,7 +174,8 @@ class RequestFlow:
         *,
         cacheable: bool = True,
     ) -> None:
-        """Prices the answer now (for the response header), then records and caches it in the background."""
+        """Prices the answer (for the response header) and makes its usage record durable; the ledger,
+        the tokens-per-minute charge and the cache store follow in the background."""
         cached = outcome.cache == "hit"
         outcome.cost_micros = self._prices.cost_micros(
             outcome.model_id, completion.prompt_tokens, completion.completion_tokens, cached=cached
@@ -172,7 +196,7 @@ class RequestFlow:
             cached=cached,
             occurred_at=time.time(),
         )
-        self._background.spawn(self._usage.record(record))
+        await self._usage.record(record)  # durable before the answer is complete
         self._background.spawn(
             self._access.charge(principal, completion.prompt_tokens + completion.completion_tokens)
         )
@@ -186,17 +210,25 @@ class RequestFlow:
             self._background.spawn(self._cache.store(cache_key, answer))
 
     async def embed(
-        self, principal: Principal, target: Target, inputs: list[str], request_id: str
+        self,
+        principal: Principal,
+        target: Target,
+        inputs: list[str],
+        request_id: str,
+        dimensions: int | None = None,
     ) -> tuple[list[list[float]], int]:
-        await self._access.admit(principal, sum(len(text) for text in inputs) // CHARS_PER_TOKEN)
+        passed_dimensions = provider_dimensions(
+            target.model_id, self._config.models[target.model_id], dimensions
+        )
+        await self._access.admit(principal, sum(estimated_text_tokens(text) for text in inputs))
         await self._check_budget(principal.tenant_id)
         try:
-            vectors, tokens = await self._providers[target.provider].embed(target, inputs)
+            vectors, tokens = await self._providers[target.provider].embed(target, inputs, passed_dimensions)
         except ProviderError as error:
             raise provider_failure(error, []) from None
         outcome = ChatOutcome(target.model_id, target.provider, 1, "bypass")
         usage = Completion(text="", finish_reason="stop", prompt_tokens=tokens, completion_tokens=0)
-        self._settle(principal, None, request_id, outcome, usage, cacheable=False)
+        await self._settle(principal, None, request_id, outcome, usage, cacheable=False)
         return vectors, tokens
 
     async def complete(
@@ -205,7 +237,7 @@ class RequestFlow:
         prepared = await self._prepare(principal, request, request_id)
         if prepared.answer is not None:
             outcome = ChatOutcome(prepared.answer.model_id, prepared.answer.provider, 0, "hit")
-            self._settle(principal, prepared.cache_key, request_id, outcome, prepared.answer.completion)
+            await self._settle(principal, prepared.cache_key, request_id, outcome, prepared.answer.completion)
             return prepared.answer.completion, outcome
         attempts: list[Attempt] = []
         try:
@@ -215,7 +247,7 @@ class RequestFlow:
         outcome = ChatOutcome(
             served.target.model_id, served.target.provider, len(served.attempts), prepared.cache_status
         )
-        self._settle(principal, prepared.cache_key, request_id, outcome, completion)
+        await self._settle(principal, prepared.cache_key, request_id, outcome, completion)
         return completion, outcome
 
     async def stream(self, principal: Principal, request: ChatRequest, request_id: str) -> ChatStream:
@@ -223,7 +255,7 @@ class RequestFlow:
         if prepared.answer is not None:
             whole = prepared.answer.completion
             outcome = ChatOutcome(prepared.answer.model_id, prepared.answer.provider, 0, "hit")
-            self._settle(principal, prepared.cache_key, request_id, outcome, whole)
+            await self._settle(principal, prepared.cache_key, request_id, outcome, whole)
             first = CompletionChunk(
                 text=whole.text,
                 finish_reason=whole.finish_reason,
@@ -231,7 +263,7 @@ class RequestFlow:
                 completion_tokens=whole.completion_tokens,
                 tool_calls=whole.tool_calls,
             )
-            return ChatStream(first, _nothing(), outcome)
+            return ChatStream(first, _NoMoreChunks(), outcome)
         attempts: list[Attempt] = []
         try:
             first, rest, served = await self._executor.stream(prepared.targets, request, attempts)
@@ -240,29 +272,67 @@ class RequestFlow:
         outcome = ChatOutcome(
             served.target.model_id, served.target.provider, len(served.attempts), prepared.cache_status
         )
-        settled = self._settled_stream(principal, prepared.cache_key, request_id, outcome, first, rest)
-        return ChatStream(first, settled, outcome)
+        tally = StreamTally(prompt_estimate=estimated_prompt_tokens(request.messages))
+        tally.add(first)
 
-    async def _settled_stream(self, principal, cache_key, request_id, outcome, first, rest):
-        """Passes the chunks through, then records what the stream really used, however it ended."""
-        text, last, saw_tool_calls = [first.text], first, bool(first.tool_calls)
-        try:
-            async for chunk in rest:
-                text.append(chunk.text)
-                saw_tool_calls = saw_tool_calls or bool(chunk.tool_calls)
-                last = chunk
-                yield chunk
-        finally:
-            completion = Completion(
-                text="".join(text),
-                finish_reason=last.finish_reason or "cancelled",
-                prompt_tokens=last.prompt_tokens,
-                completion_tokens=last.completion_tokens,
-            )
+        async def settle() -> None:
             # Streamed tool calls arrive as fragments; only whole answers are worth caching.
-            self._settle(principal, cache_key, request_id, outcome, completion, cacheable=not saw_tool_calls)
+            completion = tally.completion()
+            cacheable = not tally.saw_tool_calls
+            await self._settle(
+                principal, prepared.cache_key, request_id, outcome, completion, cacheable=cacheable
+            )
+
+        return ChatStream(first, SettledStream(rest, tally, settle), outcome)
 
 
-async def _nothing() -> AsyncIterator[CompletionChunk]:
-    return
-    yield
+class SettledStream:
+    """The rest of a stream, passed through and tallied; settled (recorded, charged, cached) exactly once
+    when it ends, fails or is closed, even if it was never iterated. The servicer closes it explicitly
+    (`contextlib.aclosing`), so a client that goes away is billed at once, in the RPC's own task."""
+
+    def __init__(
+        self,
+        chunks: AsyncIterator[CompletionChunk],
+        tally: StreamTally,
+        settle: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._chunks = chunks
+        self._tally = tally
+        self._settle = settle
+        self._closed = False
+
+    def __aiter__(self) -> SettledStream:
+        return self
+
+    async def __anext__(self) -> CompletionChunk:
+        try:
+            chunk = await anext(self._chunks)
+        except BaseException:  # the end, a provider failure or the caller's cancellation
+            await self.aclose()
+            raise
+        self._tally.add(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._chunks.aclose()  # stops the provider's generation too
+        finally:
+            # Shielded: a second cancellation of the RPC must not cut the settlement short.
+            await asyncio.shield(asyncio.ensure_future(self._settle()))
+
+
+class _NoMoreChunks:
+    """The rest of a stream answered whole from the cache: nothing."""
+
+    def __aiter__(self) -> _NoMoreChunks:
+        return self
+
+    async def __anext__(self) -> CompletionChunk:
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        return None

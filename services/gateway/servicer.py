@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import uuid
@@ -102,6 +103,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         principal, request_id = await self._begin(context)
         chat = await self._chat_request(request, context)
         stream = await self._flow.stream(principal, chat, request_id)
+        # Closed here, in the RPC's own task, however the RPC ends (a client that went away included), so
+        # what was delivered is billed at once, not whenever the generator happens to be collected.
+        async with contextlib.aclosing(stream.rest):
+            async for response in self._stream_responses(context, chat, request_id, stream):
+                yield response
+
+    async def _stream_responses(self, context, chat: ChatRequest, request_id: str, stream):
         # The cost is only known at the end of a stream; the header says what it was when the stream opened.
         await context.send_initial_metadata(self._response_headers(request_id, stream.outcome))
         completion_id, created, model = f"chatcmpl-{request_id}", int(time.time()), stream.outcome.model_id
@@ -145,12 +153,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         inputs = translate.embedding_inputs(request)
         fmt = translate.encoding_format(request)
         target = self._routing.embedding_target(request.model)
-        vectors, tokens = await self._flow.embed(principal, target, inputs, request_id)
-        if request.HasField("dimensions") and vectors and request.dimensions != len(vectors[0]):
-            raise InvalidArgument(
-                "dimensions",
-                f"{request.model} returns {len(vectors[0])} dimensions; other sizes are not supported",
-            )
+        dimensions = request.dimensions if request.HasField("dimensions") else None
+        vectors, tokens = await self._flow.embed(principal, target, inputs, request_id, dimensions)
         await context.send_initial_metadata(
             (
                 ("x-request-id", request_id),

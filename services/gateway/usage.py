@@ -1,29 +1,38 @@
 """Usage records for the CostLedger, never lost and never counted twice.
 
-Each record goes to the ledger off the response path. If the ledger cannot take it, the record is
-spooled to a local outbox (one fsync'ed JSON file per request id) and replayed until the ledger accepts
-it. The ledger is idempotent by request id, so a replay of a record that did arrive adds nothing.
+Write-ahead: a record is in the journal (journal.py, fsync'ed) before the ledger is asked, and the
+request's answer waits for that, not for the ledger. The ledger is then asked off the response path;
+what it acknowledges is marked in the journal, and what it has not is sent again after a restart and
+periodically while it is down (the breaker logs one WARNING per outage and one INFO on recovery).
+
+The ledger binds a request id to its record: a resend of the same record is a duplicate (nothing added),
+a different record under a request id already used is ALREADY_EXISTS. Such a record is still counted,
+under an id derived from its journal entry (the same on every resend, so it too is counted once).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import hashlib
 import logging
-import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from sophia.ledger.v1 import ledger_pb2 as pb
 from sophia.ledger.v1 import ledger_pb2_grpc
 
+from libs.breaker import UNREACHABLE, DependencyBreaker
+from services.gateway.journal import JournalEntry, UsageJournal
+
 log = logging.getLogger(__name__)
 
 RECORD_TIMEOUT_SECONDS = 2.0
-# Only these mean "the ledger refused this record"; every other failure means "try again later".
-_REJECTED = {grpc.StatusCode.INVALID_ARGUMENT}
+# Records sent at once by a replay; a backlog of thousands drains in batches instead of all at once.
+REPLAY_CONCURRENCY = 16
+# The ledger's request ids are at most 128 characters; a derived id keeps a readable prefix of the original.
+MAX_REQUEST_ID_CHARS = 128
+DERIVED_SUFFIX_CHARS = 20
 
 
 @dataclass(frozen=True)
@@ -54,81 +63,122 @@ class UsageRecord:
         )
 
 
-class Outbox:
-    """A folder of pending records that survives a Gateway restart."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, request_id: str) -> Path:
-        # Request ids are restricted to [A-Za-z0-9._:-] by the Gateway; ':' is the only one unsafe in names.
-        return self.folder / f"{request_id.replace(':', '_')}.json"
-
-    def put(self, record: UsageRecord) -> None:
-        final = self._path(record.request_id)
-        temporary = final.with_suffix(".tmp")
-        with open(temporary, "w") as handle:
-            json.dump(asdict(record), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, final)
-        directory = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-    def pending(self) -> list[tuple[Path, UsageRecord]]:
-        entries = []
-        for path in sorted(self.folder.glob("*.json"), key=lambda p: p.stat().st_mtime):
-            try:
-                entries.append((path, UsageRecord(**json.loads(path.read_text()))))
-            except (OSError, ValueError, TypeError):
-                log.error("unreadable outbox entry %s left in place", path.name)
-        return entries
+def derived_request_id(request_id: str, unique: str) -> str:
+    """A request id of its own for a record that may not use `request_id`, the same for the same `unique`."""
+    digest = hashlib.sha256(f"{request_id}\n{unique}".encode()).hexdigest()[: DERIVED_SUFFIX_CHARS - 1]
+    return f"{request_id[: MAX_REQUEST_ID_CHARS - DERIVED_SUFFIX_CHARS]}~{digest}"
 
 
 class UsageRecorder:
     def __init__(
-        self, stub: ledger_pb2_grpc.LedgerServiceStub, outbox: Outbox, replay_seconds: float
+        self,
+        stub: ledger_pb2_grpc.LedgerServiceStub,
+        journal: UsageJournal,
+        replay_seconds: float,
+        breaker: DependencyBreaker,
     ) -> None:
         self._stub = stub
-        self._outbox = outbox
+        self._journal = journal
         self._replay_seconds = replay_seconds
+        self._breaker = breaker
+        self._unacked: dict[str, JournalEntry] = {}  # in journal order
+        self._sending: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._replay: asyncio.Task | None = None
 
-    async def _send(self, record: UsageRecord) -> bool:
-        """True when the ledger holds the record (now or from an earlier attempt)."""
+    async def start(self) -> None:
+        """Takes up what an earlier run left unacknowledged, and replays from now on."""
+        recovered = await asyncio.to_thread(self._journal.recover)
+        for entry in recovered:
+            self._unacked[entry.entry_id] = entry
+        if recovered:
+            log.info("%d usage records from an earlier run wait for the ledger", len(recovered))
+        self._replay = asyncio.create_task(self._replay_forever())
+
+    async def record(self, record: UsageRecord) -> None:
+        """Returns once the record is durable; the ledger is asked in the background."""
+        try:
+            entry = await self._journal.append(asdict(record))
+        except OSError as exc:
+            # No durable copy: the ledger itself is the only place left, so the answer waits for it.
+            log.error("usage journal not writable (%s): sending the record to the ledger directly", exc)
+            await self._send(record, unique=record.request_id)
+            return
+        self._unacked[entry.entry_id] = entry
+        if self._breaker.allows():
+            self._spawn(self._deliver(entry))
+
+    def _spawn(self, work) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, entry: JournalEntry) -> None:
+        if entry.entry_id in self._sending:
+            return
+        self._sending.add(entry.entry_id)
+        try:
+            if await self._send(UsageRecord(**entry.record), unique=entry.entry_id):
+                self._journal.ack(entry.entry_id)
+                self._unacked.pop(entry.entry_id, None)
+        finally:
+            self._sending.discard(entry.entry_id)
+
+    async def _send(self, record: UsageRecord, *, unique: str) -> bool:
+        """True when the ledger holds the record (now or from an earlier attempt), or refused it for good."""
         try:
             await self._stub.RecordUsage(record.to_proto(), timeout=RECORD_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _REJECTED:
+            code = exc.code()
+            if code == grpc.StatusCode.ALREADY_EXISTS:
+                # Another request holds this id in the ledger; this one is still counted, under its own id.
+                derived = derived_request_id(record.request_id, unique)
+                log.warning(
+                    "request id %s already recorded with other usage; recording as %s",
+                    record.request_id,
+                    derived,
+                )
+                return await self._send(replace(record, request_id=derived), unique=unique)
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
                 log.error("ledger rejected usage record: %s", exc.details(), extra={"record": asdict(record)})
                 return True
+            if code in UNREACHABLE:
+                self._breaker.record_failure(code.name)
             return False
         return True
 
-    async def record(self, record: UsageRecord) -> None:
-        if not await self._send(record):
-            await asyncio.to_thread(self._outbox.put, record)
-            log.warning("ledger unavailable: usage record spooled to the outbox")
-
     async def replay_once(self) -> int:
-        """Sends spooled records oldest first; stops at the first failure. Returns how many were sent."""
-        sent = 0
-        for path, record in await asyncio.to_thread(self._outbox.pending):
-            if not await self._send(record):
+        """Sends unacknowledged records oldest first while the ledger takes them; returns how many it took."""
+        waiting = [entry for entry in self._unacked.values() if entry.entry_id not in self._sending]
+        delivered = 0
+        for offset in range(0, len(waiting), REPLAY_CONCURRENCY):
+            if not self._breaker.allows():
                 break
-            path.unlink(missing_ok=True)
-            sent += 1
-        if sent:
-            log.info("replayed %d spooled usage records", sent)
-        return sent
+            batch = waiting[offset : offset + REPLAY_CONCURRENCY]
+            await asyncio.gather(*(self._deliver(entry) for entry in batch))
+            delivered += sum(1 for entry in batch if entry.entry_id not in self._unacked)
+        if delivered:
+            log.info("replayed %d usage records to the ledger", delivered)
+        return delivered
 
-    async def replay_forever(self) -> None:
+    async def _replay_forever(self) -> None:
         while True:
+            await asyncio.sleep(self._replay_seconds)
             try:
                 await self.replay_once()
             except Exception:
-                log.exception("outbox replay failed; retrying later")
-            await asyncio.sleep(self._replay_seconds)
+                log.exception("usage replay failed; retrying later")
+
+    def pending(self) -> int:
+        return len(self._unacked)
+
+    async def close(self, within_seconds: float) -> None:
+        """Stops replaying, gives records on their way a moment, and closes the journal. Whatever the
+        ledger has not acknowledged stays in the journal for the next start."""
+        if self._replay is not None:
+            self._replay.cancel()
+            await asyncio.gather(self._replay, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=within_seconds)
+        await self._breaker.aclose()
+        await self._journal.close()

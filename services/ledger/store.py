@@ -3,7 +3,7 @@
 Every key of a tenant carries the tenant id as its hash tag, so a tenant's keys share one Redis Cluster
 slot and the record script can touch them all atomically:
 
-    ledger:{T}:usage:<request_id>  hash    one usage record; its existence is the idempotency marker
+    ledger:{T}:usage:<request_id>  hash    one usage record and its fingerprint; the idempotency marker
     ledger:{T}:usage-index         zset    request ids scored by occurred_at (µs since the epoch)
     ledger:{T}:spend:<YYYY-MM>     string  spend of the UTC month in micro-dollars
     ledger:{T}:budget              hash    monthly limit, alert percentages, hard stop
@@ -12,11 +12,16 @@ slot and the record script can touch them all atomically:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import grpc
+
+from libs.errors import ServiceError
 from libs.redis_store import open_redis, unavailable_when_redis_fails, wait_for_redis
 from services.ledger.budget import Budget
 from services.ledger.usage import UsageRecord, month_key
@@ -26,17 +31,45 @@ ALERT_MARKER_TTL_SECONDS = 62 * 24 * 3600
 REPORT_BATCH = 500
 
 # Adds a usage record unless one with the same request id exists, in one atomic step, so concurrent
-# retries of a request are counted exactly once.
-# KEYS: record hash, tenant index, month spend counter. ARGV: request id, index score, cost, hash fields…
+# retries of a request are counted exactly once. A request id is bound to the fingerprint of its record:
+# the same id with an identical record is a duplicate (1), with a different one a conflict (2), never a
+# merge. Records stored before fingerprints existed count as identical.
+# KEYS: record hash, tenant index, month spend counter.
+# ARGV: request id, index score, cost, fingerprint, hash fields…
 _RECORD_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
+  local stored = redis.call('HGET', KEYS[1], 'fingerprint')
+  if stored and stored ~= ARGV[4] then
+    return {2, 0, 0}
+  end
   return {1, redis.call('HGET', KEYS[1], 'cost_micros'), 0}
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'fingerprint', ARGV[4], unpack(ARGV, 5))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 local spent = redis.call('INCRBY', KEYS[3], ARGV[3])
 return {0, ARGV[3], spent}
 """
+
+
+class RecordConflict(ServiceError):
+    """The request id is already recorded with different usage."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+def record_fingerprint(record: UsageRecord) -> str:
+    """What makes two records of one request id the same record. Not the time: a caller that leaves
+    occurred_at to the ledger gets a new one on every retry."""
+    document = [
+        record.tenant_id,
+        record.api_key_id,
+        record.model_id,
+        record.provider,
+        record.input_tokens,
+        record.output_tokens,
+        record.cached,
+    ]
+    return hashlib.sha256(json.dumps(document, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -89,15 +122,26 @@ class LedgerStore:
             "recorded_at_us": time.time_ns() // 1000,
         }
         with unavailable_when_redis_fails("ledger storage (Redis)"):
-            duplicate, cost, spent = await self._record_script(
+            verdict, cost, spent = await self._record_script(
                 keys=[
                     _key(tenant, "usage", record.request_id),
                     _key(tenant, "usage-index"),
                     _key(tenant, "spend", month_key(record.occurred_at)),
                 ],
-                args=[record.request_id, occurred, record.cost_micros, *_flatten(fields)],
+                args=[
+                    record.request_id,
+                    occurred,
+                    record.cost_micros,
+                    record_fingerprint(record),
+                    *_flatten(fields),
+                ],
             )
-        return StoredUsage(duplicate=duplicate == 1, cost_micros=int(cost), month_spend_micros=int(spent))
+        if verdict == 2:
+            raise RecordConflict(
+                f"request_id: {record.request_id!r} is already recorded with different usage; "
+                "record this usage under a request id of its own"
+            )
+        return StoredUsage(duplicate=verdict == 1, cost_micros=int(cost), month_spend_micros=int(spent))
 
     async def month_spend(self, tenant_id: str, month: str) -> int:
         with unavailable_when_redis_fails("ledger storage (Redis)"):

@@ -53,7 +53,7 @@ def _config(ports: dict[str, int], outbox: Path) -> dict:
     providers = {"local": {"type": "local"}}
     models = {
         "smollm2-135m-instruct": {"provider": "local", "kind": "chat"},
-        "all-minilm-l6-v2": {"provider": "local", "kind": "embedding"},
+        "all-minilm-l6-v2": {"provider": "local", "kind": "embedding", "dimensions": 384},
     }
     for name, port in ports.items():
         providers[name] = {
@@ -69,12 +69,21 @@ def _config(ports: dict[str, int], outbox: Path) -> dict:
         "api_key_env": "PIPELINE_PROVIDER_KEY",
     }
     models["good-claude"] = {"provider": "claude", "kind": "chat", "provider_model": "fake-claude"}
+    # An OpenAI text-embedding-3 style model: it returns fewer dimensions when asked.
+    models["good-embedding"] = {
+        "provider": "good",
+        "kind": "embedding",
+        "provider_model": "fake-embedding",
+        "dimensions": 1536,
+        "accepts_dimensions": True,
+    }
     # A hang with nothing to fall back to, and a provider timeout longer than any test deadline.
     providers["hang-slow"] = {**providers["hang"], "timeout_seconds": 60.0}
     models["hang-only"] = {"provider": "hang-slow", "kind": "chat", "provider_model": "fake-gpt"}
     fallbacks = {f"{name}-gpt": ["good-gpt"] for name in ("fail500", "fail429", "fail400", "hang", "drop")}
     return {
-        **{k: base[k] for k in ("inference",)},
+        # The isolated Redis of this mesh (SOPHIA_REDIS_URL), not a shared default port.
+        **{k: base[k] for k in ("inference", "redis")},
         "auth": {
             "admin_key": ADMIN_KEY,
             "tenants": {
@@ -89,7 +98,12 @@ def _config(ports: dict[str, int], outbox: Path) -> dict:
             "default_embedding_model": "all-minilm-l6-v2",
             "fallback_map": fallbacks,
         },
-        "ledger": {"prices": {"good-gpt": {"input_per_mtok_usd": 1.0, "output_per_mtok_usd": 2.0}}},
+        "ledger": {
+            "prices": {
+                "good-gpt": {"input_per_mtok_usd": 1.0, "output_per_mtok_usd": 2.0},
+                "good-claude": {"input_per_mtok_usd": 3.0, "output_per_mtok_usd": 15.0},
+            }
+        },
         "cache": {"ttl_seconds": 600, "max_temperature": 0.0},
         "gateway": {"outbox_dir": str(outbox), "outbox_replay_seconds": 0.5},
     }

@@ -14,7 +14,6 @@ from libs.errors import InvalidArgument
 from services.gateway import translate
 from services.gateway.caching import request_key
 from services.gateway.servicer import cache_disabled_by_header
-from services.gateway.usage import Outbox, UsageRecord
 
 
 def params(**body) -> pb.ChatCompletionParams:
@@ -100,18 +99,6 @@ def test_embedding_inputs_and_base64_encoding():
         translate.embedding_inputs(tokens)
     encoded = translate.embedding_value([1.0, -0.5], "base64").string_value
     assert struct.unpack("<2f", base64.b64decode(encoded)) == (1.0, -0.5)
-
-
-def test_outbox_survives_and_lists_oldest_first(tmp_path):
-    outbox = Outbox(tmp_path)
-    records = [
-        UsageRecord(f"req:{i}", "t", "k", "m", "p", i, i, False, 1_700_000_000.0 + i) for i in range(3)
-    ]
-    for record in records:
-        outbox.put(record)
-    reopened = Outbox(tmp_path)
-    assert [record for _, record in reopened.pending()] == records
-    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_cache_control_directives_anywhere_in_the_header():

@@ -249,11 +249,16 @@ class AnthropicProvider(HttpProvider):
                 with self._reading("unexpected stream event shape"):
                     chunk = state.chunk(payload)
                 if chunk is not None:
+                    # message_start's input count rides on every chunk: a stream cut off before
+                    # message_delta is still billed for the prompt the provider counted.
+                    chunk.prompt_tokens = state.prompt_tokens
                     yield chunk
         if not stopped:
             raise self._dropped()
 
-    async def embed(self, target: Target, inputs: list[str]) -> tuple[list[list[float]], int]:
+    async def embed(
+        self, target: Target, inputs: list[str], dimensions: int | None = None
+    ) -> tuple[list[list[float]], int]:
         raise ProviderError(
             f"provider {self.name} has no embeddings API",
             retryable=False,

@@ -34,6 +34,9 @@ class Provider(Protocol):
 
     def stream(self, target: Target, request: ChatRequest) -> AsyncIterator[CompletionChunk]: ...
 
-    async def embed(self, target: Target, inputs: list[str]) -> tuple[list[list[float]], int]: ...
+    async def embed(
+        self, target: Target, inputs: list[str], dimensions: int | None = None
+    ) -> tuple[list[list[float]], int]:
+        """`dimensions` is passed only to models configured with `accepts_dimensions`."""
 
     async def close(self) -> None: ...

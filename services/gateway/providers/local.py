@@ -133,7 +133,10 @@ class LocalProvider:
             if call is not None:
                 call.cancel()
 
-    async def embed(self, target: Target, inputs: list[str]) -> tuple[list[list[float]], int]:
+    async def embed(
+        self, target: Target, inputs: list[str], dimensions: int | None = None
+    ) -> tuple[list[list[float]], int]:
+        # Local models return their native size only; the Gateway refuses any other before calling.
         with _as_provider_errors():
             reply = await self._stub.Embed(pb.EmbedRequest(model=target.provider_model, inputs=inputs))
         return [list(vector.values) for vector in reply.embeddings], reply.prompt_tokens

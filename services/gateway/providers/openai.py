@@ -143,8 +143,13 @@ class OpenAICompatibleProvider(HttpProvider):
             finish_reason=finish_reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
         )
 
-    async def embed(self, target: Target, inputs: list[str]) -> tuple[list[list[float]], int]:
-        payload = await self._post_json("/embeddings", {"model": target.provider_model, "input": inputs})
+    async def embed(
+        self, target: Target, inputs: list[str], dimensions: int | None = None
+    ) -> tuple[list[list[float]], int]:
+        body: dict[str, Any] = {"model": target.provider_model, "input": inputs}
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+        payload = await self._post_json("/embeddings", body)
         with self._reading("unexpected embeddings shape"):
             rows = sorted(payload["data"], key=lambda row: int(row.get("index", 0)))
             vectors = [[float(x) for x in row["embedding"]] for row in rows]

@@ -1,0 +1,229 @@
+"""The write-ahead journal of usage records: a record is on disk before the ledger is asked for it.
+
+Append-only segment files of JSON lines in one folder:
+
+    usage-<sequence>.jsonl   {"entry": "<id>", "record": {...}}   a record, fsync'ed before append() returns
+                             {"ack": "<id>"}                      the ledger holds it (not fsync'ed)
+
+Group commit: appends that arrive while a write is on its way wait for the next one, so one write and
+one fsync cover every record pending at that moment, with no delay added when the journal is idle. An
+ack line goes to the segment of its record without an fsync: a lost ack only makes a restart send the
+record again, which the ledger answers as a duplicate. A segment whose records are all acknowledged is
+deleted once writing has moved on to the next one.
+
+Entries are named by a fresh id, never by the request id, so two tenants using one request id, or ids
+that differ only in characters a file name cannot hold, can never overwrite each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SEGMENT_MAX_BYTES = 4 * 1024 * 1024
+_SEGMENT_GLOB = "usage-*.jsonl"
+# One JSON file per record, the format of the outbox before the journal; read once at start-up.
+_LEGACY_GLOB = "*.json"
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    entry_id: str
+    record: dict[str, Any]  # a usage record as JSON
+
+
+@dataclass
+class _Segment:
+    path: Path
+    fd: int
+    size: int = 0
+    unacked: set[str] = field(default_factory=set)
+
+
+def _segment_name(sequence: int) -> str:
+    return f"usage-{sequence:012d}.jsonl"
+
+
+def _line(document: dict) -> bytes:
+    return (json.dumps(document, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+def _fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class UsageJournal:
+    def __init__(self, folder: Path, *, segment_max_bytes: int = SEGMENT_MAX_BYTES) -> None:
+        self.folder = folder
+        self._segment_max_bytes = segment_max_bytes
+        self._segments: dict[int, _Segment] = {}
+        self._segment_of: dict[str, int] = {}  # entry id → sequence of the segment holding it
+        self._current: int | None = None  # the segment appends go to
+        self._next_sequence = 1
+        self._pending: list[tuple[JournalEntry, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    # --- start-up ------------------------------------------------------------------------------------
+
+    def recover(self) -> list[JournalEntry]:
+        """The entries an earlier run left unacknowledged, oldest first. Call once, before any append."""
+        entries: list[JournalEntry] = []
+        for path in sorted(self.folder.glob(_SEGMENT_GLOB)):
+            sequence = int(path.stem.removeprefix("usage-"))
+            self._next_sequence = max(self._next_sequence, sequence + 1)
+            found = self._read_segment(path)
+            if not found:
+                path.unlink(missing_ok=True)
+                continue
+            segment = _Segment(path, os.open(path, os.O_WRONLY | os.O_APPEND), path.stat().st_size)
+            segment.unacked = set(found)
+            self._segments[sequence] = segment
+            for entry_id, record in found.items():
+                self._segment_of[entry_id] = sequence
+                entries.append(JournalEntry(entry_id, record))
+        entries.extend(self._adopt_legacy_files())
+        return entries
+
+    def _read_segment(self, path: Path) -> dict[str, dict[str, Any]]:
+        """The unacknowledged records of one segment, in order; a torn last line is skipped."""
+        records: dict[str, dict[str, Any]] = {}
+        for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+            try:
+                document = json.loads(raw)
+                if "ack" in document:
+                    records.pop(document["ack"], None)
+                else:
+                    records[document["entry"]] = dict(document["record"])
+            except (ValueError, TypeError, KeyError):
+                # Only a write cut off by a crash ends this way: its request never got its answer.
+                log.warning("unreadable line %d of usage journal %s skipped", number, path.name)
+        return records
+
+    def _adopt_legacy_files(self) -> list[JournalEntry]:
+        """Moves records of the one-file-per-record outbox into the journal, then removes the files."""
+        legacy = sorted(self.folder.glob(_LEGACY_GLOB))
+        entries = []
+        for path in legacy:
+            try:
+                entries.append(JournalEntry(uuid.uuid4().hex, dict(json.loads(path.read_text()))))
+            except (OSError, ValueError, TypeError):
+                log.error("unreadable outbox entry %s left in place", path.name)
+        if entries:
+            segment = self._prepare_write(entries)
+            self._write_durably(segment, entries)
+            for path in legacy:
+                path.unlink(missing_ok=True)
+        return entries
+
+    # --- appending -----------------------------------------------------------------------------------
+
+    async def append(self, record: dict[str, Any]) -> JournalEntry:
+        """Returns once the record is on disk (fsync'ed), in the same write as whatever else was pending."""
+        entry = JournalEntry(uuid.uuid4().hex, record)
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((entry, written))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_pending())
+        await asyncio.shield(written)  # a caller that goes away must not cancel the others' write
+        return entry
+
+    async def _write_pending(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                entries = [entry for entry, _ in batch]
+                try:
+                    segment = self._prepare_write(entries)
+                    await asyncio.to_thread(self._write_durably, segment, entries)
+                except OSError as exc:
+                    for entry in entries:
+                        self._forget(entry.entry_id)
+                    for _, written in batch:
+                        if not written.done():
+                            written.set_exception(exc)
+                    continue
+                for _, written in batch:
+                    if not written.done():
+                        written.set_result(None)
+        finally:
+            self._writer = None
+
+    def _prepare_write(self, entries: list[JournalEntry]) -> _Segment:
+        """Picks the segment and books the entries into it, on the event loop's thread: acks touch the
+        same bookkeeping, and only the write itself runs in a worker thread."""
+        segment, sequence = self._segment_for_writing()
+        for entry in entries:
+            segment.unacked.add(entry.entry_id)
+            self._segment_of[entry.entry_id] = sequence
+        return segment
+
+    @staticmethod
+    def _write_durably(segment: _Segment, entries: list[JournalEntry]) -> None:
+        """One write and one fsync for every entry given."""
+        data = b"".join(_line({"entry": e.entry_id, "record": e.record}) for e in entries)
+        os.write(segment.fd, data)
+        os.fsync(segment.fd)
+        segment.size += len(data)
+
+    def _segment_for_writing(self) -> tuple[_Segment, int]:
+        current = self._segments.get(self._current) if self._current is not None else None
+        if current is not None and current.size < self._segment_max_bytes:
+            return current, self._current  # type: ignore[return-value]
+        previous = self._current
+        sequence, self._next_sequence = self._next_sequence, self._next_sequence + 1
+        path = self.folder / _segment_name(sequence)
+        segment = _Segment(path, os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+        _fsync_folder(self.folder)  # the new file's name must survive a crash as well as its lines
+        self._segments[sequence] = segment
+        self._current = sequence
+        if previous is not None:
+            self._delete_if_done(previous)
+        return segment, sequence
+
+    # --- acknowledging -------------------------------------------------------------------------------
+
+    def ack(self, entry_id: str) -> None:
+        """The ledger holds the entry's record; it is not sent again, not even after a restart."""
+        sequence = self._segment_of.pop(entry_id, None)
+        if sequence is None:
+            return
+        segment = self._segments[sequence]
+        segment.unacked.discard(entry_id)
+        os.write(segment.fd, _line({"ack": entry_id}))
+        self._delete_if_done(sequence)
+
+    def _forget(self, entry_id: str) -> None:
+        sequence = self._segment_of.pop(entry_id, None)
+        if sequence is not None:
+            self._segments[sequence].unacked.discard(entry_id)
+
+    def _delete_if_done(self, sequence: int) -> None:
+        segment = self._segments.get(sequence)
+        if segment is None or segment.unacked or sequence == self._current:
+            return
+        del self._segments[sequence]
+        os.close(segment.fd)
+        segment.path.unlink(missing_ok=True)
+
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
+        for segment in self._segments.values():
+            os.close(segment.fd)
+        self._segments.clear()

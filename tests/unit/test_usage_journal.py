@@ -1,0 +1,123 @@
+"""The write-ahead usage journal: durable appends with group commit, acks, segment clean-up, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import asdict
+
+import pytest
+
+from services.gateway import journal as journal_module
+from services.gateway.domain import CompletionChunk, Message, StreamTally, estimated_prompt_tokens
+from services.gateway.journal import UsageJournal
+from services.gateway.usage import UsageRecord, derived_request_id
+
+
+def usage(request_id: str, tenant: str = "t", tokens: int = 1) -> dict:
+    return asdict(UsageRecord(request_id, tenant, "k", "m", "p", tokens, tokens, False, 1_700_000_000.0))
+
+
+async def test_appended_records_survive_a_restart_until_acknowledged(tmp_path):
+    journal = UsageJournal(tmp_path)
+    assert journal.recover() == []
+    first = await journal.append(usage("a"))
+    second = await journal.append(usage("b"))
+    journal.ack(first.entry_id)
+    await journal.close()  # no clean shutdown is needed: the appends were fsync'ed already
+    reopened = UsageJournal(tmp_path)
+    assert [(e.entry_id, e.record) for e in reopened.recover()] == [(second.entry_id, usage("b"))]
+
+
+async def test_one_request_id_for_two_tenants_and_unsafe_characters_never_collide(tmp_path):
+    journal = UsageJournal(tmp_path)
+    journal.recover()
+    records = [usage("same", "tenant-a"), usage("same", "tenant-b"), usage("c:X"), usage("c_X")]
+    await asyncio.gather(*(journal.append(record) for record in records))
+    await journal.close()
+    recovered = UsageJournal(tmp_path).recover()
+    assert sorted(json.dumps(e.record, sort_keys=True) for e in recovered) == sorted(
+        json.dumps(r, sort_keys=True) for r in records
+    )
+
+
+async def test_concurrent_appends_share_one_fsync(tmp_path, monkeypatch):
+    fsyncs = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(journal_module.os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+    journal = UsageJournal(tmp_path)
+    journal.recover()
+    await journal.append(usage("warm-up"))  # creates the segment (a file and a folder fsync)
+    fsyncs.clear()
+    await asyncio.gather(*(journal.append(usage(f"r{i}")) for i in range(200)))
+    # The first append starts a write; the 199 that arrive meanwhile go together in the next one.
+    assert 1 <= len(fsyncs) <= 2
+    await journal.close()
+    assert len(UsageJournal(tmp_path).recover()) == 201
+
+
+async def test_fully_acknowledged_segments_are_deleted(tmp_path):
+    journal = UsageJournal(tmp_path, segment_max_bytes=1)  # every write starts a new segment
+    journal.recover()
+    entries = [await journal.append(usage(f"r{i}")) for i in range(5)]
+    assert journal.segment_count() == 5
+    for entry in entries[:-1]:
+        journal.ack(entry.entry_id)
+    assert journal.segment_count() == 1  # only the segment still being written is kept
+    assert len(list(tmp_path.glob("usage-*.jsonl"))) == 1
+    await journal.close()
+
+
+async def test_a_torn_last_line_is_skipped_and_appends_go_to_a_new_segment(tmp_path):
+    journal = UsageJournal(tmp_path)
+    journal.recover()
+    kept = await journal.append(usage("kept"))
+    await journal.close()
+    (segment,) = tmp_path.glob("usage-*.jsonl")
+    segment.write_bytes(segment.read_bytes() + b'{"entry": "torn", "rec')
+    reopened = UsageJournal(tmp_path)
+    assert [e.entry_id for e in reopened.recover()] == [kept.entry_id]
+    later = await reopened.append(usage("later"))
+    reopened.ack(kept.entry_id)
+    await reopened.close()
+    assert [e.entry_id for e in UsageJournal(tmp_path).recover()] == [later.entry_id]
+
+
+async def test_records_of_the_old_one_file_per_record_outbox_are_adopted(tmp_path):
+    (tmp_path / "req_1.json").write_text(json.dumps(usage("req:1")))
+    journal = UsageJournal(tmp_path)
+    (entry,) = journal.recover()
+    assert entry.record == usage("req:1")
+    assert not list(tmp_path.glob("*.json"))
+    await journal.close()
+    assert [e.record for e in UsageJournal(tmp_path).recover()] == [usage("req:1")]
+
+
+def test_derived_request_ids_are_stable_distinct_and_short_enough():
+    first = derived_request_id("client-id", "entry-1")
+    assert first == derived_request_id("client-id", "entry-1")
+    assert first != derived_request_id("client-id", "entry-2")
+    assert first.startswith("client-id~")
+    assert len(derived_request_id("x" * 128, "entry-1")) <= 128
+
+
+@pytest.mark.parametrize(
+    ("chunks", "expected"),
+    [
+        # Cut off before any usage arrived: the prompt and the delivered text are estimated, never 0.
+        ([CompletionChunk(text="Hello "), CompletionChunk(text="there")], (None, 4)),
+        # The provider's counts win where it sent them (Anthropic's prompt, the local model's running counts).
+        ([CompletionChunk(text="Hi", prompt_tokens=7, completion_tokens=3)], (7, 3)),
+    ],
+)
+def test_a_stream_tally_bills_what_was_delivered(chunks, expected):
+    messages = (Message(role="user", content="What is the capital of France?"),)
+    tally = StreamTally(prompt_estimate=estimated_prompt_tokens(messages))
+    for chunk in chunks:
+        tally.add(chunk)
+    completion = tally.completion()
+    prompt, output = expected
+    assert completion.prompt_tokens == (prompt or estimated_prompt_tokens(messages)) > 0
+    assert completion.completion_tokens == output
+    assert completion.finish_reason == "cancelled"
