@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+
 import grpc
 
 from libs.config import REPO_ROOT
@@ -12,12 +18,25 @@ from tools.ports import free_port, free_port_block, isolated_environ
 __all__ = ["free_port", "free_port_block", "internal_blocking_channel", "internal_channel", "mesh_environ"]
 
 
+@functools.cache
+def _session_cert_dir() -> Path:
+    """One mesh CA per test session (the first mesh to start generates it), never `make up`'s."""
+    directory = Path(tempfile.mkdtemp(prefix="sophia-test-certs-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
+
+
 def mesh_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Every port moved to a free one, so tests never meet `make up`; model weights shared across runs."""
+    """Every port moved to a free one, so tests never meet `make up`; model weights shared across runs.
+
+    All test meshes share one CA: a test that runs a second Gateway against the first mesh's services
+    builds a second Mesh from the same environment, and its certificates must be trusted there.
+    """
     return isolated_environ(
         {
             # Converting the GGUF weights takes a while: every test run reuses `make install`'s conversion.
             "SOPHIA__INFERENCE__WEIGHTS_DIR": str(REPO_ROOT / "var" / "models"),
+            "SOPHIA__TLS__DIR": str(_session_cert_dir()),
             **(extra or {}),
         }
     )
