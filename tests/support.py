@@ -11,11 +11,18 @@ from pathlib import Path
 import grpc
 
 from libs.config import REPO_ROOT
-from libs.tls import Identity, mesh_channel
+from libs.tls import Identity, ca_path, cert_path, key_path, mesh_channel
 from tools.mesh import Mesh
 from tools.ports import free_port, free_port_block, isolated_environ
 
-__all__ = ["free_port", "free_port_block", "internal_blocking_channel", "internal_channel", "mesh_environ"]
+__all__ = [
+    "free_port",
+    "free_port_block",
+    "grpcurl_security",
+    "internal_blocking_channel",
+    "internal_channel",
+    "mesh_environ",
+]
 
 
 @functools.cache
@@ -50,3 +57,17 @@ def internal_channel(mesh: Mesh, service: str, identity: str = "gateway") -> grp
 def internal_blocking_channel(mesh: Mesh, service: str, identity: str = "gateway") -> grpc.Channel:
     """The blocking twin of `internal_channel`, for tests written without asyncio."""
     return mesh.blocking_channel(service, Identity(identity))
+
+
+def grpcurl_security(mesh: Mesh, service: str, identity: str = "operator") -> list[str]:
+    """grpcurl's flags to reach `service` of `mesh` as `identity` (plaintext for the Gateway's port)."""
+    credentials = mesh.credentials(Identity(identity))
+    if credentials is None or service == "gateway":
+        return ["-plaintext"]
+    directory = mesh.cert_dir
+    return [
+        *("-cacert", str(ca_path(directory))),
+        *("-cert", str(cert_path(directory, credentials.identity))),
+        *("-key", str(key_path(directory, credentials.identity))),
+        *("-servername", service),
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Sequence
 
 import grpc
 import pytest
@@ -12,6 +13,7 @@ from sophia.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from libs.config import REPO_ROOT
 from tests.integration.conftest import DEV_KEY
+from tests.support import grpcurl_security
 from tools.mesh import SERVICES
 
 GRPCURL = str(REPO_ROOT / ".venv" / "bin" / "grpcurl")
@@ -24,17 +26,18 @@ SERVICE_NAMES = {
 }
 
 
-def grpcurl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=60)
+def grpcurl(*args: str, security: Sequence[str] = ("-plaintext",)) -> subprocess.CompletedProcess:
+    return subprocess.run([GRPCURL, *security, *args], capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_reflection_lists_and_describes_each_service(mesh, service):
-    listed = grpcurl(mesh.address(service), "list")
+    security = grpcurl_security(mesh, service)
+    listed = grpcurl(mesh.address(service), "list", security=security)
     assert listed.returncode == 0, listed.stderr
     assert SERVICE_NAMES[service] in listed.stdout.split()
     assert "grpc.health.v1.Health" in listed.stdout.split()
-    described = grpcurl(mesh.address(service), "describe", SERVICE_NAMES[service])
+    described = grpcurl(mesh.address(service), "describe", SERVICE_NAMES[service], security=security)
     assert described.returncode == 0, described.stderr
     assert "rpc " in described.stdout
 
@@ -43,7 +46,11 @@ def test_reflection_lists_and_describes_each_service(mesh, service):
 def test_health_check_says_serving_for_each_service(mesh, service):
     for name in ("", SERVICE_NAMES[service]):
         checked = grpcurl(
-            "-d", json.dumps({"service": name}), mesh.address(service), "grpc.health.v1.Health/Check"
+            "-d",
+            json.dumps({"service": name}),
+            mesh.address(service),
+            "grpc.health.v1.Health/Check",
+            security=grpcurl_security(mesh, service),
         )
         assert checked.returncode == 0, checked.stderr
         assert json.loads(checked.stdout)["status"] == "SERVING"
