@@ -5,14 +5,19 @@ A `DependencyBreaker` guards one dependency (a gRPC service, Redis) of one proce
 (bypass the cache, route locally, fail a budget check open or closed) instead of paying connection
 attempts and retries on every request. A call that fails because the dependency is unreachable
 (UNAVAILABLE, a timeout, a refused connection; not a verdict such as NOT_FOUND) is reported with
-`record_failure(reason)`, which opens the breaker.
+`record_failure(reason)`, which opens the breaker (after `failure_threshold` failures in a row, for a
+dependency where skipping has a price, e.g. rate limits that go unenforced).
 
 Only a background probe closes it again: every `probe_interval_seconds` it runs `probe()` (a
 grpc.health.v1 Check for gRPC services, see `grpc_health_probe`; a PING for Redis, see
 `libs.redis_store.redis_ping_probe`) and closes the breaker on the first success, so the dependency is
 used again within about one interval of coming back, with no request paying for the discovery.
 
-Logs: one WARNING when the breaker opens (not one per request) and one INFO when it closes.
+The probe only says the dependency answers health checks; a service whose own backend is down (a
+cache whose Redis is gone) may still fail real calls. So an outage ends, with its INFO line, only once
+a real call succeeded (`record_success()`) or, for callers that do not report successes, once the
+breaker stayed closed for `settle_seconds`. A failure before that re-opens the breaker as part of the
+same outage, silently: one WARNING and one INFO per outage, however often it flaps.
 
 Usage:
 
@@ -25,6 +30,7 @@ Usage:
         if exc.code() in UNREACHABLE:
             breaker.record_failure(exc.code().name)
         return bypass()
+    breaker.record_success()
     ...
     await breaker.aclose()   # on shutdown: stops the probe
 
@@ -47,6 +53,7 @@ log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_SECONDS = 0.25
 PROBE_TIMEOUT_SECONDS = 0.5
+SETTLE_SECONDS = 2.0
 
 # Statuses that mean "the dependency could not be reached or did not answer in time".
 UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -67,14 +74,20 @@ class DependencyBreaker:
         *,
         probe_interval_seconds: float = PROBE_INTERVAL_SECONDS,
         probe_timeout_seconds: float = PROBE_TIMEOUT_SECONDS,
+        settle_seconds: float = SETTLE_SECONDS,
+        failure_threshold: int = 1,
     ) -> None:
         """`probe()` must raise (or time out) while the dependency is down; its return value is ignored."""
         self.name = name
         self._probe = probe
         self._interval = probe_interval_seconds
         self._timeout = probe_timeout_seconds
+        self._settle = settle_seconds
+        self._threshold = failure_threshold
+        self._failures_in_a_row = 0
         self._state = BreakerState.CLOSED
-        self._opened_at = 0.0
+        self._outage_since: float | None = None  # set from the first failure until a confirmed recovery
+        self._closed_at = 0.0
         self._probing: asyncio.Task | None = None
 
     @property
@@ -83,15 +96,32 @@ class DependencyBreaker:
 
     def allows(self) -> bool:
         """True when the dependency may be called now."""
-        return self._state is BreakerState.CLOSED
+        if self._state is BreakerState.OPEN:
+            return False
+        if self._outage_since is not None and time.monotonic() - self._closed_at >= self._settle:
+            self._recovered()
+        return True
+
+    def record_success(self) -> None:
+        """A real call succeeded: ends the outage, if one was still unconfirmed."""
+        self._failures_in_a_row = 0
+        if self._outage_since is not None and self._state is BreakerState.CLOSED:
+            self._recovered()
 
     def record_failure(self, reason: str) -> None:
         """The dependency could not be reached: open (logging once per outage) and start probing."""
         if self._state is BreakerState.OPEN:
             return
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row < self._threshold:
+            return
+        self._failures_in_a_row = 0
         self._state = BreakerState.OPEN
-        self._opened_at = time.monotonic()
-        log.warning("%s unavailable (%s): skipping it until it answers again", self.name, reason)
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.warning("%s unavailable (%s): skipping it until it answers again", self.name, reason)
+        else:
+            log.debug("%s failed again right after its probe succeeded (%s)", self.name, reason)
         # A fresh context: the probe must not inherit the failed request's deadline, id or trace.
         self._probing = asyncio.get_running_loop().create_task(
             self._probe_until_back(), context=contextvars.Context()
@@ -106,9 +136,13 @@ class DependencyBreaker:
                 log.debug("%s still unavailable: %s", self.name, exc)
                 continue
             self._state = BreakerState.CLOSED
+            self._closed_at = time.monotonic()
             self._probing = None
-            log.info("%s available again after %.1fs", self.name, time.monotonic() - self._opened_at)
             return
+
+    def _recovered(self) -> None:
+        log.info("%s available again after %.1fs", self.name, self._closed_at - self._outage_since)
+        self._outage_since = None
 
     async def aclose(self) -> None:
         """Stops the probe (at shutdown)."""

@@ -1,5 +1,6 @@
 """Redis, the same way for every service: connect with short timeouts, wait for it at start-up, and
-turn its failures into UNAVAILABLE (never an internal error, never a hang).
+turn its failures into UNAVAILABLE (never an internal error, never a hang). `redis_ping_probe` lets a
+`libs.breaker.DependencyBreaker` tell when a Redis that went away is back.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from libs.breaker import Probe
 from libs.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,15 @@ async def wait_for_redis(client: Redis, url: str) -> None:
                 log.warning("waiting for redis at %s: %s", location, exc)
                 last_logged = time.monotonic()
         await asyncio.sleep(READY_POLL_SECONDS)
+
+
+def redis_ping_probe(client: Redis) -> Probe:
+    """A breaker probe: succeeds when Redis answers PING."""
+
+    async def probe() -> None:
+        await client.ping()
+
+    return probe
 
 
 @contextmanager

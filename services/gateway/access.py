@@ -3,8 +3,10 @@
 Availability over strictness when Redis is down:
 - keys from the config file keep working (they are checked in memory); keys created through the admin
   API cannot be checked and get UNAVAILABLE "key store unavailable";
-- rate limits are not enforced (fail open, with a WARNING at most every `WARN_EVERY_SECONDS`): an outage
-  of the counter store should not take the whole API down with it.
+- rate limits are not enforced (fail open): an outage of the counter store should not take the whole API
+  down with it.
+While Redis is known to be down (its breaker is open, see `redis_breaker`) it is not asked at all, so
+requests pay no timeouts, and the outage is logged once, its end once.
 
 Revocation: a replica remembers keys it found in Redis for `gateway.key_cache_seconds`. The replica
 that revokes a key forgets it at once; every other replica stops accepting it within that time.
@@ -13,10 +15,14 @@ that revokes a key forgets it at once; every other replica stops accepting it wi
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
+from redis.asyncio import Redis
+
+from libs.breaker import DependencyBreaker
 from libs.errors import FailedPrecondition, NotFound, ResourceExhausted, Unauthenticated, Unavailable
+from libs.redis_store import redis_ping_probe
 from services.gateway.auth import CONFIG_KEY_PREFIX, ApiKey, KeyRing, bearer_token, key_digest
 from services.gateway.domain import Principal
 from services.gateway.keystore import SECRET_PREFIX, KeyStore, RecentKeys
@@ -25,18 +31,47 @@ from services.gateway.ratelimit import RateLimiter
 log = logging.getLogger(__name__)
 
 MAX_REMEMBERED_KEYS = 10_000
-WARN_EVERY_SECONDS = 10.0
+REDIS_FAILURES_TO_OPEN = 3
+_Result = TypeVar("_Result")
+
+
+def redis_breaker(client: Redis) -> DependencyBreaker:
+    """The breaker for the Redis behind keys and limits; its WARNING says what the outage means."""
+    return DependencyBreaker(
+        "redis (rate limits not enforced, stored API keys unavailable)",
+        redis_ping_probe(client),
+        # An open breaker lets every request past the limits: one slow command must not do that.
+        failure_threshold=REDIS_FAILURES_TO_OPEN,
+    )
 
 
 class AccessControl:
     def __init__(
-        self, keys: KeyRing, store: KeyStore, limiter: RateLimiter, *, key_cache_seconds: float
+        self,
+        keys: KeyRing,
+        store: KeyStore,
+        limiter: RateLimiter,
+        *,
+        key_cache_seconds: float,
+        breaker: DependencyBreaker,
     ) -> None:
         self._keys = keys
         self._store = store
         self._limiter = limiter
         self._recent = RecentKeys(key_cache_seconds, MAX_REMEMBERED_KEYS)
-        self._last_warning = float("-inf")
+        self._breaker = breaker
+
+    async def _redis(self, what: str, command: Callable[[], Awaitable[_Result]]) -> _Result:
+        """Runs a Redis-backed `command`; Unavailable at once while Redis is known to be down."""
+        if not self._breaker.allows():
+            raise Unavailable(f"{what} unavailable")
+        try:
+            result = await command()
+        except Unavailable as exc:
+            self._breaker.record_failure(f"{exc.message}: {exc.__cause__}")
+            raise
+        self._breaker.record_success()
+        return result
 
     # --- callers -------------------------------------------------------------------------------------
 
@@ -51,7 +86,7 @@ class AccessControl:
         # Every stored key has this prefix: anything else is refused without asking Redis.
         if not token.startswith(SECRET_PREFIX):
             raise Unauthenticated("invalid API key")
-        key = await self._store.find(digest)
+        key = await self._redis("key store", lambda: self._store.find(digest))
         if key is None or key.revoked:
             raise Unauthenticated("invalid API key")
         self._recent.put(digest, key.principal)
@@ -66,10 +101,11 @@ class AccessControl:
         if not rpm and not tpm:
             return
         try:
-            refusal = await self._limiter.admit(principal.key_id, rpm, tpm, estimated_tokens)
-        except Unavailable as exc:
-            self._warn(f"rate limits not enforced, Redis unavailable: {exc.__cause__}")
-            return
+            refusal = await self._redis(
+                "rate limits", lambda: self._limiter.admit(principal.key_id, rpm, tpm, estimated_tokens)
+            )
+        except Unavailable:
+            return  # fail open; the breaker logged the outage
         if refusal is not None:
             raise ResourceExhausted(
                 f"rate limit exceeded: {refusal.limit} {refusal.unit} per minute for key {principal.key_id}",
@@ -81,35 +117,33 @@ class AccessControl:
         if not principal.tokens_per_minute or tokens <= 0:
             return
         try:
-            await self._limiter.charge(principal.key_id, tokens)
-        except Unavailable as exc:
-            self._warn(f"tokens not charged to {principal.key_id}, Redis unavailable: {exc.__cause__}")
+            await self._redis("rate limits", lambda: self._limiter.charge(principal.key_id, tokens))
+        except Unavailable:
+            log.debug("tokens not charged to %s: Redis unavailable", principal.key_id)
 
-    def _warn(self, message: str) -> None:
-        # One line per interval, not one per request, while Redis is down.
-        now = time.monotonic()
-        if now - self._last_warning >= WARN_EVERY_SECONDS:
-            self._last_warning = now
-            log.warning(message)
+    async def close(self) -> None:
+        await self._breaker.aclose()
 
     # --- the admin API -------------------------------------------------------------------------------
 
     async def create_key(
         self, tenant_id: str, name: str, requests_per_minute: int, tokens_per_minute: int
     ) -> tuple[ApiKey, str]:
-        key, secret = await self._store.create(tenant_id, name, requests_per_minute, tokens_per_minute)
+        key, secret = await self._redis(
+            "key store", lambda: self._store.create(tenant_id, name, requests_per_minute, tokens_per_minute)
+        )
         log.info("created API key %s for tenant %s", key.key_id, key.tenant_id)
         return key, secret
 
     async def list_keys(self, tenant_id: str = "") -> list[ApiKey]:
         """Config keys first (read-only), then stored keys, oldest first."""
         configured = [key for key in self._keys.keys() if not tenant_id or key.tenant_id == tenant_id]
-        return configured + await self._store.list_keys(tenant_id)
+        return configured + await self._redis("key store", lambda: self._store.list_keys(tenant_id))
 
     async def revoke_key(self, key_id: str) -> ApiKey:
         if key_id.startswith(CONFIG_KEY_PREFIX) and self._keys.owns(key_id):
             raise FailedPrecondition(f"key {key_id} comes from the config file and cannot be revoked here")
-        key = await self._store.revoke(key_id)
+        key = await self._redis("key store", lambda: self._store.revoke(key_id))
         if key is None:
             raise NotFound(f"no API key with id {key_id!r}")
         self._recent.forget(key_id)

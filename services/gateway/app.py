@@ -16,7 +16,7 @@ from libs.breaker import DependencyBreaker, grpc_health_probe
 from libs.clients import open_channel
 from libs.config import REPO_ROOT, Config
 from libs.redis_store import open_redis
-from services.gateway.access import AccessControl
+from services.gateway.access import AccessControl, redis_breaker
 from services.gateway.admission import Admission
 from services.gateway.auth import KeyRing
 from services.gateway.flow import RequestFlow
@@ -78,8 +78,9 @@ class GatewayApp:
             KeyStore(self.redis),
             RateLimiter(self.redis),
             key_cache_seconds=config.gateway.key_cache_seconds,
+            breaker=redis_breaker(self.redis),
         )
-        flow = RequestFlow.build(
+        self.flow = RequestFlow.build(
             config,
             self.access,
             self.routing,
@@ -93,7 +94,7 @@ class GatewayApp:
             max_tenant_share=config.gateway.max_tenant_share,
             retry_after_ms=config.gateway.overload_retry_after_ms,
         )
-        return GatewayServicer(config, self.access, self.routing, flow, admission)
+        return GatewayServicer(config, self.access, self.routing, self.flow, admission)
 
     async def start(self) -> None:
         """Takes up usage an earlier run left unacknowledged in the journal, and replays from now on."""
@@ -103,6 +104,8 @@ class GatewayApp:
         await self.background.drain(BACKGROUND_DRAIN_SECONDS)
         # Unacknowledged records stay in the journal for the next start.
         await self.usage.close(BACKGROUND_DRAIN_SECONDS)
+        await self.flow.close()
+        await self.access.close()
         await self.routing.close()
         for provider in self.providers.values():
             await provider.close()

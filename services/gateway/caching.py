@@ -3,7 +3,8 @@
 Two requests share an answer when the tenant, the requested model, the messages and every parameter
 that shapes the answer are equal. Requests sampled hotter than `cache.max_temperature` (an unset
 temperature counts as OpenAI's default of 1) are never cached: their answers are meant to vary.
-The cache is an optimisation, so every failure of it is a bypass, never an error for the caller.
+The cache is an optimisation, so every failure of it is a bypass, never an error for the caller; while
+it is known to be down (its breaker is open) it is bypassed without being asked.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import grpc
 from sophia.cache.v1 import cache_pb2 as pb
 from sophia.cache.v1 import cache_pb2_grpc
 
+from libs.breaker import UNREACHABLE, DependencyBreaker
 from libs.config import CacheConfig
 from services.gateway.domain import ChatRequest, Completion
 
@@ -61,10 +63,17 @@ def prompt_text(request: ChatRequest) -> str:
 
 
 class ResponseCache:
-    def __init__(self, stub: cache_pb2_grpc.CacheServiceStub, config: CacheConfig, enabled: bool) -> None:
+    def __init__(
+        self,
+        stub: cache_pb2_grpc.CacheServiceStub,
+        config: CacheConfig,
+        enabled: bool,
+        breaker: DependencyBreaker,
+    ) -> None:
         self._stub = stub
         self._config = config
         self._enabled = enabled
+        self._breaker = breaker
 
     def key(self, tenant_id: str, request: ChatRequest) -> CacheKey | None:
         """Where this request's answer lives in the cache; None when it must not be cached."""
@@ -75,7 +84,7 @@ class ResponseCache:
 
     async def lookup(self, key: CacheKey | None) -> tuple[str, CachedAnswer | None]:
         """("hit", answer), ("miss", None) or ("bypass", None) when not cacheable or the cache is down."""
-        if key is None:
+        if key is None or not self._breaker.allows():
             return "bypass", None
         try:
             reply = await self._stub.Lookup(
@@ -88,8 +97,9 @@ class ResponseCache:
                 timeout=LOOKUP_TIMEOUT_SECONDS,
             )
         except grpc.aio.AioRpcError as exc:
-            log.warning("cache lookup failed (%s); bypassing the cache", exc.code().name)
+            self._failed("lookup", exc)
             return "bypass", None
+        self._breaker.record_success()
         if reply.result in (pb.CACHE_RESULT_EXACT_HIT, pb.CACHE_RESULT_SEMANTIC_HIT):
             try:
                 stored = json.loads(reply.response)
@@ -104,6 +114,8 @@ class ResponseCache:
         return "miss", None
 
     async def store(self, key: CacheKey, answer: CachedAnswer) -> None:
+        if not self._breaker.allows():
+            return
         value = {
             "model_id": answer.model_id,
             "provider": answer.provider,
@@ -121,4 +133,15 @@ class ResponseCache:
                 timeout=STORE_TIMEOUT_SECONDS,
             )
         except grpc.aio.AioRpcError as exc:
-            log.warning("cache store failed (%s)", exc.code().name)
+            self._failed("store", exc)
+            return
+        self._breaker.record_success()
+
+    async def close(self) -> None:
+        await self._breaker.aclose()
+
+    def _failed(self, operation: str, exc: grpc.aio.AioRpcError) -> None:
+        if exc.code() in UNREACHABLE:
+            self._breaker.record_failure(f"{operation}: {exc.code().name}")  # logs once per outage
+        else:
+            log.warning("cache %s failed (%s); bypassing the cache", operation, exc.code().name)

@@ -19,6 +19,7 @@ from sophia.ledger.v1 import ledger_pb2 as ledger_pb
 from sophia.ledger.v1 import ledger_pb2_grpc
 
 from libs.background import Background
+from libs.breaker import UNREACHABLE, DependencyBreaker, grpc_health_probe
 from libs.config import Config, ModelConfig
 from libs.errors import InvalidArgument, ResourceExhausted, Unavailable
 from libs.pricing import PriceTable
@@ -43,6 +44,8 @@ from services.gateway.usage import UsageRecord, UsageRecorder
 log = logging.getLogger(__name__)
 
 BUDGET_TIMEOUT_SECONDS = 0.3
+CACHE_SERVICE = "sophia.cache.v1.CacheService"
+LEDGER_SERVICE = "sophia.ledger.v1.LedgerService"
 # A tenant found within budget is not asked about again for this long: one ledger call per tenant per
 # second instead of one per request, at the price of overshooting a hard stop by at most that second.
 BUDGET_RECHECK_SECONDS = 1.0
@@ -108,6 +111,8 @@ class RequestFlow:
         ledger: ledger_pb2_grpc.LedgerServiceStub,
         usage: UsageRecorder,
         background: Background,
+        *,
+        budget_breaker: DependencyBreaker,
     ) -> None:
         self._config = config
         self._access = access
@@ -120,30 +125,58 @@ class RequestFlow:
         self._background = background
         self._prices = PriceTable(config.ledger.prices)
         self._within_budget_until: dict[str, float] = {}
+        self._budget_breaker = budget_breaker
 
     @classmethod
     def build(cls, config, access, routing, providers, channels, usage, background) -> RequestFlow:
         cache = ResponseCache(
-            cache_pb2_grpc.CacheServiceStub(channels["cache"]), config.cache, config.gateway.cache_enabled
+            cache_pb2_grpc.CacheServiceStub(channels["cache"]),
+            config.cache,
+            config.gateway.cache_enabled,
+            DependencyBreaker("cache (bypassed)", grpc_health_probe(channels["cache"], CACHE_SERVICE)),
         )
         ledger = ledger_pb2_grpc.LedgerServiceStub(channels["ledger"])
-        return cls(
-            config, access, routing, ChatExecutor(providers), providers, cache, ledger, usage, background
+        budget_mode = "failing open" if config.gateway.budget_fail_open else "failing closed"
+        budget_breaker = DependencyBreaker(
+            f"ledger (budgets not checked: {budget_mode})",
+            grpc_health_probe(channels["ledger"], LEDGER_SERVICE),
         )
+        return cls(
+            config,
+            access,
+            routing,
+            ChatExecutor(providers),
+            providers,
+            cache,
+            ledger,
+            usage,
+            background,
+            budget_breaker=budget_breaker,
+        )
+
+    async def close(self) -> None:
+        """Stops the breakers' probes."""
+        await self._cache.close()
+        await self._budget_breaker.aclose()
 
     async def _check_budget(self, tenant_id: str) -> None:
         if self._within_budget_until.get(tenant_id, 0.0) > time.monotonic():
+            return
+        if not self._budget_breaker.allows():
+            self._budget_unchecked(tenant_id)
             return
         try:
             reply = await self._ledger.CheckBudget(
                 ledger_pb.CheckBudgetRequest(tenant_id=tenant_id), timeout=BUDGET_TIMEOUT_SECONDS
             )
         except grpc.aio.AioRpcError as exc:
-            if self._config.gateway.budget_fail_open:
-                log.warning("budget not checked, ledger unavailable (%s): failing open", exc.code().name)
-                self._within_budget_until[tenant_id] = time.monotonic() + BUDGET_RECHECK_SECONDS
-                return
-            raise Unavailable("budget could not be checked: the ledger is unavailable") from None
+            if exc.code() in UNREACHABLE:
+                self._budget_breaker.record_failure(exc.code().name)  # logs once per outage
+            else:
+                log.warning("budget check failed (%s)", exc.code().name)
+            self._budget_unchecked(tenant_id)
+            return
+        self._budget_breaker.record_success()
         if reply.allowed:
             self._within_budget_until[tenant_id] = time.monotonic() + BUDGET_RECHECK_SECONDS
             return
@@ -151,6 +184,12 @@ class RequestFlow:
             f"budget exhausted: tenant {tenant_id} has spent ${reply.spent_micros / 1e6:.2f} "
             f"of its ${reply.limit_micros / 1e6:.2f} monthly budget"
         )
+
+    def _budget_unchecked(self, tenant_id: str) -> None:
+        """The ledger could not answer: let the request through or refuse it, as configured."""
+        if not self._config.gateway.budget_fail_open:
+            raise Unavailable("budget could not be checked: the ledger is unavailable")
+        self._within_budget_until[tenant_id] = time.monotonic() + BUDGET_RECHECK_SECONDS
 
     async def _prepare(self, principal: Principal, request: ChatRequest, request_id: str) -> _Prepared:
         """Limits, budget and cache, in that order; the route only when the cache has no answer."""

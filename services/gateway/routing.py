@@ -1,4 +1,8 @@
-"""Asks the Router for a plan; when the Router cannot answer, falls back to the configured chains."""
+"""Asks the Router for a plan; when the Router cannot answer, falls back to the configured chains.
+
+While the Router is known to be down (its breaker is open) the plan is made here at once, and outcome
+reports are dropped, instead of every request waiting for a Router that is not there.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import grpc
 from sophia.router.v1 import router_pb2 as pb
 from sophia.router.v1 import router_pb2_grpc
 
+from libs.breaker import UNREACHABLE, DependencyBreaker, grpc_health_probe
 from libs.clients import open_channel
 from libs.config import Config
 from libs.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -30,6 +35,7 @@ _PREFERENCES = {
 }
 # Routing is on the request path: a slow Router must not eat the caller's time.
 ROUTE_TIMEOUT_SECONDS = 0.5
+ROUTER_SERVICE = "sophia.router.v1.RouterService"
 
 
 @dataclass(frozen=True)
@@ -43,11 +49,14 @@ class Routing:
         self._config = config
         self._channel = open_channel(
             config.services.router.address,
-            service="sophia.router.v1.RouterService",
+            service=ROUTER_SERVICE,
             idempotent_methods=("Route", "ListModels", "GetProviderHealth"),
             settings=config.clients,
         )
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
+        self._breaker = DependencyBreaker(
+            "router (routing by the configured rules)", grpc_health_probe(self._channel, ROUTER_SERVICE)
+        )
         self._rules = RoutingRules(config)
 
     def check_model(self, model: str, kind: str) -> None:
@@ -76,6 +85,8 @@ class Routing:
     async def plan(
         self, request: ChatRequest, tenant_id: str, request_id: str, estimated_tokens: int
     ) -> Plan:
+        if not self._breaker.allows():
+            return self.local_plan(request, estimated_tokens)
         try:
             reply = await self._stub.Route(
                 pb.RouteRequest(
@@ -95,14 +106,20 @@ class Routing:
             verdict = _ROUTER_VERDICTS.get(exc.code())
             if verdict is not None:
                 raise verdict(exc.details()) from None
-            log.warning("router unavailable (%s); routing by the configured rules", exc.code().name)
+            if exc.code() in UNREACHABLE:
+                self._breaker.record_failure(exc.code().name)  # logs once per outage
+            else:
+                log.warning("router failed (%s); routing by the configured rules", exc.code().name)
             return self.local_plan(request, estimated_tokens)
+        self._breaker.record_success()
         targets = tuple(Target(t.model_id, t.provider, t.provider_model) for t in reply.targets)
         if not targets:
             return self.local_plan(request, estimated_tokens)
         return Plan(targets, reply.reason)
 
     def report(self, attempts, background) -> None:
+        if not self._breaker.allows():
+            return
         for attempt in attempts:
             background.spawn(report_outcome(self._stub, attempt))
 
@@ -110,6 +127,7 @@ class Routing:
         return Target(model, self._config.models[model].provider, self._config.provider_model(model))
 
     async def close(self) -> None:
+        await self._breaker.aclose()
         await self._channel.close()
 
 

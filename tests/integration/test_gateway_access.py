@@ -23,7 +23,7 @@ from sophia.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from libs.config import load_config
 from libs.errors import ResourceExhausted
 from libs.redis_store import open_redis
-from services.gateway.access import AccessControl
+from services.gateway.access import AccessControl, redis_breaker
 from services.gateway.auth import KeyRing
 from services.gateway.domain import Principal
 from services.gateway.keystore import KeyStore
@@ -391,7 +391,15 @@ async def test_the_token_limit_refuses_once_used_tokens_are_charged_through_the_
 async def access(mesh):
     config = load_config(environ=mesh.environ)
     client = open_redis(config.redis.url, timeout_seconds=config.gateway.redis_timeout_seconds)
-    yield AccessControl(KeyRing(config.auth), KeyStore(client), RateLimiter(client), key_cache_seconds=1)
+    access = AccessControl(
+        KeyRing(config.auth),
+        KeyStore(client),
+        RateLimiter(client),
+        key_cache_seconds=1,
+        breaker=redis_breaker(client),
+    )
+    yield access
+    await access.close()
     await client.aclose()
 
 

@@ -40,6 +40,8 @@ async def test_a_failure_opens_and_the_probe_closes_once_the_dependency_answers(
         assert breaker.state is BreakerState.OPEN
         dependency.up = True
         await _until(breaker.allows)
+        breaker.record_success()  # a real call worked: the outage is over
+        breaker.record_success()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     infos = [r for r in caplog.records if r.levelno == logging.INFO]
     assert len(warnings) == 1 and "cache unavailable (UNAVAILABLE)" in warnings[0].getMessage()
@@ -88,3 +90,35 @@ async def test_aclose_stops_the_probe():
     await asyncio.sleep(0.05)
     assert dependency.probes == probes
     assert breaker.state is BreakerState.OPEN
+
+
+async def test_a_dependency_that_fails_right_after_its_probe_succeeded_is_still_one_outage(caplog):
+    dependency = FlakyDependency()
+    dependency.up = True  # answers its health probe, yet real calls fail (its own backend is down)
+    breaker = DependencyBreaker("cache", dependency.probe, probe_interval_seconds=0.01, settle_seconds=0.2)
+    with caplog.at_level(logging.INFO, logger="libs.breaker"):
+        for _ in range(5):
+            breaker.record_failure("UNAVAILABLE")
+            await _until(breaker.allows)
+        assert not [r for r in caplog.records if r.levelno == logging.INFO]
+        await asyncio.sleep(0.25)
+        assert breaker.allows()  # closed for the settle time with no failure: recovered
+    levels = [r.levelno for r in caplog.records]
+    assert levels == [logging.WARNING, logging.INFO]
+    breaker.record_failure("UNAVAILABLE")  # a new outage is logged again
+    assert [r.levelno for r in caplog.records][-1] == logging.WARNING
+    await breaker.aclose()
+
+
+async def test_a_threshold_opens_only_after_that_many_failures_in_a_row():
+    dependency = FlakyDependency()
+    breaker = DependencyBreaker("redis", dependency.probe, failure_threshold=3)
+    breaker.record_failure("timeout")
+    breaker.record_failure("timeout")
+    breaker.record_success()  # the run is broken
+    breaker.record_failure("timeout")
+    breaker.record_failure("timeout")
+    assert breaker.allows()
+    breaker.record_failure("timeout")
+    assert not breaker.allows()
+    await breaker.aclose()

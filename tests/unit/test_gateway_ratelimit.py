@@ -10,7 +10,7 @@ import pytest
 from libs.config import AuthConfig, load_config
 from libs.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from libs.redis_store import open_redis
-from services.gateway.access import AccessControl
+from services.gateway.access import AccessControl, redis_breaker
 from services.gateway.admin import group_by, monthly_limit_micros, parse_time, validate_new_key
 from services.gateway.auth import KeyRing
 from services.gateway.domain import Principal
@@ -141,7 +141,15 @@ async def access_without_redis():
         }
     )
     client = open_redis(config.redis.url, timeout_seconds=config.gateway.redis_timeout_seconds)
-    yield AccessControl(KeyRing(config.auth), KeyStore(client), RateLimiter(client), key_cache_seconds=5)
+    access = AccessControl(
+        KeyRing(config.auth),
+        KeyStore(client),
+        RateLimiter(client),
+        key_cache_seconds=5,
+        breaker=redis_breaker(client),
+    )
+    yield access
+    await access.close()
     await client.aclose()
 
 
