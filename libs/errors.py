@@ -6,17 +6,48 @@ resource, and `libs.server` aborts the RPC with the matching status code.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
+
+# Client values echoed in messages are cut to this many characters. Status messages and metadata values
+# travel as HTTP/2 headers on a connection the edge shares between many clients' requests: an unbounded
+# one (a 64 KB model name) overflows the peer's header limit and the whole connection is dropped, failing
+# every other request on it.
+MAX_SHOWN_CHARS = 200
+MAX_STATUS_MESSAGE_CHARS = 1024
+MAX_METADATA_VALUE_CHARS = 1024
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def shown(value: Any) -> str:
+    """A client-supplied value as an error message quotes it: its repr, cut to MAX_SHOWN_CHARS."""
+    if isinstance(value, str) and len(value) > MAX_SHOWN_CHARS:
+        value = value[:MAX_SHOWN_CHARS]  # never repr a huge string only to cut it
+        return repr(value)[:-1] + "…" + repr(value)[-1]
+    return _bounded(repr(value), MAX_SHOWN_CHARS)
 
 
 class ServiceError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str, *, trailers: tuple[tuple[str, str], ...] = ()) -> None:
+        message = _bounded(message, MAX_STATUS_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
         # Extra trailing metadata for the client, e.g. ("retry-after", "3").
-        self.trailers = trailers
+        self.trailers = bounded_metadata(trailers)
+
+
+def bounded_metadata(metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """Metadata with every text value cut to MAX_METADATA_VALUE_CHARS (binary -bin values pass)."""
+    return tuple(
+        (key, _bounded(value, MAX_METADATA_VALUE_CHARS) if isinstance(value, str) else value)
+        for key, value in metadata
+    )
 
 
 class InvalidArgument(ServiceError):

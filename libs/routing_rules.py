@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from libs.config import Config
-from libs.errors import FailedPrecondition, InvalidArgument, NotFound
+from libs.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 
 AUTO = "auto"
 Kind = Literal["chat", "embedding"]
@@ -77,10 +77,10 @@ class RoutingRules:
     def _checked(self, model_id: str, kind: Kind) -> str:
         model = self.config.models.get(model_id)
         if model is None:
-            raise NotFound(f"model: unknown model {model_id!r}")
+            raise NotFound(f"model: unknown model {shown(model_id)}")
         if model.kind != kind:
             raise InvalidArgument(
-                "model", f"{model_id!r} is a {model.kind} model; this request needs a {kind} model"
+                "model", f"{shown(model_id)} is a {model.kind} model; this request needs a {kind} model"
             )
         return model_id
 
@@ -103,7 +103,7 @@ class RoutingRules:
         if query.task_type:
             chain = routing.task_types.get(query.task_type)
             if chain is None:
-                missing.append(f"task_type {query.task_type!r} has no rule")
+                missing.append(f"task_type {shown(query.task_type)} has no rule")
             else:
                 reason = f"task_type={query.task_type}"
         if chain is None:

@@ -289,6 +289,9 @@ async def _serve(
         options=[
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.max_send_message_length", limits.max_message_bytes),
+            # Request metadata above 16 KiB is refused per call; it also bounds what a reply can echo
+            # (x-request-id), far below the edge's 60 KiB response-header limit (envoy.template.yaml).
+            ("grpc.max_metadata_size", 16 * 1024),
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,

@@ -2,8 +2,11 @@
 --
 -- Request path:
 --   * drops every client-sent x-envoy-* header (Envoy sanitizes only some of them);
+--   * a grpc-timeout header that is not gRPC's format (1-8 digits, then one of H M S m u n) → 400;
 --   * bodies of transcoded routes (table in edge_schema.lua, generated from the descriptor set): answers
---     400 for a JSON member the proto does not declare (the transcoder would drop it silently);
+--     400 for a JSON member the proto does not declare (the transcoder would drop it silently), for
+--     JSON nested deeper than MAX_JSON_DEPTH, and for an object or array as the value of a map whose
+--     values are scalars (the transcoder would fail on both with a 500);
 --   * POST /v1/chat/completions: when the TOP-LEVEL object has "stream": true, rewrites :path to
 --     /v1/chat/completions:stream so the transcoder picks the server-streaming RPC; whether
 --     stream_options.include_usage is true is kept (dynamic metadata) for the response side.
@@ -56,6 +59,11 @@ end
 
 local STRUCT = '["{}%[%],:]'
 
+-- Deepest JSON nesting a request body may have (the top-level object is depth 1). OpenAI bodies need
+-- well under 10 levels; tool parameter schemas a few more. Deeper documents are refused with 400 naming
+-- the member: protobuf's parser gives up on them (google.protobuf.Value nests two messages per level).
+local MAX_JSON_DEPTH = 32
+
 -- Generated from the descriptor set: request-body fields per message and the routes that carry a body.
 local SCHEMA = require("edge_schema")
 local MESSAGES = SCHEMA.messages
@@ -75,10 +83,11 @@ end
 
 -- Scans a JSON document once (strings with escapes, nesting depth, no recursion) and calls
 -- on_value(depth, kinds, keys, value_start) for every object member value; keys[d] is the member name
--- at depth d (depth 1 = the top-level object), kinds[d] 123 '{' or 91 '['. With root_schema (a message
--- name from edge_schema.lua) it also checks member names against the proto and returns
--- "unknown", path at the first undeclared one. Returns "not_object" when the top level is not an object
--- and "ok" otherwise; malformed JSON is left to the transcoder, which reports it.
+-- at depth d (depth 1 = the top-level object), kinds[d] 123 '{' or 91 '['. Returns "too_deep", path
+-- for nesting beyond MAX_JSON_DEPTH. With root_schema (a message name from edge_schema.lua) it also
+-- checks the body against the proto and returns "unknown", path at the first undeclared member, or
+-- "not_scalar", path for an object or array as a scalar-valued map's value. Returns "not_object" when
+-- the top level is not an object and "ok" otherwise; malformed JSON is left to the transcoder.
 local function scan_object(s, root_schema, on_value)
   local i = find(s, "%S")
   if not i or byte(s, i) ~= 123 then return "not_object" end -- '{'
@@ -112,6 +121,8 @@ local function scan_object(s, root_schema, on_value)
           local ps = schemas[depth]
           if kinds[depth] == 91 then
             child = ps -- element of a repeated field
+          elseif ps == "map:=" then
+            return "not_scalar", member_path(depth, kinds, keys)
           elseif ps and sub(ps, 1, 4) == "map:" then
             child = #ps > 4 and sub(ps, 5) or false -- a map value
           elseif ps then
@@ -119,6 +130,7 @@ local function scan_object(s, root_schema, on_value)
             child = (f and f ~= "") and f or false
           end
         end
+        if depth >= MAX_JSON_DEPTH then return "too_deep", member_path(depth, kinds, keys) end
         depth = depth + 1
         kinds[depth], keys[depth], schemas[depth] = c, nil, child
         expect_key = (c == 123)
@@ -151,6 +163,26 @@ local function body_route(method, path)
   return nil
 end
 
+-- A 400 from the edge itself; local_reply_config shapes it as an OpenAI error with `param` set.
+local function refuse(handle, param, message)
+  local meta = handle:streamInfo():dynamicMetadata()
+  meta:set(META, "refused", true)
+  meta:set(META, "param", param)
+  handle:respond({ [":status"] = "400" }, param .. ": " .. message)
+end
+
+-- gRPC's TimeoutValue (1 to 8 digits) and TimeoutUnit; anything else fails inside the Gateway's gRPC
+-- stack (500) instead of naming the header.
+local function valid_grpc_timeout(v)
+  return #v <= 9 and find(v, "^%d+[HMSmun]$") ~= nil
+end
+
+local REFUSALS = {
+  unknown = "unknown field",
+  too_deep = "nested deeper than " .. MAX_JSON_DEPTH .. " levels",
+  not_scalar = "map values must be strings, numbers or booleans, not objects or arrays",
+}
+
 function envoy_on_request(handle)
   local headers = handle:headers()
 
@@ -162,6 +194,12 @@ function envoy_on_request(handle)
 
   if find(headers:get("content-type") or "", "application/grpc", 1, true) == 1 then
     handle:streamInfo():dynamicMetadata():set(META, "grpc_native", true)
+    return
+  end
+
+  local grpc_timeout = headers:get("grpc-timeout")
+  if grpc_timeout and not valid_grpc_timeout(grpc_timeout) then
+    refuse(handle, "grpc-timeout", "must be 1 to 8 digits and a unit (H, M, S, m, u or n), e.g. 30S")
     return
   end
 
@@ -193,10 +231,8 @@ function envoy_on_request(handle)
     return false
   end or nil)
 
-  if result == "unknown" then
-    -- The transcoder would drop the field silently. local_reply_config wraps this text in the
-    -- OpenAI error shape.
-    handle:respond({ [":status"] = "400" }, 'unknown field "' .. where .. '"')
+  if REFUSALS[result] then
+    refuse(handle, where, REFUSALS[result])
     return
   end
   if stream then

@@ -16,7 +16,7 @@ from sophia.router.v1 import router_pb2_grpc
 from libs.breaker import UNREACHABLE, DependencyBreaker, grpc_health_probe
 from libs.clients import open_channel
 from libs.config import Config
-from libs.errors import FailedPrecondition, InvalidArgument, NotFound
+from libs.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from libs.routing_rules import RouteQuery, RoutingRules
 from services.gateway.domain import ChatRequest, Target
 
@@ -65,9 +65,9 @@ class Routing:
             return
         configured = self._config.models.get(model)
         if configured is None or not configured.enabled:
-            raise NotFound(f"model: {model!r} does not exist; GET /v1/models lists the available models")
+            raise NotFound(f"model: {shown(model)} does not exist; GET /v1/models lists the available models")
         if configured.kind != kind:
-            raise InvalidArgument("model", f"{model!r} is a {configured.kind} model, not a {kind} model")
+            raise InvalidArgument("model", f"{shown(model)} is a {configured.kind} model, not a {kind} model")
 
     def local_plan(self, request: ChatRequest, estimated_tokens: int) -> Plan:
         """The plan the Router's rules give, computed here because the Router could not answer."""

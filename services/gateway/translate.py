@@ -13,7 +13,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 from sophia.gateway.v1 import gateway_pb2 as pb
 
-from libs.errors import InvalidArgument
+from libs.errors import InvalidArgument, shown
 from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Message
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -63,7 +63,9 @@ def _content(field: str, content: Any, role: str, has_tool_calls: bool) -> str:
 def _message(i: int, message: pb.ChatMessage) -> Message:
     field = f"messages[{i}]"
     if message.role not in ROLES:
-        raise InvalidArgument(f"{field}.role", f"must be one of {', '.join(ROLES)}; got {message.role!r}")
+        raise InvalidArgument(
+            f"{field}.role", f"must be one of {', '.join(ROLES)}; got {shown(message.role)}"
+        )
     tool_calls = tuple(
         json_format.MessageToDict(call, preserving_proto_field_name=True) for call in message.tool_calls
     )

@@ -11,7 +11,7 @@ from sophia.inference.v1 import inference_pb2 as pb
 from sophia.inference.v1 import inference_pb2_grpc
 
 from libs.config import REPO_ROOT, InferenceConfig
-from libs.errors import InvalidArgument, NotFound, Unavailable
+from libs.errors import InvalidArgument, NotFound, Unavailable, shown
 from services.inference.engine import (
     ChatModel,
     EmbeddingModel,
@@ -70,7 +70,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if self._chat is None:
             raise Unavailable("models are still loading")
         if model_id != self._chat.id:
-            raise NotFound(f"model: unknown chat model {model_id!r}; this server has {self._chat.id!r}")
+            raise NotFound(f"model: unknown chat model {shown(model_id)}; this server has {self._chat.id!r}")
         return self._chat
 
     def _generation(self, request: pb.GenerateRequest | pb.GenerateStreamRequest):
@@ -144,7 +144,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise Unavailable("models are still loading")
         if request.model != self._embedding.id:
             raise NotFound(
-                f"model: unknown embedding model {request.model!r}; this server has {self._embedding.id!r}"
+                f"model: unknown embedding model {shown(request.model)}; "
+                f"this server has {self._embedding.id!r}"
             )
         if not 0 < len(request.inputs) <= MAX_EMBED_INPUTS:
             raise InvalidArgument("inputs", f"must hold between 1 and {MAX_EMBED_INPUTS} strings")
