@@ -187,6 +187,9 @@ class GatewayConfig(_Strict):
     # Usage records the ledger could not take wait here (one file per record) until it is back.
     outbox_dir: str = "var/outbox"
     outbox_replay_seconds: float = Field(default=2.0, gt=0)
+    # A client's x-request-id is an idempotency key: a retry within this window is answered with the
+    # first answer (not run or billed again); the same id with a different request is refused.
+    idempotency_window_seconds: float = Field(default=24 * 3600, gt=0)
     # API keys found in Redis are remembered this long per replica: a key revoked through another
     # replica keeps working here for at most this many seconds. 0 → look every key up in Redis.
     key_cache_seconds: float = Field(default=5.0, ge=0)

@@ -20,6 +20,7 @@ from services.gateway.access import AccessControl, redis_breaker
 from services.gateway.admission import Admission
 from services.gateway.auth import KeyRing
 from services.gateway.flow import RequestFlow
+from services.gateway.idempotency import IdempotencyKeys
 from services.gateway.journal import UsageJournal
 from services.gateway.keystore import KeyStore
 from services.gateway.providers.registry import build_providers
@@ -88,6 +89,7 @@ class GatewayApp:
             self._channels,
             self.usage,
             self.background,
+            IdempotencyKeys(self.redis, config.gateway.idempotency_window_seconds),
         )
         admission = Admission(
             max_inflight=config.gateway.max_inflight_requests,

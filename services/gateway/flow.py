@@ -8,6 +8,7 @@ Embeddings take the same door (limits, budget, usage) without the cache and the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,6 +37,7 @@ from services.gateway.domain import (
     estimated_prompt_tokens,
     estimated_text_tokens,
 )
+from services.gateway.idempotency import Claim, IdempotencyKeys
 from services.gateway.pipeline import Attempt, ChatExecutor, provider_failure
 from services.gateway.providers.base import Provider, ProviderError
 from services.gateway.routing import Routing
@@ -113,6 +115,7 @@ class RequestFlow:
         background: Background,
         *,
         budget_breaker: DependencyBreaker,
+        idempotency: IdempotencyKeys,
     ) -> None:
         self._config = config
         self._access = access
@@ -126,9 +129,12 @@ class RequestFlow:
         self._prices = PriceTable(config.ledger.prices)
         self._within_budget_until: dict[str, float] = {}
         self._budget_breaker = budget_breaker
+        self._idempotency = idempotency
 
     @classmethod
-    def build(cls, config, access, routing, providers, channels, usage, background) -> RequestFlow:
+    def build(
+        cls, config, access, routing, providers, channels, usage, background, idempotency
+    ) -> RequestFlow:
         cache = ResponseCache(
             cache_pb2_grpc.CacheServiceStub(channels["cache"]),
             config.cache,
@@ -152,6 +158,7 @@ class RequestFlow:
             usage,
             background,
             budget_breaker=budget_breaker,
+            idempotency=idempotency,
         )
 
     async def close(self) -> None:
@@ -271,6 +278,25 @@ class RequestFlow:
         return vectors, tokens
 
     async def complete(
+        self,
+        principal: Principal,
+        request: ChatRequest,
+        request_id: str,
+        fingerprint: str | None = None,
+    ) -> tuple[Completion, ChatOutcome]:
+        """`fingerprint`: the request's, when the client chose the request id (see idempotency.py)."""
+        claim = await self._idempotency.claim(principal.tenant_id, request_id, fingerprint)
+        if claim.answer is not None:
+            return _replayed(claim.answer)  # answered before: not run, not counted again
+        try:
+            completion, outcome = await self._complete(principal, request, claim.record_request_id)
+        except BaseException:
+            await self._idempotency.release(claim)
+            raise
+        await self._idempotency.complete(claim, _answer(completion, outcome))
+        return completion, outcome
+
+    async def _complete(
         self, principal: Principal, request: ChatRequest, request_id: str
     ) -> tuple[Completion, ChatOutcome]:
         prepared = await self._prepare(principal, request, request_id)
@@ -289,20 +315,32 @@ class RequestFlow:
         await self._settle(principal, prepared.cache_key, request_id, outcome, completion)
         return completion, outcome
 
-    async def stream(self, principal: Principal, request: ChatRequest, request_id: str) -> ChatStream:
+    async def stream(
+        self,
+        principal: Principal,
+        request: ChatRequest,
+        request_id: str,
+        fingerprint: str | None = None,
+    ) -> ChatStream:
+        """`fingerprint` as for `complete`; a retried stream is replayed from the stored answer."""
+        claim = await self._idempotency.claim(principal.tenant_id, request_id, fingerprint)
+        if claim.answer is not None:
+            return _whole_stream(*_replayed(claim.answer))
+        try:
+            return await self._stream(principal, request, claim)
+        except BaseException:
+            await self._idempotency.release(claim)
+            raise
+
+    async def _stream(self, principal: Principal, request: ChatRequest, claim: Claim) -> ChatStream:
+        request_id = claim.record_request_id
         prepared = await self._prepare(principal, request, request_id)
         if prepared.answer is not None:
             whole = prepared.answer.completion
             outcome = ChatOutcome(prepared.answer.model_id, prepared.answer.provider, 0, "hit")
             await self._settle(principal, prepared.cache_key, request_id, outcome, whole)
-            first = CompletionChunk(
-                text=whole.text,
-                finish_reason=whole.finish_reason,
-                prompt_tokens=whole.prompt_tokens,
-                completion_tokens=whole.completion_tokens,
-                tool_calls=whole.tool_calls,
-            )
-            return ChatStream(first, _NoMoreChunks(), outcome)
+            await self._idempotency.complete(claim, _answer(whole, outcome))
+            return _whole_stream(whole, outcome)
         attempts: list[Attempt] = []
         try:
             first, rest, served = await self._executor.stream(prepared.targets, request, attempts)
@@ -321,8 +359,36 @@ class RequestFlow:
             await self._settle(
                 principal, prepared.cache_key, request_id, outcome, completion, cacheable=cacheable
             )
+            # Only a whole answer can be replayed; a stream cut short frees its key for a real retry.
+            if tally.finish_reason is None:
+                await self._idempotency.release(claim)
+            else:
+                await self._idempotency.complete(claim, _answer(completion, outcome))
 
         return ChatStream(first, SettledStream(rest, tally, settle), outcome)
+
+
+def _answer(completion: Completion, outcome: ChatOutcome) -> dict:
+    """What a retry of the request is answered with."""
+    return {"completion": dataclasses.asdict(completion), "outcome": dataclasses.asdict(outcome)}
+
+
+def _replayed(answer: dict) -> tuple[Completion, ChatOutcome]:
+    completion = Completion(**answer["completion"])
+    completion.tool_calls = tuple(completion.tool_calls)
+    return completion, ChatOutcome(**answer["outcome"])
+
+
+def _whole_stream(whole: Completion, outcome: ChatOutcome) -> ChatStream:
+    """A stream of an answer known whole (from the cache, or a retry's stored answer): one chunk."""
+    first = CompletionChunk(
+        text=whole.text,
+        finish_reason=whole.finish_reason,
+        prompt_tokens=whole.prompt_tokens,
+        completion_tokens=whole.completion_tokens,
+        tool_calls=whole.tool_calls,
+    )
+    return ChatStream(first, _NoMoreChunks(), outcome)
 
 
 class SettledStream:

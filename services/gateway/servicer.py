@@ -13,7 +13,7 @@ from sophia.gateway.v1 import gateway_pb2_grpc
 from libs.config import Config
 from libs.errors import InvalidArgument, Unavailable
 from libs.logs import request_id_var
-from services.gateway import translate
+from services.gateway import idempotency, translate
 from services.gateway.access import AccessControl
 from services.gateway.admission import Admission
 from services.gateway.domain import ChatRequest, Principal
@@ -26,6 +26,13 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 def _metadata(context) -> tuple[tuple[str, str | bytes], ...]:
     return tuple(context.invocation_metadata() or ())
+
+
+def _fingerprint(context, rpc: str, request) -> str | None:
+    """The request's fingerprint when the client chose its x-request-id (an idempotency key), else None."""
+    if not any(name == "x-request-id" for name, _ in _metadata(context)):
+        return None
+    return idempotency.fingerprint(rpc, request)
 
 
 def cache_disabled_by_header(metadata) -> bool:
@@ -93,7 +100,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 'use StreamChatCompletion for streaming (the REST edge does this for "stream": true)',
             )
         chat = await self._chat_request(request, context)
-        completion, outcome = await self._flow.complete(principal, chat, request_id)
+        claimed = _fingerprint(context, "CreateChatCompletion", request)
+        completion, outcome = await self._flow.complete(principal, chat, request_id, claimed)
         await context.send_initial_metadata(self._response_headers(request_id, outcome))
         return translate.completion_response(
             f"chatcmpl-{request_id}", int(time.time()), outcome.model_id, completion
@@ -102,7 +110,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def StreamChatCompletion(self, request, context):
         principal, request_id = await self._begin(context)
         chat = await self._chat_request(request, context)
-        stream = await self._flow.stream(principal, chat, request_id)
+        claimed = _fingerprint(context, "StreamChatCompletion", request)
+        stream = await self._flow.stream(principal, chat, request_id, claimed)
         # Closed here, in the RPC's own task, however the RPC ends (a client that went away included), so
         # what was delivered is billed at once, not whenever the generator happens to be collected.
         async with contextlib.aclosing(stream.rest):

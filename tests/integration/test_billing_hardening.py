@@ -192,3 +192,84 @@ async def test_usage_under_a_request_id_the_ledger_holds_for_other_usage_is_stil
     report = await wait_for_requests(pipeline, tenant, 2)
     assert report.total.requests == 2
     assert report.total.output_tokens == 1 + reply.json()["usage"]["completion_tokens"]
+
+
+def post_chat(pipeline, secret: str, request_id: str, content: str, **extra) -> httpx.Response:
+    body = {"model": "good-gpt", "messages": [{"role": "user", "content": content}], "cache": False, **extra}
+    return httpx.post(
+        f"{pipeline.edge}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {secret}", "x-request-id": request_id},
+        json=body,
+        timeout=60,
+    )
+
+
+async def test_one_request_id_never_bills_many_requests_once(pipeline):
+    tenant, _, secret = new_tenant_key(pipeline)
+    prompts = [f"prompt number {i}" for i in range(20)]
+    replies = [await asyncio.to_thread(post_chat, pipeline, secret, "shared-id", p) for p in prompts]
+    assert replies[0].status_code == 200, replies[0].text
+    for refused in replies[1:]:
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"]["code"] == "ALREADY_EXISTS"
+        assert "x-request-id" in refused.json()["error"]["message"]
+    await asyncio.sleep(0.5)
+    assert (await usage_report(pipeline, tenant)).total.requests == 1
+
+
+async def test_a_retry_gets_the_first_answer_and_is_counted_once(pipeline):
+    tenant, key_id, secret = new_tenant_key(pipeline)
+    first = await asyncio.to_thread(post_chat, pipeline, secret, "retry-id", "say this once")
+    retry = await asyncio.to_thread(post_chat, pipeline, secret, "retry-id", "say this once")
+    assert first.status_code == retry.status_code == 200
+    assert retry.json()["choices"] == first.json()["choices"]
+    assert retry.json()["usage"] == first.json()["usage"]
+    report = await wait_for_requests(pipeline, tenant, 1)
+    await asyncio.sleep(0.5)
+    report = await usage_report(pipeline, tenant)
+    assert report.total.requests == 1
+    usage = first.json()["usage"]
+    assert charged_tokens(pipeline, key_id) == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+async def test_a_retry_while_the_first_attempt_runs_is_told_to_wait(pipeline):
+    tenant, _, secret = new_tenant_key(pipeline)
+    content = "fault=latency:2 slow answer"
+    first = asyncio.create_task(asyncio.to_thread(post_chat, pipeline, secret, "slow-id", content))
+    await asyncio.sleep(0.8)
+    early = await asyncio.to_thread(post_chat, pipeline, secret, "slow-id", content)
+    assert early.status_code == 409, early.text
+    assert early.json()["error"]["code"] == "ABORTED"
+    assert (await first).status_code == 200
+    late = await asyncio.to_thread(post_chat, pipeline, secret, "slow-id", content)
+    assert late.status_code == 200
+    assert late.json()["choices"] == (await first).json()["choices"]
+    await asyncio.sleep(0.5)
+    assert (await usage_report(pipeline, tenant)).total.requests == 1
+
+
+async def test_a_failed_first_attempt_frees_its_request_id(pipeline):
+    _, _, secret = new_tenant_key(pipeline)
+    for _ in range(2):  # the retry runs (and fails) again instead of being told to wait
+        reply = await asyncio.to_thread(post_chat, pipeline, secret, "failing-id", "hi", model="fail400-gpt")
+        assert reply.status_code == 400, reply.text
+
+
+async def test_a_retried_stream_is_replayed_from_the_stored_answer(pipeline):
+    tenant, _, secret = new_tenant_key(pipeline)
+    body = {"model": "good-gpt", "messages": [{"role": "user", "content": LONG_PROMPT}], "stream": True}
+    texts = []
+    for _ in range(2):
+        text = []
+        async with httpx.AsyncClient(base_url=pipeline.edge, timeout=60) as client:
+            headers = {"Authorization": f"Bearer {secret}", "x-request-id": "stream-id"}
+            async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as reply:
+                assert reply.status_code == 200
+                async for line in reply.aiter_lines():
+                    if line.startswith("data: {"):
+                        choices = json.loads(line.removeprefix("data: ")).get("choices") or [{}]
+                        text.append((choices[0].get("delta") or {}).get("content") or "")
+        texts.append("".join(text))
+    assert texts[0] == texts[1] == LONG_PROMPT
+    await asyncio.sleep(0.5)
+    assert (await usage_report(pipeline, tenant)).total.requests == 1
