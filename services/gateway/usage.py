@@ -13,6 +13,7 @@ under an id derived from its journal entry (the same on every resend, so it too 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import logging
 from dataclasses import asdict, dataclass, replace
@@ -22,6 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sophia.ledger.v1 import ledger_pb2 as pb
 from sophia.ledger.v1 import ledger_pb2_grpc
 
+from libs import deadline
 from libs.breaker import UNREACHABLE, DependencyBreaker
 from services.gateway.journal import JournalEntry, UsageJournal
 
@@ -109,7 +111,11 @@ class UsageRecorder:
             self._spawn(self._deliver(entry))
 
     def _spawn(self, work) -> None:
-        task = asyncio.get_running_loop().create_task(work)
+        # The delivery outlives the request: it keeps the request id for its logs but not the request's
+        # deadline, which would fail the ledger call the moment a client's deadline passed.
+        context = contextvars.copy_context()
+        context.run(deadline.start, None)
+        task = asyncio.get_running_loop().create_task(work, context=context)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
