@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import string
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from libs.config import REPO_ROOT, Config, ConfigError, TlsMode, load_config
+from libs.telemetry import PROMETHEUS_PORT_OFFSETS
 from libs.tls import Identity, MeshCredentials, TlsError, cert_dir, load_credentials, server_name_options
 from tools import certs
 
@@ -51,6 +53,7 @@ class Mesh:
         self.log_dir = self.state_dir / "log"
         self.pid_file = self.state_dir / "run" / "mesh.json"
         self.processes: dict[str, subprocess.Popen] = {}
+        self._log_offsets: dict[str, int] = {}
 
     # --- addresses -------------------------------------------------------------------------------
 
@@ -160,6 +163,8 @@ class Mesh:
         if component in SERVICES and self.config.tls.mode is TlsMode.MTLS:
             certs.ensure(self.cert_dir)
         with open(self.log_path(component), "ab") as log:
+            # Logs are appended across runs; errors quote only what this run wrote.
+            self._log_offsets[component] = log.tell()
             process = subprocess.Popen(
                 self._command(component),
                 cwd=REPO_ROOT,
@@ -207,9 +212,40 @@ class Mesh:
 
     def tail(self, component: str, lines: int = 40) -> str:
         try:
-            return "\n".join(self.log_path(component).read_text(errors="replace").splitlines()[-lines:])
+            with open(self.log_path(component), "rb") as log:
+                log.seek(self._log_offsets.get(component, 0))
+                text = log.read().decode(errors="replace")
         except OSError:
             return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(nothing logged)"
+
+    def listening_ports(self) -> dict[int, str]:
+        """Every port the mesh listens on → what it is and which setting moves it."""
+        ports = {
+            getattr(self.config.services, service).port: (
+                f"{service} gRPC (SOPHIA__SERVICES__{service.upper()}__PORT)"
+            )
+            for service in SERVICES
+        }
+        ports[self.config.edge.port] = "edge (SOPHIA__EDGE__PORT)"
+        ports[self.config.edge.admin_port] = "Envoy admin (SOPHIA__EDGE__ADMIN_PORT)"
+        ports[self.redis_port] = "Redis (SOPHIA_REDIS_URL)"
+        base = self.config.telemetry.prometheus_base_port
+        if base:
+            for service, offset in PROMETHEUS_PORT_OFFSETS.items():
+                ports[base + offset] = f"{service} metrics (SOPHIA__TELEMETRY__PROMETHEUS_BASE_PORT)"
+        return ports
+
+    def busy_ports(self) -> list[str]:
+        """The mesh's ports that something else already holds, each with the setting that moves it."""
+        busy = []
+        for port, what in sorted(self.listening_ports().items()):
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    busy.append(f"port {port} is in use: {what}")
+        return busy
 
     # --- stopping --------------------------------------------------------------------------------
 
@@ -255,8 +291,6 @@ def _start_time(pid: int) -> str:
 
 
 def _redis_ping(port: int) -> bool:
-    import socket
-
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
             sock.sendall(b"PING\r\n")
@@ -280,21 +314,31 @@ def up(mesh: Mesh, timeout: float) -> None:
     running = {name for name, entry in mesh.recorded().items() if _alive(entry)}
     if running:
         raise MeshError(f"already running: {', '.join(sorted(running))} (make down first)")
+    busy = mesh.busy_ports()
+    if busy:
+        raise MeshError("cannot start, move these ports with the setting named:\n  " + "\n  ".join(busy))
     try:
-        for component in COMPONENTS:
+        # Each step fails as soon as a process exits, quoting only this run's log lines; the edge starts
+        # last, once the Gateway behind it serves.
+        for component in ("redis", *SERVICES):
             mesh.start(component, detach=True)
             mesh.record()
-            if component in ("redis", "envoy"):
+            if component == "redis":
                 mesh.wait_ready([component], timeout)
         mesh.wait_ready(SERVICES, timeout)
+        mesh.start("envoy", detach=True)
+        mesh.record()
+        mesh.wait_ready(["envoy"], timeout)
     except MeshError:
-        down(mesh)
+        # Nothing was served yet, so there is nothing to drain: stop what started without waiting long.
+        down(mesh, timeout=3.0)
         raise
     edge = mesh.edge_url
     dev_key = os.environ.get("SOPHIA_DEV_KEY", "sk-sophia-dev")
+    gateway = mesh.address("gateway")
     print(f"""Sophia is up.
   REST (OpenAI-compatible)  {edge}/v1
-  gRPC Gateway              {mesh.address("gateway")}   (grpcurl -plaintext {mesh.address("gateway")} list)
+  gRPC Gateway              {gateway}   (.venv/bin/grpcurl -plaintext {gateway} list)
   Router                    {mesh.address("router")}
   SemanticCache             {mesh.address("cache")}
   CostLedger                {mesh.address("ledger")}
