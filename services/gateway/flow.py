@@ -162,9 +162,10 @@ class RequestFlow:
         )
 
     async def close(self) -> None:
-        """Stops the breakers' probes."""
+        """Stops the breakers' probes and the idempotency leases' renewal."""
         await self._cache.close()
         await self._budget_breaker.aclose()
+        await self._idempotency.close()
 
     async def _check_budget(self, tenant_id: str) -> None:
         if self._within_budget_until.get(tenant_id, 0.0) > time.monotonic():

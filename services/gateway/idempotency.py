@@ -5,9 +5,9 @@ body). Claims live in the Gateway's Redis, shared by every replica:
 
     gateway:idempotency:{<tenant>}:<request id>   string   {"fingerprint", "state", "answer"}
 
-- a first request claims the key (RUNNING, for at most `RUNNING_LEASE_SECONDS`, so a replica that dies
-  mid-request does not hold it for ever) and, once answered, stores its answer (DONE) for the
-  idempotency window;
+- a first request claims the key (RUNNING, a lease of `RUNNING_LEASE_SECONDS` that its Gateway renews
+  while the request runs, so a replica that dies mid-request frees it within the lease) and, once
+  answered, stores its answer (DONE) for the idempotency window;
 - a retry (same key, same fingerprint) gets the stored answer without calling a provider again, and is
   not counted again; while the first attempt still runs it gets ABORTED (HTTP 409) with retry-after;
 - the same key with a different request gets ALREADY_EXISTS (HTTP 409), Stripe's convention;
@@ -19,6 +19,7 @@ own, so a provider call is always counted and never merged into another request'
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import json
@@ -38,8 +39,9 @@ from services.gateway.usage import derived_request_id
 
 log = logging.getLogger(__name__)
 
-# Longer than any request may run (deadlines, stream drains); a claim older than this is abandoned.
-RUNNING_LEASE_SECONDS = 600
+# A running claim is a lease that its Gateway renews while the request runs: if that Gateway dies, the
+# claim lapses within the lease and a retry may run instead of being refused for good.
+RUNNING_LEASE_SECONDS = 10
 RETRY_AFTER_SECONDS = 1
 WARN_EVERY_SECONDS = 10.0
 
@@ -68,6 +70,20 @@ else
   redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 end
 return 1
+"""
+
+
+# KEYS: the claim. ARGV: fingerprint, lease seconds. Extends the lease only of a claim still running.
+_RENEW_SCRIPT = """
+local stored = redis.call('GET', KEYS[1])
+if not stored then
+  return 0
+end
+local claim = cjson.decode(stored)
+if claim['fingerprint'] ~= ARGV[1] or claim['state'] ~= 'running' then
+  return 0
+end
+return redis.call('EXPIRE', KEYS[1], ARGV[2])
 """
 
 
@@ -108,11 +124,18 @@ def _key(tenant_id: str, request_id: str) -> str:
 
 
 class IdempotencyKeys:
-    def __init__(self, client: redis.Redis, window_seconds: float) -> None:
+    def __init__(
+        self, client: redis.Redis, window_seconds: float, lease_seconds: int = RUNNING_LEASE_SECONDS
+    ) -> None:
         self._window_seconds = max(1, int(window_seconds))
+        self._lease_seconds = lease_seconds
         self._claim = client.register_script(_CLAIM_SCRIPT)
         self._settle = client.register_script(_SETTLE_SCRIPT)
+        self._renew = client.register_script(_RENEW_SCRIPT)
         self._last_warning = float("-inf")
+        # Claims this process holds (key → fingerprint), renewed until they are settled.
+        self._held: dict[str, str] = {}
+        self._renewing: asyncio.Task | None = None
 
     async def claim(self, tenant_id: str, request_id: str, request_fingerprint: str | None) -> Claim:
         """Claims the key for this request, or says why it may not run (raises), or hands back the
@@ -124,13 +147,14 @@ class IdempotencyKeys:
         try:
             with unavailable_when_redis_fails("idempotency keys"):
                 verdict = await self._claim(
-                    keys=[key], args=[request_fingerprint, running, RUNNING_LEASE_SECONDS]
+                    keys=[key], args=[request_fingerprint, running, self._lease_seconds]
                 )
         except Unavailable as exc:
             self._warn(f"idempotency keys not checked, Redis unavailable: {exc.__cause__}")
             unique = derived_request_id(request_id, uuid.uuid4().hex)
             return Claim(key, request_fingerprint, unique, held=False)
         if verdict[0] == 0:
+            self._hold(key, request_fingerprint)
             return Claim(key, request_fingerprint, request_id, held=True)
         return self._existing(key, request_id, request_fingerprint, verdict[1])
 
@@ -166,7 +190,28 @@ class IdempotencyKeys:
         if claim.held:
             await self._change(claim, "", "key not freed (it expires with its lease)")
 
+    def _hold(self, key: str, request_fingerprint: str) -> None:
+        self._held[key] = request_fingerprint
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.get_running_loop().create_task(self._renew_forever())
+
+    async def _renew_forever(self) -> None:
+        while self._held:
+            await asyncio.sleep(self._lease_seconds / 3)
+            for key, held_fingerprint in list(self._held.items()):
+                try:
+                    with unavailable_when_redis_fails("idempotency keys"):
+                        await self._renew(keys=[key], args=[held_fingerprint, self._lease_seconds])
+                except Unavailable as exc:
+                    self._warn(f"idempotency lease not renewed, Redis unavailable: {exc.__cause__}")
+
+    async def close(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            await asyncio.gather(self._renewing, return_exceptions=True)
+
     async def _change(self, claim: Claim, value: str, consequence: str) -> None:
+        self._held.pop(claim.key, None)
         try:
             with unavailable_when_redis_fails("idempotency keys"):
                 await self._settle(keys=[claim.key], args=[claim.fingerprint, value, self._window_seconds])
