@@ -25,9 +25,9 @@ from sophia.inference.v1 import inference_pb2
 from sophia.ledger.v1 import ledger_pb2
 from sophia.router.v1 import router_pb2
 
-from libs.telemetry import PROMETHEUS_PORT_OFFSETS
-from tests.support import free_port_block, internal_channel, mesh_environ
-from tools.mesh import COMPONENTS, SERVICES, Mesh
+from tests.integration.conftest import full_mesh_environ, start_full_mesh
+from tests.support import internal_channel
+from tools.mesh import SERVICES, Mesh
 
 DEV_KEY = "sk-fuzz-dev-key-0001"
 ADMIN_KEY = "sk-fuzz-admin-key-0001"
@@ -48,18 +48,10 @@ REFUSED_GRPC = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 
 @pytest.fixture(scope="module")
 def fuzz_mesh(tmp_path_factory):
-    environ = mesh_environ({"SOPHIA_DEV_KEY": DEV_KEY, "SOPHIA_ADMIN_KEY": ADMIN_KEY})
-    environ["SOPHIA__GATEWAY__OUTBOX_DIR"] = str(tmp_path_factory.mktemp("fuzz-outbox"))
-    environ["SOPHIA__TELEMETRY__PROMETHEUS_BASE_PORT"] = str(free_port_block(len(PROMETHEUS_PORT_OFFSETS)))
-    running = Mesh(tmp_path_factory.mktemp("fuzz-mesh"), environ)
+    running = start_full_mesh(
+        tmp_path_factory.mktemp("fuzz-mesh"), full_mesh_environ(tmp_path_factory, DEV_KEY, ADMIN_KEY)
+    )
     try:
-        for component in COMPONENTS:
-            running.start(component)
-            if component == "redis":
-                running.wait_ready(["redis"], 30)
-            if component == "envoy":
-                running.wait_ready(SERVICES, 300)
-                running.wait_ready(["envoy"], 60)
         yield running
     finally:
         running.stop_all()
