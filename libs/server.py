@@ -170,16 +170,21 @@ class _Observed(grpc.aio.ServerInterceptor):
         async def stream(request, context) -> None:
             async with self._observed(method, metadata, context):
                 _refuse_undecodable(request)
-                responses = behavior(request, context)
-                if not inspect.isasyncgen(responses):
-                    # A handler that writes its responses itself (e.g. grpc.health.v1 Watch).
-                    await responses
-                    return
-                async with contextlib.aclosing(responses):
-                    async for response in responses:
-                        await context.write(response)
+                await _write_stream(behavior(request, context), context)
 
         return stream
+
+
+async def _write_stream(responses, context) -> None:
+    """Writes a server-streaming handler's responses from the RPC's own task, so its context (span,
+    request id, deadline) unwinds there when the client goes away."""
+    if not inspect.isasyncgen(responses):
+        # A handler that writes its responses itself (e.g. grpc.health.v1 Watch).
+        await responses
+        return
+    async with contextlib.aclosing(responses):
+        async for response in responses:
+            await context.write(response)
 
 
 class _Authorized(grpc.aio.ServerInterceptor):
@@ -239,13 +244,7 @@ class _Authorized(grpc.aio.ServerInterceptor):
     def _guard_stream(self, method, behavior):
         async def stream(request, context) -> None:
             await self._admit(method, context)
-            responses = behavior(request, context)
-            if not inspect.isasyncgen(responses):
-                await responses
-                return
-            async with contextlib.aclosing(responses):
-                async for response in responses:
-                    await context.write(response)
+            await _write_stream(behavior(request, context), context)
 
         return stream
 
