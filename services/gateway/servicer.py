@@ -11,7 +11,7 @@ from sophia.gateway.v1 import gateway_pb2 as pb
 from sophia.gateway.v1 import gateway_pb2_grpc
 
 from libs.config import Config
-from libs.errors import InvalidArgument, Unavailable
+from libs.errors import InvalidArgument, NotFound, Unavailable, shown
 from libs.logs import request_id_var
 from services.gateway import idempotency, translate
 from services.gateway.access import AccessControl
@@ -196,4 +196,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 for model_id, model in self._config.models.items()
                 if model.enabled
             ],
+        )
+
+    async def GetModel(self, request, context):
+        principal, _ = await self._begin(context)
+        await self._access.admit(principal, 0)
+        if not request.model:
+            raise InvalidArgument("model", "is required, e.g. GET /v1/models/<id>")
+        model = self._config.models.get(request.model)
+        if model is None or not model.enabled:
+            raise NotFound(f"model: {shown(request.model)} does not exist; GET /v1/models lists the models")
+        return pb.GetModelResponse(
+            id=request.model, object="model", created=self._started, owned_by=model.owned_by or model.provider
         )

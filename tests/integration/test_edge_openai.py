@@ -110,6 +110,14 @@ def test_models_list_shows_the_configured_models(client):
     assert {"smollm2-135m-instruct", "all-minilm-l6-v2"} <= ids
 
 
+def test_models_retrieve_answers_one_model_and_404_for_an_unknown_one(client):
+    model = client.models.retrieve("smollm2-135m-instruct")
+    assert (model.id, model.object) == ("smollm2-135m-instruct", "model")
+    assert model.owned_by == "huggingfacetb"
+    with pytest.raises(openai.NotFoundError, match="no-such-model"):
+        client.models.retrieve("no-such-model")
+
+
 @pytest.mark.parametrize("key", [None, "sk-wrong-key-123456"])
 def test_missing_or_wrong_key_is_401(http, key):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
