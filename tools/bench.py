@@ -33,11 +33,6 @@ from libs.config import DEFAULT_CONFIG_PATH, REPO_ROOT, ConfigError
 from tools.mesh import COMPONENTS, Mesh, MeshError
 from tools.ports import free_port_block, isolated_environ
 
-# A widely used Python gateway (LiteLLM 1.106, 2 workers) measured on a 2-core machine like this one.
-REFERENCE_NAME = "LiteLLM 1.106 (2 workers)"
-REFERENCE_RPS = 92.0
-REFERENCE_ADDED_P50_MS = 25.0
-
 BENCH_MODEL = "bench-model"
 PROVIDER_MODEL = "fake-gpt"
 PROVIDER_KEY_ENV = "SOPHIA_BENCH_PROVIDER_KEY"
@@ -217,10 +212,9 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_wrk(
-    target: Target, connections: int, seconds: int, script: Path, pids: dict[str, int]
-) -> Measurement:
-    command = [
+def wrk_command(url: str, connections: int, seconds: int, script: Path, timeout_seconds: float) -> list[str]:
+    """One wrk thread (wrk shares the two cores with what it measures) driving `script` at `url`."""
+    return [
         "wrk",
         "--threads",
         "1",
@@ -229,11 +223,17 @@ def run_wrk(
         "--duration",
         f"{seconds}s",
         "--timeout",
-        f"{REQUEST_TIMEOUT_SECONDS}s",
+        f"{timeout_seconds}s",
         "--script",
         str(script),
-        target.url,
+        url,
     ]
+
+
+def run_wrk(
+    target: Target, connections: int, seconds: int, script: Path, pids: dict[str, int]
+) -> Measurement:
+    command = wrk_command(target.url, connections, seconds, script, REQUEST_TIMEOUT_SECONDS)
     body = json.dumps(target.body, separators=(",", ":"))
     environ = dict(os.environ, BENCH_BODY=body, BENCH_KEY=target.key)
     cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
@@ -289,14 +289,10 @@ def print_results(results: list[tuple[int, Measurement, Measurement]], seconds: 
     quietest = min(results, key=lambda r: r[0])
     level, _, edge = busiest
     added_alone = quietest[2].p50_ms - quietest[1].p50_ms
+    # No ratio to a figure from another machine or day: a peer is compared only when run beside Sophia.
     print(
-        f"\nreference: {REFERENCE_NAME}: about {REFERENCE_RPS:.0f} requests/s, "
-        f"about {REFERENCE_ADDED_P50_MS:.0f} ms added at p50"
-    )
-    print(
-        f"sophia:    {edge.rps:.0f} requests/s at {level} connections "
-        f"({edge.rps / REFERENCE_RPS:.1f}x the reference); added p50 {added_alone:.2f} ms at "
-        f"{quietest[0]} connection(s) ({added_alone / REFERENCE_ADDED_P50_MS:.2f}x the reference)"
+        f"\nsophia: {edge.rps:.0f} requests/s at {level} connections; "
+        f"added p50 {added_alone:.2f} ms at {quietest[0]} connection(s)"
     )
 
 

@@ -43,6 +43,7 @@ from tools.bench import (
     bench_config,
     mesh_environ,
     start_provider,
+    wrk_command,
 )
 from tools.mesh import Mesh, MeshError
 
@@ -130,20 +131,7 @@ def tenant_key(tenant: str) -> str:
 
 
 def run_wrk(url: str, script: Path, connections: int, seconds: int, delay_ms: int) -> Run:
-    command = [
-        "wrk",
-        "--threads",
-        "1",
-        "--connections",
-        str(connections),
-        "--duration",
-        f"{seconds}s",
-        "--timeout",
-        f"{REQUEST_TIMEOUT_SECONDS}s",
-        "--script",
-        str(script),
-        url,
-    ]
+    command = wrk_command(url, connections, seconds, script, REQUEST_TIMEOUT_SECONDS)
     body = {"model": BENCH_MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
     environ = dict(
         os.environ,
