@@ -135,6 +135,9 @@ class ModelConfig(_Strict):
     # provider takes a `dimensions` parameter to return fewer (OpenAI's text-embedding-3 models do).
     dimensions: int = Field(default=0, ge=0)
     accepts_dimensions: bool = False
+    # Whether the provider embeds token-id arrays as OpenAI does (LangChain sends them by default); a
+    # model that does not is refused such input before the call.
+    accepts_token_input: bool = False
 
 
 class RoutingConfig(_Strict):

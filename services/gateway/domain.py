@@ -68,6 +68,26 @@ class CompletionChunk:
 
 
 @dataclass(frozen=True)
+class EmbeddingInputs:
+    """What to embed: texts, or token ids (for models that accept them); one of the two is empty.
+    `typed`: the caller used the typed gRPC fields, so the answer carries typed vectors."""
+
+    texts: tuple[str, ...]
+    token_arrays: tuple[tuple[int, ...], ...]
+    typed: bool
+
+    def __len__(self) -> int:
+        return len(self.texts) or len(self.token_arrays)
+
+    def estimated_tokens(self) -> int:
+        return sum(map(estimated_text_tokens, self.texts)) + sum(map(len, self.token_arrays))
+
+    def provider_input(self) -> list[str] | list[list[int]]:
+        """The OpenAI wire form: a list of strings or a list of token arrays."""
+        return list(self.texts) if self.texts else [list(array) for array in self.token_arrays]
+
+
+@dataclass(frozen=True)
 class Principal:
     """Who is calling: the tenant and the API key, with the key's limits (0 = unlimited)."""
 

@@ -31,11 +31,11 @@ from services.gateway.domain import (
     ChatRequest,
     Completion,
     CompletionChunk,
+    EmbeddingInputs,
     Principal,
     StreamTally,
     Target,
     estimated_prompt_tokens,
-    estimated_text_tokens,
 )
 from services.gateway.idempotency import Claim, IdempotencyKeys
 from services.gateway.pipeline import Attempt, ChatExecutor, provider_failure
@@ -260,23 +260,30 @@ class RequestFlow:
         self,
         principal: Principal,
         target: Target,
-        inputs: list[str],
+        inputs: EmbeddingInputs,
         request_id: str,
         dimensions: int | None = None,
-    ) -> tuple[list[list[float]], int]:
-        passed_dimensions = provider_dimensions(
-            target.model_id, self._config.models[target.model_id], dimensions
-        )
-        await self._access.admit(principal, sum(estimated_text_tokens(text) for text in inputs))
+    ) -> tuple[list[list[float]], int, ChatOutcome]:
+        model = self._config.models[target.model_id]
+        passed_dimensions = provider_dimensions(target.model_id, model, dimensions)
+        if inputs.token_arrays and not model.accepts_token_input:
+            raise InvalidArgument(
+                "token_arrays" if inputs.typed else "input",
+                f"{target.model_id} embeds text, not token ids; send strings (LangChain: "
+                "OpenAIEmbeddings(check_embedding_ctx_length=False))",
+            )
+        await self._access.admit(principal, inputs.estimated_tokens())
         await self._check_budget(principal.tenant_id)
         try:
-            vectors, tokens = await self._providers[target.provider].embed(target, inputs, passed_dimensions)
+            vectors, tokens = await self._providers[target.provider].embed(
+                target, inputs.provider_input(), passed_dimensions
+            )
         except ProviderError as error:
             raise provider_failure(error, []) from None
         outcome = ChatOutcome(target.model_id, target.provider, 1, "bypass")
         usage = Completion(text="", finish_reason="stop", prompt_tokens=tokens, completion_tokens=0)
         await self._settle(principal, None, request_id, outcome, usage, cacheable=False)
-        return vectors, tokens
+        return vectors, tokens, outcome
 
     async def complete(
         self,

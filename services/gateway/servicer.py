@@ -163,49 +163,29 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         fmt = translate.encoding_format(request)
         target = self._routing.embedding_target(request.model)
         dimensions = request.dimensions if request.HasField("dimensions") else None
-        vectors, tokens = await self._flow.embed(principal, target, inputs, request_id, dimensions)
-        await context.send_initial_metadata(
-            (
-                ("x-request-id", request_id),
-                ("x-sophia-provider", target.provider),
-                ("x-sophia-model", target.model_id),
-            )
-        )
+        vectors, tokens, outcome = await self._flow.embed(principal, target, inputs, request_id, dimensions)
+        await context.send_initial_metadata(self._response_headers(request_id, outcome))
         return pb.CreateEmbeddingsResponse(
             object="list",
             model=request.model,
-            data=[
-                pb.Embedding(object="embedding", index=i, embedding=translate.embedding_value(vector, fmt))
-                for i, vector in enumerate(vectors)
-            ],
+            data=[translate.embedding(i, vector, fmt, inputs.typed) for i, vector in enumerate(vectors)],
             usage=pb.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
         )
 
     async def ListModels(self, request, context):
-        principal, _ = await self._begin(context)
+        principal, request_id = await self._begin(context)
         await self._access.admit(principal, 0)  # every authenticated request counts against the key's RPM
-        return pb.ListModelsResponse(
-            object="list",
-            data=[
-                pb.Model(
-                    id=model_id,
-                    object="model",
-                    created=self._started,
-                    owned_by=model.owned_by or model.provider,
-                )
-                for model_id, model in self._config.models.items()
-                if model.enabled
-            ],
-        )
+        await context.send_initial_metadata((("x-request-id", request_id),))
+        return pb.ListModelsResponse(object="list", data=translate.model_catalog(self._config, self._started))
 
     async def GetModel(self, request, context):
-        principal, _ = await self._begin(context)
+        principal, request_id = await self._begin(context)
         await self._access.admit(principal, 0)
         if not request.model:
             raise InvalidArgument("model", "is required, e.g. GET /v1/models/<id>")
-        model = self._config.models.get(request.model)
-        if model is None or not model.enabled:
-            raise NotFound(f"model: {shown(request.model)} does not exist; GET /v1/models lists the models")
-        return pb.GetModelResponse(
-            id=request.model, object="model", created=self._started, owned_by=model.owned_by or model.provider
-        )
+        for model in translate.model_catalog(self._config, self._started):
+            if model.id == request.model:
+                await context.send_initial_metadata((("x-request-id", request_id),))
+                # The same fields under the same numbers (see gateway.proto).
+                return pb.GetModelResponse.FromString(model.SerializeToString())
+        raise NotFound(f"model: {shown(request.model)} does not exist; GET /v1/models lists the models")

@@ -13,8 +13,9 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 from sophia.gateway.v1 import gateway_pb2 as pb
 
+from libs.config import Config
 from libs.errors import InvalidArgument, shown
-from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Message
+from services.gateway.domain import ChatRequest, Completion, CompletionChunk, EmbeddingInputs, Message
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 PREFERENCES = ("fast", "quality", "code", "balanced")
@@ -23,6 +24,7 @@ RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 MAX_MESSAGES = 2048
 MAX_STOP_SEQUENCES = 4
 MAX_EMBEDDING_INPUTS = 256
+MAX_TOKEN_ID = 2**31 - 1
 
 
 def _value(value: struct_pb2.Value) -> Any:
@@ -60,6 +62,27 @@ def _content(field: str, content: Any, role: str, has_tool_calls: bool) -> str:
     raise InvalidArgument(field, "must be a string or a list of text parts")
 
 
+def _typed_content(field: str, message: pb.ChatMessage) -> tuple[str, Any]:
+    """The content's field name and value, from whichever of `content` (REST), `text` or `parts` (gRPC)
+    is set."""
+    given = [
+        name
+        for name, present in (
+            ("content", message.content.WhichOneof("kind") not in (None, "null_value")),
+            ("text", bool(message.text)),
+            ("parts", bool(message.parts)),
+        )
+        if present
+    ]
+    if len(given) > 1:
+        raise InvalidArgument(f"{field}.{given[1]}", f"set only one of {' / '.join(given)}")
+    if message.text:
+        return "text", message.text
+    if message.parts:
+        return "parts", [{"type": part.type, "text": part.text} for part in message.parts]
+    return "content", _value(message.content)
+
+
 def _message(i: int, message: pb.ChatMessage) -> Message:
     field = f"messages[{i}]"
     if message.role not in ROLES:
@@ -73,16 +96,23 @@ def _message(i: int, message: pb.ChatMessage) -> Message:
         raise InvalidArgument(f"{field}.tool_calls", "only assistant messages carry tool calls")
     if message.role == "tool" and not message.tool_call_id:
         raise InvalidArgument(f"{field}.tool_call_id", "is required for tool messages")
+    name, content = _typed_content(field, message)
     return Message(
         role="system" if message.role == "developer" else message.role,
-        content=_content(f"{field}.content", _value(message.content), message.role, bool(tool_calls)),
+        content=_content(f"{field}.{name}", content, message.role, bool(tool_calls)),
         name=message.name,
         tool_call_id=message.tool_call_id,
         tool_calls=tool_calls,
     )
 
 
-def _stop(value: Any) -> tuple[str, ...]:
+def _stop(params: pb.ChatCompletionParams) -> tuple[str, ...]:
+    value = _value(params.stop)
+    if value is not None and params.stop_sequences:
+        raise InvalidArgument("stop_sequences", "set only one of stop / stop_sequences")
+    field = "stop_sequences" if params.stop_sequences else "stop"
+    if params.stop_sequences:
+        value = list(params.stop_sequences)
     if value is None:
         return ()
     stops = [value] if isinstance(value, str) else value
@@ -92,7 +122,7 @@ def _stop(value: Any) -> tuple[str, ...]:
         or not all(isinstance(s, str) and s for s in stops)
     ):
         raise InvalidArgument(
-            "stop", f"must be a non-empty string or a list of at most {MAX_STOP_SEQUENCES} of them"
+            field, f"must be a non-empty string or a list of at most {MAX_STOP_SEQUENCES} of them"
         )
     return tuple(stops)
 
@@ -189,7 +219,7 @@ def chat_request(params: pb.ChatCompletionParams, *, cache_header_off: bool = Fa
         max_tokens=_max_tokens(params),
         temperature=optional["temperature"],
         top_p=optional["top_p"],
-        stop=_stop(_value(params.stop)),
+        stop=_stop(params),
         seed=optional["seed"],
         presence_penalty=optional["presence_penalty"],
         frequency_penalty=optional["frequency_penalty"],
@@ -223,7 +253,8 @@ def completion_response(
                 index=0,
                 message=pb.AssistantMessage(
                     role="assistant",
-                    content=completion.text,
+                    # OpenAI's content is null beside tool calls: absent here, "" only for an empty answer.
+                    content=completion.text if completion.text or not completion.tool_calls else None,
                     tool_calls=_tool_call_messages(completion.tool_calls),
                 ),
                 finish_reason=completion.finish_reason,
@@ -261,18 +292,65 @@ def chunk_response(
     )
 
 
-def embedding_inputs(request: pb.CreateEmbeddingsRequest) -> list[str]:
-    value = _value(request.input)
-    inputs = [value] if isinstance(value, str) else value
-    if not isinstance(inputs, list) or not inputs:
-        raise InvalidArgument("input", "must be a non-empty string or a non-empty list of strings")
-    if len(inputs) > MAX_EMBEDDING_INPUTS:
-        raise InvalidArgument("input", f"at most {MAX_EMBEDDING_INPUTS} items per request")
-    for i, text in enumerate(inputs):
+def _token_array(field: str, value: Any) -> tuple[int, ...]:
+    # JSON numbers arrive as floats in a google.protobuf.Value.
+    if not isinstance(value, list) or not value:
+        raise InvalidArgument(field, "must be a non-empty list of token ids")
+    if not all(isinstance(t, (int, float)) and t == int(t) and 0 <= t <= MAX_TOKEN_ID for t in value):
+        raise InvalidArgument(field, f"token ids must be integers from 0 to {MAX_TOKEN_ID}")
+    return tuple(int(t) for t in value)
+
+
+def _rest_embedding_inputs(value: Any) -> EmbeddingInputs:
+    """OpenAI's `input`: a string, a list of strings, one token array, or a list of token arrays."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise InvalidArgument(
+            "input", "must be a non-empty string, list of strings, token array or list of token arrays"
+        )
+    if all(isinstance(item, (int, float)) for item in value):
+        return EmbeddingInputs(texts=(), token_arrays=(_token_array("input", value),), typed=False)
+    if all(isinstance(item, list) for item in value):
+        arrays = tuple(_token_array(f"input[{i}]", item) for i, item in enumerate(value))
+        return EmbeddingInputs(texts=(), token_arrays=arrays, typed=False)
+    for i, text in enumerate(value):
         if not isinstance(text, str):
-            raise InvalidArgument(f"input[{i}]", "must be a string (token arrays are not supported)")
+            raise InvalidArgument(f"input[{i}]", "must be a string like the other items")
+    return EmbeddingInputs(texts=tuple(value), token_arrays=(), typed=False)
+
+
+def embedding_inputs(request: pb.CreateEmbeddingsRequest) -> EmbeddingInputs:
+    """The inputs from `input` (REST) or `texts` / `token_arrays` (gRPC); exactly one may be set."""
+    given = [
+        name
+        for name, present in (
+            ("input", request.input.WhichOneof("kind") not in (None, "null_value")),
+            ("texts", bool(request.texts)),
+            ("token_arrays", bool(request.token_arrays)),
+        )
+        if present
+    ]
+    if not given:
+        raise InvalidArgument("input", "is required (or texts / token_arrays over gRPC)")
+    if len(given) > 1:
+        raise InvalidArgument(given[1], f"set only one of {' / '.join(given)}")
+    if request.texts:
+        inputs = EmbeddingInputs(texts=tuple(request.texts), token_arrays=(), typed=True)
+    elif request.token_arrays:
+        arrays = tuple(
+            _token_array(f"token_arrays[{i}].tokens", list(array.tokens))
+            for i, array in enumerate(request.token_arrays)
+        )
+        inputs = EmbeddingInputs(texts=(), token_arrays=arrays, typed=True)
+    else:
+        inputs = _rest_embedding_inputs(_value(request.input))
+    field = given[0]
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise InvalidArgument(field, f"at most {MAX_EMBEDDING_INPUTS} items per request")
+    for i, text in enumerate(inputs.texts):
         if not text:
-            raise InvalidArgument(f"input[{i}]", "must not be empty")
+            raise InvalidArgument(f"{field}[{i}]", "must not be empty")
     return inputs
 
 
@@ -280,6 +358,13 @@ def encoding_format(request: pb.CreateEmbeddingsRequest) -> str:
     if request.encoding_format not in ("", "float", "base64"):
         raise InvalidArgument("encoding_format", "must be 'float' or 'base64'")
     return request.encoding_format or "float"
+
+
+def embedding(index: int, vector: list[float], fmt: str, typed: bool) -> pb.Embedding:
+    """Typed in, typed out: `vector` for a request that used texts / token_arrays, else OpenAI's value."""
+    if typed:
+        return pb.Embedding(object="embedding", index=index, vector=vector)
+    return pb.Embedding(object="embedding", index=index, embedding=embedding_value(vector, fmt))
 
 
 def embedding_value(vector: list[float], fmt: str) -> struct_pb2.Value:
@@ -291,3 +376,43 @@ def embedding_value(vector: list[float], fmt: str) -> struct_pb2.Value:
     listed = struct_pb2.Value()
     listed.list_value.values.extend(struct_pb2.Value(number_value=x) for x in vector)
     return listed
+
+
+AUTO_MODEL = "auto"
+AUTO_DESCRIPTION = (
+    "Sophia chooses the model per request: the routing rules for the request's task_type, then its "
+    "model_preference (fast | quality | code | balanced), then the default chain; each plan falls back "
+    "along its models in order. routes_to lists every model a plan may use."
+)
+
+
+def _auto_routes(config: Config) -> list[str]:
+    routing = config.routing
+    chains = [*routing.task_types.values(), *routing.preferences.values(), routing.default_chain]
+    seen = dict.fromkeys(model for chain in chains for model in chain)
+    return [m for m in seen if m in config.models and config.models[m].enabled]
+
+
+def model_catalog(config: Config, created: int) -> list[pb.Model]:
+    """GET /v1/models: "auto" first (what it means and where it may route), then every enabled model."""
+    auto = pb.Model(
+        id=AUTO_MODEL,
+        object="model",
+        created=created,
+        owned_by="sophia",
+        kind="chat",
+        description=AUTO_DESCRIPTION,
+        routes_to=_auto_routes(config),
+    )
+    return [auto] + [
+        pb.Model(
+            id=model_id,
+            object="model",
+            created=created,
+            owned_by=model.owned_by or model.provider,
+            kind=model.kind,
+            context_window=model.context_window,
+        )
+        for model_id, model in config.models.items()
+        if model.enabled
+    ]

@@ -345,13 +345,22 @@ class FakeProvider:
     async def _answer_embeddings(self, exchange: _Exchange, body: Any, fault: Fault | None) -> None:
         try:
             inputs = body["input"]
-            inputs = [inputs] if isinstance(inputs, str) else [str(i) for i in inputs]
+            # OpenAI's forms: a string, a list of strings, one token array, a list of token arrays.
+            if isinstance(inputs, str) or (inputs and all(isinstance(i, int) for i in inputs)):
+                inputs = [inputs]
+            if not isinstance(inputs, list) or not all(
+                isinstance(i, str) or (isinstance(i, list) and all(isinstance(t, int) for t in i))
+                for i in inputs
+            ):
+                raise ValueError("input")
             dimensions = int(body.get("dimensions", 16))
             model = str(body["model"])
         except (TypeError, KeyError, ValueError):
             await exchange.send(400, error_body(False, 400, "'model' and 'input' are required"))
             return
-        tokens = sum(map(count_words, inputs))
+        tokens = sum(count_words(i) if isinstance(i, str) else len(i) for i in inputs)
+        # A token array is embedded as the text of its ids: the same ids give the same vector.
+        inputs = [i if isinstance(i, str) else " ".join(map(str, i)) for i in inputs]
         payload = {
             "object": "list",
             "data": [

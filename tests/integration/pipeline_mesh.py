@@ -76,6 +76,7 @@ def _config(ports: dict[str, int], outbox: Path) -> dict:
         "provider_model": "fake-embedding",
         "dimensions": 1536,
         "accepts_dimensions": True,
+        "accepts_token_input": True,
     }
     # A hang with nothing to fall back to, and a provider timeout longer than any test deadline.
     providers["hang-slow"] = {**providers["hang"], "timeout_seconds": 60.0}

@@ -117,6 +117,30 @@ def test_streaming_from_openai_and_anthropic_fakes_with_the_sdk(pipeline, model)
     assert unary.choices[0].message.content == HELLO[0]["content"]
 
 
+def test_a_tool_call_answer_has_tool_calls_and_no_content_as_in_openai_json(edge):
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    reply = chat(edge, "good-gpt", tools=[weather], tool_choice="required")
+    message = reply.json()["choices"][0]["message"]
+    assert reply.status_code == 200, reply.text
+    assert message["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert "content" not in message  # OpenAI: null beside tool calls, never ""
+    plain = chat(edge, "good-gpt").json()["choices"][0]["message"]
+    assert "tool_calls" not in plain and plain["content"]
+
+
+def test_token_array_embeddings_reach_a_provider_that_accepts_them(edge):
+    def embed(value):
+        reply = edge.post("/v1/embeddings", json={"model": "good-embedding", "input": value})
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    # The fake embeds a token array as the text of its ids: equal vectors mean the ids arrived as ids.
+    tokens = embed([[101, 7592, 102], [42]])
+    assert tokens["data"][0]["embedding"] == embed("101 7592 102")["data"][0]["embedding"]
+    assert tokens["usage"]["prompt_tokens"] == 4  # one per token id, counted by the provider
+    assert embed([5, 6])["data"][0]["embedding"] == embed("5 6")["data"][0]["embedding"]
+
+
 def test_cost_header_prices_the_answer(edge):
     reply = chat(edge, "good-gpt", cache=False)
     usage = reply.json()["usage"]

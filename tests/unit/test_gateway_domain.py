@@ -91,14 +91,61 @@ def test_cache_key_depends_on_what_shapes_the_answer_only():
     assert json.loads(request_key(base))["messages"][0]["content"] == "hi"
 
 
+def _embeddings_request(body: dict) -> pb.CreateEmbeddingsRequest:
+    return json_format.ParseDict({"model": "m", **body}, pb.CreateEmbeddingsRequest())
+
+
 def test_embedding_inputs_and_base64_encoding():
-    request = json_format.ParseDict({"model": "m", "input": ["a", "b"]}, pb.CreateEmbeddingsRequest())
-    assert translate.embedding_inputs(request) == ["a", "b"]
-    tokens = json_format.ParseDict({"model": "m", "input": [[1, 2]]}, pb.CreateEmbeddingsRequest())
-    with pytest.raises(InvalidArgument, match=r"input\[0\]"):
-        translate.embedding_inputs(tokens)
+    assert translate.embedding_inputs(_embeddings_request({"input": ["a", "b"]})).texts == ("a", "b")
     encoded = translate.embedding_value([1.0, -0.5], "base64").string_value
     assert struct.unpack("<2f", base64.b64decode(encoded)) == (1.0, -0.5)
+
+
+def test_embedding_token_arrays_in_every_openai_form():
+    one = translate.embedding_inputs(_embeddings_request({"input": [1, 2, 3]}))
+    assert one.token_arrays == ((1, 2, 3),) and not one.texts and one.provider_input() == [[1, 2, 3]]
+    many = translate.embedding_inputs(_embeddings_request({"input": [[1, 2], [3]]}))
+    assert many.token_arrays == ((1, 2), (3,)) and len(many) == 2 and many.estimated_tokens() == 3
+    for bad, field in (
+        ({"input": [[1, 2.5]]}, r"input\[0\]"),
+        ({"input": [[-1]]}, r"input\[0\]"),
+        ({"input": [[]]}, r"input\[0\]"),
+        ({"input": ["a", 1]}, r"input\[1\]"),
+        ({"input": []}, r"^input"),
+    ):
+        with pytest.raises(InvalidArgument, match=field):
+            translate.embedding_inputs(_embeddings_request(bad))
+
+
+def test_embedding_typed_fields_are_exclusive_and_answered_typed():
+    typed = translate.embedding_inputs(_embeddings_request({"texts": ["a"]}))
+    assert typed.typed and typed.texts == ("a",)
+    tokens = translate.embedding_inputs(_embeddings_request({"token_arrays": [{"tokens": [7, 8]}]}))
+    assert tokens.typed and tokens.token_arrays == ((7, 8),)
+    with pytest.raises(InvalidArgument, match=r"^texts"):
+        translate.embedding_inputs(_embeddings_request({"input": "a", "texts": ["b"]}))
+    with pytest.raises(InvalidArgument, match=r"texts\[1\]"):
+        translate.embedding_inputs(_embeddings_request({"texts": ["a", ""]}))
+    assert list(translate.embedding(0, [0.5], "float", typed=True).vector) == [0.5]
+    assert not translate.embedding(0, [0.5], "float", typed=True).HasField("embedding")
+    assert not translate.embedding(0, [0.5], "float", typed=False).vector
+
+
+def test_typed_message_content_and_stop_sequences():
+    text = translate.chat_request(params(messages=[{"role": "user", "text": "hi"}], stop_sequences=["x"]))
+    parts = translate.chat_request(
+        params(messages=[{"role": "user", "parts": [{"type": "text", "text": "hi"}]}], stop=["x"])
+    )
+    assert text.messages == parts.messages and text.messages[0].content == "hi"
+    assert text.stop == parts.stop == ("x",)
+    with pytest.raises(InvalidArgument, match=r"messages\[0\]\.text"):
+        translate.chat_request(params(messages=[{"role": "user", "content": "a", "text": "b"}]))
+    with pytest.raises(InvalidArgument, match=r"messages\[0\]\.parts\[0\]"):
+        translate.chat_request(params(messages=[{"role": "user", "parts": [{"type": "image_url"}]}]))
+    with pytest.raises(InvalidArgument, match=r"^stop_sequences"):
+        translate.chat_request(params(stop="a", stop_sequences=["b"]))
+    with pytest.raises(InvalidArgument, match=r"^stop_sequences"):
+        translate.chat_request(params(stop_sequences=["1", "2", "3", "4", "5"]))
 
 
 def test_cache_control_directives_anywhere_in_the_header():

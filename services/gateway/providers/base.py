@@ -35,8 +35,9 @@ class Provider(Protocol):
     def stream(self, target: Target, request: ChatRequest) -> AsyncIterator[CompletionChunk]: ...
 
     async def embed(
-        self, target: Target, inputs: list[str], dimensions: int | None = None
+        self, target: Target, inputs: list[str] | list[list[int]], dimensions: int | None = None
     ) -> tuple[list[list[float]], int]:
-        """`dimensions` is passed only to models configured with `accepts_dimensions`."""
+        """`dimensions` is passed only to models configured with `accepts_dimensions`, token arrays only
+        to models configured with `accepts_token_input`."""
 
     async def close(self) -> None: ...

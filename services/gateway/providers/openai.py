@@ -144,7 +144,7 @@ class OpenAICompatibleProvider(HttpProvider):
         )
 
     async def embed(
-        self, target: Target, inputs: list[str], dimensions: int | None = None
+        self, target: Target, inputs: list[str] | list[list[int]], dimensions: int | None = None
     ) -> tuple[list[list[float]], int]:
         body: dict[str, Any] = {"model": target.provider_model, "input": inputs}
         if dimensions is not None:
