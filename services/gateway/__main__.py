@@ -4,7 +4,7 @@ from sophia.gateway.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb
 
 from libs.config import load_config_or_exit
 from libs.server import run_service
-from services.gateway.admin import AdminServicer
+from services.gateway.api.admin_servicer import AdminServicer
 from services.gateway.app import GatewayApp
 
 

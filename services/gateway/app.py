@@ -16,18 +16,18 @@ from libs.breaker import DependencyBreaker, grpc_health_probe
 from libs.clients import open_channel
 from libs.config import REPO_ROOT, Config
 from libs.redis_store import open_redis
-from services.gateway.access import AccessControl, redis_breaker
-from services.gateway.admission import Admission
-from services.gateway.auth import KeyRing
-from services.gateway.flow import RequestFlow
-from services.gateway.idempotency import IdempotencyKeys
-from services.gateway.journal import UsageJournal
-from services.gateway.keystore import KeyStore
+from services.gateway.access.admission import Admission
+from services.gateway.access.api_keys import KeyRing
+from services.gateway.access.control import AccessControl, redis_breaker
+from services.gateway.access.key_store import KeyStore
+from services.gateway.access.rate_limits import RateLimiter
+from services.gateway.api.gateway_servicer import GatewayServicer
 from services.gateway.providers.registry import build_providers
-from services.gateway.ratelimit import RateLimiter
-from services.gateway.routing import Routing
-from services.gateway.servicer import GatewayServicer
-from services.gateway.usage import UsageRecorder
+from services.gateway.serving.idempotency import IdempotencyKeys
+from services.gateway.serving.request_flow import RequestFlow
+from services.gateway.serving.router_client import Routing
+from services.gateway.usage.journal import UsageJournal
+from services.gateway.usage.recorder import UsageRecorder
 
 log = logging.getLogger(__name__)
 

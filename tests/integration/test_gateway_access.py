@@ -23,11 +23,11 @@ from sophia.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from libs.config import load_config
 from libs.errors import ResourceExhausted
 from libs.redis_store import open_redis
-from services.gateway.access import AccessControl, redis_breaker
-from services.gateway.auth import KeyRing
+from services.gateway.access.api_keys import KeyRing
+from services.gateway.access.control import AccessControl, redis_breaker
+from services.gateway.access.key_store import KeyStore
+from services.gateway.access.rate_limits import RateLimiter
 from services.gateway.domain import Principal
-from services.gateway.keystore import KeyStore
-from services.gateway.ratelimit import RateLimiter
 from tests.support import free_port, internal_channel, mesh_environ
 from tools.mesh import Mesh
 

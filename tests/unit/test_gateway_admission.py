@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from libs.errors import ResourceExhausted, Unavailable
-from services.gateway.admission import Admission, retry_trailers
+from services.gateway.access.admission import Admission, retry_trailers
 
 
 def admission(max_inflight: int = 4, share: float = 0.5, retry_after_ms: int = 250) -> Admission:

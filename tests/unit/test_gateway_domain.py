@@ -11,9 +11,9 @@ from google.protobuf import json_format
 from sophia.gateway.v1 import gateway_pb2 as pb
 
 from libs.errors import InvalidArgument
-from services.gateway import translate
-from services.gateway.caching import request_key
-from services.gateway.servicer import cache_disabled_by_header
+from services.gateway.api import translate
+from services.gateway.api.gateway_servicer import cache_disabled_by_header
+from services.gateway.serving.response_cache import request_key
 
 
 def params(**body) -> pb.ChatCompletionParams:

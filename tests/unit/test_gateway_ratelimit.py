@@ -10,12 +10,12 @@ import pytest
 from libs.config import AuthConfig, load_config
 from libs.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from libs.redis_store import open_redis
-from services.gateway.access import AccessControl, redis_breaker
-from services.gateway.admin import group_by, monthly_limit_micros, parse_time, validate_new_key
-from services.gateway.auth import KeyRing
+from services.gateway.access.api_keys import KeyRing
+from services.gateway.access.control import AccessControl, redis_breaker
+from services.gateway.access.key_store import KeyStore, RecentKeys, new_secret
+from services.gateway.access.rate_limits import RateLimiter
+from services.gateway.api.admin_servicer import group_by, monthly_limit_micros, parse_time, validate_new_key
 from services.gateway.domain import Principal
-from services.gateway.keystore import KeyStore, RecentKeys, new_secret
-from services.gateway.ratelimit import RateLimiter
 from tests.support import free_port
 
 ALICE = Principal(tenant_id="t", key_id="key_alice", requests_per_minute=1)
@@ -175,7 +175,7 @@ async def test_keys_without_the_stored_prefix_are_refused_without_redis(access_w
 
 
 async def test_limits_fail_open_with_a_warning_while_redis_is_down(access_without_redis, caplog):
-    with caplog.at_level(logging.WARNING, logger="services.gateway.access"):
+    with caplog.at_level(logging.WARNING, logger="services.gateway.access.control"):
         for _ in range(3):
             await access_without_redis.admit(ALICE, 10)
         await access_without_redis.charge(Principal("t", "key_t", tokens_per_minute=5), 10)
@@ -185,7 +185,7 @@ async def test_limits_fail_open_with_a_warning_while_redis_is_down(access_withou
 
 
 async def test_unlimited_keys_never_ask_redis(access_without_redis, caplog):
-    with caplog.at_level(logging.WARNING, logger="services.gateway.access"):
+    with caplog.at_level(logging.WARNING, logger="services.gateway.access.control"):
         await access_without_redis.admit(BOB, 10_000)
         await access_without_redis.charge(BOB, 10_000)
     assert not caplog.records

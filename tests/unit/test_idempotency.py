@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as redis
 from sophia.gateway.v1 import gateway_pb2 as pb
 
-from services.gateway.idempotency import (
+from services.gateway.serving.idempotency import (
     IdempotencyKeys,
     RequestIdReused,
     RequestStillRunning,

@@ -9,10 +9,10 @@ from dataclasses import asdict
 
 import pytest
 
-from services.gateway import journal as journal_module
 from services.gateway.domain import CompletionChunk, Message, StreamTally, estimated_prompt_tokens
-from services.gateway.journal import UsageJournal
-from services.gateway.usage import UsageRecord, derived_request_id
+from services.gateway.usage import journal as journal_module
+from services.gateway.usage.journal import UsageJournal
+from services.gateway.usage.recorder import UsageRecord, derived_request_id
 
 
 def usage(request_id: str, tenant: str = "t", tokens: int = 1) -> dict:

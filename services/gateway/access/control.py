@@ -23,10 +23,10 @@ from redis.asyncio import Redis
 from libs.breaker import DependencyBreaker
 from libs.errors import FailedPrecondition, NotFound, ResourceExhausted, Unauthenticated, Unavailable
 from libs.redis_store import redis_ping_probe
-from services.gateway.auth import CONFIG_KEY_PREFIX, ApiKey, KeyRing, bearer_token, key_digest
+from services.gateway.access.api_keys import CONFIG_KEY_PREFIX, ApiKey, KeyRing, bearer_token, key_digest
+from services.gateway.access.key_store import SECRET_PREFIX, KeyStore, RecentKeys
+from services.gateway.access.rate_limits import RateLimiter
 from services.gateway.domain import Principal
-from services.gateway.keystore import SECRET_PREFIX, KeyStore, RecentKeys
-from services.gateway.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from libs import errors
 from services.gateway import metrics
 from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Target
 from services.gateway.providers.base import Provider, ProviderError
-from services.gateway.routing import Plan
+from services.gateway.serving.router_client import Plan
 
 log = logging.getLogger(__name__)
 

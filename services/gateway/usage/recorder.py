@@ -25,7 +25,7 @@ from sophia.ledger.v1 import ledger_pb2_grpc
 
 from libs import deadline
 from libs.breaker import UNREACHABLE, DependencyBreaker
-from services.gateway.journal import JournalEntry, UsageJournal
+from services.gateway.usage.journal import JournalEntry, UsageJournal
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from google.protobuf.message import Message
 
 from libs.errors import ServiceError, Unavailable
 from libs.redis_store import unavailable_when_redis_fails
-from services.gateway.usage import derived_request_id
+from services.gateway.usage.recorder import derived_request_id
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,14 @@ from sophia.gateway.v1 import gateway_pb2_grpc
 from libs.config import Config
 from libs.errors import InvalidArgument, NotFound, Unavailable, shown
 from libs.logs import request_id_var
-from services.gateway import idempotency, translate
-from services.gateway.access import AccessControl
-from services.gateway.admission import Admission
+from services.gateway.access.admission import Admission
+from services.gateway.access.control import AccessControl
+from services.gateway.api import translate
 from services.gateway.domain import ChatRequest, Principal
-from services.gateway.flow import ChatOutcome, RequestFlow
 from services.gateway.providers.base import ProviderError
-from services.gateway.routing import Routing
+from services.gateway.serving import idempotency
+from services.gateway.serving.request_flow import ChatOutcome, RequestFlow
+from services.gateway.serving.router_client import Routing
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 

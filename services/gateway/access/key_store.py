@@ -21,7 +21,7 @@ from collections.abc import Callable
 import redis.asyncio as redis
 
 from libs.redis_store import unavailable_when_redis_fails
-from services.gateway.auth import ApiKey, key_digest
+from services.gateway.access.api_keys import ApiKey, key_digest
 from services.gateway.domain import Principal
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""One request end to end, in the order of ARCHITECTURE.md's request flow.
+"""One request end to end, in the order of the request flow in docs/architecture.md.
 
 Chat: admit (rate limits) → budget → cache lookup → route → try targets → report outcomes → respond;
 then, off the response path: record usage (or spool it), charge tokens, store the answer in the cache.
@@ -25,8 +25,7 @@ from libs.config import Config, ModelConfig
 from libs.errors import InvalidArgument, ResourceExhausted, Unavailable
 from libs.pricing import PriceTable
 from services.gateway import metrics
-from services.gateway.access import AccessControl
-from services.gateway.caching import CachedAnswer, CacheKey, ResponseCache
+from services.gateway.access.control import AccessControl
 from services.gateway.domain import (
     ChatRequest,
     Completion,
@@ -37,11 +36,12 @@ from services.gateway.domain import (
     Target,
     estimated_prompt_tokens,
 )
-from services.gateway.idempotency import Claim, IdempotencyKeys
-from services.gateway.pipeline import Attempt, ChatExecutor, provider_failure
 from services.gateway.providers.base import Provider, ProviderError
-from services.gateway.routing import Routing
-from services.gateway.usage import UsageRecord, UsageRecorder
+from services.gateway.serving.fallback import Attempt, ChatExecutor, provider_failure
+from services.gateway.serving.idempotency import Claim, IdempotencyKeys
+from services.gateway.serving.response_cache import CachedAnswer, CacheKey, ResponseCache
+from services.gateway.serving.router_client import Routing
+from services.gateway.usage.recorder import UsageRecord, UsageRecorder
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """API keys → tenants. Keys are held as SHA-256 digests only; the plaintext is dropped after start-up.
 
 Two kinds of key exist: keys written in the config file (read-only, held in memory by `KeyRing`) and
-keys created through the admin API (stored in Redis by `services.gateway.keystore`).
+keys created through the admin API (stored in Redis by `services.gateway.access.key_store`).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from sophia.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from libs.errors import InvalidArgument, ServiceError, Unavailable
 from libs.pricing import MICROS_PER_USD, usd_to_micros
-from services.gateway.access import AccessControl
-from services.gateway.auth import ApiKey
+from services.gateway.access.api_keys import ApiKey
+from services.gateway.access.control import AccessControl
 
 TENANT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_KEY_NAME_LENGTH = 128
