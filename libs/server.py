@@ -19,15 +19,18 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 import uvloop
+from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
 from opentelemetry import metrics, trace
 
 from libs import deadline
 from libs.config import Config, Endpoint
 from libs.errors import InvalidArgument, ServiceError
 from libs.logs import request_id_var, setup_logging
+from libs.reflection import enable_reflection
 from libs.telemetry import extract_context, setup_telemetry, shutdown_telemetry
 from libs.tls import CallerPolicy, Identity, MeshCredentials, TlsError, adopt, load_credentials, peer_identity
 
@@ -152,8 +155,7 @@ class _Observed(grpc.aio.ServerInterceptor):
         request_id = request_id_var.get()
         trailers = ((REQUEST_ID_HEADER, request_id),) if request_id else ()
         if isinstance(exc, ServiceError):
-            context.set_trailing_metadata((*exc.trailers, *trailers))
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, (*exc.trailers, *trailers, *_details_metadata(exc)))
         log.exception("unhandled error in RPC")
         context.set_trailing_metadata(trailers)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id or '-'})")
@@ -185,6 +187,21 @@ async def _write_stream(responses, context) -> None:
     async with contextlib.aclosing(responses):
         async for response in responses:
             await context.write(response)
+
+
+def _details_metadata(exc: ServiceError) -> tuple[tuple[str, bytes], ...]:
+    """`grpc-status-details-bin` for an error with structured details (a google.rpc.Status whose code
+    and message match the call's, as grpcio-status requires)."""
+    details = exc.details()
+    if not details:
+        return ()
+    packed = []
+    for detail in details:
+        holder = any_pb2.Any()
+        holder.Pack(detail)
+        packed.append(holder)
+    status = status_pb2.Status(code=exc.code.value[0], message=exc.message, details=packed)
+    return tuple(rpc_status.to_status(status).trailing_metadata)
 
 
 class _Authorized(grpc.aio.ServerInterceptor):
@@ -298,10 +315,7 @@ async def _serve(
     service_names = list(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
+    enable_reflection(server, [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 

@@ -9,11 +9,14 @@ from collections.abc import Sequence
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 from sophia.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from sophia.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from libs.config import REPO_ROOT
 from tests.integration.conftest import DEV_KEY
-from tests.support import grpcurl_security
+from tests.support import grpcurl_security, internal_channel
 from tools.mesh import SERVICES
 
 GRPCURL = str(REPO_ROOT / ".venv" / "bin" / "grpcurl")
@@ -148,6 +151,58 @@ async def test_bad_input_over_grpc_gets_the_matching_status(gateway, case, reque
         await gateway.CreateChatCompletion(request_, metadata=AUTH, timeout=30)
     assert raised.value.code() == code
     assert field in raised.value.details()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        assert bad_request_fields(raised.value) == [field]
+
+
+def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    """The fields of the google.rpc.BadRequest detail in the status (grpc-status-details-bin), decoded
+    here with the plain protobuf messages, as any client language would."""
+    encoded = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
+    assert encoded, f"no status details on {error.code().name}: {error.details()}"
+    status = status_pb2.Status.FromString(encoded)
+    assert status.code == error.code().value[0] and status.message == error.details()
+    fields = []
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        assert detail.Unpack(bad_request), detail.type_url
+        fields += [violation.field for violation in bad_request.field_violations]
+    return fields
+
+
+async def test_internal_services_send_field_violations_too(mesh):
+    async with internal_channel(mesh, "ledger") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await ledger_pb2_grpc.LedgerServiceStub(channel).CheckBudget(
+                ledger_pb2.CheckBudgetRequest(tenant_id=""), timeout=10
+            )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(raised.value) == ["tenant_id"]
+
+
+@pytest.mark.parametrize("service", ["gateway", "router"])
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+async def test_reflection_v1_and_v1alpha_both_answer(mesh, service, version):
+    """Current tools ask grpc.reflection.v1 first, older ones v1alpha: both list the services."""
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    method = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+    channel = grpc.aio.insecure_channel(mesh.address(service)) if service == "gateway" else None
+    async with channel or internal_channel(mesh, service, "operator") as channel:
+        call = channel.stream_stream(
+            method,
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )(iter([request]), timeout=10)
+        replies = [reply async for reply in call]
+    listed = {entry.name for entry in replies[0].list_services_response.service}
+    assert SERVICE_NAMES[service] in listed
+    assert {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= listed
+
+
+def test_grpcurl_describes_reflection_v1(mesh):
+    described = grpcurl(mesh.address("gateway"), "describe", "grpc.reflection.v1.ServerReflection")
+    assert described.returncode == 0, described.stderr
+    assert "ServerReflectionInfo" in described.stdout
 
 
 @pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer sk-nope-nope-nope"),)])
