@@ -1,7 +1,9 @@
 """Errors that domain code raises and the server runtime turns into gRPC statuses.
 
 Domain code stays free of gRPC: it raises one of these with a message that names the field or the
-resource, and `libs.server` aborts the RPC with the matching status code.
+resource, and `libs.server` aborts the RPC with the matching status code. Errors about a field also carry
+it as a structured detail (`google.rpc.BadRequest` field violations in `grpc-status-details-bin`, read with
+grpcio-status), so callers and the edge read the field instead of parsing the message.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
+from google.rpc import error_details_pb2, status_pb2
 
 # Client values echoed in messages are cut to this many characters. Status messages and metadata values
 # travel as HTTP/2 headers on a connection the edge shares between many clients' requests: an unbounded
@@ -41,6 +45,10 @@ class ServiceError(Exception):
         # Extra trailing metadata for the client, e.g. ("retry-after", "3").
         self.trailers = bounded_metadata(trailers)
 
+    def details(self) -> list[Message]:
+        """Structured details sent with the status (google.rpc error_details messages)."""
+        return []
+
 
 def bounded_metadata(metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     """Metadata with every text value cut to MAX_METADATA_VALUE_CHARS (binary -bin values pass)."""
@@ -55,7 +63,12 @@ class InvalidArgument(ServiceError):
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
-        self.field = field
+        self.field = _bounded(field, MAX_SHOWN_CHARS)
+        self.problem = _bounded(problem, MAX_STATUS_MESSAGE_CHARS)
+
+    def details(self) -> list[Message]:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.problem)
+        return [error_details_pb2.BadRequest(field_violations=[violation])]
 
 
 class NotFound(ServiceError):
@@ -88,3 +101,25 @@ class DeadlineExceeded(ServiceError):
 
 class Cancelled(ServiceError):
     code = grpc.StatusCode.CANCELLED
+
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
+    """(field, description) of each BadRequest field violation a failed call's status carries."""
+    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    encoded = next((value for key, value in (trailers or ()) if key == STATUS_DETAILS_KEY), None)
+    if not isinstance(encoded, bytes):
+        return []
+    status = status_pb2.Status()
+    try:
+        status.ParseFromString(encoded)
+    except DecodeError:
+        return []
+    violations: list[tuple[str, str]] = []
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            violations += [(v.field, v.description) for v in bad_request.field_violations]
+    return violations

@@ -14,8 +14,8 @@
 -- Response path (transcoded requests only; native gRPC passes untouched):
 --   * removes grpc-status/grpc-message/... headers;
 --   * text/event-stream (2xx): appends "data: [DONE]\n\n" right after the final chunk;
---   * errors: google.rpc.Status JSON ({"code":N,"message":...}) → OpenAI error shape
---     {"error":{"message","type","param","code":"<GRPC_CODE_NAME>"}}.
+--   * errors: google.rpc.Status JSON ({"code":N,"message":...,"details":[...]}) → OpenAI error shape
+--     {"error":{"message","type","param","code":"<GRPC_CODE_NAME>"}}, `param` from a BadRequest detail.
 
 local META = "sophia.edge"
 
@@ -272,17 +272,29 @@ local function json_string(v)
   end) .. '"'
 end
 
-local function error_json(code, message_json, type_override)
+local function error_json(code, message_json, type_override, param_json)
   return '{"error":{"message":' .. message_json .. ',"type":' ..
       json_string(type_override or ERROR_TYPES[code] or "server_error") ..
-      ',"param":null,"code":' .. json_string(CODE_NAMES[code] or tostring(code)) .. '}}'
+      ',"param":' .. (param_json or "null") ..
+      ',"code":' .. json_string(CODE_NAMES[code] or tostring(code)) .. '}}'
+end
+
+-- The field of the first google.rpc.BadRequest field violation in the printed Status's "details" value
+-- (starting at `at`), as the raw JSON string, or nil. The transcoder prints proto field names
+-- (preserve_proto_field_names) in proto field order, so "field" comes first in a violation.
+local function violated_field(s, at)
+  local _, e = find(s, '"field_violations"%s*:%s*%[%s*{%s*"field"%s*:%s*"', at)
+  if not e then return nil end
+  local qe = skip_string(s, e)
+  return qe and sub(s, e, qe - 1) or nil
 end
 
 -- {"code":N,"message":"...","details":[...]} (google.rpc.Status as printed by the transcoder) →
--- {"error":{"message":"...","type":"...","param":null,"code":"<GRPC_CODE_NAME>"}}. The message string is
--- copied verbatim (already valid JSON). Returns nil when the body is not a top-level Status object.
+-- {"error":{"message":"...","type":"...","param":<field or null>,"code":"<GRPC_CODE_NAME>"}}. The message
+-- string is copied verbatim (already valid JSON); `param` is the field a BadRequest detail names. Returns
+-- nil when the body is not a top-level Status object.
 local function openai_error(s, type_override)
-  local code, message_raw, has_error_key = nil, nil, false
+  local code, message_raw, param_raw, has_error_key = nil, nil, nil, false
   local result = scan_object(s, nil, function(depth, _, keys, at)
     if depth ~= 1 then return false end
     local k = keys[1]
@@ -298,11 +310,13 @@ local function openai_error(s, type_override)
         local qe = skip_string(s, qs)
         if qe then message_raw = sub(s, qs, qe - 1) end
       end
+    elseif k == "details" then
+      param_raw = violated_field(s, at)
     end
     return false
   end)
   if result ~= "ok" or has_error_key or code == nil then return nil end
-  return error_json(code, message_raw or '""', type_override)
+  return error_json(code, message_raw or '""', type_override, param_raw)
 end
 
 local function percent_decode(v)

@@ -133,32 +133,49 @@ def test_sdk_surfaces_authentication_errors(mesh):
     assert "invalid api key" in str(raised.value).lower()
 
 
+# case, body, HTTP status, text the message must contain, `param` of the error (None: not checked)
 BAD_BODIES = [
-    ("invalid json", b'{"model": "auto", "messages": [', 400, ""),
-    ("empty messages", {"model": "auto", "messages": []}, 400, "messages"),
+    ("invalid json", b'{"model": "auto", "messages": [', 400, "", None),
+    ("empty messages", {"model": "auto", "messages": []}, 400, "messages", "messages"),
     (
         "unknown role",
         {"model": "auto", "messages": [{"role": "wizard", "content": "hi"}]},
         400,
         "messages[0].role",
+        "messages[0].role",
     ),
-    ("negative max_tokens", {"model": "auto", "messages": PROMPT, "max_tokens": -5}, 400, "max_tokens"),
-    ("temperature out of range", {"model": "auto", "messages": PROMPT, "temperature": 7}, 400, "temperature"),
-    ("unknown model", {"model": "gpt-17-ultra", "messages": PROMPT}, 404, "model"),
-    ("n above one", {"model": "auto", "messages": PROMPT, "n": 3}, 400, "n:"),
-    ("unknown field", {"model": "auto", "messages": PROMPT, "frobnicate": 1}, 400, "frobnicate"),
-    ("wrong type", {"model": "auto", "messages": PROMPT, "max_tokens": "many"}, 400, "max_tokens"),
+    (
+        "negative max_tokens",
+        {"model": "auto", "messages": PROMPT, "max_tokens": -5},
+        400,
+        "max_tokens",
+        "max_tokens",
+    ),
+    (
+        "temperature out of range",
+        {"model": "auto", "messages": PROMPT, "temperature": 7},
+        400,
+        "temperature",
+        "temperature",
+    ),
+    ("unknown model", {"model": "gpt-17-ultra", "messages": PROMPT}, 404, "model", None),
+    ("n above one", {"model": "auto", "messages": PROMPT, "n": 3}, 400, "n:", "n"),
+    ("unknown field", {"model": "auto", "messages": PROMPT, "extra": 1}, 400, "extra", "extra"),
+    ("wrong type", {"model": "auto", "messages": PROMPT, "max_tokens": "many"}, 400, "max_tokens", None),
     (
         "image part",
         {"model": "auto", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
         400,
         "messages[0].content[0]",
+        "messages[0].content[0]",
     ),
 ]
 
 
-@pytest.mark.parametrize(("case", "body", "status", "field"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
-def test_bad_input_through_the_edge_is_a_clear_4xx(http, case, body, status, field):
+@pytest.mark.parametrize(
+    ("case", "body", "status", "field", "param"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES]
+)
+def test_bad_input_through_the_edge_is_a_clear_4xx(http, case, body, status, field, param):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     reply = http.post(
         "/v1/chat/completions",
@@ -168,6 +185,16 @@ def test_bad_input_through_the_edge_is_a_clear_4xx(http, case, body, status, fie
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert field in error["message"]
+    if param is not None:
+        # From the status's google.rpc.BadRequest detail (or the edge's own refusal), not the message.
+        assert error["param"] == param, error
+
+
+def test_sdk_errors_name_the_field_in_param(client):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="auto", messages=PROMPT, max_tokens=-5)
+    assert raised.value.param == "max_tokens"
+    assert raised.value.code == "INVALID_ARGUMENT"
 
 
 def test_oversized_body_is_413(http, mesh):

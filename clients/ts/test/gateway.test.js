@@ -7,6 +7,7 @@ import { test } from "node:test";
 
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
+import { BadRequestSchema } from "@sophia/gateway-client/errors";
 import { GatewayService } from "@sophia/gateway-client/gateway";
 
 const address = process.env.SOPHIA_GATEWAY_ADDRESS;
@@ -161,6 +162,12 @@ test("an invalid role is INVALID_ARGUMENT naming messages[0].role", async () => 
   );
   assert.equal(error.code, Code.InvalidArgument, error.message);
   assert.match(error.rawMessage, /messages\[0\]\.role/);
+  // The field also comes as a google.rpc.BadRequest detail: no parsing of the message needed.
+  const [badRequest] = error.findDetails(BadRequestSchema);
+  assert.deepEqual(
+    badRequest.fieldViolations.map((violation) => violation.field),
+    ["messages[0].role"],
+  );
 });
 
 test("a wrong API key is UNAUTHENTICATED", async () => {

@@ -16,7 +16,7 @@ from sophia.gateway.v1 import admin_pb2 as pb
 from sophia.gateway.v1 import admin_pb2_grpc
 from sophia.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
-from libs.errors import InvalidArgument, ServiceError, Unavailable
+from libs.errors import InvalidArgument, ServiceError, Unavailable, field_violations
 from libs.pricing import MICROS_PER_USD, usd_to_micros
 from services.gateway.access.api_keys import ApiKey
 from services.gateway.access.control import AccessControl
@@ -87,8 +87,10 @@ def group_by(value: str) -> int:
 def _ledger_failure(exc: grpc.aio.AioRpcError) -> ServiceError:
     """The ledger's own INVALID_ARGUMENT names our field too; anything else is the ledger being down."""
     if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-        field, _, problem = (exc.details() or "").partition(": ")
-        return InvalidArgument(field, problem) if problem else InvalidArgument("request", field)
+        violations = field_violations(exc)
+        if violations:
+            return InvalidArgument(*violations[0])
+        return InvalidArgument("request", exc.details() or "rejected by the ledger")
     return Unavailable(f"the cost ledger is unavailable ({exc.code().name}); try again shortly")
 
 

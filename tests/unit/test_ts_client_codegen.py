@@ -1,4 +1,4 @@
-"""The TypeScript client (clients/ts): its checked-in code matches the protos, and TypeScript compiles against it."""
+"""The TypeScript client (clients/ts): its code matches the protos, and TypeScript compiles against it."""
 
 from __future__ import annotations
 
