@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -43,6 +43,13 @@ class PriceTable:
             )
             for model_id, price in prices.items()
         }
+
+    @classmethod
+    def of(cls, prices: Iterable[Price]) -> PriceTable:
+        """A table of prices already in micro-dollars (e.g. as the ledger's ListPrices gives them)."""
+        table = cls({})
+        table._prices = {price.model_id: price for price in prices}
+        return table
 
     def prices(self) -> list[Price]:
         return [self._prices[model_id] for model_id in sorted(self._prices)]

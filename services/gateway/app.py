@@ -15,6 +15,7 @@ from libs.background import Background
 from libs.breaker import DependencyBreaker, grpc_health_probe
 from libs.clients import open_channel
 from libs.config import REPO_ROOT, Config
+from libs.pricing import PriceTable
 from libs.redis_store import open_redis
 from services.gateway.access.admission import Admission
 from services.gateway.access.api_keys import KeyRing
@@ -27,6 +28,7 @@ from services.gateway.serving.idempotency import IdempotencyKeys
 from services.gateway.serving.request_flow import RequestFlow
 from services.gateway.serving.router_client import Routing
 from services.gateway.usage.journal import UsageJournal
+from services.gateway.usage.prices import LedgerPrices
 from services.gateway.usage.recorder import UsageRecorder
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class GatewayApp:
         }
         self.background = Background()
         self.ledger = ledger_pb2_grpc.LedgerServiceStub(self._channels["ledger"])
+        self.prices = LedgerPrices(self.ledger, PriceTable(config.ledger.prices))
         self.usage = UsageRecorder(
             self.ledger,
             UsageJournal(REPO_ROOT / config.gateway.outbox_dir),
@@ -90,6 +93,7 @@ class GatewayApp:
             self.usage,
             self.background,
             IdempotencyKeys(self.redis, config.gateway.idempotency_window_seconds),
+            self.prices,
         )
         admission = Admission(
             max_inflight=config.gateway.max_inflight_requests,
@@ -99,14 +103,17 @@ class GatewayApp:
         return GatewayServicer(config, self.access, self.routing, self.flow, admission)
 
     async def start(self) -> None:
-        """Takes up usage an earlier run left unacknowledged in the journal, and replays from now on."""
+        """Takes up usage an earlier run left unacknowledged in the journal, and replays from now on;
+        mirrors the ledger's prices."""
         await self.usage.start()
+        self.prices.start()
 
     async def close(self) -> None:
         await self.background.drain(BACKGROUND_DRAIN_SECONDS)
         # Unacknowledged records stay in the journal for the next start.
         await self.usage.close(BACKGROUND_DRAIN_SECONDS)
         await self.flow.close()
+        await self.prices.close()
         await self.access.close()
         await self.routing.close()
         for provider in self.providers.values():

@@ -23,7 +23,6 @@ from libs.background import Background
 from libs.breaker import UNREACHABLE, DependencyBreaker, grpc_health_probe
 from libs.config import Config, ModelConfig
 from libs.errors import InvalidArgument, ResourceExhausted, Unavailable
-from libs.pricing import PriceTable
 from services.gateway import metrics
 from services.gateway.access.control import AccessControl
 from services.gateway.domain import (
@@ -41,6 +40,7 @@ from services.gateway.serving.fallback import Attempt, ChatExecutor, provider_fa
 from services.gateway.serving.idempotency import Claim, IdempotencyKeys
 from services.gateway.serving.response_cache import CachedAnswer, CacheKey, ResponseCache
 from services.gateway.serving.router_client import Routing
+from services.gateway.usage.prices import LedgerPrices
 from services.gateway.usage.recorder import UsageRecord, UsageRecorder
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ class RequestFlow:
         *,
         budget_breaker: DependencyBreaker,
         idempotency: IdempotencyKeys,
+        prices: LedgerPrices,
     ) -> None:
         self._config = config
         self._access = access
@@ -126,14 +127,14 @@ class RequestFlow:
         self._ledger = ledger
         self._usage = usage
         self._background = background
-        self._prices = PriceTable(config.ledger.prices)
+        self._prices = prices
         self._within_budget_until: dict[str, float] = {}
         self._budget_breaker = budget_breaker
         self._idempotency = idempotency
 
     @classmethod
     def build(
-        cls, config, access, routing, providers, channels, usage, background, idempotency
+        cls, config, access, routing, providers, channels, usage, background, idempotency, prices
     ) -> RequestFlow:
         cache = ResponseCache(
             cache_pb2_grpc.CacheServiceStub(channels["cache"]),
@@ -159,6 +160,7 @@ class RequestFlow:
             background,
             budget_breaker=budget_breaker,
             idempotency=idempotency,
+            prices=prices,
         )
 
     async def close(self) -> None:
