@@ -174,6 +174,23 @@ class LedgerConfig(_Strict):
     default_alert_percentages: list[Annotated[int, Field(ge=1, le=1000)]] = [50, 80, 100]
     # A Redis command that takes longer fails the RPC with UNAVAILABLE instead of hanging it.
     redis_timeout_seconds: float = Field(default=2.0, gt=0)
+    # Month-end projection alerts wait until this much of the month has passed (earlier, a few requests
+    # extrapolate to nonsense).
+    projection_min_elapsed_hours: float = Field(default=24.0, ge=0)
+    # Recommendations (services/ledger/recommendations.py): the fewest records a finding rests on, the
+    # share of fallbacks that flags a model, and how many records each one lists as evidence.
+    recommendation_min_requests: int = Field(default=3, ge=1)
+    recommendation_fallback_rate: float = Field(default=0.2, gt=0, le=1)
+    recommendation_evidence_rows: int = Field(default=10, ge=0, le=100)
+
+
+class McpConfig(_Strict):
+    """The MCP server (`python -m services.mcp`): streamable HTTP on host:port (behind the edge at /mcp)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8091, ge=0, le=65535)
+    # Each tool call is one Gateway RPC with this deadline (chat on a local CPU model can be slow).
+    gateway_timeout_seconds: float = Field(default=120.0, gt=0)
 
 
 class CacheConfig(_Strict):
@@ -246,6 +263,7 @@ class Config(_Strict):
     gateway: GatewayConfig = GatewayConfig()
     ledger: LedgerConfig = LedgerConfig()
     cache: CacheConfig = CacheConfig()
+    mcp: McpConfig = McpConfig()
 
     @field_validator("models")
     @classmethod

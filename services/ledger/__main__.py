@@ -1,5 +1,7 @@
 """python -m services.ledger — the CostLedger service (default port 50054)."""
 
+from datetime import timedelta
+
 from sophia.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 from libs.config import load_config_or_exit
@@ -7,6 +9,7 @@ from libs.pricing import PriceTable
 from libs.server import run_service
 from libs.tls import CallerPolicy, Identity
 from services.ledger.ledger import Ledger
+from services.ledger.recommendations import RecommendationSettings
 from services.ledger.servicer import LedgerServicer
 from services.ledger.store import LedgerStore
 
@@ -19,6 +22,7 @@ CALLERS = CallerPolicy(
         "SetBudget": {Identity.GATEWAY, Identity.OPERATOR},
         "GetUsageReport": {Identity.GATEWAY, Identity.OPERATOR},
         "ListPrices": {Identity.GATEWAY, Identity.OPERATOR},
+        "GetRecommendations": {Identity.GATEWAY, Identity.OPERATOR},
     },
 )
 
@@ -26,7 +30,17 @@ CALLERS = CallerPolicy(
 def main() -> None:
     config = load_config_or_exit()
     store = LedgerStore(config.redis.url, config.ledger.redis_timeout_seconds)
-    ledger = Ledger(store, PriceTable(config.ledger.prices), config.ledger.default_alert_percentages)
+    ledger = Ledger(
+        store,
+        PriceTable(config.ledger.prices),
+        config.ledger.default_alert_percentages,
+        advice=RecommendationSettings(
+            min_requests=config.ledger.recommendation_min_requests,
+            fallback_rate=config.ledger.recommendation_fallback_rate,
+            evidence_rows=config.ledger.recommendation_evidence_rows,
+        ),
+        projection_min_elapsed=timedelta(hours=config.ledger.projection_min_elapsed_hours),
+    )
     servicer = LedgerServicer(ledger)
 
     def register(server):

@@ -5,10 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+
+from opentelemetry import metrics
 
 from libs.pricing import Price, PriceTable
-from services.ledger.budget import BudgetStatus, budget_status, crossed_thresholds, make_budget
+from services.ledger.budget import Budget, BudgetStatus, budget_status, crossed_thresholds, make_budget
+from services.ledger.projection import Projection, project, projected_thresholds, trend_days
+from services.ledger.recommendations import RecommendationReport, RecommendationSettings, UsageAnalysis
 from services.ledger.store import LedgerStore
 from services.ledger.usage import (
     GroupBy,
@@ -23,6 +27,10 @@ from services.ledger.usage import (
 )
 
 log = logging.getLogger(__name__)
+_projection_alerts = metrics.get_meter("sophia.ledger").create_counter(
+    "sophia.ledger.budget.projection_alerts",
+    description="Month-end spend projections that reached a budget alert percentage (once per month each)",
+)
 
 
 def utc_now() -> datetime:
@@ -42,11 +50,16 @@ class Ledger:
         prices: PriceTable,
         default_alert_percentages: Sequence[int],
         clock: Callable[[], datetime] = utc_now,
+        *,
+        advice: RecommendationSettings | None = None,
+        projection_min_elapsed: timedelta = timedelta(hours=24),
     ) -> None:
         self._store = store
         self._prices = prices
         self._default_alert_percentages = tuple(default_alert_percentages)
         self._clock = clock
+        self._advice = advice or RecommendationSettings()
+        self._projection_min_elapsed = projection_min_elapsed
 
     def prices(self) -> list[Price]:
         return self._prices.prices()
@@ -67,17 +80,28 @@ class Ledger:
                 event.model_id, event.input_tokens, event.output_tokens, cached=event.cached
             ),
             occurred_at=event.occurred_at or now,
+            task_type=event.task_type,
+            difficulty=event.difficulty,
+            planned_model_id=event.planned_model_id,
+            attempts=event.attempts,
+            prompt_fingerprint=event.prompt_fingerprint,
         )
         stored = await self._store.record(record)
         if not stored.duplicate:
             await self._alert_new_thresholds(
-                record.tenant_id, month_key(record.occurred_at), stored.month_spend_micros
+                record.tenant_id, record.occurred_at, stored.month_spend_micros, now
             )
         return RecordOutcome(cost_micros=stored.cost_micros, duplicate=stored.duplicate)
 
-    async def _alert_new_thresholds(self, tenant_id: str, month: str, spent_micros: int) -> None:
-        """Logs one WARNING per threshold the month's spend has reached, the first time it is seen."""
+    async def _alert_new_thresholds(
+        self, tenant_id: str, occurred_at: datetime, spent_micros: int, now: datetime
+    ) -> None:
+        """Logs one WARNING per threshold the month's spend has reached, the first time it is seen, and
+        one per threshold its month-end projection reaches first (current month only)."""
         budget = await self._store.get_budget(tenant_id)
+        if budget is None or budget.monthly_limit_micros == 0:
+            return
+        month = month_key(occurred_at)
         for percent in crossed_thresholds(spent_micros, budget):
             if await self._store.mark_alerted(tenant_id, month, percent):
                 log.warning(
@@ -86,12 +110,47 @@ class Ledger:
                     percent,
                     extra={
                         "tenant_id": tenant_id,
+                        "alert": "spent",
                         "percent": percent,
                         "month": month,
                         "spent_micros": spent_micros,
                         "limit_micros": budget.monthly_limit_micros,
                     },
                 )
+        if month == month_key(now):
+            await self._alert_projection(tenant_id, budget, spent_micros, now)
+
+    async def _alert_projection(
+        self, tenant_id: str, budget: Budget, spent_micros: int, now: datetime
+    ) -> None:
+        projection = await self._projection(tenant_id, budget, spent_micros, now)
+        for percent in projected_thresholds(projection, budget, now, self._projection_min_elapsed):
+            if await self._store.mark_alerted(tenant_id, projection.month, percent, projected=True):
+                _projection_alerts.add(1, {"percent": percent})
+                log.warning(
+                    "budget projection alert: tenant %s is projected to reach %d%% of its monthly budget "
+                    "by the end of %s",
+                    tenant_id,
+                    percent,
+                    projection.month,
+                    extra={
+                        "tenant_id": tenant_id,
+                        "alert": "projected",
+                        "percent": percent,
+                        "month": projection.month,
+                        "spent_micros": spent_micros,
+                        "limit_micros": budget.monthly_limit_micros,
+                        "linear_micros": projection.linear_micros,
+                        "trend_micros": projection.trend_micros,
+                    },
+                )
+
+    async def _projection(
+        self, tenant_id: str, budget: Budget | None, spent_micros: int, now: datetime
+    ) -> Projection:
+        recent = sum(await self._store.day_spends(tenant_id, trend_days(now)))
+        limit = budget.monthly_limit_micros if budget is not None else 0
+        return project(now, spent_micros, recent, limit)
 
     async def set_budget(
         self, tenant_id: str, monthly_limit_micros: int, alert_percentages: Sequence[int], hard_stop: bool
@@ -117,3 +176,19 @@ class Ledger:
         async for record in self._store.records_between(tenant_id, start, end):
             summary.add(record)
         return summary.report()
+
+    async def recommendations(self, tenant_id: str) -> RecommendationReport:
+        validate_tenant_id(tenant_id)
+        now = self._clock()
+        budget = await self._store.get_budget(tenant_id)
+        spent = await self._store.month_spend(tenant_id, month_key(now))
+        projection = await self._projection(tenant_id, budget, spent, now)
+        analysis = UsageAnalysis(self._prices, self._advice, now)
+        async for record in self._store.records_between(tenant_id, analysis.scan_start, now):
+            analysis.add(record)
+        return RecommendationReport(
+            recommendations=analysis.recommendations(projection),
+            window_start=analysis.window_start,
+            window_end=analysis.window_end,
+            projection=projection,
+        )

@@ -10,13 +10,30 @@ from sophia.ledger.v1 import ledger_pb2_grpc
 
 from libs.errors import InvalidArgument
 from services.ledger.ledger import Ledger
-from services.ledger.usage import GroupBy, UsageEvent, UsageRow
+from services.ledger.projection import Projection
+from services.ledger.recommendations import Recommendation, RecommendationKind
+from services.ledger.usage import Difficulty, GroupBy, UsageEvent, UsageRecord, UsageRow
 
 GROUP_BY: dict[int, GroupBy] = {
     pb.GROUP_BY_UNSPECIFIED: "model",
     pb.GROUP_BY_MODEL: "model",
     pb.GROUP_BY_PROVIDER: "provider",
     pb.GROUP_BY_DAY: "day",
+    pb.GROUP_BY_TASK_TYPE: "task_type",
+    pb.GROUP_BY_DIFFICULTY: "difficulty",
+}
+DIFFICULTY: dict[int, Difficulty] = {
+    pb.DIFFICULTY_UNSPECIFIED: Difficulty.UNSPECIFIED,
+    pb.DIFFICULTY_EASY: Difficulty.EASY,
+    pb.DIFFICULTY_MEDIUM: Difficulty.MEDIUM,
+    pb.DIFFICULTY_HARD: Difficulty.HARD,
+}
+DIFFICULTY_PROTO = {difficulty: number for number, difficulty in DIFFICULTY.items()}
+RECOMMENDATION_KIND = {
+    RecommendationKind.CHEAPER_MODEL: pb.RECOMMENDATION_KIND_CHEAPER_MODEL,
+    RecommendationKind.REPEATED_PROMPTS: pb.RECOMMENDATION_KIND_REPEATED_PROMPTS,
+    RecommendationKind.BUDGET_PROJECTION: pb.RECOMMENDATION_KIND_BUDGET_PROJECTION,
+    RecommendationKind.FREQUENT_FALLBACK: pb.RECOMMENDATION_KIND_FREQUENT_FALLBACK,
 }
 # 0001-01-01 … 9999-12-31, the span datetime can hold; anything else is a malformed timestamp.
 MIN_TIMESTAMP_SECONDS = -62_135_596_800
@@ -32,6 +49,58 @@ def _optional_time(message, field: str) -> datetime | None:
     if not 0 <= timestamp.nanos < 1_000_000_000:
         raise InvalidArgument(field, "nanos must be between 0 and 999999999")
     return timestamp.ToDatetime(tzinfo=UTC)
+
+
+def _timestamp(moment: datetime) -> Timestamp:
+    timestamp = Timestamp()
+    timestamp.FromDatetime(moment)
+    return timestamp
+
+
+def _difficulty(number: int) -> Difficulty:
+    try:
+        return DIFFICULTY[number]
+    except KeyError:
+        raise InvalidArgument("difficulty", "must be a Difficulty value (0 to 3)") from None
+
+
+def _evidence(record: UsageRecord) -> pb.UsageEvidence:
+    return pb.UsageEvidence(
+        request_id=record.request_id,
+        model_id=record.model_id,
+        occurred_at=_timestamp(record.occurred_at),
+        cost_micros=record.cost_micros,
+        input_tokens=record.input_tokens,
+        output_tokens=record.output_tokens,
+    )
+
+
+def _projection(projection: Projection) -> pb.BudgetProjection:
+    return pb.BudgetProjection(
+        month=projection.month,
+        spent_micros=projection.spent_micros,
+        limit_micros=projection.limit_micros,
+        linear_micros=projection.linear_micros,
+        trend_micros=projection.trend_micros,
+    )
+
+
+def _recommendation(recommendation: Recommendation) -> pb.Recommendation:
+    message = pb.Recommendation(
+        kind=RECOMMENDATION_KIND[recommendation.kind],
+        summary=recommendation.summary,
+        estimated_monthly_saving_micros=recommendation.monthly_saving_micros,
+        evidence_count=recommendation.evidence_count,
+        evidence=[_evidence(record) for record in recommendation.evidence],
+        model_id=recommendation.model_id,
+        alternative_model_id=recommendation.alternative_model_id,
+        task_type=recommendation.task_type,
+        difficulty=DIFFICULTY_PROTO[recommendation.difficulty],
+        requests=recommendation.requests,
+    )
+    if recommendation.projection is not None:
+        message.projection.CopyFrom(_projection(recommendation.projection))
+    return message
 
 
 def _row(row: UsageRow) -> pb.UsageRow:
@@ -60,6 +129,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 output_tokens=request.output_tokens,
                 cached=request.cached,
                 occurred_at=_optional_time(request, "occurred_at"),
+                task_type=request.task_type,
+                difficulty=_difficulty(request.difficulty),
+                planned_model_id=request.planned_model_id,
+                attempts=request.attempts,
+                prompt_fingerprint=request.prompt_fingerprint,
             )
         )
         return pb.RecordUsageResponse(cost_micros=outcome.cost_micros, duplicate=outcome.duplicate)
@@ -85,7 +159,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def GetUsageReport(self, request, context):
         group_by = GROUP_BY.get(request.group_by)
         if group_by is None:
-            raise InvalidArgument("group_by", "must be GROUP_BY_MODEL, GROUP_BY_PROVIDER or GROUP_BY_DAY")
+            raise InvalidArgument(
+                "group_by",
+                "must be GROUP_BY_MODEL, GROUP_BY_PROVIDER, GROUP_BY_DAY, GROUP_BY_TASK_TYPE or "
+                "GROUP_BY_DIFFICULTY",
+            )
         report = await self._ledger.usage_report(
             request.tenant_id,
             _optional_time(request, "start_time"),
@@ -104,4 +182,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 )
                 for price in self._ledger.prices()
             ]
+        )
+
+    async def GetRecommendations(self, request, context):
+        report = await self._ledger.recommendations(request.tenant_id)
+        return pb.GetRecommendationsResponse(
+            recommendations=[_recommendation(r) for r in report.recommendations],
+            window_start=_timestamp(report.window_start),
+            window_end=_timestamp(report.window_end),
+            projection=_projection(report.projection),
         )

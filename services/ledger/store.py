@@ -6,8 +6,10 @@ slot and the record script can touch them all atomically:
     ledger:{T}:usage:<request_id>  hash    one usage record and its fingerprint; the idempotency marker
     ledger:{T}:usage-index         zset    request ids scored by occurred_at (µs since the epoch)
     ledger:{T}:spend:<YYYY-MM>     string  spend of the UTC month in micro-dollars
+    ledger:{T}:spend-day:<YYYY-MM-DD>  string  spend of the UTC day (the recent trend of projections)
     ledger:{T}:budget              hash    monthly limit, alert percentages, hard stop
     ledger:{T}:alerted:<YYYY-MM>:<percent>  string  set once the month's alert has been logged
+    ledger:{T}:projected:<YYYY-MM>:<percent>  string  set once the month's projection alert has been logged
 """
 
 from __future__ import annotations
@@ -24,18 +26,19 @@ import grpc
 from libs.errors import ServiceError
 from libs.redis_store import open_redis, unavailable_when_redis_fails, wait_for_redis
 from services.ledger.budget import Budget
-from services.ledger.usage import UsageRecord, month_key
+from services.ledger.usage import Difficulty, UsageRecord, day_key, month_key
 
-# Alert markers only need to outlive their month.
+# Alert markers only need to outlive their month; day counters the longest trend window.
 ALERT_MARKER_TTL_SECONDS = 62 * 24 * 3600
+DAY_SPEND_TTL_SECONDS = 62 * 24 * 3600
 REPORT_BATCH = 500
 
 # Adds a usage record unless one with the same request id exists, in one atomic step, so concurrent
 # retries of a request are counted exactly once. A request id is bound to the fingerprint of its record:
 # the same id with an identical record is a duplicate (1), with a different one a conflict (2), never a
 # merge. Records stored before fingerprints existed count as identical.
-# KEYS: record hash, tenant index, month spend counter.
-# ARGV: request id, index score, cost, fingerprint, hash fields…
+# KEYS: record hash, tenant index, month spend counter, day spend counter.
+# ARGV: request id, index score, cost, fingerprint, day counter TTL, hash fields…
 _RECORD_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   local stored = redis.call('HGET', KEYS[1], 'fingerprint')
@@ -44,11 +47,16 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   end
   return {1, redis.call('HGET', KEYS[1], 'cost_micros'), 0}
 end
-redis.call('HSET', KEYS[1], 'fingerprint', ARGV[4], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'fingerprint', ARGV[4], unpack(ARGV, 6))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 local spent = redis.call('INCRBY', KEYS[3], ARGV[3])
+redis.call('INCRBY', KEYS[4], ARGV[3])
+redis.call('EXPIRE', KEYS[4], ARGV[5])
 return {0, ARGV[3], spent}
 """
+# Fields added after the first records were written: absent from older hashes, and left out of the
+# fingerprint when empty so that a record replayed from an older journal still matches itself.
+_ROUTING_FIELDS = ("task_type", "difficulty", "planned_model_id", "attempts", "prompt_fingerprint")
 
 
 class RecordConflict(ServiceError):
@@ -69,6 +77,10 @@ def record_fingerprint(record: UsageRecord) -> str:
         record.output_tokens,
         record.cached,
     ]
+    for name in _ROUTING_FIELDS:
+        value = getattr(record, name)
+        if value:
+            document.append([name, value])
     return hashlib.sha256(json.dumps(document, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -120,6 +132,11 @@ class LedgerStore:
             "cost_micros": record.cost_micros,
             "occurred_at_us": occurred,
             "recorded_at_us": time.time_ns() // 1000,
+            "task_type": record.task_type,
+            "difficulty": record.difficulty.value,
+            "planned_model_id": record.planned_model_id,
+            "attempts": record.attempts,
+            "prompt_fingerprint": record.prompt_fingerprint,
         }
         with unavailable_when_redis_fails("ledger storage (Redis)"):
             verdict, cost, spent = await self._record_script(
@@ -127,12 +144,14 @@ class LedgerStore:
                     _key(tenant, "usage", record.request_id),
                     _key(tenant, "usage-index"),
                     _key(tenant, "spend", month_key(record.occurred_at)),
+                    _key(tenant, "spend-day", day_key(record.occurred_at)),
                 ],
                 args=[
                     record.request_id,
                     occurred,
                     record.cost_micros,
                     record_fingerprint(record),
+                    DAY_SPEND_TTL_SECONDS,
                     *_flatten(fields),
                 ],
             )
@@ -146,6 +165,14 @@ class LedgerStore:
     async def month_spend(self, tenant_id: str, month: str) -> int:
         with unavailable_when_redis_fails("ledger storage (Redis)"):
             return int(await self._redis.get(_key(tenant_id, "spend", month)) or 0)
+
+    async def day_spends(self, tenant_id: str, days: list[str]) -> list[int]:
+        """The spend of each UTC day in `days` ("YYYY-MM-DD"), 0 for days without usage."""
+        if not days:
+            return []
+        with unavailable_when_redis_fails("ledger storage (Redis)"):
+            values = await self._redis.mget([_key(tenant_id, "spend-day", day) for day in days])
+        return [int(value or 0) for value in values]
 
     async def get_budget(self, tenant_id: str) -> Budget | None:
         with unavailable_when_redis_fails("ledger storage (Redis)"):
@@ -169,11 +196,15 @@ class LedgerStore:
                 },
             )
 
-    async def mark_alerted(self, tenant_id: str, month: str, percent: int) -> bool:
-        """True only for the first caller per tenant, month and threshold (SET NX)."""
+    async def mark_alerted(
+        self, tenant_id: str, month: str, percent: int, *, projected: bool = False
+    ) -> bool:
+        """True only for the first caller per tenant, month and threshold (SET NX); spend alerts and
+        projection alerts keep separate markers."""
+        kind = "projected" if projected else "alerted"
         with unavailable_when_redis_fails("ledger storage (Redis)"):
             first = await self._redis.set(
-                _key(tenant_id, "alerted", month, str(percent)), 1, nx=True, ex=ALERT_MARKER_TTL_SECONDS
+                _key(tenant_id, kind, month, str(percent)), 1, nx=True, ex=ALERT_MARKER_TTL_SECONDS
             )
         return bool(first)
 
@@ -214,4 +245,9 @@ def _record_from_hash(request_id: str, fields: dict[str, str]) -> UsageRecord:
         cached=fields["cached"] == "1",
         cost_micros=int(fields["cost_micros"]),
         occurred_at=_from_micros(int(fields["occurred_at_us"])),
+        task_type=fields.get("task_type", ""),
+        difficulty=Difficulty(fields.get("difficulty", "")),
+        planned_model_id=fields.get("planned_model_id", ""),
+        attempts=int(fields.get("attempts", 0)),
+        prompt_fingerprint=fields.get("prompt_fingerprint", ""),
     )

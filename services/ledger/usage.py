@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Literal
 
 from libs.errors import InvalidArgument
 
-GroupBy = Literal["model", "provider", "day"]
+GroupBy = Literal["model", "provider", "day", "task_type", "difficulty"]
 
 MAX_ID_LENGTH = 128
 MAX_MODEL_ID_LENGTH = 256
@@ -17,6 +18,20 @@ MAX_REPORT_RANGE = timedelta(days=400)
 # refusing records that would count toward a future month's budget.
 EARLIEST_USAGE = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_CLOCK_SKEW = timedelta(days=1)
+MAX_TASK_TYPE_LENGTH = 64
+MAX_FINGERPRINT_LENGTH = 128
+MAX_ATTEMPTS = 100
+# The group key of records the Router did not classify (no task type or difficulty reported).
+UNCLASSIFIED = "(unclassified)"
+
+
+class Difficulty(StrEnum):
+    """How hard the Router judged a request; UNSPECIFIED until the Router reports it."""
+
+    UNSPECIFIED = ""
+    EASY = "easy"
+    MEDIUM = "medium"
+    HARD = "hard"
 
 
 @dataclass(frozen=True)
@@ -33,6 +48,11 @@ class UsageEvent:
     cached: bool = False
     # None → the moment the ledger receives it.
     occurred_at: datetime | None = None
+    task_type: str = ""
+    difficulty: Difficulty = Difficulty.UNSPECIFIED
+    planned_model_id: str = ""
+    attempts: int = 0
+    prompt_fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,16 @@ class UsageRecord:
     cached: bool
     cost_micros: int
     occurred_at: datetime
+    task_type: str = ""
+    difficulty: Difficulty = Difficulty.UNSPECIFIED
+    # The model the plan put first (empty: not reported); differs from model_id after a fallback.
+    planned_model_id: str = ""
+    attempts: int = 0
+    prompt_fingerprint: str = ""
+
+    @property
+    def fell_back(self) -> bool:
+        return bool(self.planned_model_id) and self.planned_model_id != self.model_id
 
 
 @dataclass
@@ -100,13 +130,30 @@ def validate_event(event: UsageEvent, now: datetime) -> None:
         raise InvalidArgument("input_tokens", "must not be negative")
     if event.output_tokens < 0:
         raise InvalidArgument("output_tokens", "must not be negative")
+    _validate_routing_context(event)
     if event.occurred_at is not None and not EARLIEST_USAGE <= event.occurred_at <= now + MAX_CLOCK_SKEW:
         raise InvalidArgument("occurred_at", "must lie between 1970-01-01 and one day from now")
+
+
+def _validate_routing_context(event: UsageEvent) -> None:
+    if len(event.task_type) > MAX_TASK_TYPE_LENGTH:
+        raise InvalidArgument("task_type", f"must be at most {MAX_TASK_TYPE_LENGTH} characters")
+    if len(event.planned_model_id) > MAX_MODEL_ID_LENGTH:
+        raise InvalidArgument("planned_model_id", f"must be at most {MAX_MODEL_ID_LENGTH} characters")
+    if not 0 <= event.attempts <= MAX_ATTEMPTS:
+        raise InvalidArgument("attempts", f"must be between 0 and {MAX_ATTEMPTS}")
+    if len(event.prompt_fingerprint) > MAX_FINGERPRINT_LENGTH:
+        raise InvalidArgument("prompt_fingerprint", f"must be at most {MAX_FINGERPRINT_LENGTH} characters")
 
 
 def month_key(moment: datetime) -> str:
     """The UTC calendar month of `moment`, e.g. "2024-03": budgets and spend counters are per month."""
     return moment.astimezone(UTC).strftime("%Y-%m")
+
+
+def day_key(moment: datetime) -> str:
+    """The UTC day of `moment`, e.g. "2024-03-01": the ledger also keeps a spend counter per day."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d")
 
 
 def month_bounds(moment: datetime) -> tuple[datetime, datetime]:
@@ -135,7 +182,11 @@ def group_key(record: UsageRecord, group_by: GroupBy) -> str:
         return record.model_id
     if group_by == "provider":
         return record.provider
-    return record.occurred_at.astimezone(UTC).strftime("%Y-%m-%d")
+    if group_by == "task_type":
+        return record.task_type or UNCLASSIFIED
+    if group_by == "difficulty":
+        return record.difficulty.value or UNCLASSIFIED
+    return day_key(record.occurred_at)
 
 
 class UsageSummary:

@@ -72,11 +72,16 @@ async def _requests_this_month(ledger, tenant: str) -> int:
     return (await ledger.GetUsageReport(pb.GetUsageReportRequest(tenant_id=tenant))).total.requests
 
 
-def _budget_warnings(mesh: Mesh, tenant: str) -> list[int]:
+def _budget_warnings(mesh: Mesh, tenant: str, alert: str = "spent") -> list[int]:
+    """The percentages of the tenant's budget alerts of one kind ("spent" or "projected") in the log."""
     percents = []
     for line in mesh.log_path("ledger").read_text().splitlines():
         entry = json.loads(line) if line.startswith("{") else {}
-        if entry.get("level") == "WARNING" and entry.get("tenant_id") == tenant:
+        if (
+            entry.get("level") == "WARNING"
+            and entry.get("tenant_id") == tenant
+            and entry.get("alert") == alert
+        ):
             percents.append(entry["percent"])
     return sorted(percents)
 
@@ -233,6 +238,13 @@ INVALID = [
         "end_time",
     ),
     ("GetUsageReport", pb.GetUsageReportRequest(tenant_id="t", group_by=99), "group_by"),
+    ("RecordUsage", _usage("t", difficulty=99), "difficulty"),
+    ("RecordUsage", _usage("t", attempts=-1), "attempts"),
+    ("RecordUsage", _usage("t", task_type="t" * 65), "task_type"),
+    ("RecordUsage", _usage("t", prompt_fingerprint="f" * 129), "prompt_fingerprint"),
+    ("RecordUsage", _usage("t", planned_model_id="m" * 257), "planned_model_id"),
+    ("GetRecommendations", pb.GetRecommendationsRequest(), "tenant_id"),
+    ("GetRecommendations", pb.GetRecommendationsRequest(tenant_id="a{b}"), "tenant_id"),
 ]
 
 
