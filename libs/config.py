@@ -112,8 +112,12 @@ class AuthConfig(_Strict):
 class ProviderConfig(_Strict):
     type: Literal["local", "openai", "anthropic"]
     base_url: str = ""
-    # The name of the environment variable holding the provider's key; the key itself never sits in a file.
+    # Where the provider's keys come from; they never sit in this file. `api_key_env` names an environment
+    # variable holding one key or several separated by commas; `api_key_file` a file with one key per line
+    # (a mounted Secret), re-read within a second when it changes. Several keys are used in turn, and one
+    # the provider refuses (401/403) is set aside while others remain.
     api_key_env: str = ""
+    api_key_file: str = ""
     timeout_seconds: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")

@@ -497,7 +497,9 @@ async def test_a_missing_key_fails_every_call_without_sending_it(fake, monkeypat
     finally:
         await provider.close()
 
-    assert caught.value.message == f"provider fake has no API key configured (set {KEY_ENV})"
+    assert caught.value.message == (
+        f"provider fake has no API key configured (set environment variable {KEY_ENV})"
+    )
     assert (caught.value.retryable, caught.value.status) == (False, "FAILED_PRECONDITION")
     assert chunks == [] and stream_error is not None and not stream_error.retryable
     assert len(fake.requests) == before
@@ -514,7 +516,9 @@ async def test_connections_are_reused_across_unary_and_streamed_calls(provider, 
 
 def test_provider_messages_are_cut_short_and_stripped_of_secrets():
     long_token = "x" * 40
-    message = sanitise_provider_message(f"bad\nrequest {long_token} my-secret " + "words " * 100, "my-secret")
+    message = sanitise_provider_message(
+        f"bad\nrequest {long_token} my-secret " + "words " * 100, ["my-secret"]
+    )
 
     assert len(message) <= MAX_PROVIDER_MESSAGE_CHARS and message.endswith("...")
     assert message.startswith("bad request [redacted] [redacted] words")

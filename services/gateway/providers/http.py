@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +20,9 @@ import httpx
 from libs import deadline
 from libs.config import ProviderConfig
 from libs.errors import DeadlineExceeded
-from libs.logs import redact, register_secret
+from libs.logs import redact
 from services.gateway.providers.base import ProviderError
+from services.gateway.providers.keys import ProviderKey, ProviderKeys
 
 # Time kept back from the caller's deadline so the Gateway can still answer after a provider times out.
 DEADLINE_MARGIN_SECONDS = 0.05
@@ -35,6 +35,7 @@ POOL_LIMITS = httpx.Limits(max_connections=1024, max_keepalive_connections=1024,
 
 _RETRYABLE_STATUSES = {408, 409, 429}
 _CONFIG_STATUSES = {401, 402, 403}  # our key or account is wrong, not the caller's request
+_KEY_REFUSED = {401, 403}  # this key is refused: another of the provider's keys may not be
 # Long opaque tokens (keys, signatures) that a provider might echo back in an error message.
 _OPAQUE_TOKEN = re.compile(r"[A-Za-z0-9_\-*.]{32,}")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]+")
@@ -46,11 +47,12 @@ class SseEvent:
     data: str
 
 
-def sanitise_provider_message(message: str, secret: str = "") -> str:
-    """A provider's error message, cut short and with anything key-shaped removed."""
+def sanitise_provider_message(message: str, secrets: Iterable[str] = ()) -> str:
+    """A provider's error message, cut short and with our keys and anything key-shaped removed."""
     text = _CONTROL_CHARS.sub(" ", message)
-    if secret:
-        text = text.replace(secret, "[redacted]")
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
     text = _OPAQUE_TOKEN.sub("[redacted]", redact(text))
     text = " ".join(text.split())
     if len(text) > MAX_PROVIDER_MESSAGE_CHARS:
@@ -73,9 +75,9 @@ def _body_message(body: bytes) -> str:
         return ""
 
 
-def status_error(provider: str, status_code: int, body: bytes, secret: str = "") -> ProviderError:
+def status_error(provider: str, status_code: int, body: bytes, secrets: Iterable[str] = ()) -> ProviderError:
     """Classifies a non-2xx answer: the provider's trouble is retryable, a request it refuses is not."""
-    detail = sanitise_provider_message(_body_message(body), secret)
+    detail = sanitise_provider_message(_body_message(body), secrets)
     message = f"provider {provider} answered HTTP {status_code}" + (f": {detail}" if detail else "")
     kind = f"http_{status_code}"
     if status_code in _RETRYABLE_STATUSES or status_code >= 500:
@@ -152,8 +154,7 @@ class HttpProvider:
     def __init__(self, name: str, config: ProviderConfig) -> None:
         self.name = name
         self._config = config
-        self._api_key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
-        register_secret(self._api_key)
+        self._keys = ProviderKeys(name, config)
         self._client = httpx.AsyncClient(
             base_url=config.base_url,
             limits=POOL_LIMITS,
@@ -164,16 +165,22 @@ class HttpProvider:
     def _auth_headers(self, api_key: str) -> dict[str, str]:
         raise NotImplementedError
 
-    def _headers(self) -> dict[str, str]:
-        if not self._api_key:
-            variable = self._config.api_key_env or "api_key_env in the provider's config"
+    def _key(self, tried: frozenset[str]) -> ProviderKey | None:
+        """The key for the next try: None once this request has tried every key (after a refusal)."""
+        key = self._keys.pick(tried)
+        if key is None and not tried:
             raise ProviderError(
-                f"provider {self.name} has no API key configured (set {variable})",
+                f"provider {self.name} has no API key configured (set {self._keys.source})",
                 retryable=False,
                 status="FAILED_PRECONDITION",
                 kind="no_api_key",
             )
-        return self._auth_headers(self._api_key)
+        return key
+
+    def _refused_key(self, key: ProviderKey, status_code: int, tried: frozenset[str]) -> bool:
+        """After a 401/403 for `key`: set it aside; True when another key is left to try."""
+        self._keys.refused(key, status_code)
+        return self._keys.pick(tried | {key.secret}) is not None
 
     def _timeout(self) -> float:
         """Seconds this step may take: the caller's remaining time less a margin, at most the config's."""
@@ -183,18 +190,25 @@ class HttpProvider:
             raise timeout_error(self.name) from None
 
     async def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        headers = self._headers()
-        timeout = self._timeout()
-        try:
-            # httpx's timeouts bound each network step; this bounds the whole exchange.
-            async with asyncio.timeout(timeout):
-                response = await self._client.post(path, json=body, headers=headers, timeout=timeout)
-        except TimeoutError:
-            raise timeout_error(self.name) from None
-        except httpx.RequestError as exc:
-            raise transport_error(self.name, exc) from None
+        tried: frozenset[str] = frozenset()
+        while (key := self._key(tried)) is not None:
+            timeout = self._timeout()
+            try:
+                # httpx's timeouts bound each network step; this bounds the whole exchange.
+                async with asyncio.timeout(timeout):
+                    response = await self._client.post(
+                        path, json=body, headers=self._auth_headers(key.secret), timeout=timeout
+                    )
+            except TimeoutError:
+                raise timeout_error(self.name) from None
+            except httpx.RequestError as exc:
+                raise transport_error(self.name, exc) from None
+            if response.status_code in _KEY_REFUSED and self._refused_key(key, response.status_code, tried):
+                tried |= {key.secret}
+                continue
+            break
         if response.status_code != 200:
-            raise status_error(self.name, response.status_code, response.content, self._api_key)
+            raise status_error(self.name, response.status_code, response.content, self._keys.secrets())
         try:
             payload = response.json()
         except ValueError:
@@ -210,20 +224,28 @@ class HttpProvider:
 
         Each wait for the next line is bounded by the caller's deadline, so a stalled stream fails in time.
         """
-        headers = self._headers()
-        timeout = self._timeout()
-        request = self._client.build_request("POST", path, json=body, headers=headers, timeout=timeout)
-        try:
-            async with asyncio.timeout(timeout):
-                response = await self._client.send(request, stream=True)
-        except TimeoutError:
-            raise timeout_error(self.name) from None
-        except httpx.RequestError as exc:
-            raise transport_error(self.name, exc) from None
+        tried: frozenset[str] = frozenset()
+        while (key := self._key(tried)) is not None:
+            timeout = self._timeout()
+            request = self._client.build_request(
+                "POST", path, json=body, headers=self._auth_headers(key.secret), timeout=timeout
+            )
+            try:
+                async with asyncio.timeout(timeout):
+                    response = await self._client.send(request, stream=True)
+            except TimeoutError:
+                raise timeout_error(self.name) from None
+            except httpx.RequestError as exc:
+                raise transport_error(self.name, exc) from None
+            if response.status_code in _KEY_REFUSED and self._refused_key(key, response.status_code, tried):
+                await response.aclose()
+                tried |= {key.secret}
+                continue
+            break
         try:
             if response.status_code != 200:
                 raise status_error(
-                    self.name, response.status_code, await self._error_body(response), self._api_key
+                    self.name, response.status_code, await self._error_body(response), self._keys.secrets()
                 )
             parser = SseParser()
             lines = response.aiter_lines()
@@ -285,7 +307,7 @@ class HttpProvider:
 
     def _stream_error(self, payload: dict[str, Any]) -> ProviderError:
         """An error the provider reported inside a stream that had already started."""
-        detail = sanitise_provider_message(_error_message(payload), self._api_key)
+        detail = sanitise_provider_message(_error_message(payload), self._keys.secrets())
         message = f"provider {self.name} failed mid-stream" + (f": {detail}" if detail else "")
         return ProviderError(message, retryable=True, kind="stream_error")
 
