@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 
 import grpc
+from sophia.cache.v1 import cache_pb2_grpc
 from sophia.ledger.v1 import ledger_pb2_grpc
+from sophia.router.v1 import router_pb2_grpc
 
 from libs.background import Background
 from libs.breaker import DependencyBreaker, grpc_health_probe
@@ -23,6 +25,7 @@ from services.gateway.access.control import AccessControl, redis_breaker
 from services.gateway.access.key_store import KeyStore
 from services.gateway.access.rate_limits import RateLimiter
 from services.gateway.api.gateway_servicer import GatewayServicer
+from services.gateway.api.insight_servicer import InsightServicer
 from services.gateway.providers.registry import build_providers
 from services.gateway.serving.idempotency import IdempotencyKeys
 from services.gateway.serving.request_flow import RequestFlow
@@ -58,12 +61,26 @@ class GatewayApp:
                 config.services.ledger.address,
                 service="sophia.ledger.v1.LedgerService",
                 # RecordUsage is idempotent by request id, so it is safe to retry too.
-                idempotent_methods=("RecordUsage", "CheckBudget", "GetUsageReport", "ListPrices"),
+                idempotent_methods=(
+                    "RecordUsage",
+                    "CheckBudget",
+                    "GetUsageReport",
+                    "ListPrices",
+                    "GetRecommendations",
+                ),
+                settings=config.clients,
+            ),
+            # InsightService's reads of the Router (provider health), apart from the routing path's channel.
+            "router": open_channel(
+                config.services.router.address,
+                service="sophia.router.v1.RouterService",
+                idempotent_methods=("GetProviderHealth",),
                 settings=config.clients,
             ),
         }
         self.background = Background()
         self.ledger = ledger_pb2_grpc.LedgerServiceStub(self._channels["ledger"])
+        self.cache = cache_pb2_grpc.CacheServiceStub(self._channels["cache"])
         self.prices = LedgerPrices(self.ledger, PriceTable(config.ledger.prices))
         self.usage = UsageRecorder(
             self.ledger,
@@ -101,6 +118,16 @@ class GatewayApp:
             retry_after_ms=config.gateway.overload_retry_after_ms,
         )
         return GatewayServicer(config, self.access, self.routing, self.flow, admission)
+
+    def insight(self) -> InsightServicer:
+        """InsightService, on the channels `open()` made (call it after `open()`)."""
+        return InsightServicer(
+            self.access,
+            self.routing,
+            self.ledger,
+            self.cache,
+            router_pb2_grpc.RouterServiceStub(self._channels["router"]),
+        )
 
     async def start(self) -> None:
         """Takes up usage an earlier run left unacknowledged in the journal, and replays from now on;

@@ -1,4 +1,5 @@
-"""AdminService (REST under /admin/v1 through the edge): API keys, budgets and usage, admin key only.
+"""AdminService (REST under /admin/v1 through the edge): API keys, budgets, usage, recommendations and
+cache invalidation, admin key only.
 
 Keys are managed by `AccessControl`; budgets and usage belong to the CostLedger, which this forwards to,
 converting US dollars to and from the ledger's integer micro-dollars.
@@ -12,6 +13,7 @@ from datetime import datetime
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from sophia.cache.v1 import cache_pb2, cache_pb2_grpc
 from sophia.gateway.v1 import admin_pb2 as pb
 from sophia.gateway.v1 import admin_pb2_grpc
 from sophia.ledger.v1 import ledger_pb2, ledger_pb2_grpc
@@ -20,10 +22,17 @@ from libs.errors import InvalidArgument, ServiceError, Unavailable, field_violat
 from libs.pricing import MICROS_PER_USD, usd_to_micros
 from services.gateway.access.api_keys import ApiKey
 from services.gateway.access.control import AccessControl
+from services.gateway.api.insight_servicer import (
+    DEPENDENCY_TIMEOUT_SECONDS,
+    dependency_failure,
+    ledger_recommendations,
+    recommendation_fields,
+)
 
 TENANT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_KEY_NAME_LENGTH = 128
 MAX_KEY_ID_LENGTH = 128
+MAX_MODEL_ID_LENGTH = 256
 MAX_MONTHLY_LIMIT_USD = 1_000_000_000
 # RFC 3339 date-time (the ISO 8601 profile with a mandatory offset); fromisoformat does the rest.
 RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
@@ -118,9 +127,15 @@ def _usage_row(row: ledger_pb2.UsageRow) -> pb.UsageRow:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, access: AccessControl, ledger: ledger_pb2_grpc.LedgerServiceStub) -> None:
+    def __init__(
+        self,
+        access: AccessControl,
+        ledger: ledger_pb2_grpc.LedgerServiceStub,
+        cache: cache_pb2_grpc.CacheServiceStub,
+    ) -> None:
         self._access = access
         self._ledger = ledger
+        self._cache = cache
 
     async def _admin(self, context) -> None:
         await self._access.authenticate_admin(tuple(context.invocation_metadata() or ()))
@@ -187,3 +202,23 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             rows=[_usage_row(row) for row in report.rows],
             total=_usage_row(report.total),
         )
+
+    async def GetRecommendations(self, request, context):
+        await self._admin(context)
+        validate_tenant_id(request.tenant_id)
+        reply = await ledger_recommendations(self._ledger, request.tenant_id)
+        return pb.GetRecommendationsResponse(tenant_id=request.tenant_id, **recommendation_fields(reply))
+
+    async def InvalidateCache(self, request, context):
+        await self._admin(context)
+        validate_tenant_id(request.tenant_id)
+        if len(request.model) > MAX_MODEL_ID_LENGTH:
+            raise InvalidArgument("model", f"must be at most {MAX_MODEL_ID_LENGTH} characters")
+        try:
+            reply = await self._cache.Invalidate(
+                cache_pb2.InvalidateRequest(tenant_id=request.tenant_id, model=request.model),
+                timeout=DEPENDENCY_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise dependency_failure("the cache", exc) from None
+        return pb.InvalidateCacheResponse(tenant_id=request.tenant_id, removed=reply.removed)

@@ -4,6 +4,8 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import type { Message } from "@bufbuild/protobuf";
+import type { BudgetProjection, Recommendation } from "./insight_pb.js";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
 
 /**
  * Describes the file sophia/gateway/v1/admin.proto.
@@ -332,6 +334,104 @@ export declare type GetUsageResponse = Message<"sophia.gateway.v1.GetUsageRespon
 export declare const GetUsageResponseSchema: GenMessage<GetUsageResponse>;
 
 /**
+ * @generated from message sophia.gateway.v1.GetRecommendationsRequest
+ */
+export declare type GetRecommendationsRequest = Message<"sophia.gateway.v1.GetRecommendationsRequest"> & {
+  /**
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+};
+
+/**
+ * Describes the message sophia.gateway.v1.GetRecommendationsRequest.
+ * Use `create(GetRecommendationsRequestSchema)` to create a new message.
+ */
+export declare const GetRecommendationsRequestSchema: GenMessage<GetRecommendationsRequest>;
+
+/**
+ * @generated from message sophia.gateway.v1.GetRecommendationsResponse
+ */
+export declare type GetRecommendationsResponse = Message<"sophia.gateway.v1.GetRecommendationsResponse"> & {
+  /**
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * Largest saving first.
+   *
+   * @generated from field: repeated sophia.gateway.v1.Recommendation recommendations = 2;
+   */
+  recommendations: Recommendation[];
+
+  /**
+   * @generated from field: google.protobuf.Timestamp window_start = 3;
+   */
+  windowStart?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp window_end = 4;
+   */
+  windowEnd?: Timestamp | undefined;
+
+  /**
+   * @generated from field: sophia.gateway.v1.BudgetProjection projection = 5;
+   */
+  projection?: BudgetProjection | undefined;
+};
+
+/**
+ * Describes the message sophia.gateway.v1.GetRecommendationsResponse.
+ * Use `create(GetRecommendationsResponseSchema)` to create a new message.
+ */
+export declare const GetRecommendationsResponseSchema: GenMessage<GetRecommendationsResponse>;
+
+/**
+ * @generated from message sophia.gateway.v1.InvalidateCacheRequest
+ */
+export declare type InvalidateCacheRequest = Message<"sophia.gateway.v1.InvalidateCacheRequest"> & {
+  /**
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * Empty → every model of the tenant.
+   *
+   * @generated from field: string model = 2;
+   */
+  model: string;
+};
+
+/**
+ * Describes the message sophia.gateway.v1.InvalidateCacheRequest.
+ * Use `create(InvalidateCacheRequestSchema)` to create a new message.
+ */
+export declare const InvalidateCacheRequestSchema: GenMessage<InvalidateCacheRequest>;
+
+/**
+ * @generated from message sophia.gateway.v1.InvalidateCacheResponse
+ */
+export declare type InvalidateCacheResponse = Message<"sophia.gateway.v1.InvalidateCacheResponse"> & {
+  /**
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * @generated from field: optional int32 removed = 2;
+   */
+  removed?: number | undefined;
+};
+
+/**
+ * Describes the message sophia.gateway.v1.InvalidateCacheResponse.
+ * Use `create(InvalidateCacheResponseSchema)` to create a new message.
+ */
+export declare const InvalidateCacheResponseSchema: GenMessage<InvalidateCacheResponse>;
+
+/**
  * Operator API under /admin/v1, callable with the admin key only. Numbers and flags in answers are
  * `optional` and always set, so the edge's JSON prints them even when they are 0 or false.
  *
@@ -377,6 +477,26 @@ export declare const AdminService: GenService<{
     methodKind: "unary";
     input: typeof GetUsageRequestSchema;
     output: typeof GetUsageResponseSchema;
+  },
+  /**
+   * Cost recommendations for any tenant (tenants see their own through InsightService).
+   *
+   * @generated from rpc sophia.gateway.v1.AdminService.GetRecommendations
+   */
+  getRecommendations: {
+    methodKind: "unary";
+    input: typeof GetRecommendationsRequestSchema;
+    output: typeof GetRecommendationsResponseSchema;
+  },
+  /**
+   * Drops a tenant's cached answers (one model's, or all of them).
+   *
+   * @generated from rpc sophia.gateway.v1.AdminService.InvalidateCache
+   */
+  invalidateCache: {
+    methodKind: "unary";
+    input: typeof InvalidateCacheRequestSchema;
+    output: typeof InvalidateCacheResponseSchema;
   },
 }>;
 
