@@ -222,6 +222,21 @@ def _check_network(manifests: list[Manifest]) -> list[str]:
     return problems
 
 
+def _check_canary(workloads: dict[str, Manifest]) -> list[str]:
+    """The canary track is the stable Gateway's spec, at 0 replicas until a release scales it."""
+    canary, stable = workloads.get("gateway-canary"), workloads.get("gateway")
+    if canary is None or stable is None:
+        return ["prod: the gateway-canary StatefulSet is missing"]
+    problems = []
+    if canary["spec"].get("replicas") != 0:
+        problems.append(f"gateway-canary: {canary['spec'].get('replicas')} replicas; it ships at 0")
+    if canary["spec"]["template"]["metadata"]["labels"].get("sophia.dev/track") != "canary":
+        problems.append("gateway-canary: its pods must carry sophia.dev/track: canary")
+    if canary["spec"]["template"]["spec"] != stable["spec"]["template"]["spec"]:
+        problems.append("gateway-canary: its pod spec differs from the stable Gateway's")
+    return problems
+
+
 def _check_overlay_specifics(overlay: str, manifests: list[Manifest]) -> list[str]:
     problems = []
     workloads = _workloads(manifests)
@@ -240,6 +255,7 @@ def _check_overlay_specifics(overlay: str, manifests: list[Manifest]) -> list[st
             problems.append("prod inference: needs a memory-backed /dev/shm")
         if "redis" in workloads:
             problems.append("prod: Redis is managed outside the cluster, not a workload here")
+        problems += _check_canary(workloads)
         for name, workload in workloads.items():
             labels = workload["spec"]["template"]["metadata"]["labels"]
             if labels.get("sophia.dev/redis-client") == "true":
