@@ -5,6 +5,7 @@ what a live mesh exports: tests/integration/test_metrics_exported.py)."""
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ DASHBOARDS = sorted((MONITORING / "grafana" / "dashboards").glob("*.json"))
 ADAPTER_RULES = MONITORING / "prometheus-adapter.yaml"
 # Series Prometheus makes itself for every target, not exported by the services.
 PROMETHEUS_SYNTHETIC = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
+_QUERY_INDEX = re.compile(r'"dashboard:query_(\d+)"')
 
 
 def _promtool(*arguments: str) -> list[str]:
@@ -103,10 +105,11 @@ def dashboard_problems(paths: list[Path] = DASHBOARDS) -> list[str]:
     with tempfile.NamedTemporaryFile("w", suffix=".yml") as file:
         yaml.safe_dump(rules, file)
         file.flush()
-        for line in _promtool("check", "rules", file.name):
-            index = line.split("dashboard:query_")[-1].split()[0] if "dashboard:query_" in line else None
-            where = expressions[int(index)][0] if index and index.isdigit() else "dashboards"
-            problems.append(f"{where}: {line}")
+        failures = _promtool("check", "rules", file.name)
+    located = [(_QUERY_INDEX.search(line), line) for line in failures]
+    problems += [f"{expressions[int(m.group(1))][0]}: {line.split(': ', 1)[-1]}" for m, line in located if m]
+    if failures and not any(m for m, _ in located):
+        problems += [f"dashboards: {line}" for line in failures]
     return problems
 
 
