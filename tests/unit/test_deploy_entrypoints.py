@@ -1,0 +1,179 @@
+"""The images' own commands, run here as the containers run them: the health check against real gRPC
+health servers (mTLS as the internal services serve it, plaintext as the Gateway's public port) and an
+HTTP edge, and the edge's entry point rendering a config that Envoy accepts."""
+
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from libs.config import REPO_ROOT
+from libs.tls import Identity, MeshCredentials
+from tools import certs
+from tools.ports import free_port
+
+HEALTHCHECK = REPO_ROOT / "deploy" / "docker" / "healthcheck.py"
+EDGE = REPO_ROOT / "deploy" / "docker" / "edge.py"
+
+
+@pytest.fixture(scope="module")
+def cert_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("certs")
+    certs.generate(directory)
+    return directory
+
+
+class HealthServer:
+    """A gRPC server with only grpc.health.v1, as a Sophia service serves it."""
+
+    def __init__(self, credentials: grpc.ServerCredentials | None) -> None:
+        self.port = free_port()
+        self.health = health.HealthServicer()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        address = f"127.0.0.1:{self.port}"
+        if credentials is None:
+            self.server.add_insecure_port(address)
+        else:
+            self.server.add_secure_port(address, credentials)
+        self.server.start()
+
+    def set(self, status) -> None:
+        self.health.set("", status)
+
+    def stop(self) -> None:
+        self.server.stop(None)
+
+
+def _check(service: str, port: int, cert_dir: Path, **extra: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SOPHIA")}
+    environ[f"SOPHIA__SERVICES__{service.upper()}__PORT"] = str(port)
+    environ["SOPHIA__TLS__DIR"] = str(cert_dir)
+    environ.update(extra)
+    return subprocess.run(
+        [sys.executable, str(HEALTHCHECK), service], env=environ, capture_output=True, text=True, timeout=30
+    )
+
+
+def _mtls_server(cert_dir: Path, identity: Identity) -> HealthServer:
+    return HealthServer(MeshCredentials.load(cert_dir, identity).server(require_client_auth=True))
+
+
+def test_an_internal_service_is_checked_over_mtls_with_its_own_certificate(cert_dir):
+    server = _mtls_server(cert_dir, Identity.ROUTER)
+    try:
+        server.set(health_pb2.HealthCheckResponse.SERVING)
+        assert _check("router", server.port, cert_dir).returncode == 0
+        server.set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        result = _check("router", server.port, cert_dir)
+        assert result.returncode == 1
+        assert "NOT_SERVING" in result.stderr
+    finally:
+        server.stop()
+
+
+def test_a_server_presenting_another_identity_is_not_taken_for_the_service(cert_dir):
+    # Something answers on the router's port, but with the cache's certificate.
+    server = _mtls_server(cert_dir, Identity.CACHE)
+    try:
+        server.set(health_pb2.HealthCheckResponse.SERVING)
+        result = _check("router", server.port, cert_dir)
+        assert result.returncode == 1
+        assert "UNAVAILABLE" in result.stderr
+    finally:
+        server.stop()
+
+
+def test_the_gateway_is_checked_in_plaintext_on_its_public_port(cert_dir):
+    server = HealthServer(None)
+    try:
+        server.set(health_pb2.HealthCheckResponse.SERVING)
+        assert _check("gateway", server.port, cert_dir).returncode == 0
+    finally:
+        server.stop()
+
+
+def test_nothing_listening_and_bad_input_fail_with_a_message(cert_dir):
+    result = _check("ledger", free_port(), cert_dir)
+    assert result.returncode == 1
+    assert result.stderr.startswith("unhealthy: ledger at 127.0.0.1:")
+    missing = _check("ledger", free_port(), cert_dir / "absent")
+    assert missing.returncode == 1
+    assert "ca.pem" in missing.stderr
+    usage = subprocess.run([sys.executable, str(HEALTHCHECK), "billing"], capture_output=True, text=True)
+    assert usage.returncode == 2
+    assert "usage:" in usage.stderr
+
+
+class _Edge(http.server.BaseHTTPRequestHandler):
+    status = 401
+
+    def do_GET(self):
+        self.send_response(self.status)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize(("status", "healthy"), [(401, True), (503, False), (200, False)])
+def test_the_edge_is_healthy_when_a_gateway_answers_behind_it(status, healthy):
+    handler = type("Edge", (_Edge,), {"status": status})
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = subprocess.run(
+            [sys.executable, str(HEALTHCHECK), "edge"],
+            env={"SOPHIA__EDGE__PORT": str(server.server_address[1]), "PATH": os.environ["PATH"]},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (result.returncode == 0) is healthy, result.stderr
+    finally:
+        server.shutdown()
+
+
+def test_the_edge_entry_point_renders_a_config_envoy_accepts(tmp_path):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SOPHIA")}
+    environ.update(
+        SOPHIA_EDGE_DIR=str(tmp_path),
+        SOPHIA__EDGE__HOST="0.0.0.0",
+        SOPHIA__SERVICES__GATEWAY__HOST="gateway.sophia.svc",
+        SOPHIA__GATEWAY__MAX_INFLIGHT_REQUESTS="2560",
+    )
+    rendered = subprocess.run(
+        [sys.executable, str(EDGE), "--render-only"], env=environ, capture_output=True, text=True, timeout=60
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    config = Path(rendered.stdout.strip())
+    assert config.parent == tmp_path
+    text = config.read_text()
+    assert "address: gateway.sophia.svc" in text
+    assert "address: 0.0.0.0" in text
+    assert "max_requests: 2560" in text
+    envoy = REPO_ROOT / ".venv" / "bin" / "envoy"
+    validated = subprocess.run(
+        [str(envoy), "--mode", "validate", "-c", str(config), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+
+
+def test_the_edge_entry_point_refuses_a_bad_config(tmp_path):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SOPHIA")}
+    environ.update(SOPHIA_EDGE_DIR=str(tmp_path), SOPHIA__EDGE__PORT="eighty")
+    command = [sys.executable, str(EDGE)]
+    result = subprocess.run(command, env=environ, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "edge.port" in result.stderr
