@@ -97,16 +97,41 @@ class ApiKeyConfig(_Strict):
     key: str = Field(min_length=8)
     requests_per_minute: int = Field(default=0, ge=0)
     tokens_per_minute: int = Field(default=0, ge=0)
+    # Scope: model ids or shell-style patterns ("gpt-4o*") the key may use, and the endpoints it may call
+    # (chat, embeddings); empty → all. Anything else gets PERMISSION_DENIED naming what is missing.
+    models: list[str] = []
+    endpoints: list[Literal["chat", "embeddings"]] = []
 
 
 class TenantConfig(_Strict):
     api_keys: list[ApiKeyConfig] = []
 
 
+class AdminKeyConfig(_Strict):
+    name: str
+    key: str = Field(min_length=8)
+    # admin: everything; operator: keys, budgets, flags and cache of its tenants; viewer: read-only.
+    role: Literal["admin", "operator", "viewer"]
+    # The tenants an operator or viewer acts on; empty → all.
+    tenants: list[str] = []
+
+
+class AuditConfig(_Strict):
+    # The audit log (admin actions, refused admin attempts) keeps at most this many entries and none
+    # older than retention_days, whichever is fewer.
+    max_entries: int = Field(default=1_000_000, gt=0)
+    retention_days: float = Field(default=365, gt=0)
+
+
 class AuthConfig(_Strict):
-    # Empty → the admin API is disabled.
+    # The bootstrap admin key (role admin); empty → disabled. More admin keys, with roles, below or
+    # through the admin API.
     admin_key: str = ""
+    admin_keys: list[AdminKeyConfig] = []
     tenants: dict[str, TenantConfig] = {}
+    audit: AuditConfig = AuditConfig()
+    # A rotated key's old secret keeps working this long unless the rotation says otherwise.
+    default_rotation_grace_seconds: int = Field(default=24 * 3600, ge=0)
 
 
 class ProviderConfig(_Strict):

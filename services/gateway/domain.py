@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.gateway.access.roles import KeyScope
+
 
 @dataclass(frozen=True)
 class Message:
@@ -89,12 +91,13 @@ class EmbeddingInputs:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the tenant and the API key, with the key's limits (0 = unlimited)."""
+    """Who is calling: the tenant and the API key, with the key's limits (0 = unlimited) and scope."""
 
     tenant_id: str
     key_id: str
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
+    scope: KeyScope = field(default_factory=KeyScope)
 
 
 # Token counts where no tokenizer counted (admission estimates, a stream cut off before the provider's

@@ -206,7 +206,9 @@ def test_every_admin_route_answers_over_rest(edge):
     assert usage.status_code == 200 and usage.json()["total"]["requests"] == 0
     bad = edge.get("/admin/v1/tenants/rest-t/usage", params={"start_time": "soon"}, headers=admin_headers)
     assert bad.status_code == 400 and bad.json()["error"]["message"].startswith("start_time:")
-    assert edge.get("/admin/v1/keys", headers={"Authorization": f"Bearer {DEV_KEY}"}).status_code == 401
+    # A valid tenant key is not an admin key: 403 saying so (a missing or unknown key is 401).
+    assert edge.get("/admin/v1/keys", headers={"Authorization": f"Bearer {DEV_KEY}"}).status_code == 403
+    assert edge.get("/admin/v1/keys", headers={"Authorization": "Bearer sk-nobody-0001"}).status_code == 401
 
 
 async def test_listing_shows_stored_and_config_keys_without_secrets(admin):
@@ -293,11 +295,17 @@ async def test_admin_rpcs_refuse_every_key_but_the_admin_key(admin):
         (admin.SetBudget, admin_pb2.SetBudgetRequest(tenant_id="acme", monthly_limit_usd=1)),
         (admin.GetUsage, admin_pb2.GetUsageRequest(tenant_id="acme")),
     ]
+    refusals = [
+        (auth(DEV_KEY), grpc.StatusCode.PERMISSION_DENIED),  # tenant keys: valid, but not admin keys
+        (auth(created.secret), grpc.StatusCode.PERMISSION_DENIED),
+        (auth("sk-sophia-not-a-key-at-all"), grpc.StatusCode.UNAUTHENTICATED),
+        ((), grpc.StatusCode.UNAUTHENTICATED),
+    ]
     for method, request in calls:
-        for metadata in (auth(DEV_KEY), auth(created.secret), ()):
+        for metadata, code in refusals:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await method(request, metadata=metadata, timeout=10)
-            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, (method, metadata)
+            assert caught.value.code() == code, (method, metadata)
     # The refused RevokeApiKey revoked nothing.
     listed = await admin.ListApiKeys(
         admin_pb2.ListApiKeysRequest(tenant_id="acme"), metadata=ADMIN, timeout=10

@@ -7,20 +7,24 @@ import re
 
 import pytest
 
-from libs.config import AuthConfig, load_config
+from libs.config import load_config
 from libs.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from libs.redis_store import open_redis
-from services.gateway.access.api_keys import KeyRing
+from services.gateway.access.api_keys import ApiKey, KeyRing
 from services.gateway.access.control import AccessControl, redis_breaker
 from services.gateway.access.key_store import KeyStore, RecentKeys, new_secret
 from services.gateway.access.rate_limits import RateLimiter
+from services.gateway.access.roles import Role
 from services.gateway.api.admin_servicer import group_by, monthly_limit_micros, parse_time, validate_new_key
 from services.gateway.domain import Principal
 from tests.support import free_port
 
 ALICE = Principal(tenant_id="t", key_id="key_alice", requests_per_minute=1)
 BOB = Principal(tenant_id="t", key_id="key_bob")
+ALICE_KEY = ApiKey("key_alice", "t", "alice", 1, 0, created=1)
+BOB_KEY = ApiKey("key_bob", "t", "bob", 0, 0, created=1)
 CONFIG_KEY = "sk-config-key-0001"
+ADMIN_KEY = "admin-key-0001"
 
 
 class Clock:
@@ -34,9 +38,9 @@ class Clock:
 def test_remembered_keys_expire_after_the_ttl():
     clock = Clock()
     recent = RecentKeys(5.0, 10, clock)
-    recent.put("d1", ALICE)
+    recent.put("d1", ALICE_KEY, 0)
     clock.now += 4.9
-    assert recent.get("d1") == ALICE
+    assert recent.get("d1") == ALICE_KEY
     clock.now += 0.1
     assert recent.get("d1") is None
     assert len(recent) == 0
@@ -44,25 +48,35 @@ def test_remembered_keys_expire_after_the_ttl():
 
 def test_remembered_keys_are_bounded_and_drop_the_oldest():
     recent = RecentKeys(60.0, 2, Clock())
-    recent.put("d1", ALICE)
-    recent.put("d2", BOB)
-    recent.put("d3", BOB)
+    recent.put("d1", ALICE_KEY, 0)
+    recent.put("d2", BOB_KEY, 0)
+    recent.put("d3", BOB_KEY, 0)
     assert recent.get("d1") is None
-    assert recent.get("d2") == BOB and recent.get("d3") == BOB
+    assert recent.get("d2") == BOB_KEY and recent.get("d3") == BOB_KEY
 
 
 def test_forgetting_a_key_drops_every_entry_of_it():
     recent = RecentKeys(60.0, 10, Clock())
-    recent.put("d1", ALICE)
-    recent.put("d2", BOB)
+    recent.put("d1", ALICE_KEY, 0)
+    recent.put("d2", BOB_KEY, 0)
     recent.forget("key_alice")
     assert recent.get("d1") is None
-    assert recent.get("d2") == BOB
+    assert recent.get("d2") == BOB_KEY
+
+
+def test_a_remembered_secret_stops_at_its_end_even_before_the_ttl():
+    clock, wall = Clock(), Clock()
+    recent = RecentKeys(60.0, 10, clock, wall)
+    recent.put("d1", ALICE_KEY, valid_until=wall.now + 2)  # a rotated secret in its grace period
+    wall.now += 1.9
+    assert recent.get("d1") == ALICE_KEY
+    wall.now += 0.1
+    assert recent.get("d1") is None
 
 
 def test_a_zero_ttl_remembers_nothing():
     recent = RecentKeys(0.0, 10, Clock())
-    recent.put("d1", ALICE)
+    recent.put("d1", ALICE_KEY, 0)
     assert recent.get("d1") is None
 
 
@@ -120,24 +134,34 @@ def test_group_by_accepts_the_three_groupings_only():
         group_by("week")
 
 
-def test_admin_api_is_disabled_without_an_admin_key():
-    with pytest.raises(PermissionDenied):
-        KeyRing(AuthConfig(admin_key="")).authenticate_admin("anything")
-    ring = KeyRing(AuthConfig(admin_key="admin-key-0001"))
+async def test_admin_api_is_disabled_without_an_admin_key(access_without_redis):
+    with pytest.raises(PermissionDenied, match="admin API is disabled"):
+        await access_without_redis.authenticate_admin(bearer("anything"))
+
+
+async def test_the_bootstrap_admin_key_is_an_admin(access_without_redis_with_admin):
+    admin = await access_without_redis_with_admin.authenticate_admin(bearer(ADMIN_KEY))
+    assert (admin.key_id, admin.role, admin.tenants) == ("cfg-admin", Role.ADMIN, ())
     with pytest.raises(Unauthenticated):
-        ring.authenticate_admin("admin-key-0002")
-    ring.authenticate_admin("admin-key-0001")
+        await access_without_redis_with_admin.authenticate_admin(bearer("admin-key-0002"))
+
+
+async def test_keys_are_refused_on_the_other_plane(access_without_redis_with_admin):
+    with pytest.raises(PermissionDenied, match="is a tenant key; the admin API needs an admin key"):
+        await access_without_redis_with_admin.authenticate_admin(bearer(CONFIG_KEY))
+    with pytest.raises(PermissionDenied, match=r"admin key \(role admin\); this API needs a tenant key"):
+        await access_without_redis_with_admin.authenticate(bearer(ADMIN_KEY))
 
 
 # --- Redis unreachable: a real client pointed at a port nobody listens on --------------------------
 
 
-@pytest.fixture
-async def access_without_redis():
+async def _access_without_redis(admin_key: str):
     config = load_config(
         environ={
             "SOPHIA_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
             "SOPHIA__AUTH__TENANTS": f"{{dev: {{api_keys: [{{name: dev, key: {CONFIG_KEY}}}]}}}}",
+            "SOPHIA_ADMIN_KEY": admin_key,
         }
     )
     client = open_redis(config.redis.url, timeout_seconds=config.gateway.redis_timeout_seconds)
@@ -151,6 +175,18 @@ async def access_without_redis():
     yield access
     await access.close()
     await client.aclose()
+
+
+@pytest.fixture
+async def access_without_redis():
+    async for access in _access_without_redis(""):
+        yield access
+
+
+@pytest.fixture
+async def access_without_redis_with_admin():
+    async for access in _access_without_redis(ADMIN_KEY):
+        yield access
 
 
 def bearer(key: str) -> list[tuple[str, str]]:

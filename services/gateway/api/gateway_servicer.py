@@ -15,6 +15,7 @@ from libs.errors import InvalidArgument, NotFound, Unavailable, shown
 from libs.logs import request_id_var
 from services.gateway.access.admission import Admission
 from services.gateway.access.control import AccessControl
+from services.gateway.access.roles import Endpoint
 from services.gateway.api import translate
 from services.gateway.domain import ChatRequest, Principal
 from services.gateway.providers.base import ProviderError
@@ -75,11 +76,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         context.add_done_callback(lambda _context: slot.release())
         return principal, request_id
 
-    async def _chat_request(self, request, context) -> ChatRequest:
+    async def _chat_request(self, principal: Principal, request, context) -> ChatRequest:
+        principal.scope.require_endpoint(principal.key_id, Endpoint.CHAT)
         chat = translate.chat_request(
             request.params, cache_header_off=cache_disabled_by_header(_metadata(context))
         )
         self._routing.check_model(chat.model, "chat")
+        if chat.model != translate.AUTO_MODEL:
+            # "auto" plans are cut to the key's models where the plan is made.
+            principal.scope.require_model(principal.key_id, chat.model)
         return chat
 
     @staticmethod
@@ -100,7 +105,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 "stream",
                 'use StreamChatCompletion for streaming (the REST edge does this for "stream": true)',
             )
-        chat = await self._chat_request(request, context)
+        chat = await self._chat_request(principal, request, context)
         claimed = _fingerprint(context, "CreateChatCompletion", request)
         completion, outcome = await self._flow.complete(principal, chat, request_id, claimed)
         await context.send_initial_metadata(self._response_headers(request_id, outcome))
@@ -110,7 +115,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def StreamChatCompletion(self, request, context):
         principal, request_id = await self._begin(context)
-        chat = await self._chat_request(request, context)
+        chat = await self._chat_request(principal, request, context)
         claimed = _fingerprint(context, "StreamChatCompletion", request)
         stream = await self._flow.stream(principal, chat, request_id, claimed)
         # Closed here, in the RPC's own task, however the RPC ends (a client that went away included), so
@@ -159,7 +164,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raise InvalidArgument(
                 "model", f"is required, e.g. {self._config.routing.default_embedding_model!r}"
             )
+        principal.scope.require_endpoint(principal.key_id, Endpoint.EMBEDDINGS)
         self._routing.check_model(request.model, "embedding")
+        principal.scope.require_model(principal.key_id, request.model)
         inputs = translate.embedding_inputs(request)
         fmt = translate.encoding_format(request)
         target = self._routing.embedding_target(request.model)
