@@ -1,4 +1,4 @@
-"""Starts and stops the whole mesh on one host: Redis, the five services and the Envoy edge.
+"""Starts and stops the whole mesh on one host: Redis, the five services, the MCP server and the Envoy edge.
 
 `python -m tools.mesh up|down|status` backs `make up` / `make down`; the integration tests and the
 benchmark drive the same `Mesh` class on free ports. Ports and addresses come from the config (so
@@ -31,7 +31,9 @@ from tools import certs
 
 # Start order: the Gateway last, once what it calls is up.
 SERVICES = ("inference", "router", "cache", "ledger", "gateway")
-COMPONENTS = ("redis", *SERVICES, "envoy")
+# The MCP server (services/mcp) is a client of the Gateway's public port over HTTP, not a mesh service:
+# no certificate, readiness over HTTP. The edge routes /mcp to it.
+COMPONENTS = ("redis", *SERVICES, "mcp", "envoy")
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
 ENVOY_DIR = REPO_ROOT / "deploy" / "envoy"
 DESCRIPTOR = REPO_ROOT / "build" / "sophia.pb"
@@ -64,6 +66,11 @@ class Mesh:
     @property
     def edge_url(self) -> str:
         return f"http://{self.config.edge.host}:{self.config.edge.port}"
+
+    @property
+    def mcp_url(self) -> str:
+        """The MCP server itself (clients use the edge's /mcp)."""
+        return f"http://{self.config.mcp.host}:{self.config.mcp.port}"
 
     def address(self, service: str) -> str:
         return getattr(self.config.services, service).address
@@ -141,6 +148,8 @@ class Mesh:
             ADMIN_PORT=edge.admin_port,
             GATEWAY_HOST=gateway.host,
             GATEWAY_PORT=gateway.port,
+            MCP_HOST=self.config.mcp.host,
+            MCP_PORT=self.config.mcp.port,
             DESCRIPTOR_PATH=DESCRIPTOR,
             ENVOY_DIR=ENVOY_DIR,
             MAX_BODY_BYTES=edge.max_body_bytes,
@@ -185,6 +194,8 @@ class Mesh:
             return _redis_ping(self.redis_port)
         if component == "envoy":
             return _edge_reaches_gateway(self.edge_url)
+        if component == "mcp":
+            return _http_ok(f"{self.mcp_url}/healthz")
         with self.blocking_channel(component) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
@@ -228,6 +239,7 @@ class Mesh:
             for service in SERVICES
         }
         ports[self.config.edge.port] = "edge (SOPHIA__EDGE__PORT)"
+        ports[self.config.mcp.port] = "MCP server (SOPHIA__MCP__PORT)"
         ports[self.config.edge.admin_port] = "Envoy admin (SOPHIA__EDGE__ADMIN_PORT)"
         ports[self.redis_port] = "Redis (SOPHIA_REDIS_URL)"
         base = self.config.telemetry.prometheus_base_port
@@ -299,6 +311,14 @@ def _redis_ping(port: int) -> bool:
         return False
 
 
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return reply.status == 200
+    except OSError:  # HTTPError (e.g. 503 until the Gateway serves) included
+        return False
+
+
 def _edge_reaches_gateway(edge_url: str) -> bool:
     """The edge is ready once it forwards to a healthy Gateway: no key → 401 from the Gateway, not 503."""
     try:
@@ -320,12 +340,12 @@ def up(mesh: Mesh, timeout: float) -> None:
     try:
         # Each step fails as soon as a process exits, quoting only this run's log lines; the edge starts
         # last, once the Gateway behind it serves.
-        for component in ("redis", *SERVICES):
+        for component in ("redis", *SERVICES, "mcp"):
             mesh.start(component, detach=True)
             mesh.record()
             if component == "redis":
                 mesh.wait_ready([component], timeout)
-        mesh.wait_ready(SERVICES, timeout)
+        mesh.wait_ready((*SERVICES, "mcp"), timeout)
         mesh.start("envoy", detach=True)
         mesh.record()
         mesh.wait_ready(["envoy"], timeout)
@@ -338,6 +358,7 @@ def up(mesh: Mesh, timeout: float) -> None:
     gateway = mesh.address("gateway")
     print(f"""Sophia is up.
   REST (OpenAI-compatible)  {edge}/v1
+  MCP (streamable HTTP)     {edge}/mcp   (docs/mcp.md; the server itself: {mesh.mcp_url}/mcp)
   gRPC Gateway              {gateway}   (.venv/bin/grpcurl -plaintext {gateway} list)
   Router                    {mesh.address("router")}
   SemanticCache             {mesh.address("cache")}

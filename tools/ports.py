@@ -42,6 +42,7 @@ def isolated_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
         environ[f"SOPHIA__SERVICES__{service.upper()}__PORT"] = str(free_port())
     environ["SOPHIA__EDGE__PORT"] = str(free_port())
     environ["SOPHIA__EDGE__ADMIN_PORT"] = str(free_port())
+    environ["SOPHIA__MCP__PORT"] = str(free_port())
     environ["SOPHIA_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
     environ["SOPHIA__TELEMETRY__PROMETHEUS_BASE_PORT"] = "0"
     environ.update(extra or {})

@@ -210,11 +210,11 @@ class InsightServicer(insight_pb2_grpc.InsightServiceServicer):
             await context.send_initial_metadata((("x-request-id", request_id),))
 
     async def _identify(self, context) -> Principal | None:
-        """The tenant key's principal, or None for the admin key; the tenant key's refusal otherwise."""
+        """The tenant key's principal, or None for an admin key; the tenant key's refusal otherwise."""
         metadata = tuple(context.invocation_metadata() or ())
         try:
             return await self._access.authenticate(metadata)
-        except Unauthenticated as refused:
+        except (Unauthenticated, PermissionDenied) as refused:  # an admin key is refused either way
             try:
                 await self._access.authenticate_admin(metadata)
             except (Unauthenticated, PermissionDenied):
