@@ -222,11 +222,51 @@ class McpConfig(_Strict):
     gateway_timeout_seconds: float = Field(default=120.0, gt=0)
 
 
+class CacheMode(StrEnum):
+    OFF = "off"
+    EXACT = "exact"
+    # Exact matches first, then similar questions of the same scope (docs/semantic-cache.md).
+    SEMANTIC = "exact+semantic"
+
+
+class SemanticCacheConfig(_Strict):
+    # A cached question is a candidate at this cosine similarity (all-MiniLM-L6-v2) or above; the
+    # false-hit guards then decide. Chosen on the dev pairs by cross-validation (tools/eval_semantic_cache).
+    similarity_threshold: float = Field(default=0.57, ge=-1, le=1)
+    # Candidates compared per lookup, best first; a vetoed best candidate is not replaced by a worse one.
+    candidates: int = Field(default=4, ge=1, le=64)
+    # When the runner-up is a different question within this much of the best, the lookup is ambiguous.
+    ambiguity_margin: float = Field(default=0.01, ge=0, le=1)
+    # Micro-batching of embeddings: at most this many texts per model call, and at most this long
+    # spent filling a batch (only while busy; an idle model starts at once).
+    embedding_batch_max: int = Field(default=32, ge=1, le=256)
+    embedding_batch_wait_ms: float = Field(default=2.0, ge=0, le=100)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch threads for the embedding model (0 → torch's default); one thread leaves a core for gRPC.
+    embedding_threads: int = Field(default=1, ge=0)
+    # A partition this large is searched by an IVF index (nprobe lists) instead of a flat one.
+    ivf_min_entries: int = Field(default=20_000, ge=1)
+    ivf_nprobe: int = Field(default=16, ge=1)
+    # Replicas apply each other's stores from a Redis stream; this bounds how long one read blocks.
+    sync_block_ms: int = Field(default=500, ge=10)
+
+
 class CacheConfig(_Strict):
-    ttl_seconds: int = Field(default=3600, gt=0)
+    ttl_seconds: int = Field(default=24 * 3600, gt=0)
     # Requests sampled hotter than this are not cached: their answers are meant to vary.
     max_temperature: float = Field(default=0.0, ge=0)
     max_entry_bytes: int = Field(default=256 * 1024, gt=0)
+    # Questions longer than this are refused (INVALID_ARGUMENT): they are documents, not questions.
+    max_question_chars: int = Field(default=16_384, gt=0)
+    # Beyond this many live entries a tenant's soonest-expiring entries are evicted.
+    max_entries_per_tenant: int = Field(default=100_000, gt=0)
+    # The layers a tenant's requests may be answered from; tenants not listed get default_mode.
+    default_mode: CacheMode = CacheMode.SEMANTIC
+    tenant_modes: dict[str, CacheMode] = {}
+    semantic: SemanticCacheConfig = SemanticCacheConfig()
+
+    def mode(self, tenant_id: str) -> CacheMode:
+        return self.tenant_modes.get(tenant_id, self.default_mode)
 
 
 class GatewayConfig(_Strict):

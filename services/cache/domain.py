@@ -1,23 +1,36 @@
-"""The Cache facade the servicer calls: validates input, tries the layers in order, counts hits.
+"""The Cache facade the servicer calls: validates input, tries the layers in order, counts outcomes.
 
-Only the exact layer exists so far; a lookup answers MISS or EXACT_HIT. Redis failures become
-`Unavailable` quickly (short socket timeouts, at most one immediate reconnect) so that the Gateway can
-bypass the cache instead of waiting on it.
+A lookup is scoped: (tenant, model, scope) must be equal for any hit, where the scope is everything but
+the question that shapes the answer. Within it, the exact layer answers the same normalised question;
+then the semantic layer searches the nearest cached questions of that scope and lets `SemanticJudge`
+decide (threshold, false-hit guards, answer end, ambiguity). The question is embedded at most once per
+request: the lookup returns its vector and the store takes it back.
+
+Redis failures become `Unavailable` quickly (short socket timeouts, at most one immediate reconnect) so
+that the Gateway can bypass the cache instead of waiting on it.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
 
+import numpy as np
 from redis.asyncio import Redis
 
 from libs.config import CacheConfig
 from libs.errors import InvalidArgument
 from libs.redis_store import unavailable_when_redis_fails
-from services.cache import keys
-from services.cache.exact import ExactCache
+from libs.sentence_embeddings import normalise_text
+from services.cache import keys, metrics
+from services.cache.entries import EntryStore, StoredEntry
+from services.cache.guards import QuestionGuards, Veto
+from services.cache.semantic import AnswerEnd, IndexedEntry, SemanticIndex, SemanticJudge
+from services.cache.sync import IndexSync
 
 log = logging.getLogger(__name__)
 
@@ -25,37 +38,80 @@ log = logging.getLogger(__name__)
 # Redis is unwell, and the Gateway is better served by a quick UNAVAILABLE than by waiting.
 REDIS_TIMEOUT_SECONDS = 1.0
 MAX_NAME_CHARS = 256
+MAX_SCOPE_CHARS = 1024 * 1024
 INT32_MAX = 2**31 - 1
+# A vector whose length is further than this from 1 was not L2-normalised.
+NORM_TOLERANCE = 1e-3
 
 
-class LookupKind(enum.Enum):
-    MISS = "miss"
-    EXACT_HIT = "exact_hit"
+class Layer(enum.Enum):
+    EXACT = "exact"
+    SEMANTIC = "semantic"
+
+
+class Embedder(Protocol):
+    dimensions: int
+
+    async def embed(self, text: str) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class LookupQuery:
+    tenant_id: str
+    model: str
+    scope: str
+    question: str
+    semantic: bool
+    embedding: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
 class LookupResult:
-    kind: LookupKind
+    layer: Layer | None  # None: a miss
     response: bytes = b""
+    similarity: float = 0.0
+    embedding: np.ndarray | None = None
+    veto: Veto | None = None
+
+
+@dataclass(frozen=True)
+class StoreCommand:
+    tenant_id: str
+    model: str
+    scope: str
+    question: str
+    response: bytes
+    ttl_seconds: int = 0
+    semantic: bool = False
+    embedding: tuple[float, ...] = ()
+    answer_end: str = AnswerEnd.COMPLETE
 
 
 @dataclass(frozen=True)
 class TenantStats:
-    hits: int
+    exact_hits: int
+    semantic_hits: int
     misses: int
     entries: int
+    indexed_entries: int
+    vetoes: dict[Veto, int] = field(default_factory=dict)
+
+    @property
+    def hits(self) -> int:
+        return self.exact_hits + self.semantic_hits
 
 
-def _require_name(field: str, value: str) -> None:
+def _require_name(field_name: str, value: str) -> None:
     if not value:
-        raise InvalidArgument(field, "must not be empty")
+        raise InvalidArgument(field_name, "must not be empty")
     if len(value) > MAX_NAME_CHARS:
-        raise InvalidArgument(field, f"must be at most {MAX_NAME_CHARS} characters")
+        raise InvalidArgument(field_name, f"must be at most {MAX_NAME_CHARS} characters")
 
 
-def _require_key(request_key: str) -> None:
-    if not request_key:
-        raise InvalidArgument("request_key", "must not be empty")
+def require_tenant(tenant_id: str) -> None:
+    _require_name("tenant_id", tenant_id)
+    if any(char.isspace() or not char.isprintable() for char in tenant_id):
+        raise InvalidArgument("tenant_id", "must not contain whitespace or control characters")
 
 
 def resolve_ttl(ttl_seconds: int, default_seconds: int) -> int:
@@ -64,70 +120,204 @@ def resolve_ttl(ttl_seconds: int, default_seconds: int) -> int:
     return ttl_seconds or default_seconds
 
 
-class HitCounters:
-    """Per-tenant lookup outcomes, counted in Redis so that every cache replica adds to the same totals."""
-
-    def __init__(self, redis: Redis) -> None:
-        self._redis = redis
-
-    async def record(self, tenant_id: str, hit: bool) -> None:
-        await self._redis.hincrby(keys.stats_key(tenant_id), "hits" if hit else "misses", 1)
-
-    async def read(self, tenant_id: str) -> tuple[int, int]:
-        hits, misses = await self._redis.hmget(keys.stats_key(tenant_id), ["hits", "misses"])
-        return int(hits or 0), int(misses or 0)
-
-
 class Cache:
-    def __init__(self, redis: Redis, config: CacheConfig) -> None:
+    def __init__(self, redis: Redis, config: CacheConfig, embedder: Embedder, guards: QuestionGuards) -> None:
         self._redis = redis
         self._config = config
-        self._exact = ExactCache(redis)
-        self._counters = HitCounters(redis)
+        self._embedder = embedder
+        self._entries = EntryStore(redis)
+        self._index = SemanticIndex(embedder.dimensions, config.semantic)
+        self._judge = SemanticJudge(guards, config.semantic)
+        self._sync = IndexSync(
+            redis, self._entries, self._index_entry, self._forget, self._sweep, config.semantic.sync_block_ms
+        )
+        metrics.observe_index(self._index.tenant_counts)
+
+    async def start(self) -> None:
+        """Rebuilds the semantic index from Redis and follows other replicas' changes from then on."""
+        started = time.perf_counter()
+        with unavailable_when_redis_fails("cache store"):
+            position, loaded = await self._sync.rebuild()
+        self._sync.follow(position)
+        log.info(
+            "semantic index rebuilt from redis: %d entries (%d indexed) in %.1fs",
+            loaded, len(self._index), time.perf_counter() - started,
+        )  # fmt: skip
 
     async def close(self) -> None:
+        await self._sync.close()
+        await self._index.drain()
         await self._redis.aclose()
 
-    async def lookup(self, tenant_id: str, model: str, request_key: str) -> LookupResult:
-        _require_name("tenant_id", tenant_id)
-        _require_name("model", model)
-        _require_key(request_key)
-        with unavailable_when_redis_fails("cache store"):
-            response = await self._exact.get(tenant_id, model, request_key)
-            await self._counters.record(tenant_id, hit=response is not None)
-        if response is None:
-            return LookupResult(LookupKind.MISS)
-        return LookupResult(LookupKind.EXACT_HIT, response)
+    # --- lookups -------------------------------------------------------------------------------------
 
-    async def store(
-        self, tenant_id: str, model: str, request_key: str, response: bytes, ttl_seconds: int
-    ) -> None:
-        _require_name("tenant_id", tenant_id)
-        _require_name("model", model)
-        _require_key(request_key)
-        if not response:
+    async def lookup(self, query: LookupQuery) -> LookupResult:
+        normalised = self._validate_question(query.tenant_id, query.model, query.scope, query.question)
+        given = self._vector("embedding", query.embedding)
+        key = keys.entry_key(
+            query.tenant_id, self._member(query.model, query.scope, normalised, query.tenant_id)
+        )
+        with unavailable_when_redis_fails("cache store"):
+            response = await self._entries.response(key)
+            if response is not None:
+                await self._count(query.tenant_id, "hits_exact")
+                metrics.lookups.add(1, {"result": "hit", "layer": Layer.EXACT.value})
+                return LookupResult(Layer.EXACT, response, 1.0, given)
+            if not query.semantic:
+                await self._count(query.tenant_id, "misses")
+                metrics.lookups.add(1, {"result": "miss"})
+                return LookupResult(None, embedding=given)
+        vector = given if given is not None else await self._embedder.embed(normalised)
+        partition = keys.scope_digest(query.tenant_id, query.model, query.scope)
+        verdict = self._judge.judge(
+            self._judge.profile(query.question), self._index.search(partition, vector)
+        )
+        with unavailable_when_redis_fails("cache store"):
+            if verdict.entry is not None:
+                response = await self._entries.response(verdict.entry.key)
+                if response is not None:
+                    await self._count(query.tenant_id, "hits_semantic")
+                    metrics.lookups.add(1, {"result": "hit", "layer": Layer.SEMANTIC.value})
+                    metrics.semantic_similarity.record(verdict.similarity)
+                    return LookupResult(Layer.SEMANTIC, response, verdict.similarity, vector)
+                self._index.remove(verdict.entry.key)  # gone from Redis (expired or evicted) meanwhile
+            counters = ["misses"] + ([f"veto:{verdict.veto.value}"] if verdict.veto else [])
+            await self._count(query.tenant_id, *counters)
+        if verdict.veto is not None:
+            metrics.vetoes.add(1, {"reason": verdict.veto.value})
+        metrics.lookups.add(1, {"result": "miss"})
+        return LookupResult(None, similarity=verdict.similarity, embedding=vector, veto=verdict.veto)
+
+    # --- stores --------------------------------------------------------------------------------------
+
+    async def store(self, command: StoreCommand) -> int:
+        """Stores an answer; returns how many of the tenant's entries were evicted to make room."""
+        normalised = self._validate_question(
+            command.tenant_id, command.model, command.scope, command.question
+        )
+        if not command.response:
             raise InvalidArgument("response", "must not be empty")
-        if len(response) > self._config.max_entry_bytes:
+        if len(command.response) > self._config.max_entry_bytes:
             raise InvalidArgument(
                 "response",
-                f"{len(response)} bytes exceeds the entry limit of {self._config.max_entry_bytes} bytes",
+                f"{len(command.response)} bytes exceeds the entry limit of "
+                f"{self._config.max_entry_bytes} bytes",
             )
-        ttl = resolve_ttl(ttl_seconds, self._config.ttl_seconds)
+        ttl = resolve_ttl(command.ttl_seconds, self._config.ttl_seconds)
+        vector = self._vector("embedding", command.embedding)
+        if command.semantic and vector is None:
+            vector = await self._embedder.embed(normalised)
+        partition = keys.scope_digest(command.tenant_id, command.model, command.scope)
+        member = self._member(command.model, command.scope, normalised, command.tenant_id)
+        fields: dict[str, bytes | str] = {
+            "question": command.question,
+            "response": command.response,
+            "scope": partition,
+            "end": command.answer_end,
+        }
+        if command.semantic and vector is not None:
+            fields["vector"] = vector.astype(np.float32).tobytes()
         with unavailable_when_redis_fails("cache store"):
-            await self._exact.put(tenant_id, model, request_key, response, ttl)
+            evicted = await self._entries.put(
+                command.tenant_id, member, fields, ttl, self._config.max_entries_per_tenant
+            )
+        # The event stream brings the same change back; applying it here too makes this replica's next
+        # lookup see it without waiting for that round trip.
+        key = keys.entry_key(command.tenant_id, member)
+        if "vector" in fields:
+            entry = IndexedEntry(key, partition, command.question, command.answer_end, time.time() + ttl)
+            self._index.add(entry, vector, keys.tenant_tag_of(key))
+        else:
+            self._index.remove(key)
+        self._forget(evicted)
+        if evicted:
+            metrics.evictions.add(len(evicted))
+        return min(len(evicted), INT32_MAX)
+
+    # --- invalidation and stats ----------------------------------------------------------------------
 
     async def invalidate(self, tenant_id: str, model: str) -> int:
         """Removes the tenant's entries of `model`, or of every model when `model` is empty."""
-        _require_name("tenant_id", tenant_id)
+        require_tenant(tenant_id)
         if len(model) > MAX_NAME_CHARS:
             raise InvalidArgument("model", f"must be at most {MAX_NAME_CHARS} characters")
         with unavailable_when_redis_fails("cache store"):
-            removed = await self._exact.invalidate(tenant_id, model or None)
-        return min(removed, INT32_MAX)
+            removed = await self._entries.invalidate(tenant_id, model or None)
+        self._forget(removed)
+        return min(len(removed), INT32_MAX)
 
     async def stats(self, tenant_id: str) -> TenantStats:
-        _require_name("tenant_id", tenant_id)
+        require_tenant(tenant_id)
         with unavailable_when_redis_fails("cache store"):
-            hits, misses = await self._counters.read(tenant_id)
-            entries = await self._exact.count_entries(tenant_id)
-        return TenantStats(hits=hits, misses=misses, entries=entries)
+            counters = await self._redis.hgetall(keys.stats_key(tenant_id))
+            entries = await self._entries.count(tenant_id)
+        counts = {name.decode(): int(value) for name, value in counters.items()}
+        vetoes = {
+            veto: counts[f"veto:{veto.value}"] for veto in Veto if counts.get(f"veto:{veto.value}", 0) > 0
+        }
+        return TenantStats(
+            exact_hits=counts.get("hits_exact", 0),
+            semantic_hits=counts.get("hits_semantic", 0),
+            misses=counts.get("misses", 0),
+            entries=entries,
+            indexed_entries=self._index.entries_of(keys.namespace_tag("tenant", tenant_id)),
+            vetoes=vetoes,
+        )
+
+    # --- helpers -------------------------------------------------------------------------------------
+
+    def _validate_question(self, tenant_id: str, model: str, scope: str, question: str) -> str:
+        require_tenant(tenant_id)
+        _require_name("model", model)
+        if len(scope) > MAX_SCOPE_CHARS:
+            raise InvalidArgument("scope", f"must be at most {MAX_SCOPE_CHARS} characters")
+        if len(question) > self._config.max_question_chars:
+            raise InvalidArgument(
+                "question",
+                f"{len(question)} characters exceeds the limit of {self._config.max_question_chars}",
+            )
+        normalised = normalise_text(question)
+        if not normalised:
+            raise InvalidArgument("question", "must contain text")
+        return normalised
+
+    def _vector(self, field_name: str, values: tuple[float, ...]) -> np.ndarray | None:
+        if not values:
+            return None
+        if len(values) != self._embedder.dimensions:
+            raise InvalidArgument(
+                field_name, f"must have {self._embedder.dimensions} values (or none), got {len(values)}"
+            )
+        vector = np.asarray(values, dtype=np.float32)
+        norm = float(np.linalg.norm(vector))
+        if not math.isfinite(norm) or abs(norm - 1) > NORM_TOLERANCE:
+            raise InvalidArgument(field_name, "must be L2-normalised (length 1) and finite")
+        return vector
+
+    @staticmethod
+    def _member(model: str, scope: str, normalised: str, tenant_id: str) -> str:
+        return keys.entry_member(model, keys.entry_digest(tenant_id, model, scope, normalised))
+
+    async def _count(self, tenant_id: str, *counters: str) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for counter in counters:
+                pipe.hincrby(keys.stats_key(tenant_id), counter, 1)
+            await pipe.execute()
+
+    def _index_entry(self, entry: StoredEntry) -> None:
+        if not entry.vector:
+            self._index.remove(entry.key)
+            return
+        vector = np.frombuffer(entry.vector, dtype=np.float32)
+        if vector.shape[0] != self._embedder.dimensions:
+            log.warning("cache entry with a %d-value vector skipped (model changed?)", vector.shape[0])
+            return
+        indexed = IndexedEntry(entry.key, entry.scope, entry.question, entry.answer_end, entry.expires_at)
+        self._index.add(indexed, vector, keys.tenant_tag_of(entry.key))
+
+    def _forget(self, entry_keys: list[str]) -> None:
+        for key in entry_keys:
+            self._index.remove(key)
+
+    def _sweep(self) -> None:
+        self._forget(self._index.expired())

@@ -1,0 +1,158 @@
+"""The semantic layer: which cached question, if any, may answer a new one.
+
+`SemanticIndex` keeps this replica's view of the indexed entries (FAISS vectors per scope partition,
+plus each entry's question, answer end and expiry) in step with Redis. `SemanticJudge` decides on the
+candidates a search returns: the best candidate must reach the similarity threshold, pass the false-hit
+guards (guards.py) and not be a truncated or refused answer, and no different cached question may sit
+within the ambiguity margin of it. The judge is plain Python over plain data: the servicer's lookups and
+tools/eval_semantic_cache run the same code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from libs.config import SemanticCacheConfig
+from services.cache.guards import QuestionGuards, QuestionProfile, Veto
+from services.cache.index import VectorIndex
+from services.cache.keys import tenant_tag_of
+
+
+class AnswerEnd:
+    COMPLETE = "complete"
+    TRUNCATED = "truncated"
+    REFUSAL = "refusal"
+
+
+@dataclass
+class IndexedEntry:
+    key: str  # the entry's Redis key
+    partition: str
+    question: str
+    answer_end: str
+    expires_at: float  # unix seconds
+
+
+@dataclass(frozen=True)
+class Candidate:
+    entry: IndexedEntry
+    similarity: float
+
+
+@dataclass(frozen=True)
+class SemanticVerdict:
+    """`entry` is set when the semantic layer may answer; otherwise `veto` says why the best candidate
+    (if any reached the threshold) was refused. `similarity` is the best candidate's."""
+
+    entry: IndexedEntry | None
+    similarity: float = 0.0
+    veto: Veto | None = None
+
+
+class SemanticIndex:
+    def __init__(self, dimensions: int, config: SemanticCacheConfig) -> None:
+        self._vectors = VectorIndex(
+            dimensions, ivf_min_entries=config.ivf_min_entries, nprobe=config.ivf_nprobe
+        )
+        self._entries: dict[int, IndexedEntry] = {}
+        self._ids: dict[str, int] = {}
+        self._next_id = itertools.count(1)
+        self._per_tenant: dict[str, int] = {}
+        self._candidates = config.candidates
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._ids
+
+    def entries_of(self, tenant_tag: str) -> int:
+        return self._per_tenant.get(tenant_tag, 0)
+
+    def tenant_counts(self) -> dict[str, int]:
+        return dict(self._per_tenant)
+
+    def add(self, entry: IndexedEntry, vector: np.ndarray, tenant_tag: str) -> None:
+        known = self._ids.get(entry.key)
+        if known is not None and self._entries[known] == entry:
+            return  # the same entry again (a replica sees its own stores come back as events)
+        self.remove(entry.key)
+        entry_id = next(self._next_id)
+        self._vectors.add(entry.partition, entry_id, vector)
+        self._entries[entry_id] = entry
+        self._ids[entry.key] = entry_id
+        self._per_tenant[tenant_tag] = self._per_tenant.get(tenant_tag, 0) + 1
+
+    def remove(self, key: str) -> bool:
+        entry_id = self._ids.pop(key, None)
+        if entry_id is None:
+            return False
+        self._vectors.remove(entry_id)
+        del self._entries[entry_id]
+        tenant_tag = tenant_tag_of(key)
+        left = self._per_tenant.get(tenant_tag, 1) - 1
+        if left:
+            self._per_tenant[tenant_tag] = left
+        else:
+            self._per_tenant.pop(tenant_tag, None)
+        return True
+
+    def search(self, partition: str, vector: np.ndarray, now: float | None = None) -> list[Candidate]:
+        """The best live candidates of the partition, best first."""
+        now = time.time() if now is None else now
+        found = []
+        for entry_id, similarity in self._vectors.search(partition, vector, self._candidates):
+            entry = self._entries.get(entry_id)
+            if entry is not None and entry.expires_at > now:
+                found.append(Candidate(entry, similarity))
+        return found
+
+    def expired(self, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        return [entry.key for entry in self._entries.values() if entry.expires_at <= now]
+
+    async def drain(self) -> None:
+        await self._vectors.drain()
+
+
+class SemanticJudge:
+    def __init__(self, guards: QuestionGuards, config: SemanticCacheConfig) -> None:
+        self._guards = guards
+        self._threshold = config.similarity_threshold
+        self._margin = config.ambiguity_margin
+
+    def profile(self, question: str) -> QuestionProfile:
+        return self._guards.profile(question)
+
+    def judge(self, asked: QuestionProfile, candidates: list[Candidate]) -> SemanticVerdict:
+        if not candidates:
+            return SemanticVerdict(None)
+        best = candidates[0]
+        if best.similarity < self._threshold:
+            return SemanticVerdict(None, best.similarity)
+        if best.entry.answer_end == AnswerEnd.TRUNCATED:
+            return SemanticVerdict(None, best.similarity, Veto.TRUNCATED)
+        if best.entry.answer_end == AnswerEnd.REFUSAL:
+            return SemanticVerdict(None, best.similarity, Veto.REFUSAL)
+        cached = self._guards.profile(best.entry.question)
+        veto = self._guards.compare(cached, asked).veto
+        if veto is not None:
+            return SemanticVerdict(None, best.similarity, veto)
+        if self._ambiguous(cached, best, candidates[1:]):
+            return SemanticVerdict(None, best.similarity, Veto.AMBIGUOUS)
+        return SemanticVerdict(best.entry, best.similarity)
+
+    def _ambiguous(self, cached: QuestionProfile, best: Candidate, others: list[Candidate]) -> bool:
+        """A runner-up within the margin that is a different question from the best one: the question
+        sits between two cached questions that want different answers."""
+        for other in others:
+            if best.similarity - other.similarity > self._margin:
+                return False
+            runner_up = self._guards.profile(other.entry.question)
+            if self._guards.compare(cached, runner_up).veto is not None:
+                return True
+        return False
