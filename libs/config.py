@@ -169,6 +169,47 @@ class ModelConfig(_Strict):
     accepts_token_input: bool = False
 
 
+class ModelProfile(_Strict):
+    """What the Router knows about a chat model beyond where it runs (docs/routing.md)."""
+
+    # 1 (weakest, cheapest tier) .. 5 (best): orders the `quality` plan and complex prompts.
+    quality: int = Field(default=1, ge=1, le=5)
+    # Whether the model takes `tools` / `response_format`; requests using them skip models that do not.
+    tools: bool = False
+    response_format: bool = False
+    # Good at code: the `code` preference without a configured chain ranks these first.
+    code: bool = False
+
+
+class ClassifierConfig(_Strict):
+    # Labelled example prompts per task type (YAML); relative paths are from the repository root.
+    examples_file: str = "config/router_examples.yaml"
+    # More labelled examples in the JSON Lines format of shared/eval/router_dev.jsonl.
+    extra_examples_files: list[str] = []
+    # A prompt is complex when the difficulty model's probability of "complex" is at least this: below
+    # 0.5 leans towards the strong model, since under-routing costs quality and over-routing only money.
+    complex_threshold: float = Field(default=0.4, gt=0, lt=1)
+    # Where the examples' embeddings are kept between starts (keyed by the examples' text).
+    embedding_cache_dir: str = "var/cache/router"
+
+
+class BreakerConfig(_Strict):
+    """Circuit breaker per (provider, model), shared by every Router replica through Redis."""
+
+    # Opens after this many failures in a row...
+    consecutive_failures: int = Field(default=5, ge=1)
+    # ...or when more than this share of the requests in the window failed, with at least min_requests.
+    error_rate: float = Field(default=0.5, gt=0, le=1)
+    window_seconds: float = Field(default=60.0, gt=0)
+    min_requests: int = Field(default=10, ge=1)
+    # Open for this long, then half-open: `probes` requests are let through; if they all succeed it
+    # closes, if one fails it opens again for another cool-down.
+    cooldown_seconds: float = Field(default=30.0, gt=0)
+    probes: int = Field(default=1, ge=1)
+    # How often each replica reads the shared breaker states from Redis.
+    refresh_seconds: float = Field(default=0.25, gt=0)
+
+
 class RoutingConfig(_Strict):
     default_chain: list[str] = Field(min_length=1)
     default_embedding_model: str
@@ -178,6 +219,16 @@ class RoutingConfig(_Strict):
     task_types: dict[str, list[str]] = {}
     # model id → the models to try after it.
     fallback_map: dict[str, list[str]] = {}
+    # chat model id → quality, capabilities; a model without a profile is quality 1 with no tools.
+    model_profiles: dict[str, ModelProfile] = {}
+    # Feature flags (libs/feature_flags.py); empty → no flags, every model on, every feature off.
+    flags_file: str = ""
+    classifier: ClassifierConfig = ClassifierConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    # A tenant that has used at least this share of its monthly budget gets the cheapest capable plan.
+    budget_cheaper_above: float = Field(default=0.8, ge=0, le=1)
+    # The Router re-reads its config, examples and flag files when they change (polled this often); 0: never.
+    watch_seconds: float = Field(default=1.0, ge=0)
 
 
 class InferenceConfig(_Strict):
@@ -350,6 +401,7 @@ class Config(_Strict):
         chains |= {f"routing.preferences.{k}": v for k, v in self.routing.preferences.items()}
         chains |= {f"routing.task_types.{k}": v for k, v in self.routing.task_types.items()}
         chains |= {f"routing.fallback_map.{k}": [k, *v] for k, v in self.routing.fallback_map.items()}
+        chains |= {f"routing.model_profiles.{k}": [k] for k in self.routing.model_profiles}
         for where, chain in chains.items():
             for model_id in chain:
                 if self.models.get(model_id, None) is None:
