@@ -10,10 +10,10 @@ import uuid
 from contextlib import asynccontextmanager
 
 import httpx
+import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 from libs.config import REPO_ROOT
@@ -60,7 +60,8 @@ def tenant_keys(mesh) -> dict[str, str]:
 @asynccontextmanager
 async def over_http(url: str, key: str | None):
     headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
-    async with create_mcp_http_client(headers=headers) as http:
+    # As docs/mcp.md shows it: the SDK's own HTTP client with the key as a header.
+    async with httpx2.AsyncClient(headers=headers, timeout=300) as http:
         async with Client(streamable_http_client(url, http_client=http)) as client:
             yield client
 
