@@ -305,8 +305,11 @@ class QuestionGuards:
     def _opposed(self, only_first: list[str], only_second: list[str]) -> bool:
         for first in only_first:
             for second in only_second:
-                pair = frozenset((stem(first), stem(second)))
-                if pair in lexicon.ANTONYMS or frozenset((first, second)) in lexicon.ANTONYMS:
+                if any(
+                    frozenset((one, other)) in lexicon.ANTONYMS
+                    for one in _lemmas(first)
+                    for other in _lemmas(second)
+                ):
                     return True
                 if _negated_by_prefix(first, second) or _negated_by_prefix(second, first):
                     return True
@@ -361,6 +364,15 @@ def _literal_veto(cached: QuestionProfile, asked: QuestionProfile) -> Veto | Non
     if cached.tasks and asked.tasks and not cached.tasks & asked.tasks:
         return Veto.TASK
     return None
+
+
+def _lemmas(word: str) -> set[str]:
+    """The word, its stem, and its base when it is a comparative or superlative ("cheapest" → "cheap")."""
+    forms = {word, stem(word)}
+    for suffix, base in (("iest", "y"), ("ier", "y"), ("est", ""), ("er", "")):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            forms.add(word[: -len(suffix)] + base)
+    return forms
 
 
 def _only_words(profile: QuestionProfile, other: QuestionProfile) -> list[str]:

@@ -207,7 +207,8 @@ class RequestFlow:
         await self._access.admit(principal, estimate)
         await self._check_budget(principal.tenant_id)
         cache_key = self._cache.key(principal.tenant_id, request)
-        cache_status, answer = await self._cache.lookup(cache_key)
+        found = await self._cache.lookup(cache_key)
+        cache_status, answer = found.status.value, found.answer
         if answer is not None:
             return _Prepared(cache_key, cache_status, answer, [])
         plan = await self._routing.plan(request, principal.tenant_id, request_id, estimate)

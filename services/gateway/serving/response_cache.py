@@ -1,8 +1,14 @@
 """The Gateway's side of the response cache: what makes two requests the same, and when to ask.
 
-Two requests share an answer when the tenant, the requested model, the messages and every parameter
-that shapes the answer are equal. Requests sampled hotter than `cache.max_temperature` (an unset
-temperature counts as OpenAI's default of 1) are never cached: their answers are meant to vary.
+A request is split into a scope and a question. The scope is everything but the question that shapes the
+answer: the tenant, the requested model, the system prompt and earlier turns (as a digest), tools, tool
+choice, response format and every sampling parameter. The question is the last user message. The cache
+answers only within the same scope: from the exact layer (the same normalised question) or, when the
+tenant's mode and the request allow it, from the semantic layer (a similar question that passes the
+cache's false-hit guards, see docs/semantic-cache.md).
+
+Requests sampled hotter than `cache.max_temperature` (an unset temperature counts as OpenAI's default of
+1) are never cached: their answers are meant to vary. Requests with tools never get a semantic hit.
 The cache is an optimisation, so every failure of it is a bypass, never an error for the caller; while
 it is known to be down (its breaker is open) it is bypassed without being asked.
 """
@@ -10,8 +16,11 @@ it is known to be down (its breaker is open) it is bypassed without being asked.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 
 import grpc
@@ -19,7 +28,7 @@ from sophia.cache.v1 import cache_pb2 as pb
 from sophia.cache.v1 import cache_pb2_grpc
 
 from libs.breaker import UNREACHABLE, DependencyBreaker
-from libs.config import CacheConfig
+from libs.config import CacheConfig, CacheMode
 from services.gateway.domain import ChatRequest, Completion
 
 log = logging.getLogger(__name__)
@@ -28,18 +37,43 @@ DEFAULT_TEMPERATURE = 1.0
 # The cache sits on the request path; a slow cache must cost less than it could save.
 LOOKUP_TIMEOUT_SECONDS = 0.25
 STORE_TIMEOUT_SECONDS = 1.0
-_ANSWER_SHAPING_FIELDS = (
+_SAMPLING_FIELDS = (
     "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
-    "logit_bias", "tools", "tool_choice", "parallel_tool_calls", "response_format",
+    "logit_bias",
 )  # fmt: skip
+_TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+# How models word a refusal at the start of an answer; such answers are never served to other wordings.
+_REFUSAL = re.compile(
+    r"^\W*(?:i'?m sorry|i am sorry|sorry|unfortunately|i apologi[sz]e)?[,.!\s]*(?:but\s+)?"
+    r"(?:i\s+(?:can(?:not|'t| not)|won'?t|am unable to|'?m unable to|am not able to|'?m not able to)\s+"
+    r"(?:help|assist|provide|answer|comply|do that|fulfil|support|share|discuss))",
+    re.IGNORECASE,
+)
 
 
-@dataclass(frozen=True)
+class CacheStatus(enum.StrEnum):
+    HIT = "hit"
+    MISS = "miss"
+    BYPASS = "bypass"
+
+
+class CacheLayer(enum.StrEnum):
+    EXACT = "exact"
+    SEMANTIC = "semantic"
+
+
+@dataclass
 class CacheKey:
+    """Where a request's answer lives in the cache. `embedding` is filled by the lookup (the question's
+    vector, computed once) and sent back with the store."""
+
     tenant_id: str
     model: str
-    request_key: str
-    prompt_text: str
+    scope: str
+    question: str
+    semantic: bool
+    store: bool = True
+    embedding: tuple[float, ...] = ()
 
 
 @dataclass
@@ -49,17 +83,54 @@ class CachedAnswer:
     completion: Completion
 
 
-def request_key(request: ChatRequest) -> str:
-    """Canonical JSON of everything that determines the answer."""
-    document = {
-        "messages": [dataclasses.asdict(message) for message in request.messages],
-        **{name: getattr(request, name) for name in _ANSWER_SHAPING_FIELDS},
-    }
+@dataclass(frozen=True)
+class CacheLookup:
+    """What the lookup found: for the response headers (x-sophia-cache, -layer, -similarity) and the
+    answer on a hit. `embedding` is the question's vector whenever the cache computed one (the Router
+    may reuse it: same model over libs.sentence_embeddings.normalise_text of the question)."""
+
+    status: CacheStatus
+    layer: CacheLayer | None = None
+    similarity: float = 0.0
+    answer: CachedAnswer | None = None
+    embedding: tuple[float, ...] = ()
+
+
+BYPASS = CacheLookup(CacheStatus.BYPASS)
+LAYERS = {pb.CACHE_LAYER_EXACT: CacheLayer.EXACT, pb.CACHE_LAYER_SEMANTIC: CacheLayer.SEMANTIC}
+
+
+def _canonical(document) -> str:
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def prompt_text(request: ChatRequest) -> str:
-    return "\n".join(f"{m.role}: {m.content}" for m in request.messages)
+def split_request(request: ChatRequest) -> tuple[str, str, bool]:
+    """(scope, question, whether the question is a user's message). The question is the last message;
+    everything before it (system prompt, earlier turns) enters the scope as a digest."""
+    *earlier, last = request.messages
+    history = hashlib.sha256(_canonical([dataclasses.asdict(m) for m in earlier]).encode()).hexdigest()
+    last_is_question = last.role == "user" and not last.tool_calls
+    scope = {
+        "model": request.model,
+        "history": history,
+        **{name: getattr(request, name) for name in (*_SAMPLING_FIELDS, *_TOOL_FIELDS)},
+    }
+    if not last_is_question:
+        # A tool result or an assistant prefill: only an identical message may match, so it joins the scope.
+        scope["last"] = dataclasses.asdict(last)
+    return _canonical(scope), last.content or last.role, last_is_question
+
+
+def looks_like_refusal(text: str) -> bool:
+    return bool(_REFUSAL.match(text.strip()[:200]))
+
+
+def answer_end(completion: Completion) -> int:
+    if completion.finish_reason == "length":
+        return pb.ANSWER_END_TRUNCATED
+    if completion.finish_reason == "content_filter" or looks_like_refusal(completion.text):
+        return pb.ANSWER_END_REFUSAL
+    return pb.ANSWER_END_COMPLETE
 
 
 class ResponseCache:
@@ -75,46 +146,63 @@ class ResponseCache:
         self._enabled = enabled
         self._breaker = breaker
 
-    def key(self, tenant_id: str, request: ChatRequest) -> CacheKey | None:
-        """Where this request's answer lives in the cache; None when it must not be cached."""
-        temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
-        if not (self._enabled and request.use_cache and temperature <= self._config.max_temperature):
-            return None
-        return CacheKey(tenant_id, request.model, request_key(request), prompt_text(request))
+    def key(
+        self, tenant_id: str, request: ChatRequest, *, semantic_allowed: bool = True, store: bool = True
+    ) -> CacheKey | None:
+        """Where this request's answer lives in the cache; None when it must not be cached.
 
-    async def lookup(self, key: CacheKey | None) -> tuple[str, CachedAnswer | None]:
-        """("hit", answer), ("miss", None) or ("bypass", None) when not cacheable or the cache is down."""
+        `semantic_allowed`: the Gateway's switch for the semantic layer (a feature flag); the tenant's
+        mode (`cache.tenant_modes`, else `cache.default_mode`) must allow it too. `store=False`
+        (Cache-Control: no-store) looks up but never stores."""
+        mode = self._config.mode(tenant_id)
+        temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
+        if not self._enabled or mode == CacheMode.OFF or not request.use_cache or not request.messages:
+            return None
+        if temperature > self._config.max_temperature:
+            return None
+        scope, question, is_question = split_request(request)
+        semantic = semantic_allowed and mode == CacheMode.SEMANTIC and is_question and not request.tools
+        return CacheKey(tenant_id, request.model, scope, question, semantic, store)
+
+    async def lookup(self, key: CacheKey | None) -> CacheLookup:
+        """A hit with its answer, a miss, or a bypass when not cacheable or the cache is down."""
         if key is None or not self._breaker.allows():
-            return "bypass", None
+            return BYPASS
         try:
             reply = await self._stub.Lookup(
                 pb.LookupRequest(
                     tenant_id=key.tenant_id,
                     model=key.model,
-                    request_key=key.request_key,
-                    prompt_text=key.prompt_text,
+                    scope=key.scope,
+                    question=key.question,
+                    semantic=key.semantic,
+                    embedding=key.embedding,
                 ),
                 timeout=LOOKUP_TIMEOUT_SECONDS,
             )
         except grpc.aio.AioRpcError as exc:
             self._failed("lookup", exc)
-            return "bypass", None
+            return BYPASS
         self._breaker.record_success()
-        if reply.result in (pb.CACHE_RESULT_EXACT_HIT, pb.CACHE_RESULT_SEMANTIC_HIT):
-            try:
-                stored = json.loads(reply.response)
-                answer = CachedAnswer(
-                    stored["model_id"], stored["provider"], Completion(**stored["completion"])
-                )
-            except (ValueError, KeyError, TypeError):
-                log.error("unreadable cache entry ignored")
-                return "miss", None
-            answer.completion.tool_calls = tuple(answer.completion.tool_calls)
-            return "hit", answer
-        return "miss", None
+        key.embedding = tuple(reply.embedding) or key.embedding
+        if reply.result != pb.CACHE_RESULT_HIT:
+            return CacheLookup(CacheStatus.MISS, similarity=reply.similarity, embedding=key.embedding)
+        try:
+            stored = json.loads(reply.response)
+            answer = CachedAnswer(stored["model_id"], stored["provider"], Completion(**stored["completion"]))
+        except (ValueError, KeyError, TypeError):
+            log.error("unreadable cache entry ignored")
+            return CacheLookup(CacheStatus.MISS, embedding=key.embedding)
+        answer.completion.tool_calls = tuple(answer.completion.tool_calls)
+        return CacheLookup(
+            CacheStatus.HIT, LAYERS.get(reply.layer), reply.similarity, answer, embedding=key.embedding
+        )
 
-    async def store(self, key: CacheKey, answer: CachedAnswer) -> None:
-        if not self._breaker.allows():
+    async def store(
+        self, key: CacheKey, answer: CachedAnswer, embedding: tuple[float, ...] | None = None
+    ) -> None:
+        """Stores the answer under the key, with the question's vector (the lookup's, by default)."""
+        if not key.store or not self._breaker.allows():
             return
         value = {
             "model_id": answer.model_id,
@@ -126,9 +214,12 @@ class ResponseCache:
                 pb.StoreRequest(
                     tenant_id=key.tenant_id,
                     model=key.model,
-                    request_key=key.request_key,
-                    prompt_text=key.prompt_text,
+                    scope=key.scope,
+                    question=key.question,
                     response=json.dumps(value).encode(),
+                    embedding=key.embedding if embedding is None else embedding,
+                    semantic=key.semantic,
+                    answer_end=answer_end(answer.completion),
                 ),
                 timeout=STORE_TIMEOUT_SECONDS,
             )
