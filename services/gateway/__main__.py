@@ -12,7 +12,6 @@ from sophia.gateway.v1 import (
 
 from libs.config import load_config_or_exit
 from libs.server import run_service
-from services.gateway.api.admin_servicer import AdminServicer
 from services.gateway.app import GatewayApp
 
 
@@ -21,9 +20,7 @@ def main() -> None:
 
     def register(server):
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(app.open(), server)
-        admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(app.access, app.ledger, app.cache), server
-        )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(app.admin(), server)
         insight_pb2_grpc.add_InsightServiceServicer_to_server(app.insight(), server)
         return [
             gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,

@@ -21,9 +21,11 @@ from libs.pricing import PriceTable
 from libs.redis_store import open_redis
 from services.gateway.access.admission import Admission
 from services.gateway.access.api_keys import KeyRing
+from services.gateway.access.audit import AuditLog
 from services.gateway.access.control import AccessControl, redis_breaker
 from services.gateway.access.key_store import KeyStore
 from services.gateway.access.rate_limits import RateLimiter
+from services.gateway.api.admin_servicer import AdminServicer
 from services.gateway.api.gateway_servicer import GatewayServicer
 from services.gateway.api.insight_servicer import InsightServicer
 from services.gateway.providers.registry import build_providers
@@ -119,6 +121,17 @@ class GatewayApp:
         )
         return GatewayServicer(config, self.access, self.routing, self.flow, admission)
 
+    def admin(self) -> AdminServicer:
+        """AdminService, on the channels `open()` made (call it after `open()`)."""
+        return AdminServicer(
+            self.access,
+            AuditLog(self.redis, self.config.auth.audit),
+            self.ledger,
+            self.cache,
+            router_pb2_grpc.RouterServiceStub(self._channels["router"]),
+            self.config.auth.default_rotation_grace_seconds,
+        )
+
     def insight(self) -> InsightServicer:
         """InsightService, on the channels `open()` made (call it after `open()`)."""
         return InsightServicer(
@@ -134,6 +147,7 @@ class GatewayApp:
         mirrors the ledger's prices."""
         await self.usage.start()
         self.prices.start()
+        self.access.start()
 
     async def close(self) -> None:
         await self.background.drain(BACKGROUND_DRAIN_SECONDS)

@@ -176,10 +176,9 @@ def test_a_key_created_over_rest_serves_a_chat_and_is_stored_hashed(mesh, edge):
     assert reply.json()["usage"]["completion_tokens"] == 1
 
     with redis.Redis.from_url(mesh.config.redis.url, decode_responses=True) as client:
-        stored = [
-            (name, client.hgetall(name) if client.type(name) == "hash" else client.get(name))
-            for name in client.scan_iter("gateway:*")
-        ]
+        read = {"hash": client.hgetall, "string": client.get, "stream": client.xrange}
+        # Everything the Gateway keeps: keys, last-used times, idempotency answers, the audit log.
+        stored = [(name, read[client.type(name)](name)) for name in client.scan_iter("gateway:*")]
     assert key["key_id"] in repr(stored)
     assert secret not in repr(stored)
 

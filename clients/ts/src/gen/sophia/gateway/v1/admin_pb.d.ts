@@ -2,10 +2,10 @@
 // @generated from file sophia/gateway/v1/admin.proto (package sophia.gateway.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import type { Message } from "@bufbuild/protobuf";
-import type { BudgetProjection, Recommendation } from "./insight_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
+import type { BudgetProjection, Recommendation } from "./insight_pb.js";
 
 /**
  * Describes the file sophia/gateway/v1/admin.proto.
@@ -22,6 +22,8 @@ export declare type ApiKey = Message<"sophia.gateway.v1.ApiKey"> & {
   keyId: string;
 
   /**
+   * Empty for an admin key.
+   *
    * @generated from field: string tenant_id = 2;
    */
   tenantId: string;
@@ -44,6 +46,8 @@ export declare type ApiKey = Message<"sophia.gateway.v1.ApiKey"> & {
   tokensPerMinute?: number | undefined;
 
   /**
+   * Unix seconds; 0 for keys from the config file.
+   *
    * @generated from field: uint32 created = 6;
    */
   created: number;
@@ -52,6 +56,49 @@ export declare type ApiKey = Message<"sophia.gateway.v1.ApiKey"> & {
    * @generated from field: optional bool revoked = 7;
    */
   revoked?: boolean | undefined;
+
+  /**
+   * @generated from field: sophia.gateway.v1.AdminRole role = 8;
+   */
+  role: AdminRole;
+
+  /**
+   * An admin key's tenants (empty: all).
+   *
+   * @generated from field: repeated string tenants = 9;
+   */
+  tenants: string[];
+
+  /**
+   * A tenant key's models: ids or shell-style patterns (empty: all).
+   *
+   * @generated from field: repeated string models = 10;
+   */
+  models: string[];
+
+  /**
+   * A tenant key's endpoints (empty: all).
+   *
+   * @generated from field: repeated sophia.gateway.v1.KeyEndpoint endpoints = 11;
+   */
+  endpoints: KeyEndpoint[];
+
+  /**
+   * Absent: never expires / never rotated / not used yet. Last use is kept to the minute.
+   *
+   * @generated from field: google.protobuf.Timestamp expires_at = 12;
+   */
+  expiresAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp rotated_at = 13;
+   */
+  rotatedAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp last_used_at = 14;
+   */
+  lastUsedAt?: Timestamp | undefined;
 };
 
 /**
@@ -65,6 +112,8 @@ export declare const ApiKeySchema: GenMessage<ApiKey>;
  */
 export declare type CreateApiKeyRequest = Message<"sophia.gateway.v1.CreateApiKeyRequest"> & {
   /**
+   * Required for a tenant key; empty for an admin key (role set).
+   *
    * @generated from field: string tenant_id = 1;
    */
   tenantId: string;
@@ -85,6 +134,35 @@ export declare type CreateApiKeyRequest = Message<"sophia.gateway.v1.CreateApiKe
    * @generated from field: int32 tokens_per_minute = 4;
    */
   tokensPerMinute: number;
+
+  /**
+   * Set → an admin key with this role (only role admin may create admin keys).
+   *
+   * @generated from field: sophia.gateway.v1.AdminRole role = 5;
+   */
+  role: AdminRole;
+
+  /**
+   * @generated from field: repeated string tenants = 6;
+   */
+  tenants: string[];
+
+  /**
+   * @generated from field: repeated string models = 7;
+   */
+  models: string[];
+
+  /**
+   * @generated from field: repeated sophia.gateway.v1.KeyEndpoint endpoints = 8;
+   */
+  endpoints: KeyEndpoint[];
+
+  /**
+   * Absent → never expires.
+   *
+   * @generated from field: google.protobuf.Timestamp expires_at = 9;
+   */
+  expiresAt?: Timestamp | undefined;
 };
 
 /**
@@ -115,6 +193,239 @@ export declare type CreateApiKeyResponse = Message<"sophia.gateway.v1.CreateApiK
  * Use `create(CreateApiKeyResponseSchema)` to create a new message.
  */
 export declare const CreateApiKeyResponseSchema: GenMessage<CreateApiKeyResponse>;
+
+/**
+ * @generated from message sophia.gateway.v1.RotateApiKeyRequest
+ */
+export declare type RotateApiKeyRequest = Message<"sophia.gateway.v1.RotateApiKeyRequest"> & {
+  /**
+   * @generated from field: string key_id = 1;
+   */
+  keyId: string;
+
+  /**
+   * How long the old secret keeps working; absent → auth.default_rotation_grace_seconds (24 h); 0 → it
+   * stops at once.
+   *
+   * @generated from field: optional int32 grace_seconds = 2;
+   */
+  graceSeconds?: number | undefined;
+};
+
+/**
+ * Describes the message sophia.gateway.v1.RotateApiKeyRequest.
+ * Use `create(RotateApiKeyRequestSchema)` to create a new message.
+ */
+export declare const RotateApiKeyRequestSchema: GenMessage<RotateApiKeyRequest>;
+
+/**
+ * @generated from message sophia.gateway.v1.RotateApiKeyResponse
+ */
+export declare type RotateApiKeyResponse = Message<"sophia.gateway.v1.RotateApiKeyResponse"> & {
+  /**
+   * @generated from field: sophia.gateway.v1.ApiKey key = 1;
+   */
+  key?: ApiKey | undefined;
+
+  /**
+   * The new secret, shown once.
+   *
+   * @generated from field: string secret = 2;
+   */
+  secret: string;
+
+  /**
+   * Absent when the old secret stopped at once.
+   *
+   * @generated from field: google.protobuf.Timestamp old_secret_valid_until = 3;
+   */
+  oldSecretValidUntil?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message sophia.gateway.v1.RotateApiKeyResponse.
+ * Use `create(RotateApiKeyResponseSchema)` to create a new message.
+ */
+export declare const RotateApiKeyResponseSchema: GenMessage<RotateApiKeyResponse>;
+
+/**
+ * @generated from message sophia.gateway.v1.AuditEntry
+ */
+export declare type AuditEntry = Message<"sophia.gateway.v1.AuditEntry"> & {
+  /**
+   * The entry's id; also the page token for what follows it.
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp time = 2;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * The admin key's id (never a secret); "digest:<12 hex>" for a key that did not authenticate.
+   *
+   * @generated from field: string actor = 3;
+   */
+  actor: string;
+
+  /**
+   * @generated from field: string role = 4;
+   */
+  role: string;
+
+  /**
+   * e.g. create_key, rotate_key, revoke_key, set_budget, invalidate_cache, reload_config.
+   *
+   * @generated from field: string action = 5;
+   */
+  action: string;
+
+  /**
+   * @generated from field: string tenant_id = 6;
+   */
+  tenantId: string;
+
+  /**
+   * @generated from field: string target = 7;
+   */
+  target: string;
+
+  /**
+   * @generated from field: sophia.gateway.v1.AuditOutcome outcome = 8;
+   */
+  outcome: AuditOutcome;
+
+  /**
+   * @generated from field: string request_id = 9;
+   */
+  requestId: string;
+
+  /**
+   * @generated from field: string detail = 10;
+   */
+  detail: string;
+};
+
+/**
+ * Describes the message sophia.gateway.v1.AuditEntry.
+ * Use `create(AuditEntrySchema)` to create a new message.
+ */
+export declare const AuditEntrySchema: GenMessage<AuditEntry>;
+
+/**
+ * @generated from message sophia.gateway.v1.GetAuditLogRequest
+ */
+export declare type GetAuditLogRequest = Message<"sophia.gateway.v1.GetAuditLogRequest"> & {
+  /**
+   * Filters; empty → any.
+   *
+   * @generated from field: string action = 1;
+   */
+  action: string;
+
+  /**
+   * @generated from field: string actor = 2;
+   */
+  actor: string;
+
+  /**
+   * @generated from field: string tenant_id = 3;
+   */
+  tenantId: string;
+
+  /**
+   * @generated from field: sophia.gateway.v1.AuditOutcome outcome = 4;
+   */
+  outcome: AuditOutcome;
+
+  /**
+   * RFC 3339 bounds.
+   *
+   * @generated from field: string since = 5;
+   */
+  since: string;
+
+  /**
+   * @generated from field: string until = 6;
+   */
+  until: string;
+
+  /**
+   * 1 to 500; 0 → 100.
+   *
+   * @generated from field: int32 page_size = 7;
+   */
+  pageSize: number;
+
+  /**
+   * From an earlier page's next_page_token.
+   *
+   * @generated from field: string page_token = 8;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message sophia.gateway.v1.GetAuditLogRequest.
+ * Use `create(GetAuditLogRequestSchema)` to create a new message.
+ */
+export declare const GetAuditLogRequestSchema: GenMessage<GetAuditLogRequest>;
+
+/**
+ * @generated from message sophia.gateway.v1.GetAuditLogResponse
+ */
+export declare type GetAuditLogResponse = Message<"sophia.gateway.v1.GetAuditLogResponse"> & {
+  /**
+   * @generated from field: repeated sophia.gateway.v1.AuditEntry entries = 1;
+   */
+  entries: AuditEntry[];
+
+  /**
+   * Empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message sophia.gateway.v1.GetAuditLogResponse.
+ * Use `create(GetAuditLogResponseSchema)` to create a new message.
+ */
+export declare const GetAuditLogResponseSchema: GenMessage<GetAuditLogResponse>;
+
+/**
+ * @generated from message sophia.gateway.v1.ReloadConfigRequest
+ */
+export declare type ReloadConfigRequest = Message<"sophia.gateway.v1.ReloadConfigRequest"> & {
+};
+
+/**
+ * Describes the message sophia.gateway.v1.ReloadConfigRequest.
+ * Use `create(ReloadConfigRequestSchema)` to create a new message.
+ */
+export declare const ReloadConfigRequestSchema: GenMessage<ReloadConfigRequest>;
+
+/**
+ * @generated from message sophia.gateway.v1.ReloadConfigResponse
+ */
+export declare type ReloadConfigResponse = Message<"sophia.gateway.v1.ReloadConfigResponse"> & {
+  /**
+   * What was reloaded, e.g. "router: 4 models".
+   *
+   * @generated from field: string summary = 1;
+   */
+  summary: string;
+};
+
+/**
+ * Describes the message sophia.gateway.v1.ReloadConfigResponse.
+ * Use `create(ReloadConfigResponseSchema)` to create a new message.
+ */
+export declare const ReloadConfigResponseSchema: GenMessage<ReloadConfigResponse>;
 
 /**
  * @generated from message sophia.gateway.v1.ListApiKeysRequest
@@ -432,7 +743,102 @@ export declare type InvalidateCacheResponse = Message<"sophia.gateway.v1.Invalid
 export declare const InvalidateCacheResponseSchema: GenMessage<InvalidateCacheResponse>;
 
 /**
- * Operator API under /admin/v1, callable with the admin key only. Numbers and flags in answers are
+ * An admin key's role; unspecified: a tenant key (the data plane).
+ *
+ * @generated from enum sophia.gateway.v1.AdminRole
+ */
+export enum AdminRole {
+  /**
+   * @generated from enum value: ADMIN_ROLE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * @generated from enum value: ADMIN_ROLE_ADMIN = 1;
+   */
+  ADMIN = 1,
+
+  /**
+   * @generated from enum value: ADMIN_ROLE_OPERATOR = 2;
+   */
+  OPERATOR = 2,
+
+  /**
+   * @generated from enum value: ADMIN_ROLE_VIEWER = 3;
+   */
+  VIEWER = 3,
+}
+
+/**
+ * Describes the enum sophia.gateway.v1.AdminRole.
+ */
+export declare const AdminRoleSchema: GenEnum<AdminRole>;
+
+/**
+ * What a tenant key may call.
+ *
+ * @generated from enum sophia.gateway.v1.KeyEndpoint
+ */
+export enum KeyEndpoint {
+  /**
+   * @generated from enum value: KEY_ENDPOINT_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * @generated from enum value: KEY_ENDPOINT_CHAT = 1;
+   */
+  CHAT = 1,
+
+  /**
+   * @generated from enum value: KEY_ENDPOINT_EMBEDDINGS = 2;
+   */
+  EMBEDDINGS = 2,
+}
+
+/**
+ * Describes the enum sophia.gateway.v1.KeyEndpoint.
+ */
+export declare const KeyEndpointSchema: GenEnum<KeyEndpoint>;
+
+/**
+ * @generated from enum sophia.gateway.v1.AuditOutcome
+ */
+export enum AuditOutcome {
+  /**
+   * @generated from enum value: AUDIT_OUTCOME_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * @generated from enum value: AUDIT_OUTCOME_OK = 1;
+   */
+  OK = 1,
+
+  /**
+   * The caller may not: no or bad key, wrong role, outside its tenants.
+   *
+   * @generated from enum value: AUDIT_OUTCOME_DENIED = 2;
+   */
+  DENIED = 2,
+
+  /**
+   * Allowed, but it did not happen (bad input, a dependency down).
+   *
+   * @generated from enum value: AUDIT_OUTCOME_FAILED = 3;
+   */
+  FAILED = 3,
+}
+
+/**
+ * Describes the enum sophia.gateway.v1.AuditOutcome.
+ */
+export declare const AuditOutcomeSchema: GenEnum<AuditOutcome>;
+
+/**
+ * Operator API under /admin/v1, callable with admin keys only: role admin (everything), operator (tenant
+ * keys, budgets, flags and cache of its tenants) or viewer (read-only usage, recommendations, audit log).
+ * Every action, and every refused attempt, is in the audit log. Numbers and flags in answers are
  * `optional` and always set, so the edge's JSON prints them even when they are 0 or false.
  *
  * @generated from service sophia.gateway.v1.AdminService
@@ -461,6 +867,38 @@ export declare const AdminService: GenService<{
     methodKind: "unary";
     input: typeof RevokeApiKeyRequestSchema;
     output: typeof RevokeApiKeyResponseSchema;
+  },
+  /**
+   * A new secret for the key (same id, tenant, limits and scope); the old secret keeps working for
+   * the grace period, then stops on every Gateway replica.
+   *
+   * @generated from rpc sophia.gateway.v1.AdminService.RotateApiKey
+   */
+  rotateApiKey: {
+    methodKind: "unary";
+    input: typeof RotateApiKeyRequestSchema;
+    output: typeof RotateApiKeyResponseSchema;
+  },
+  /**
+   * The control-plane audit log, newest first (viewer role and up).
+   *
+   * @generated from rpc sophia.gateway.v1.AdminService.GetAuditLog
+   */
+  getAuditLog: {
+    methodKind: "unary";
+    input: typeof GetAuditLogRequestSchema;
+    output: typeof GetAuditLogResponseSchema;
+  },
+  /**
+   * Reloads routing rules, models, prices and feature flags from the config files (validated; the old
+   * config stays when the new one is refused).
+   *
+   * @generated from rpc sophia.gateway.v1.AdminService.ReloadConfig
+   */
+  reloadConfig: {
+    methodKind: "unary";
+    input: typeof ReloadConfigRequestSchema;
+    output: typeof ReloadConfigResponseSchema;
   },
   /**
    * @generated from rpc sophia.gateway.v1.AdminService.SetBudget

@@ -2,7 +2,7 @@
 // @generated from file sophia/gateway/v1/admin.proto (package sophia.gateway.v1, syntax proto3)
 /* eslint-disable */
 
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc, tsEnum } from "@bufbuild/protobuf/codegenv2";
 import { file_google_api_annotations } from "../../../google/api/annotations_pb.js";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import { file_sophia_gateway_v1_insight } from "./insight_pb.js";
@@ -11,7 +11,7 @@ import { file_sophia_gateway_v1_insight } from "./insight_pb.js";
  * Describes the file sophia/gateway/v1/admin.proto.
  */
 export const file_sophia_gateway_v1_admin = /*@__PURE__*/
-  fileDesc("Ch1zb3BoaWEvZ2F0ZXdheS92MS9hZG1pbi5wcm90bxIRc29waGlhLmdhdGV3YXkudjEi3AEKBkFwaUtleRIOCgZrZXlfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJEgwKBG5hbWUYAyABKAkSIAoTcmVxdWVzdHNfcGVyX21pbnV0ZRgEIAEoBUgAiAEBEh4KEXRva2Vuc19wZXJfbWludXRlGAUgASgFSAGIAQESDwoHY3JlYXRlZBgGIAEoDRIUCgdyZXZva2VkGAcgASgISAKIAQFCFgoUX3JlcXVlc3RzX3Blcl9taW51dGVCFAoSX3Rva2Vuc19wZXJfbWludXRlQgoKCF9yZXZva2VkIm4KE0NyZWF0ZUFwaUtleVJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEgwKBG5hbWUYAiABKAkSGwoTcmVxdWVzdHNfcGVyX21pbnV0ZRgDIAEoBRIZChF0b2tlbnNfcGVyX21pbnV0ZRgEIAEoBSJOChRDcmVhdGVBcGlLZXlSZXNwb25zZRImCgNrZXkYASABKAsyGS5zb3BoaWEuZ2F0ZXdheS52MS5BcGlLZXkSDgoGc2VjcmV0GAIgASgJIicKEkxpc3RBcGlLZXlzUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiPgoTTGlzdEFwaUtleXNSZXNwb25zZRInCgRrZXlzGAEgAygLMhkuc29waGlhLmdhdGV3YXkudjEuQXBpS2V5IiUKE1Jldm9rZUFwaUtleVJlcXVlc3QSDgoGa2V5X2lkGAEgASgJIj4KFFJldm9rZUFwaUtleVJlc3BvbnNlEiYKA2tleRgBIAEoCzIZLnNvcGhpYS5nYXRld2F5LnYxLkFwaUtleSJuChBTZXRCdWRnZXRSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIZChFtb250aGx5X2xpbWl0X3VzZBgCIAEoARIZChFhbGVydF9wZXJjZW50YWdlcxgDIAMoBRIRCgloYXJkX3N0b3AYBCABKAgiXAoRU2V0QnVkZ2V0UmVzcG9uc2USEQoJdGVuYW50X2lkGAEgASgJEh4KEW1vbnRobHlfbGltaXRfdXNkGAIgASgBSACIAQFCFAoSX21vbnRobHlfbGltaXRfdXNkIlwKD0dldFVzYWdlUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSEgoKc3RhcnRfdGltZRgCIAEoCRIQCghlbmRfdGltZRgDIAEoCRIQCghncm91cF9ieRgEIAEoCSK5AQoIVXNhZ2VSb3cSCwoDa2V5GAEgASgJEhUKCHJlcXVlc3RzGAIgASgFSACIAQESGQoMaW5wdXRfdG9rZW5zGAMgASgFSAGIAQESGgoNb3V0cHV0X3Rva2VucxgEIAEoBUgCiAEBEhUKCGNvc3RfdXNkGAUgASgBSAOIAQFCCwoJX3JlcXVlc3RzQg8KDV9pbnB1dF90b2tlbnNCEAoOX291dHB1dF90b2tlbnNCCwoJX2Nvc3RfdXNkInwKEEdldFVzYWdlUmVzcG9uc2USEQoJdGVuYW50X2lkGAEgASgJEikKBHJvd3MYAiADKAsyGy5zb3BoaWEuZ2F0ZXdheS52MS5Vc2FnZVJvdxIqCgV0b3RhbBgDIAEoCzIbLnNvcGhpYS5nYXRld2F5LnYxLlVzYWdlUm93Ii4KGUdldFJlY29tbWVuZGF0aW9uc1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJIoYCChpHZXRSZWNvbW1lbmRhdGlvbnNSZXNwb25zZRIRCgl0ZW5hbnRfaWQYASABKAkSOgoPcmVjb21tZW5kYXRpb25zGAIgAygLMiEuc29waGlhLmdhdGV3YXkudjEuUmVjb21tZW5kYXRpb24SMAoMd2luZG93X3N0YXJ0GAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgp3aW5kb3dfZW5kGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI3Cgpwcm9qZWN0aW9uGAUgASgLMiMuc29waGlhLmdhdGV3YXkudjEuQnVkZ2V0UHJvamVjdGlvbiI6ChZJbnZhbGlkYXRlQ2FjaGVSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRINCgVtb2RlbBgCIAEoCSJOChdJbnZhbGlkYXRlQ2FjaGVSZXNwb25zZRIRCgl0ZW5hbnRfaWQYASABKAkSFAoHcmVtb3ZlZBgCIAEoBUgAiAEBQgoKCF9yZW1vdmVkMtMHCgxBZG1pblNlcnZpY2USegoMQ3JlYXRlQXBpS2V5EiYuc29waGlhLmdhdGV3YXkudjEuQ3JlYXRlQXBpS2V5UmVxdWVzdBonLnNvcGhpYS5nYXRld2F5LnYxLkNyZWF0ZUFwaUtleVJlc3BvbnNlIhmC0+STAhM6ASoiDi9hZG1pbi92MS9rZXlzEnQKC0xpc3RBcGlLZXlzEiUuc29waGlhLmdhdGV3YXkudjEuTGlzdEFwaUtleXNSZXF1ZXN0GiYuc29waGlhLmdhdGV3YXkudjEuTGlzdEFwaUtleXNSZXNwb25zZSIWgtPkkwIQEg4vYWRtaW4vdjEva2V5cxKAAQoMUmV2b2tlQXBpS2V5EiYuc29waGlhLmdhdGV3YXkudjEuUmV2b2tlQXBpS2V5UmVxdWVzdBonLnNvcGhpYS5nYXRld2F5LnYxLlJldm9rZUFwaUtleVJlc3BvbnNlIh+C0+STAhkqFy9hZG1pbi92MS9rZXlzL3trZXlfaWR9EocBCglTZXRCdWRnZXQSIy5zb3BoaWEuZ2F0ZXdheS52MS5TZXRCdWRnZXRSZXF1ZXN0GiQuc29waGlhLmdhdGV3YXkudjEuU2V0QnVkZ2V0UmVzcG9uc2UiL4LT5JMCKToBKhokL2FkbWluL3YxL3RlbmFudHMve3RlbmFudF9pZH0vYnVkZ2V0EoABCghHZXRVc2FnZRIiLnNvcGhpYS5nYXRld2F5LnYxLkdldFVzYWdlUmVxdWVzdBojLnNvcGhpYS5nYXRld2F5LnYxLkdldFVzYWdlUmVzcG9uc2UiK4LT5JMCJRIjL2FkbWluL3YxL3RlbmFudHMve3RlbmFudF9pZH0vdXNhZ2USqAEKEkdldFJlY29tbWVuZGF0aW9ucxIsLnNvcGhpYS5nYXRld2F5LnYxLkdldFJlY29tbWVuZGF0aW9uc1JlcXVlc3QaLS5zb3BoaWEuZ2F0ZXdheS52MS5HZXRSZWNvbW1lbmRhdGlvbnNSZXNwb25zZSI1gtPkkwIvEi0vYWRtaW4vdjEvdGVuYW50cy97dGVuYW50X2lkfS9yZWNvbW1lbmRhdGlvbnMSlQEKD0ludmFsaWRhdGVDYWNoZRIpLnNvcGhpYS5nYXRld2F5LnYxLkludmFsaWRhdGVDYWNoZVJlcXVlc3QaKi5zb3BoaWEuZ2F0ZXdheS52MS5JbnZhbGlkYXRlQ2FjaGVSZXNwb25zZSIrgtPkkwIlKiMvYWRtaW4vdjEvdGVuYW50cy97dGVuYW50X2lkfS9jYWNoZWIGcHJvdG8z", [file_google_api_annotations, file_google_protobuf_timestamp, file_sophia_gateway_v1_insight]);
+  fileDesc("Ch1zb3BoaWEvZ2F0ZXdheS92MS9hZG1pbi5wcm90bxIRc29waGlhLmdhdGV3YXkudjEi7gMKBkFwaUtleRIOCgZrZXlfaWQYASABKAkSEQoJdGVuYW50X2lkGAIgASgJEgwKBG5hbWUYAyABKAkSIAoTcmVxdWVzdHNfcGVyX21pbnV0ZRgEIAEoBUgAiAEBEh4KEXRva2Vuc19wZXJfbWludXRlGAUgASgFSAGIAQESDwoHY3JlYXRlZBgGIAEoDRIUCgdyZXZva2VkGAcgASgISAKIAQESKgoEcm9sZRgIIAEoDjIcLnNvcGhpYS5nYXRld2F5LnYxLkFkbWluUm9sZRIPCgd0ZW5hbnRzGAkgAygJEg4KBm1vZGVscxgKIAMoCRIxCgllbmRwb2ludHMYCyADKA4yHi5zb3BoaWEuZ2F0ZXdheS52MS5LZXlFbmRwb2ludBIuCgpleHBpcmVzX2F0GAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpyb3RhdGVkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxsYXN0X3VzZWRfYXQYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQhYKFF9yZXF1ZXN0c19wZXJfbWludXRlQhQKEl90b2tlbnNfcGVyX21pbnV0ZUIKCghfcmV2b2tlZCKeAgoTQ3JlYXRlQXBpS2V5UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDAoEbmFtZRgCIAEoCRIbChNyZXF1ZXN0c19wZXJfbWludXRlGAMgASgFEhkKEXRva2Vuc19wZXJfbWludXRlGAQgASgFEioKBHJvbGUYBSABKA4yHC5zb3BoaWEuZ2F0ZXdheS52MS5BZG1pblJvbGUSDwoHdGVuYW50cxgGIAMoCRIOCgZtb2RlbHMYByADKAkSMQoJZW5kcG9pbnRzGAggAygOMh4uc29waGlhLmdhdGV3YXkudjEuS2V5RW5kcG9pbnQSLgoKZXhwaXJlc19hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiTgoUQ3JlYXRlQXBpS2V5UmVzcG9uc2USJgoDa2V5GAEgASgLMhkuc29waGlhLmdhdGV3YXkudjEuQXBpS2V5Eg4KBnNlY3JldBgCIAEoCSJTChNSb3RhdGVBcGlLZXlSZXF1ZXN0Eg4KBmtleV9pZBgBIAEoCRIaCg1ncmFjZV9zZWNvbmRzGAIgASgFSACIAQFCEAoOX2dyYWNlX3NlY29uZHMiigEKFFJvdGF0ZUFwaUtleVJlc3BvbnNlEiYKA2tleRgBIAEoCzIZLnNvcGhpYS5nYXRld2F5LnYxLkFwaUtleRIOCgZzZWNyZXQYAiABKAkSOgoWb2xkX3NlY3JldF92YWxpZF91bnRpbBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi6AEKCkF1ZGl0RW50cnkSCgoCaWQYASABKAkSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFYWN0b3IYAyABKAkSDAoEcm9sZRgEIAEoCRIOCgZhY3Rpb24YBSABKAkSEQoJdGVuYW50X2lkGAYgASgJEg4KBnRhcmdldBgHIAEoCRIwCgdvdXRjb21lGAggASgOMh8uc29waGlhLmdhdGV3YXkudjEuQXVkaXRPdXRjb21lEhIKCnJlcXVlc3RfaWQYCSABKAkSDgoGZGV0YWlsGAogASgJIr0BChJHZXRBdWRpdExvZ1JlcXVlc3QSDgoGYWN0aW9uGAEgASgJEg0KBWFjdG9yGAIgASgJEhEKCXRlbmFudF9pZBgDIAEoCRIwCgdvdXRjb21lGAQgASgOMh8uc29waGlhLmdhdGV3YXkudjEuQXVkaXRPdXRjb21lEg0KBXNpbmNlGAUgASgJEg0KBXVudGlsGAYgASgJEhEKCXBhZ2Vfc2l6ZRgHIAEoBRISCgpwYWdlX3Rva2VuGAggASgJIl4KE0dldEF1ZGl0TG9nUmVzcG9uc2USLgoHZW50cmllcxgBIAMoCzIdLnNvcGhpYS5nYXRld2F5LnYxLkF1ZGl0RW50cnkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIhUKE1JlbG9hZENvbmZpZ1JlcXVlc3QiJwoUUmVsb2FkQ29uZmlnUmVzcG9uc2USDwoHc3VtbWFyeRgBIAEoCSInChJMaXN0QXBpS2V5c1JlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJIj4KE0xpc3RBcGlLZXlzUmVzcG9uc2USJwoEa2V5cxgBIAMoCzIZLnNvcGhpYS5nYXRld2F5LnYxLkFwaUtleSIlChNSZXZva2VBcGlLZXlSZXF1ZXN0Eg4KBmtleV9pZBgBIAEoCSI+ChRSZXZva2VBcGlLZXlSZXNwb25zZRImCgNrZXkYASABKAsyGS5zb3BoaWEuZ2F0ZXdheS52MS5BcGlLZXkibgoQU2V0QnVkZ2V0UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSGQoRbW9udGhseV9saW1pdF91c2QYAiABKAESGQoRYWxlcnRfcGVyY2VudGFnZXMYAyADKAUSEQoJaGFyZF9zdG9wGAQgASgIIlwKEVNldEJ1ZGdldFJlc3BvbnNlEhEKCXRlbmFudF9pZBgBIAEoCRIeChFtb250aGx5X2xpbWl0X3VzZBgCIAEoAUgAiAEBQhQKEl9tb250aGx5X2xpbWl0X3VzZCJcCg9HZXRVc2FnZVJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEhIKCnN0YXJ0X3RpbWUYAiABKAkSEAoIZW5kX3RpbWUYAyABKAkSEAoIZ3JvdXBfYnkYBCABKAkiuQEKCFVzYWdlUm93EgsKA2tleRgBIAEoCRIVCghyZXF1ZXN0cxgCIAEoBUgAiAEBEhkKDGlucHV0X3Rva2VucxgDIAEoBUgBiAEBEhoKDW91dHB1dF90b2tlbnMYBCABKAVIAogBARIVCghjb3N0X3VzZBgFIAEoAUgDiAEBQgsKCV9yZXF1ZXN0c0IPCg1faW5wdXRfdG9rZW5zQhAKDl9vdXRwdXRfdG9rZW5zQgsKCV9jb3N0X3VzZCJ8ChBHZXRVc2FnZVJlc3BvbnNlEhEKCXRlbmFudF9pZBgBIAEoCRIpCgRyb3dzGAIgAygLMhsuc29waGlhLmdhdGV3YXkudjEuVXNhZ2VSb3cSKgoFdG90YWwYAyABKAsyGy5zb3BoaWEuZ2F0ZXdheS52MS5Vc2FnZVJvdyIuChlHZXRSZWNvbW1lbmRhdGlvbnNSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCSKGAgoaR2V0UmVjb21tZW5kYXRpb25zUmVzcG9uc2USEQoJdGVuYW50X2lkGAEgASgJEjoKD3JlY29tbWVuZGF0aW9ucxgCIAMoCzIhLnNvcGhpYS5nYXRld2F5LnYxLlJlY29tbWVuZGF0aW9uEjAKDHdpbmRvd19zdGFydBgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKd2luZG93X2VuZBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNwoKcHJvamVjdGlvbhgFIAEoCzIjLnNvcGhpYS5nYXRld2F5LnYxLkJ1ZGdldFByb2plY3Rpb24iOgoWSW52YWxpZGF0ZUNhY2hlUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSDQoFbW9kZWwYAiABKAkiTgoXSW52YWxpZGF0ZUNhY2hlUmVzcG9uc2USEQoJdGVuYW50X2lkGAEgASgJEhQKB3JlbW92ZWQYAiABKAVIAIgBAUIKCghfcmVtb3ZlZCptCglBZG1pblJvbGUSGgoWQURNSU5fUk9MRV9VTlNQRUNJRklFRBAAEhQKEEFETUlOX1JPTEVfQURNSU4QARIXChNBRE1JTl9ST0xFX09QRVJBVE9SEAISFQoRQURNSU5fUk9MRV9WSUVXRVIQAypfCgtLZXlFbmRwb2ludBIcChhLRVlfRU5EUE9JTlRfVU5TUEVDSUZJRUQQABIVChFLRVlfRU5EUE9JTlRfQ0hBVBABEhsKF0tFWV9FTkRQT0lOVF9FTUJFRERJTkdTEAIqdwoMQXVkaXRPdXRjb21lEh0KGUFVRElUX09VVENPTUVfVU5TUEVDSUZJRUQQABIUChBBVURJVF9PVVRDT01FX09LEAESGAoUQVVESVRfT1VUQ09NRV9ERU5JRUQQAhIYChRBVURJVF9PVVRDT01FX0ZBSUxFRBADMt0KCgxBZG1pblNlcnZpY2USegoMQ3JlYXRlQXBpS2V5EiYuc29waGlhLmdhdGV3YXkudjEuQ3JlYXRlQXBpS2V5UmVxdWVzdBonLnNvcGhpYS5nYXRld2F5LnYxLkNyZWF0ZUFwaUtleVJlc3BvbnNlIhmC0+STAhM6ASoiDi9hZG1pbi92MS9rZXlzEnQKC0xpc3RBcGlLZXlzEiUuc29waGlhLmdhdGV3YXkudjEuTGlzdEFwaUtleXNSZXF1ZXN0GiYuc29waGlhLmdhdGV3YXkudjEuTGlzdEFwaUtleXNSZXNwb25zZSIWgtPkkwIQEg4vYWRtaW4vdjEva2V5cxKAAQoMUmV2b2tlQXBpS2V5EiYuc29waGlhLmdhdGV3YXkudjEuUmV2b2tlQXBpS2V5UmVxdWVzdBonLnNvcGhpYS5nYXRld2F5LnYxLlJldm9rZUFwaUtleVJlc3BvbnNlIh+C0+STAhkqFy9hZG1pbi92MS9rZXlzL3trZXlfaWR9EooBCgxSb3RhdGVBcGlLZXkSJi5zb3BoaWEuZ2F0ZXdheS52MS5Sb3RhdGVBcGlLZXlSZXF1ZXN0Gicuc29waGlhLmdhdGV3YXkudjEuUm90YXRlQXBpS2V5UmVzcG9uc2UiKYLT5JMCIzoBKiIeL2FkbWluL3YxL2tleXMve2tleV9pZH06cm90YXRlEnUKC0dldEF1ZGl0TG9nEiUuc29waGlhLmdhdGV3YXkudjEuR2V0QXVkaXRMb2dSZXF1ZXN0GiYuc29waGlhLmdhdGV3YXkudjEuR2V0QXVkaXRMb2dSZXNwb25zZSIXgtPkkwIREg8vYWRtaW4vdjEvYXVkaXQSgwEKDFJlbG9hZENvbmZpZxImLnNvcGhpYS5nYXRld2F5LnYxLlJlbG9hZENvbmZpZ1JlcXVlc3QaJy5zb3BoaWEuZ2F0ZXdheS52MS5SZWxvYWRDb25maWdSZXNwb25zZSIigtPkkwIcOgEqIhcvYWRtaW4vdjEvY29uZmlnOnJlbG9hZBKHAQoJU2V0QnVkZ2V0EiMuc29waGlhLmdhdGV3YXkudjEuU2V0QnVkZ2V0UmVxdWVzdBokLnNvcGhpYS5nYXRld2F5LnYxLlNldEJ1ZGdldFJlc3BvbnNlIi+C0+STAik6ASoaJC9hZG1pbi92MS90ZW5hbnRzL3t0ZW5hbnRfaWR9L2J1ZGdldBKAAQoIR2V0VXNhZ2USIi5zb3BoaWEuZ2F0ZXdheS52MS5HZXRVc2FnZVJlcXVlc3QaIy5zb3BoaWEuZ2F0ZXdheS52MS5HZXRVc2FnZVJlc3BvbnNlIiuC0+STAiUSIy9hZG1pbi92MS90ZW5hbnRzL3t0ZW5hbnRfaWR9L3VzYWdlEqgBChJHZXRSZWNvbW1lbmRhdGlvbnMSLC5zb3BoaWEuZ2F0ZXdheS52MS5HZXRSZWNvbW1lbmRhdGlvbnNSZXF1ZXN0Gi0uc29waGlhLmdhdGV3YXkudjEuR2V0UmVjb21tZW5kYXRpb25zUmVzcG9uc2UiNYLT5JMCLxItL2FkbWluL3YxL3RlbmFudHMve3RlbmFudF9pZH0vcmVjb21tZW5kYXRpb25zEpUBCg9JbnZhbGlkYXRlQ2FjaGUSKS5zb3BoaWEuZ2F0ZXdheS52MS5JbnZhbGlkYXRlQ2FjaGVSZXF1ZXN0Giouc29waGlhLmdhdGV3YXkudjEuSW52YWxpZGF0ZUNhY2hlUmVzcG9uc2UiK4LT5JMCJSojL2FkbWluL3YxL3RlbmFudHMve3RlbmFudF9pZH0vY2FjaGViBnByb3RvMw", [file_google_api_annotations, file_google_protobuf_timestamp, file_sophia_gateway_v1_insight]);
 
 /**
  * Describes the message sophia.gateway.v1.ApiKey.
@@ -35,98 +35,189 @@ export const CreateApiKeyResponseSchema = /*@__PURE__*/
   messageDesc(file_sophia_gateway_v1_admin, 2);
 
 /**
+ * Describes the message sophia.gateway.v1.RotateApiKeyRequest.
+ * Use `create(RotateApiKeyRequestSchema)` to create a new message.
+ */
+export const RotateApiKeyRequestSchema = /*@__PURE__*/
+  messageDesc(file_sophia_gateway_v1_admin, 3);
+
+/**
+ * Describes the message sophia.gateway.v1.RotateApiKeyResponse.
+ * Use `create(RotateApiKeyResponseSchema)` to create a new message.
+ */
+export const RotateApiKeyResponseSchema = /*@__PURE__*/
+  messageDesc(file_sophia_gateway_v1_admin, 4);
+
+/**
+ * Describes the message sophia.gateway.v1.AuditEntry.
+ * Use `create(AuditEntrySchema)` to create a new message.
+ */
+export const AuditEntrySchema = /*@__PURE__*/
+  messageDesc(file_sophia_gateway_v1_admin, 5);
+
+/**
+ * Describes the message sophia.gateway.v1.GetAuditLogRequest.
+ * Use `create(GetAuditLogRequestSchema)` to create a new message.
+ */
+export const GetAuditLogRequestSchema = /*@__PURE__*/
+  messageDesc(file_sophia_gateway_v1_admin, 6);
+
+/**
+ * Describes the message sophia.gateway.v1.GetAuditLogResponse.
+ * Use `create(GetAuditLogResponseSchema)` to create a new message.
+ */
+export const GetAuditLogResponseSchema = /*@__PURE__*/
+  messageDesc(file_sophia_gateway_v1_admin, 7);
+
+/**
+ * Describes the message sophia.gateway.v1.ReloadConfigRequest.
+ * Use `create(ReloadConfigRequestSchema)` to create a new message.
+ */
+export const ReloadConfigRequestSchema = /*@__PURE__*/
+  messageDesc(file_sophia_gateway_v1_admin, 8);
+
+/**
+ * Describes the message sophia.gateway.v1.ReloadConfigResponse.
+ * Use `create(ReloadConfigResponseSchema)` to create a new message.
+ */
+export const ReloadConfigResponseSchema = /*@__PURE__*/
+  messageDesc(file_sophia_gateway_v1_admin, 9);
+
+/**
  * Describes the message sophia.gateway.v1.ListApiKeysRequest.
  * Use `create(ListApiKeysRequestSchema)` to create a new message.
  */
 export const ListApiKeysRequestSchema = /*@__PURE__*/
-  messageDesc(file_sophia_gateway_v1_admin, 3);
+  messageDesc(file_sophia_gateway_v1_admin, 10);
 
 /**
  * Describes the message sophia.gateway.v1.ListApiKeysResponse.
  * Use `create(ListApiKeysResponseSchema)` to create a new message.
  */
 export const ListApiKeysResponseSchema = /*@__PURE__*/
-  messageDesc(file_sophia_gateway_v1_admin, 4);
+  messageDesc(file_sophia_gateway_v1_admin, 11);
 
 /**
  * Describes the message sophia.gateway.v1.RevokeApiKeyRequest.
  * Use `create(RevokeApiKeyRequestSchema)` to create a new message.
  */
 export const RevokeApiKeyRequestSchema = /*@__PURE__*/
-  messageDesc(file_sophia_gateway_v1_admin, 5);
+  messageDesc(file_sophia_gateway_v1_admin, 12);
 
 /**
  * Describes the message sophia.gateway.v1.RevokeApiKeyResponse.
  * Use `create(RevokeApiKeyResponseSchema)` to create a new message.
  */
 export const RevokeApiKeyResponseSchema = /*@__PURE__*/
-  messageDesc(file_sophia_gateway_v1_admin, 6);
+  messageDesc(file_sophia_gateway_v1_admin, 13);
 
 /**
  * Describes the message sophia.gateway.v1.SetBudgetRequest.
  * Use `create(SetBudgetRequestSchema)` to create a new message.
  */
 export const SetBudgetRequestSchema = /*@__PURE__*/
-  messageDesc(file_sophia_gateway_v1_admin, 7);
+  messageDesc(file_sophia_gateway_v1_admin, 14);
 
 /**
  * Describes the message sophia.gateway.v1.SetBudgetResponse.
  * Use `create(SetBudgetResponseSchema)` to create a new message.
  */
 export const SetBudgetResponseSchema = /*@__PURE__*/
-  messageDesc(file_sophia_gateway_v1_admin, 8);
+  messageDesc(file_sophia_gateway_v1_admin, 15);
 
 /**
  * Describes the message sophia.gateway.v1.GetUsageRequest.
  * Use `create(GetUsageRequestSchema)` to create a new message.
  */
 export const GetUsageRequestSchema = /*@__PURE__*/
-  messageDesc(file_sophia_gateway_v1_admin, 9);
+  messageDesc(file_sophia_gateway_v1_admin, 16);
 
 /**
  * Describes the message sophia.gateway.v1.UsageRow.
  * Use `create(UsageRowSchema)` to create a new message.
  */
 export const UsageRowSchema = /*@__PURE__*/
-  messageDesc(file_sophia_gateway_v1_admin, 10);
+  messageDesc(file_sophia_gateway_v1_admin, 17);
 
 /**
  * Describes the message sophia.gateway.v1.GetUsageResponse.
  * Use `create(GetUsageResponseSchema)` to create a new message.
  */
 export const GetUsageResponseSchema = /*@__PURE__*/
-  messageDesc(file_sophia_gateway_v1_admin, 11);
+  messageDesc(file_sophia_gateway_v1_admin, 18);
 
 /**
  * Describes the message sophia.gateway.v1.GetRecommendationsRequest.
  * Use `create(GetRecommendationsRequestSchema)` to create a new message.
  */
 export const GetRecommendationsRequestSchema = /*@__PURE__*/
-  messageDesc(file_sophia_gateway_v1_admin, 12);
+  messageDesc(file_sophia_gateway_v1_admin, 19);
 
 /**
  * Describes the message sophia.gateway.v1.GetRecommendationsResponse.
  * Use `create(GetRecommendationsResponseSchema)` to create a new message.
  */
 export const GetRecommendationsResponseSchema = /*@__PURE__*/
-  messageDesc(file_sophia_gateway_v1_admin, 13);
+  messageDesc(file_sophia_gateway_v1_admin, 20);
 
 /**
  * Describes the message sophia.gateway.v1.InvalidateCacheRequest.
  * Use `create(InvalidateCacheRequestSchema)` to create a new message.
  */
 export const InvalidateCacheRequestSchema = /*@__PURE__*/
-  messageDesc(file_sophia_gateway_v1_admin, 14);
+  messageDesc(file_sophia_gateway_v1_admin, 21);
 
 /**
  * Describes the message sophia.gateway.v1.InvalidateCacheResponse.
  * Use `create(InvalidateCacheResponseSchema)` to create a new message.
  */
 export const InvalidateCacheResponseSchema = /*@__PURE__*/
-  messageDesc(file_sophia_gateway_v1_admin, 15);
+  messageDesc(file_sophia_gateway_v1_admin, 22);
 
 /**
- * Operator API under /admin/v1, callable with the admin key only. Numbers and flags in answers are
+ * Describes the enum sophia.gateway.v1.AdminRole.
+ */
+export const AdminRoleSchema = /*@__PURE__*/
+  enumDesc(file_sophia_gateway_v1_admin, 0);
+
+/**
+ * An admin key's role; unspecified: a tenant key (the data plane).
+ *
+ * @generated from enum sophia.gateway.v1.AdminRole
+ */
+export const AdminRole = /*@__PURE__*/
+  tsEnum(AdminRoleSchema);
+
+/**
+ * Describes the enum sophia.gateway.v1.KeyEndpoint.
+ */
+export const KeyEndpointSchema = /*@__PURE__*/
+  enumDesc(file_sophia_gateway_v1_admin, 1);
+
+/**
+ * What a tenant key may call.
+ *
+ * @generated from enum sophia.gateway.v1.KeyEndpoint
+ */
+export const KeyEndpoint = /*@__PURE__*/
+  tsEnum(KeyEndpointSchema);
+
+/**
+ * Describes the enum sophia.gateway.v1.AuditOutcome.
+ */
+export const AuditOutcomeSchema = /*@__PURE__*/
+  enumDesc(file_sophia_gateway_v1_admin, 2);
+
+/**
+ * @generated from enum sophia.gateway.v1.AuditOutcome
+ */
+export const AuditOutcome = /*@__PURE__*/
+  tsEnum(AuditOutcomeSchema);
+
+/**
+ * Operator API under /admin/v1, callable with admin keys only: role admin (everything), operator (tenant
+ * keys, budgets, flags and cache of its tenants) or viewer (read-only usage, recommendations, audit log).
+ * Every action, and every refused attempt, is in the audit log. Numbers and flags in answers are
  * `optional` and always set, so the edge's JSON prints them even when they are 0 or false.
  *
  * @generated from service sophia.gateway.v1.AdminService
