@@ -169,12 +169,9 @@ class QuestionProfile:
 
 @dataclass(frozen=True)
 class Comparison:
-    """The verdict on a pair: `veto` is the first reason they want different answers (None: none found);
-    `reworded` is True when every content word of each has a counterpart in the other (same words in
-    another order, typos, shorthand, synonyms): strong lexical evidence on top of the embedding's."""
+    """The verdict on a pair: `veto` is the first reason they want different answers (None: none found)."""
 
     veto: Veto | None
-    reworded: bool = False
 
 
 _DIRECTION_WORDS = frozenset({"to", "into", "from", "than", "vs", "versus"})
@@ -239,7 +236,7 @@ class QuestionGuards:
         if _reversed(cached.directions, asked.directions):
             return Comparison(Veto.DIRECTION)
         if not (only_cached or only_asked):
-            return Comparison(None, reworded=True)
+            return Comparison(None)
         if self._near_identical(cached, asked, only_cached, only_asked):
             # A name added on one side only narrows the question ("Excel" → "Microsoft Excel").
             added = only_cached or only_asked
@@ -320,7 +317,8 @@ class QuestionGuards:
         other_words = set(other.words)
         for entity in profile.entities:
             parts = normalise_text(entity).split()
-            if all(part in other_words for part in parts):
+            # "France's" is normalised to "frances".
+            if all(part in other_words or part + "s" in other_words for part in parts):
                 continue
             if any(self._same_word_typed(part, word) for part in parts for word in other_words):
                 continue
@@ -330,8 +328,9 @@ class QuestionGuards:
         return False
 
     def _names_only(self, words: list[str], *profiles: QuestionProfile) -> bool:
+        """Whether the added words only name or classify what both ask about ("Microsoft", "city")."""
         names = {part for profile in profiles for e in profile.entities for part in normalise_text(e).split()}
-        return all(word in names for word in words)
+        return all(word in names or stem(word) in _GENERIC_STEMS for word in words)
 
     def _near_identical(
         self, first: QuestionProfile, second: QuestionProfile, only_first: list[str], only_second: list[str]
@@ -415,6 +414,7 @@ def _reversed(first: set[tuple[str, str]], second: set[tuple[str, str]]) -> bool
     return any((after, before) in second and (before, after) not in second for before, after in first)
 
 
+_GENERIC_STEMS = frozenset(stem(word) for word in lexicon.GENERIC_NOUNS)
 _CALENDAR_WORDS = frozenset({*lexicon.MONTHS, *lexicon.WEEKDAYS})
 _DEGREE_WORDS = frozenset({"degree", "degrees", "deg"})
 

@@ -544,3 +544,13 @@ IRREGULAR_VERBS = {
     "taught": "teach",
     "caught": "catch", "fought": "fight", "felt": "feel", "meant": "mean", "read": "read", "shut": "shut",
 }  # fmt: skip
+
+# Nouns that name the kind of a thing already named ("the capital city", "CRM software"): added on one
+# side only, they do not change the question.
+GENERIC_NOUNS = frozenset(
+    """city town country state nation place area region company business organization organisation firm
+    software tool tools app application program programme platform system service product products
+    thing things item items stuff person people individual number value amount figure term word phrase
+    process procedure method approach type kind sort version edition file document data information
+    """.split()
+)
