@@ -33,7 +33,10 @@ class GatewayError(Exception):
 
 class Role(Enum):
     TENANT = "tenant"
+    # Admin keys by role: what each may do is the Gateway's to enforce; the tools shown follow it.
     ADMIN = "admin"
+    OPERATOR = "operator"
+    VIEWER = "viewer"
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,12 @@ class Caller:
     key_id: str
 
 
-_ROLES = {insight_pb2.CALLER_ROLE_TENANT: Role.TENANT, insight_pb2.CALLER_ROLE_ADMIN: Role.ADMIN}
+_ROLES = {
+    insight_pb2.CALLER_ROLE_TENANT: Role.TENANT,
+    insight_pb2.CALLER_ROLE_ADMIN: Role.ADMIN,
+    insight_pb2.CALLER_ROLE_OPERATOR: Role.OPERATOR,
+    insight_pb2.CALLER_ROLE_VIEWER: Role.VIEWER,
+}
 
 
 @dataclass(frozen=True)

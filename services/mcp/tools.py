@@ -5,7 +5,8 @@ the Gateway's to check, and its refusal becomes the tool's error ("INVALID_ARGUM
 at least 1, got -5"), returned to the client as an MCP tool error (`isError`), never a crash.
 
 Which tools a caller sees depends on its key (`TOOLS_BY_ROLE`): a tenant's key gets the tenant's tools,
-the admin key the operator's; `access.RoleFilter` hides the others from tools/list and refuses them.
+admin keys their role's (viewers the read-only ones); `access.RoleFilter` hides the others from
+tools/list and refuses them.
 """
 
 from __future__ import annotations
@@ -38,8 +39,14 @@ TENANT_TOOLS = (
     "provider_health",
     "cache_stats",
 )
-ADMIN_TOOLS = ("usage_report", "cost_recommendations", "provider_health", "invalidate_cache", "set_budget")
-TOOLS_BY_ROLE = {Role.TENANT: frozenset(TENANT_TOOLS), Role.ADMIN: frozenset(ADMIN_TOOLS)}
+VIEWER_TOOLS = ("usage_report", "cost_recommendations", "provider_health")
+ADMIN_TOOLS = (*VIEWER_TOOLS, "invalidate_cache", "set_budget")
+TOOLS_BY_ROLE = {
+    Role.TENANT: frozenset(TENANT_TOOLS),
+    Role.ADMIN: frozenset(ADMIN_TOOLS),
+    Role.OPERATOR: frozenset(ADMIN_TOOLS),
+    Role.VIEWER: frozenset(VIEWER_TOOLS),
+}
 
 Preference = Literal["fast", "quality", "code", "balanced"]
 GroupBy = Literal["model", "provider", "day", "task_type", "difficulty"]
@@ -141,9 +148,9 @@ class SophiaTools:
     async def _tenant_or_admin(self, tenant_id: str | None) -> tuple[Caller, str]:
         """The tenant a report is about: the key's own (another is refused), or the one the admin names."""
         _, caller = await self._caller()
-        if caller.role is Role.ADMIN:
+        if caller.role is not Role.TENANT:
             if not tenant_id:
-                raise ToolError("tenant_id: required with the admin key")
+                raise ToolError("tenant_id: required with an admin key")
             return caller, tenant_id
         if tenant_id and tenant_id != caller.tenant_id:
             raise ToolError("tenant_id: a tenant's key reports on its own tenant only")
@@ -236,7 +243,7 @@ class SophiaTools:
     ) -> dict[str, Any]:
         """Report the tenant's requests, tokens and cost over a period, grouped by model, provider or day."""
         caller, tenant = await self._tenant_or_admin(tenant_id)
-        if caller.role is Role.ADMIN:
+        if caller.role is not Role.TENANT:
             request = admin_pb2.GetUsageRequest(
                 tenant_id=tenant, start_time=_rfc3339(start), end_time=_rfc3339(end), group_by=group_by
             )
@@ -251,7 +258,7 @@ class SophiaTools:
     async def cost_recommendations(self, tenant_id: TENANT = None) -> dict[str, Any]:
         """Cost advice from the tenant's recorded usage, each with its evidence and monthly saving."""
         caller, tenant = await self._tenant_or_admin(tenant_id)
-        if caller.role is Role.ADMIN:
+        if caller.role is not Role.TENANT:
             request = admin_pb2.GetRecommendationsRequest(tenant_id=tenant)
             return _json((await self._call(lambda g: g.admin.GetRecommendations, request)).message)
         request = insight_pb2.GetTenantRecommendationsRequest()

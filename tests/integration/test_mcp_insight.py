@@ -30,7 +30,7 @@ def test_the_caller_behind_a_key(edge) -> None:
     }
     assert edge.get("/v1/insight/caller", headers=ADMIN).json() == {
         "role": "CALLER_ROLE_ADMIN",
-        "key_id": "admin",
+        "key_id": "cfg-admin",
     }
     refused = edge.get("/v1/insight/caller", headers={"Authorization": "Bearer sk-sophia-nope"})
     assert (refused.status_code, refused.json()["error"]["code"]) == (401, "UNAUTHENTICATED")

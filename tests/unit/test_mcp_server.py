@@ -155,7 +155,7 @@ async def test_reports_are_the_tenants_own_for_a_tenant_key_and_the_named_tenant
     assert own.structured_content == {"tenant_id": "acme"}
     assert error_text(other).endswith("tenant_id: a tenant's key reports on its own tenant only")
     assert named.structured_content == {"tenant_id": "globex"}
-    assert error_text(unnamed).endswith("tenant_id: required with the admin key")
+    assert error_text(unnamed).endswith("tenant_id: required with an admin key")
     (tenant_call, _, _), (admin_call, admin_request, _) = gateway.calls
     assert tenant_call == "GetTenantUsage" and admin_call == "GetUsage"
     assert gateway.calls[0][1].start_time.ToJsonString() == "2025-03-01T00:00:00Z"
@@ -186,3 +186,11 @@ async def test_the_verifier_maps_the_gateways_answer_to_the_transports_status_an
         with pytest.raises(TransportRefusal) as refused:
             await GatewayKeyVerifier(RecordingGateway(error=GatewayError(code, "x"))).verify_token("k")
         assert refused.value.status == status
+
+
+def test_admin_roles_see_the_tools_their_role_may_use():
+    from services.mcp.tools import TOOLS_BY_ROLE
+
+    assert {"invalidate_cache", "set_budget"} <= TOOLS_BY_ROLE[Role.OPERATOR]
+    assert TOOLS_BY_ROLE[Role.VIEWER] == {"usage_report", "cost_recommendations", "provider_health"}
+    assert not TOOLS_BY_ROLE[Role.VIEWER] & {"chat", "embed", "invalidate_cache", "set_budget"}

@@ -22,15 +22,14 @@ from sophia.router.v1 import router_pb2, router_pb2_grpc
 
 from libs.errors import (
     InvalidArgument,
-    PermissionDenied,
     ServiceError,
-    Unauthenticated,
     Unavailable,
     field_violations,
 )
 from libs.logs import request_id_var
 from libs.pricing import MICROS_PER_USD, token_cost_micros
 from services.gateway.access.control import AccessControl
+from services.gateway.access.roles import Role
 from services.gateway.api import translate
 from services.gateway.domain import Principal, estimated_prompt_tokens
 from services.gateway.serving.request_flow import DEFAULT_COMPLETION_ESTIMATE
@@ -39,6 +38,11 @@ from services.gateway.serving.router_client import Routing
 # Reads for people and agents, off the request path: they may wait a little longer than routing does.
 DEPENDENCY_TIMEOUT_SECONDS = 10.0
 INT32_MAX = 2**31 - 1
+_CALLER_ROLES = {
+    Role.ADMIN: pb.CALLER_ROLE_ADMIN,
+    Role.OPERATOR: pb.CALLER_ROLE_OPERATOR,
+    Role.VIEWER: pb.CALLER_ROLE_VIEWER,
+}
 GROUP_BY = {
     "": ledger_pb2.GROUP_BY_MODEL,
     "model": ledger_pb2.GROUP_BY_MODEL,
@@ -210,27 +214,18 @@ class InsightServicer(insight_pb2_grpc.InsightServiceServicer):
             await context.send_initial_metadata((("x-request-id", request_id),))
 
     async def _identify(self, context) -> Principal | None:
-        """The tenant key's principal, or None for an admin key; the tenant key's refusal otherwise."""
-        metadata = tuple(context.invocation_metadata() or ())
-        try:
-            return await self._access.authenticate(metadata)
-        except (Unauthenticated, PermissionDenied) as refused:  # an admin key is refused either way
-            try:
-                await self._access.authenticate_admin(metadata)
-            except (Unauthenticated, PermissionDenied):
-                raise refused from None
-            return None
+        """The tenant key's principal, or None for an admin key; Unauthenticated for neither."""
+        key = await self._access.identify(tuple(context.invocation_metadata() or ()))
+        return None if key.role is not None else key.principal
 
     async def GetCaller(self, request, context):
         # Authentication only, not counted against the key's limits: the MCP server asks it to check a
         # key before it runs the tool, whose own Gateway call is then counted.
-        principal = await self._identify(context)
+        key = await self._access.identify(tuple(context.invocation_metadata() or ()))
         await self._answer_request_id(context)
-        if principal is None:
-            return pb.GetCallerResponse(role=pb.CALLER_ROLE_ADMIN, key_id="admin")
-        return pb.GetCallerResponse(
-            role=pb.CALLER_ROLE_TENANT, tenant_id=principal.tenant_id, key_id=principal.key_id
-        )
+        if key.role is not None:
+            return pb.GetCallerResponse(role=_CALLER_ROLES[key.role], key_id=key.key_id, tenants=key.tenants)
+        return pb.GetCallerResponse(role=pb.CALLER_ROLE_TENANT, tenant_id=key.tenant_id, key_id=key.key_id)
 
     async def ExplainRoute(self, request, context):
         principal = await self._tenant(context)

@@ -34,7 +34,7 @@ export declare type GetCallerResponse = Message<"sophia.gateway.v1.GetCallerResp
   role: CallerRole;
 
   /**
-   * Empty for the admin key.
+   * Empty for an admin key.
    *
    * @generated from field: string tenant_id = 2;
    */
@@ -44,6 +44,13 @@ export declare type GetCallerResponse = Message<"sophia.gateway.v1.GetCallerResp
    * @generated from field: string key_id = 3;
    */
   keyId: string;
+
+  /**
+   * An operator's or viewer's tenants (empty: all).
+   *
+   * @generated from field: repeated string tenants = 4;
+   */
+  tenants: string[];
 };
 
 /**
@@ -576,11 +583,22 @@ export enum CallerRole {
   TENANT = 1,
 
   /**
-   * The admin key: the AdminService (and provider health); no tenant.
+   * Admin keys (the AdminService and provider health; no tenant), by role: admin (everything),
+   * operator (keys, budgets, flags and cache of its tenants), viewer (read-only).
    *
    * @generated from enum value: CALLER_ROLE_ADMIN = 2;
    */
   ADMIN = 2,
+
+  /**
+   * @generated from enum value: CALLER_ROLE_OPERATOR = 3;
+   */
+  OPERATOR = 3,
+
+  /**
+   * @generated from enum value: CALLER_ROLE_VIEWER = 4;
+   */
+  VIEWER = 4,
 }
 
 /**
