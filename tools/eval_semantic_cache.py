@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cv:
         for outcome in outcomes:
             outcome.hit = decide(outcome, threshold)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w") as out:
         for o in outcomes:
             line = {

@@ -1,0 +1,170 @@
+"""Benchmark of the SemanticCache: lookups through its gRPC API, and FAISS search alone.
+
+    python -m tools.bench_cache [--seconds 8] [--sizes 10000,100000] [--concurrency 1,16,64]
+
+For each index size, a throwaway Redis is filled with that many entries of one tenant and one scope
+(random unit vectors, written with the service's own EntryStore), the cache service is started as a
+process (mTLS, as in production) and rebuilds its index from Redis; then lookups of real questions run
+at each concurrency for a fixed time, each question embedded by the service (the embedding is the
+cost that dominates). Printed: lookups/s, p50 and p99 latency, and the index rebuild time. Last, FAISS
+search alone (`services.cache.index.VectorIndex`) at 100k and 1M vectors, flat and IVF.
+Figures are printed, never asserted: they depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pathlib
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from services.cache import keys
+from services.cache.entries import EntryStore
+from services.cache.index import VectorIndex, _flat, _Partition
+from services.cache.servicer import cache_pb2_grpc, pb
+from tests.support import internal_channel, mesh_environ
+from tools.mesh import Mesh
+
+TENANT = "bench"
+MODEL = "bench-model"
+SCOPE = '{"model":"bench-model"}'
+DIMENSIONS = 384
+QUESTIONS = [
+    f"{opener} {subject}?"
+    for opener in ("How do I", "What is the best way to", "Can you explain how to", "Why would I")
+    for subject in (
+        "reset my voicemail pin", "export contacts to a csv file", "merge two dataframes in pandas",
+        "calculate year over year growth", "renew a lease for unit {n}", "cancel a recurring invoice",
+        "set up two factor authentication", "fix a merge conflict in git", "write a cold email to a cfo",
+        "compute the median of a column", "handle a customer asking for a refund after {n} days",
+    )
+]  # fmt: skip
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+async def fill(redis_url: str, entries: int) -> float:
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(redis_url, decode_responses=False, max_connections=256)
+    store = EntryStore(redis)
+    rng = np.random.default_rng(1)
+    partition = keys.scope_digest(TENANT, MODEL, SCOPE)
+    started = time.perf_counter()
+    batch = 200
+    for start in range(0, entries, batch):
+        vectors = rng.standard_normal((batch, DIMENSIONS)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        await asyncio.gather(
+            *(
+                store.put(
+                    TENANT,
+                    keys.entry_member(MODEL, f"{start + i:064x}"),
+                    {"question": f"cached question {start + i}", "response": b"{}", "scope": partition,
+                     "end": "complete", "vector": vectors[i].tobytes()},
+                    ttl_seconds=3600,
+                    max_entries=entries + 1,
+                )
+                for i in range(min(batch, entries - start))
+            )
+        )  # fmt: skip
+    await redis.aclose()
+    return time.perf_counter() - started
+
+
+async def run_lookups(mesh: Mesh, concurrency: int, seconds: float) -> tuple[int, list[float]]:
+    latencies: list[float] = []
+    async with internal_channel(mesh, "cache") as channel:
+        stub = cache_pb2_grpc.CacheServiceStub(channel)
+        deadline = time.perf_counter() + seconds
+        counter = iter(range(10**9))
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline:
+                n = next(counter)
+                question = QUESTIONS[n % len(QUESTIONS)].replace("{n}", str(n))
+                started = time.perf_counter()
+                await stub.Lookup(
+                    pb.LookupRequest(
+                        tenant_id=TENANT, model=MODEL, scope=SCOPE, question=question, semantic=True
+                    ),
+                    timeout=30,
+                )
+                latencies.append(time.perf_counter() - started)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return len(latencies), latencies
+
+
+def bench_service(entries: int, concurrencies: list[int], seconds: float) -> None:
+    with tempfile.TemporaryDirectory(prefix="sophia-bench-cache-") as directory:
+        mesh = Mesh(pathlib.Path(directory), mesh_environ({"SOPHIA__TLS__MODE": "mtls"}))
+        try:
+            mesh.start("redis")
+            mesh.wait_ready(["redis"], timeout=30)
+            filled = asyncio.run(fill(mesh.config.redis.url, entries))
+            started = time.perf_counter()
+            mesh.start("cache")
+            mesh.wait_ready(["cache"], timeout=600)
+            ready = time.perf_counter() - started
+            print(f"\n{entries:,} entries in the tenant's index (filled in {filled:.0f}s; service start "
+                  f"with model load and index rebuild {ready:.1f}s)")  # fmt: skip
+            asyncio.run(run_lookups(mesh, 4, 2.0))  # warm-up
+            print(f"{'concurrent':>10} {'lookups/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+            for concurrency in concurrencies:
+                count, latencies = asyncio.run(run_lookups(mesh, concurrency, seconds))
+                p50, p99 = statistics.median(latencies) * 1000, percentile(latencies, 0.99) * 1000
+                print(f"{concurrency:>10} {count / seconds:>10.0f} {p50:>8.1f} {p99:>8.1f}")
+        finally:
+            mesh.stop_all()
+
+
+def bench_search(sizes: list[int], repeats: int = 50) -> None:
+    print("\nFAISS search alone (one query, k=4, one thread):")
+    rng = np.random.default_rng(2)
+    for size in sizes:
+        vectors = rng.standard_normal((size, DIMENSIONS)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        queries = vectors[rng.choice(size, repeats)] + 0.01
+        for kind, ivf_min in (("flat", size + 1), ("ivf", 1)):
+            index = VectorIndex(DIMENSIONS, ivf_min_entries=ivf_min)
+            started = time.perf_counter()
+            # Bulk load for the bench only (the service adds entries one by one).
+            part = index._partitions["p"] = _Partition(_flat(DIMENSIONS))
+            part.index.add_with_ids(vectors, np.arange(size, dtype=np.int64))
+            part.ids = set(range(size))
+            if kind == "ivf":
+                index._swap_in(part, index._build_ivf(vectors, np.arange(size, dtype=np.int64)))
+            built = time.perf_counter() - started
+            timings = []
+            for query in queries[: (10 if size >= 1_000_000 and kind == "flat" else repeats)]:
+                started = time.perf_counter()
+                index.search("p", query, 4)
+                timings.append(time.perf_counter() - started)
+            print(f"  {size:>9,} {kind:<4}  p50 {statistics.median(timings) * 1000:7.2f} ms  "
+                  f"p99 {percentile(timings, 0.99) * 1000:7.2f} ms  (built in {built:.1f}s)")  # fmt: skip
+            del index, part
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="SemanticCache benchmark")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--search-sizes", default="100000,1000000")
+    args = parser.parse_args()
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    for size in (int(s) for s in args.sizes.split(",") if s):
+        bench_service(size, concurrencies, args.seconds)
+    bench_search([int(s) for s in args.search_sizes.split(",") if s])
+
+
+if __name__ == "__main__":
+    main()
