@@ -2,7 +2,8 @@
 
 SERVICE is gateway, router, cache, ledger or inference (a grpc.health.v1 Check of its own port, over
 mutual TLS with the container's own certificate for the internal services, which accept nothing else),
-or edge (the Envoy edge answers and reaches a Gateway: a request without a key gets the Gateway's 401).
+or edge (the Envoy edge answers and reaches a Gateway: a request without a key gets the Gateway's 401),
+or mcp (the MCP server's /healthz answers 200: it serves and its Gateway does).
 The configuration is the service's own (`$SOPHIA_CONFIG` and `SOPHIA__...`), so the check follows the
 port and TLS settings the service runs with. Docker's HEALTHCHECK and compose use it; Kubernetes probes
 the Gateway natively and runs this for the services that take only mTLS (kubelet's gRPC probe has no TLS).
@@ -71,14 +72,27 @@ def check_edge(config: Config) -> None:
     raise Unhealthy(f"edge at {url}: answered a request without a key")
 
 
+def check_mcp(config: Config) -> None:
+    url = f"http://127.0.0.1:{config.mcp.port}/healthz"
+    try:
+        urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS)
+    except urllib.error.HTTPError as exc:
+        raise Unhealthy(f"mcp at {url}: HTTP {exc.code}") from None
+    except OSError as exc:
+        raise Unhealthy(f"mcp at {url}: {exc}") from None
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] not in (*SERVICES, "edge"):
-        print(f"usage: healthcheck.py {{{','.join((*SERVICES, 'edge'))}}}", file=sys.stderr)
+    components = (*SERVICES, "edge", "mcp")
+    if len(argv) != 1 or argv[0] not in components:
+        print(f"usage: healthcheck.py {{{','.join(components)}}}", file=sys.stderr)
         return 2
     try:
         config = load_config()
         if argv[0] == "edge":
             check_edge(config)
+        elif argv[0] == "mcp":
+            check_mcp(config)
         else:
             check_service(config, argv[0])
     except (Unhealthy, ConfigError, TlsError) as exc:

@@ -54,6 +54,12 @@ def _broken(edit) -> list[str]:
             "service edge: must reach the Gateway as gateway",
         ),
         (lambda s: s.pop("grafana"), "service grafana is missing"),
+        (
+            lambda s: s["edge"]["environment"].pop("SOPHIA__MCP__HOST"),
+            "service edge: must reach the MCP server",
+        ),
+        (lambda s: s["mcp"]["environment"].update(SOPHIA__MCP__HOST="127.0.0.1"), "service mcp: must listen"),
+        (lambda s: s["mcp"].update(image="sophia/sophia-core:dev"), "expected the sophia-mcp image"),
     ],
 )
 def test_sophia_rules_catch_each_fault(edit, expected):

@@ -142,6 +142,25 @@ def test_the_edge_is_healthy_when_a_gateway_answers_behind_it(status, healthy):
         server.shutdown()
 
 
+@pytest.mark.parametrize(("status", "healthy"), [(200, True), (503, False)])
+def test_the_mcp_server_is_healthy_when_its_healthz_answers(status, healthy):
+    handler = type("Mcp", (_Edge,), {"status": status})
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = subprocess.run(
+            [sys.executable, str(HEALTHCHECK), "mcp"],
+            env={"SOPHIA__MCP__PORT": str(server.server_address[1]), "PATH": os.environ["PATH"]},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (result.returncode == 0) is healthy, result.stderr
+    finally:
+        server.shutdown()
+
+
 def test_the_edge_entry_point_renders_a_config_envoy_accepts(tmp_path):
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SOPHIA")}
     environ.update(

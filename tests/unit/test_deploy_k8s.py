@@ -101,6 +101,9 @@ FAULTS = [
      "prod ledger: SOPHIA_REDIS_URL must come from a Secret"),
     ("prod", lambda m: _workload(m, "gateway-canary")["spec"].update(replicas=3), "canary: 3 replicas"),
     ("prod", lambda m: _container(m, "gateway-canary")["env"].pop(), "gateway-canary: its pod spec differs"),
+    ("prod", lambda m: _env(m, "mcp", "SOPHIA__MCP__PORT", "9000"), "mcp: must listen on 0.0.0.0:9000"),
+    ("prod", lambda m: _env(m, "edge", "SOPHIA__MCP__HOST", "127.0.0.1"), "edge: reaches the MCP server"),
+    ("prod", lambda m: _remove(m, "NetworkPolicy", "mcp"), "NetworkPolicy mcp is missing"),
     ("dev", lambda m: _container(m, "redis").update(args=["redis-server"]), "dev redis: must run with"),
     ("dev", lambda m: _container(m, "gateway").update(image="sophia/sophia-core"), "has no tag"),
 ]  # fmt: skip

@@ -22,6 +22,7 @@ SERVICE_IMAGES = {
     "router": "ml",
     "cache": "ml",
     "inference": "ml",
+    "mcp": "mcp",
 }
 
 

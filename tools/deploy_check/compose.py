@@ -88,10 +88,29 @@ def _check_prometheus(compose_dir: Path, services: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _check_mcp(service: dict[str, Any]) -> list[str]:
+    problems = []
+    if service.get("command") != ["python", "-m", "services.mcp"]:
+        problems.append("service mcp: command must be python -m services.mcp")
+    if "/sophia-mcp:" not in str(service.get("image", "")):
+        problems.append(f"service mcp: runs {service.get('image')!r}, expected the sophia-mcp image")
+    if (service.get("healthcheck") or {}).get("test") != ["CMD", "python", HEALTHCHECK, "mcp"]:
+        problems.append(f"service mcp: health check must be {HEALTHCHECK} mcp")
+    try:
+        config = load_config(environ=_environment(service))
+    except ConfigError as exc:
+        return [*problems, f"service mcp: its environment is not a valid Sophia configuration: {exc}"]
+    if config.mcp.host != "0.0.0.0":
+        problems.append(f"service mcp: must listen on 0.0.0.0, not {config.mcp.host!r}")
+    if config.services.gateway.host != "gateway":
+        problems.append("service mcp: must reach the Gateway as gateway")
+    return problems
+
+
 def semantic_problems(document: dict[str, Any], compose_dir: Path = COMPOSE_FILE.parent) -> list[str]:
     services = document.get("services", {})
     names = set(services)
-    required = (*SERVICES, "redis", "edge", "prometheus", "grafana")
+    required = (*SERVICES, "mcp", "redis", "edge", "prometheus", "grafana")
     problems = [f"service {name} is missing" for name in required if name not in names]
     for name in SERVICES:
         if name in services:
@@ -114,6 +133,10 @@ def semantic_problems(document: dict[str, Any], compose_dir: Path = COMPOSE_FILE
         problems.append("service edge: Envoy must listen on 0.0.0.0 (SOPHIA__EDGE__HOST)")
     if edge_environment.get("SOPHIA__SERVICES__GATEWAY__HOST") != "gateway":
         problems.append("service edge: must reach the Gateway as gateway")
+    if edge_environment.get("SOPHIA__MCP__HOST") != "mcp":
+        problems.append("service edge: must reach the MCP server as mcp (SOPHIA__MCP__HOST)")
+    if "mcp" in services:
+        problems += _check_mcp(services["mcp"])
     for source in (volume.split(":")[0] for volume in services.get("grafana", {}).get("volumes", [])):
         if source.startswith(".") and not (compose_dir / source).exists():
             problems.append(f"service grafana: mounts {source}, which does not exist")

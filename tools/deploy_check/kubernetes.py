@@ -172,6 +172,43 @@ def _check_service_workload(service: str, workload: Manifest, manifests: list[Ma
     return problems
 
 
+def _check_mcp(workload: Manifest, manifests: list[Manifest], config_file: Path) -> list[str]:
+    """The MCP server: its command and image, its HTTP port, and the edge and it finding each other."""
+    container = workload["spec"]["template"]["spec"]["containers"][0]
+    problems = []
+    if container.get("command") != ["python", "-m", "services.mcp"]:
+        problems.append("mcp: command must be python -m services.mcp")
+    if "/sophia-mcp:" not in container["image"]:
+        problems.append(f"mcp: runs {container['image']!r}, expected the sophia-mcp image")
+    config_maps = _named(manifests, "ConfigMap")
+    environment = {**_environment(container, config_maps), "SOPHIA_CONFIG": str(config_file)}
+    try:
+        config = load_config(environ=environment)
+    except ConfigError as exc:
+        return [*problems, f"mcp: its environment is not a valid Sophia configuration: {exc}"]
+    ports = {port["name"]: port["containerPort"] for port in container.get("ports", [])}
+    if config.mcp.host != "0.0.0.0" or ports.get("http") != config.mcp.port:
+        problems.append(
+            f"mcp: must listen on 0.0.0.0:{config.mcp.port} (mcp.host, mcp.port, containerPort http)"
+        )
+    headless = _headless_services(manifests)
+    if config.services.gateway.host not in headless:
+        problems.append(
+            f"mcp: reaches the Gateway at {config.services.gateway.host!r}, which is no headless Service"
+        )
+    edge = _workloads(manifests).get("edge")
+    if edge is not None:
+        edge_environment = {**_environment(edge["spec"]["template"]["spec"]["containers"][0], config_maps)}
+        edge_config = load_config(environ={**edge_environment, "SOPHIA_CONFIG": str(config_file)})
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        selector = headless.get(edge_config.mcp.host)
+        if selector is None or any(labels.get(k) != v for k, v in selector.items()):
+            problems.append(
+                f"edge: reaches the MCP server at {edge_config.mcp.host!r}, which selects no mcp pod"
+            )
+    return problems
+
+
 def _check_scaling(manifests: list[Manifest], config_file: Path) -> list[str]:
     problems = []
     workloads = _workloads(manifests)
@@ -216,7 +253,7 @@ def _check_network(manifests: list[Manifest]) -> list[str]:
     if deny is None or deny["spec"].get("podSelector") != {} or set(deny["spec"]["policyTypes"]) != both:
         return ["NetworkPolicy default-deny (every pod, both directions) is missing"]
     problems = []
-    for service in (*SERVICES, "edge"):
+    for service in (*SERVICES, "edge", "mcp"):
         if service not in policies:
             problems.append(f"NetworkPolicy {service} is missing")
     return problems
@@ -293,6 +330,10 @@ def semantic_problems(overlay: str, manifests: list[Manifest]) -> list[str]:
                 problems.append(f"{service}: no workload")
                 continue
             problems += _check_service_workload(service, workloads[service], manifests, config_file)
+        if "mcp" in workloads:
+            problems += _check_mcp(workloads["mcp"], manifests, config_file)
+        else:
+            problems.append("mcp: no workload")
         problems += _check_scaling(manifests, config_file)
     problems += _check_no_literal_secrets(manifests)
     problems += _check_network(manifests)
