@@ -4,6 +4,7 @@ HTTP edge, and the edge's entry point rendering a config that Envoy accepts."""
 
 import http.server
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from libs.config import REPO_ROOT
 from libs.tls import Identity, MeshCredentials
 from tools import certs
+from tools.deploy_check import images
 from tools.ports import free_port
 
 HEALTHCHECK = REPO_ROOT / "deploy" / "docker" / "healthcheck.py"
@@ -196,3 +198,63 @@ def test_the_edge_entry_point_refuses_a_bad_config(tmp_path):
     result = subprocess.run(command, env=environ, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "edge.port" in result.stderr
+
+
+def _image_tree(target: str, root: Path) -> Path:
+    """The files the image `target` holds under /app, copied from the repository as its COPYs say."""
+    layout = images.image_layout(images.DOCKERFILE.read_text(), target)
+    for destination, source in sorted(layout.items()):
+        path = REPO_ROOT / source
+        if path.is_dir():
+            shutil.copytree(
+                path, root / destination, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        else:
+            (root / destination).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, root / destination)
+    return root
+
+
+def _run_in(tree: Path, *command: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SOPHIA") and k != "PYTHONPATH"}
+    return subprocess.run(
+        [sys.executable, *command], cwd=tree, env=environ, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    ("target", "services"),
+    [("core", ("gateway", "ledger")), ("mcp", ("mcp",)), ("ml", ("router", "cache", "inference"))],
+)
+def test_each_image_holds_the_files_its_services_and_health_check_import(tmp_path, target, services):
+    tree = _image_tree(target, tmp_path)
+    imports = "; ".join(f"import services.{service}.__main__" for service in services)
+    probe = f"import sys; {imports}; import libs; assert libs.__file__.startswith(sys.argv[1]), libs.__file__"
+    result = _run_in(tree, "-c", probe, str(tree))
+    assert result.returncode == 0, result.stderr[-2000:]
+    check = _run_in(tree, "deploy/docker/healthcheck.py", services[0])
+    assert check.returncode == 1 and check.stderr.startswith("unhealthy:"), check.stderr[-2000:]
+
+
+def test_the_edge_image_holds_what_its_entry_point_and_envoy_read(tmp_path):
+    tree = _image_tree("edge", tmp_path / "app")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SOPHIA") and k != "PYTHONPATH"}
+    environ["SOPHIA_EDGE_DIR"] = str(tmp_path / "rendered")
+    rendered = subprocess.run(
+        [sys.executable, "deploy/docker/edge.py", "--render-only"],
+        cwd=tree,
+        env=environ,
+        capture_output=True,
+        text=True,
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    config = Path(rendered.stdout.strip())
+    assert str(tree / "build" / "sophia.pb") in config.read_text()
+    envoy = REPO_ROOT / ".venv" / "bin" / "envoy"
+    validated = subprocess.run(
+        [str(envoy), "--mode", "validate", "-c", str(config), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert validated.returncode == 0, validated.stdout + validated.stderr

@@ -164,6 +164,63 @@ def check_copy_sources(text: str, ignore_text: str, root: Path = REPO_ROOT) -> l
     return problems
 
 
+# What the `protos` stage generates under /src, as `make gen` generates it in the repository.
+_GENERATED_ROOT = "/src/"
+
+
+def _stage_chain(stage: Stage, by_name: dict[str, Stage]) -> list[Stage]:
+    """`stage` and the stages it is built FROM, base first."""
+    chain = [stage]
+    while chain[-1].base in by_name:
+        chain.append(by_name[chain[-1].base])
+    return list(reversed(chain))
+
+
+def _copy_destination(destination: str, source: str) -> str:
+    if destination.endswith("/") and not source.endswith("/"):
+        return destination + Path(source).name
+    return destination.rstrip("/")
+
+
+def image_layout(text: str, target: str) -> dict[str, str]:
+    """The application files of a shipped image: path under /app → path in the repository, following
+    the target's COPY instructions through the `app`, `weights` and `protos` stages (the venvs and the
+    converted weights are left out: the packages are checked by `check_service_dependencies`)."""
+    _, stages = parse_stages(text)
+    by_name = {stage.name: stage for stage in stages}
+
+    def copies(name: str) -> dict[str, str]:
+        layout: dict[str, str] = {}
+        workdir = "/"
+        for stage in _stage_chain(by_name[name], by_name):
+            for keyword, rest in stage.instructions:
+                if keyword == "WORKDIR":
+                    workdir = rest
+                if keyword != "COPY":
+                    continue
+                words = rest.split()
+                origin = next((w.split("=", 1)[1] for w in words if w.startswith("--from=")), None)
+                sources = [w for w in words if not w.startswith("--")]
+                destination = sources.pop()
+                if not destination.startswith("/"):
+                    destination = f"{workdir.rstrip('/')}/{destination}"
+                for source in sources:
+                    if origin is None:
+                        layout[_copy_destination(destination, source)] = source.rstrip("/")
+                    elif origin == "protos" and source.startswith(_GENERATED_ROOT):
+                        generated = source[len(_GENERATED_ROOT) :]
+                        layout[_copy_destination(destination, generated)] = generated.rstrip("/")
+                    elif origin in by_name and source == "/app":
+                        layout.update(copies(origin))
+        return layout
+
+    return {
+        path.removeprefix("/app/"): source
+        for path, source in copies(target).items()
+        if path.startswith("/app/")
+    }
+
+
 def hadolint(path: Path = DOCKERFILE) -> list[str]:
     result = run([tool("hadolint"), "--no-color", str(path)])
     if result.returncode == 0:
