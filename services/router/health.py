@@ -1,79 +1,399 @@
-"""Outcome statistics per (provider, model), fed by ReportOutcome, kept in memory.
+"""Live health per (provider, model) target, shared by every Router replica through Redis.
 
-Each pair keeps success and failure counts and a rolling window of recent latencies. Scoring and circuit
-breakers will read these same records, so they are plain objects with a `record` method to extend.
+Each target has, in Redis:
+- `router:health:events:<target>`: its latest outcomes (a capped list of "ms,outcome,latency,ttft"),
+  the window that error rates and latency percentiles are computed over;
+- `router:health:state:<target>`: its circuit breaker (state, since, consecutive failures, probes
+  left, last error).
+
+Every change is one Lua script, so replicas never race: an outcome is appended and the breaker moved
+in the same step (closed → open after N consecutive failures or an error rate above X % over the
+window with at least M requests; a failed probe re-opens it; enough successful probes close it), and a
+probe is claimed atomically (open → half-open once the cool-down is over, then at most `probes`
+requests let through). Times are Redis's own clock (TIME), so replicas' clocks may differ.
+
+Routing reads a local snapshot of the breakers that each replica refreshes every `refresh_seconds`
+and right after recording, so a Route costs no Redis round trip; only a target whose cool-down is
+over costs one (to claim its probe). When Redis is unreachable the last snapshot stays in force.
 """
 
 from __future__ import annotations
 
-import enum
-import statistics
-from collections import deque
-from dataclasses import dataclass, field
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum, StrEnum
 
-from libs.errors import ResourceExhausted
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
 
-LATENCY_WINDOW = 100
-# A ceiling on distinct pairs so that a caller inventing names cannot grow the process without bound.
-MAX_TRACKED_PAIRS = 4096
+from libs.config import BreakerConfig
+from libs.errors import ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+PREFIX = "router:health:"
+TARGETS_KEY = PREFIX + "targets"
+# Outcomes kept per target: the window is the last `window_seconds` of these.
+MAX_EVENTS = 500
+# A ceiling on distinct targets, so a caller inventing names cannot grow Redis without bound.
+MAX_TRACKED_TARGETS = 4096
+SEPARATOR = "\x1f"
 
 
-class Outcome(enum.Enum):
-    SUCCESS = "success"
-    RETRYABLE_ERROR = "retryable_error"
-    FATAL_ERROR = "fatal_error"
-    TIMEOUT = "timeout"
+class Outcome(Enum):
+    SUCCESS = "s"
+    FAILURE = "f"
+    # The request itself was refused (a 400): not held against the target.
+    REJECTED = "x"
 
 
-@dataclass
-class ModelStats:
-    successes: int = 0
-    failures: int = 0
-    # Latencies of successful calls only: a quick 429 says nothing about how fast a model answers.
-    latencies_ms: deque[int] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+class CircuitState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
 
-    def record(self, outcome: Outcome, latency_ms: int) -> None:
-        if outcome is Outcome.SUCCESS:
-            self.successes += 1
-            self.latencies_ms.append(latency_ms)
-        else:
-            self.failures += 1
 
-    @property
-    def error_rate(self) -> float:
-        total = self.successes + self.failures
-        return self.failures / total if total else 0.0
+Target = tuple[str, str]  # (provider, model_id)
 
-    @property
-    def p50_latency_ms(self) -> int:
-        return statistics.median_low(self.latencies_ms) if self.latencies_ms else 0
+_RECORD = """
+local member = ARGV[1]
+if redis.call('SISMEMBER', KEYS[3], member) == 0 then
+  if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[12]) then return 'full' end
+  redis.call('SADD', KEYS[3], member)
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local outcome = ARGV[2]
+redis.call('LPUSH', KEYS[2], now .. ',' .. outcome .. ',' .. ARGV[3] .. ',' .. ARGV[4])
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[11]) - 1)
+local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
+if outcome == 'x' then return state end
+if outcome == 's' then
+  redis.call('HSET', KEYS[1], 'consecutive', 0)
+  if state == 'half_open' then
+    if redis.call('HINCRBY', KEYS[1], 'probe_successes', 1) >= tonumber(ARGV[10]) then
+      redis.call('HSET', KEYS[1], 'state', 'closed', 'since', now, 'closed_at', now)
+      return 'closed'
+    end
+  end
+  return state
+end
+redis.call('HSET', KEYS[1], 'last_error', ARGV[5], 'last_error_at', now)
+local consecutive = redis.call('HINCRBY', KEYS[1], 'consecutive', 1)
+if state == 'half_open' then
+  redis.call('HSET', KEYS[1], 'state', 'open', 'since', now, 'probes', 0, 'probe_successes', 0)
+  return 'open'
+end
+if state ~= 'closed' then return state end
+local trip = consecutive >= tonumber(ARGV[9])
+if not trip then
+  local from = math.max(now - tonumber(ARGV[6]), tonumber(redis.call('HGET', KEYS[1], 'closed_at') or '0'))
+  local total, failures = 0, 0
+  for _, event in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+    local at, o = string.match(event, '^(%d+),(%a)')
+    if tonumber(at) >= from and o ~= 'x' then
+      total = total + 1
+      if o == 'f' then failures = failures + 1 end
+    end
+  end
+  trip = total >= tonumber(ARGV[7]) and failures / total > tonumber(ARGV[8])
+end
+if trip then
+  redis.call('HSET', KEYS[1], 'state', 'open', 'since', now, 'probes', 0, 'probe_successes', 0)
+  return 'open'
+end
+return state
+"""
+
+_CLAIM_PROBE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
+if state == 'closed' then return 1 end
+local since = tonumber(redis.call('HGET', KEYS[1], 'since') or '0')
+local cooldown = tonumber(ARGV[1])
+if state == 'open' then
+  if now - since < cooldown then return 0 end
+  redis.call('HSET', KEYS[1], 'state', 'half_open', 'since', now, 'probes', tonumber(ARGV[2]) - 1,
+             'probe_successes', 0)
+  return 1
+end
+if tonumber(redis.call('HGET', KEYS[1], 'probes') or '0') > 0 then
+  redis.call('HINCRBY', KEYS[1], 'probes', -1)
+  return 1
+end
+-- Probes out for a whole cool-down with no verdict (their reports were lost): let new ones through.
+if now - since >= cooldown then
+  redis.call('HSET', KEYS[1], 'since', now, 'probes', tonumber(ARGV[2]) - 1)
+  return 1
+end
+return 0
+"""
+
+
+def _member(target: Target) -> str:
+    return f"{target[0]}{SEPARATOR}{target[1]}"
+
+
+def _state_key(member: str) -> str:
+    return f"{PREFIX}state:{member}"
+
+
+def _events_key(member: str) -> str:
+    return f"{PREFIX}events:{member}"
 
 
 @dataclass(frozen=True)
-class HealthReport:
+class OutcomeReport:
+    provider: str
+    model_id: str
+    outcome: Outcome
+    latency_ms: int
+    time_to_first_token_ms: int = 0
+    error: str = ""
+
+    @property
+    def target(self) -> Target:
+        return (self.provider, self.model_id)
+
+
+@dataclass(frozen=True)
+class BreakerView:
+    """One target's breaker as this replica last saw it."""
+
+    state: CircuitState = CircuitState.CLOSED
+    # Local monotonic time at which an open breaker's cool-down ends.
+    cooldown_ends: float = 0.0
+    # Median latency of recent successes, 0 when unknown.
+    p50_latency_ms: int = 0
+
+
+@dataclass(frozen=True)
+class TargetHealth:
     provider: str
     model_id: str
     successes: int
     failures: int
     error_rate: float
     p50_latency_ms: int
+    p95_latency_ms: int
+    p50_time_to_first_token_ms: int
+    last_error: str
+    last_error_at_ms: int
+    state: CircuitState
+    state_since_ms: int
+    consecutive_failures: int
+
+
+def _percentile(values: Sequence[int], share: float) -> int:
+    if not values:
+        return 0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(share * len(ordered)) - 1))]
+
+
+def _parse_events(raw: Iterable[str], since_ms: int) -> tuple[int, int, list[int], list[int]]:
+    successes = failures = 0
+    latencies, ttfts = [], []
+    for event in raw:
+        at, outcome, latency, ttft = event.split(",")
+        if int(at) < since_ms or outcome == Outcome.REJECTED.value:
+            continue
+        if outcome == Outcome.SUCCESS.value:
+            successes += 1
+            latencies.append(int(latency))
+            if int(ttft):
+                ttfts.append(int(ttft))
+        else:
+            failures += 1
+    return successes, failures, latencies, ttfts
 
 
 class HealthBook:
-    def __init__(self) -> None:
-        self._stats: dict[tuple[str, str], ModelStats] = {}
+    """Records outcomes and keeps this replica's view of every breaker."""
 
-    def record(self, provider: str, model_id: str, outcome: Outcome, latency_ms: int) -> None:
-        key = (provider, model_id)
-        stats = self._stats.get(key)
-        if stats is None:
-            if len(self._stats) >= MAX_TRACKED_PAIRS:
-                raise ResourceExhausted(f"already tracking {MAX_TRACKED_PAIRS} provider/model pairs")
-            stats = self._stats[key] = ModelStats()
-        stats.record(outcome, latency_ms)
+    def __init__(self, redis: Redis, settings: BreakerConfig) -> None:
+        self._redis = redis
+        self.settings = settings
+        self._record = redis.register_script(_RECORD)
+        self._claim = redis.register_script(_CLAIM_PROBE)
+        self._views: dict[Target, BreakerView] = {}
+        # Redis time minus local time, in ms, as of the last refresh.
+        self._clock_offset_ms = 0.0
+        self._store_down = False
 
-    def reports(self) -> list[HealthReport]:
-        return [
-            HealthReport(provider, model_id, s.successes, s.failures, s.error_rate, s.p50_latency_ms)
-            for (provider, model_id), s in sorted(self._stats.items())
-        ]
+    @property
+    def store_reachable(self) -> bool:
+        return not self._store_down
+
+    def view(self, target: Target) -> BreakerView:
+        return self._views.get(target, BreakerView())
+
+    def views(self) -> dict[Target, BreakerView]:
+        return dict(self._views)
+
+    async def record(self, reports: Sequence[OutcomeReport]) -> int:
+        """Records every report (one pipeline); returns how many were recorded."""
+        if not reports:
+            return 0
+        s = self.settings
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for report in reports:
+                member = _member(report.target)
+                await self._record(
+                    keys=[_state_key(member), _events_key(member), TARGETS_KEY],
+                    args=[
+                        member,
+                        report.outcome.value,
+                        report.latency_ms,
+                        report.time_to_first_token_ms,
+                        report.error[:120].replace(",", ";"),
+                        int(s.window_seconds * 1000),
+                        s.min_requests,
+                        s.error_rate,
+                        s.consecutive_failures,
+                        s.probes,
+                        MAX_EVENTS,
+                        MAX_TRACKED_TARGETS,
+                    ],
+                    client=pipe,
+                )
+            try:
+                states = await pipe.execute()
+            except redis_errors.RedisError as exc:
+                self._lost(exc)
+                raise Unavailable("health store unavailable: outcomes not recorded") from exc
+        self._store_down = False
+        refused = 0
+        for report, state in zip(reports, states, strict=False):
+            if state == "full":
+                refused += 1
+                continue
+            self._note(report.target, CircuitState(state))
+        if refused:
+            raise ResourceExhausted(
+                f"already tracking {MAX_TRACKED_TARGETS} targets; {refused} reports refused"
+            )
+        return len(reports)
+
+    def _note(self, target: Target, state: CircuitState) -> None:
+        """Applies a state this replica just caused, before the next refresh brings it anyway."""
+        previous = self._views.get(target, BreakerView())
+        if state is previous.state:
+            return
+        cooldown_ends = (
+            time.monotonic() + self.settings.cooldown_seconds if state is CircuitState.OPEN else 0.0
+        )
+        self._views[target] = BreakerView(state, cooldown_ends, previous.p50_latency_ms)
+        log.warning("circuit of %s/%s is now %s", target[0], target[1], state.value)
+
+    async def claim_probe(self, target: Target) -> bool:
+        """Whether this request may try a target whose breaker is not closed (atomic across replicas)."""
+        try:
+            granted = await self._claim(
+                keys=[_state_key(_member(target))],
+                args=[int(self.settings.cooldown_seconds * 1000), self.settings.probes],
+            )
+        except redis_errors.RedisError as exc:
+            self._lost(exc)
+            return False
+        if granted:
+            self._views[target] = BreakerView(CircuitState.HALF_OPEN, 0.0, self.view(target).p50_latency_ms)
+        return bool(granted)
+
+    async def refresh(self, targets: Iterable[Target]) -> None:
+        """Reads the shared breakers of `targets` (and their recent latency) into this replica's view."""
+        targets = list(targets)
+        s = self.settings
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.time()
+                for target in targets:
+                    member = _member(target)
+                    pipe.hmget(_state_key(member), "state", "since")
+                    pipe.lrange(_events_key(member), 0, 99)
+                started = time.monotonic()
+                replies = await pipe.execute()
+        except redis_errors.RedisError as exc:
+            self._lost(exc)
+            return
+        if self._store_down:
+            log.info("health store reachable again")
+        self._store_down = False
+        seconds, micros = replies[0]
+        redis_now_ms = seconds * 1000 + micros // 1000
+        self._clock_offset_ms = redis_now_ms - started * 1000
+        views = {}
+        for index, target in enumerate(targets):
+            (state, since), events = replies[1 + 2 * index], replies[2 + 2 * index]
+            state = CircuitState(state or CircuitState.CLOSED)
+            cooldown_ends = 0.0
+            if state is CircuitState.OPEN:
+                cooldown_ends = (int(since) + s.cooldown_seconds * 1000 - self._clock_offset_ms) / 1000
+            _, _, latencies, _ = _parse_events(events, redis_now_ms - int(s.window_seconds * 1000))
+            views[target] = BreakerView(state, cooldown_ends, _percentile(latencies, 0.5))
+        for target, view in views.items():
+            if self._views.get(target, BreakerView()).state is not view.state:
+                log.info("circuit of %s/%s is %s (shared)", target[0], target[1], view.state.value)
+        self._views = views
+
+    def _lost(self, exc: Exception) -> None:
+        if not self._store_down:
+            log.warning("health store unreachable, routing on the last known breaker states: %s", exc)
+        self._store_down = True
+
+    async def report(self, configured: Iterable[Target]) -> list[TargetHealth]:
+        """Every configured target and every other reported one, over the window."""
+        s = self.settings
+        try:
+            members = await self._redis.smembers(TARGETS_KEY)
+            targets = sorted(set(configured) | {tuple(m.split(SEPARATOR, 1)) for m in members})
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.time()
+                for target in targets:
+                    member = _member(target)
+                    pipe.hgetall(_state_key(member))
+                    pipe.lrange(_events_key(member), 0, -1)
+                replies = await pipe.execute()
+        except redis_errors.RedisError as exc:
+            self._lost(exc)
+            raise Unavailable("health store unavailable") from exc
+        seconds, micros = replies[0]
+        window_start = seconds * 1000 + micros // 1000 - int(s.window_seconds * 1000)
+        healths = []
+        for index, (provider, model_id) in enumerate(targets):
+            state, events = replies[1 + 2 * index], replies[2 + 2 * index]
+            successes, failures, latencies, ttfts = _parse_events(events, window_start)
+            total = successes + failures
+            healths.append(
+                TargetHealth(
+                    provider=provider,
+                    model_id=model_id,
+                    successes=successes,
+                    failures=failures,
+                    error_rate=failures / total if total else 0.0,
+                    p50_latency_ms=_percentile(latencies, 0.5),
+                    p95_latency_ms=_percentile(latencies, 0.95),
+                    p50_time_to_first_token_ms=_percentile(ttfts, 0.5),
+                    last_error=state.get("last_error", ""),
+                    last_error_at_ms=int(state.get("last_error_at", 0)),
+                    state=CircuitState(state.get("state", CircuitState.CLOSED)),
+                    state_since_ms=int(state.get("since", 0)),
+                    consecutive_failures=int(state.get("consecutive", 0)),
+                )
+            )
+        return healths
+
+
+async def refresh_forever(book: HealthBook, targets) -> None:
+    """Keeps the view fresh; `targets` is called each time (reloads change the configured targets)."""
+    while True:
+        try:
+            await book.refresh(targets())
+        except Exception:  # a bug here must not stop the refreshes for good
+            log.exception("breaker refresh failed")
+        await asyncio.sleep(book.settings.refresh_seconds)

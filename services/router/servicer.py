@@ -1,37 +1,63 @@
-"""RouterService over gRPC: validates requests and translates them for the routing rules and health book."""
+"""RouterService over gRPC: validates requests and translates them for the Router, the health book and
+the reloader."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from sophia.router.v1 import router_pb2 as pb
 from sophia.router.v1 import router_pb2_grpc
 
-from libs.config import Config, ConfigError, load_config
-from libs.errors import FailedPrecondition, InvalidArgument
-from libs.routing_rules import RouteQuery, RoutingRules
-from services.router.health import HealthBook, Outcome
+from libs.errors import InvalidArgument
+from services.router import metrics
+from services.router.classifier import Difficulty
+from services.router.health import CircuitState, HealthBook, Outcome, OutcomeReport
+from services.router.reloader import Reloader
+from services.router.router import Preference, Request, Router
+from services.router.status import Availability, HealthStatus, overall_status
 
 log = logging.getLogger(__name__)
 
-# Names are echoed in errors and reasons and used as keys in memory: keep them short.
+# Names are echoed in errors and reasons and used as keys in Redis: keep them short.
 MAX_NAME_CHARS = 128
+# Reports per ReportOutcome call: the Gateway flushes far fewer at a time.
+MAX_REPORTS = 1000
 
 KINDS = {pb.MODEL_KIND_UNSPECIFIED: "chat", pb.MODEL_KIND_CHAT: "chat", pb.MODEL_KIND_EMBEDDING: "embedding"}
 KINDS_TO_PROTO = {"chat": pb.MODEL_KIND_CHAT, "embedding": pb.MODEL_KIND_EMBEDDING}
 PREFERENCES = {
     pb.MODEL_PREFERENCE_UNSPECIFIED: None,
-    pb.MODEL_PREFERENCE_FAST: "fast",
-    pb.MODEL_PREFERENCE_QUALITY: "quality",
-    pb.MODEL_PREFERENCE_CODE: "code",
-    pb.MODEL_PREFERENCE_BALANCED: "balanced",
+    pb.MODEL_PREFERENCE_FAST: Preference.FAST,
+    pb.MODEL_PREFERENCE_QUALITY: Preference.QUALITY,
+    pb.MODEL_PREFERENCE_CODE: Preference.CODE,
+    pb.MODEL_PREFERENCE_BALANCED: Preference.BALANCED,
 }
 OUTCOMES = {
     pb.OUTCOME_SUCCESS: Outcome.SUCCESS,
-    pb.OUTCOME_RETRYABLE_ERROR: Outcome.RETRYABLE_ERROR,
-    pb.OUTCOME_FATAL_ERROR: Outcome.FATAL_ERROR,
-    pb.OUTCOME_TIMEOUT: Outcome.TIMEOUT,
+    pb.OUTCOME_RETRYABLE_ERROR: Outcome.FAILURE,
+    pb.OUTCOME_TIMEOUT: Outcome.FAILURE,
+    pb.OUTCOME_FATAL_ERROR: Outcome.REJECTED,
+}
+DIFFICULTIES = {
+    None: pb.DIFFICULTY_UNSPECIFIED,
+    Difficulty.SIMPLE: pb.DIFFICULTY_SIMPLE,
+    Difficulty.COMPLEX: pb.DIFFICULTY_COMPLEX,
+}
+HEALTH_STATUSES = {
+    HealthStatus.HEALTHY: pb.HEALTH_STATUS_HEALTHY,
+    HealthStatus.DEGRADED: pb.HEALTH_STATUS_DEGRADED,
+    HealthStatus.UNHEALTHY: pb.HEALTH_STATUS_UNHEALTHY,
+}
+AVAILABILITIES = {
+    Availability.AVAILABLE: pb.AVAILABILITY_AVAILABLE,
+    Availability.DEGRADED: pb.AVAILABILITY_DEGRADED,
+    Availability.UNAVAILABLE: pb.AVAILABILITY_UNAVAILABLE,
+}
+CIRCUIT_STATES = {
+    CircuitState.CLOSED: pb.CIRCUIT_STATE_CLOSED,
+    CircuitState.OPEN: pb.CIRCUIT_STATE_OPEN,
+    CircuitState.HALF_OPEN: pb.CIRCUIT_STATE_HALF_OPEN,
 }
 
 
@@ -49,68 +75,131 @@ def _enum(field: str, table: dict, value: int):
     return table[value]
 
 
+def _timestamp(ms: int) -> Timestamp | None:
+    if not ms:
+        return None
+    stamp = Timestamp()
+    stamp.FromMilliseconds(ms)
+    return stamp
+
+
+def route_request(request) -> Request:
+    budget = request.budget_used_fraction if request.HasField("budget_used_fraction") else None
+    if budget is not None and not 0 <= budget <= 1000:  # NaN fails this too
+        raise InvalidArgument("budget_used_fraction", f"must be between 0 and 1000, got {budget}")
+    if request.estimated_tokens < 0:
+        raise InvalidArgument("estimated_tokens", "must not be negative")
+    if request.prompt_embedding and any(v != v for v in request.prompt_embedding):
+        raise InvalidArgument("prompt_embedding", "must not contain NaN")
+    return Request(
+        model=_name("model", request.model),
+        kind=_enum("kind", KINDS, request.kind),
+        task_type=_name("task_type", request.task_type),
+        preference=_enum("model_preference", PREFERENCES, request.model_preference),
+        estimated_tokens=request.estimated_tokens,
+        tenant_id=_name("tenant_id", request.tenant_id),
+        tenant_tier=_name("tenant_tier", request.tenant_tier),
+        prompt=request.prompt,
+        context=request.context,
+        embedding=list(request.prompt_embedding) or None,
+        uses_tools=request.uses_tools,
+        uses_response_format=request.uses_response_format,
+        budget_used_fraction=budget,
+    )
+
+
+def outcome_reports(request) -> list[OutcomeReport]:
+    if not request.reports:
+        raise InvalidArgument("reports", "must not be empty")
+    if len(request.reports) > MAX_REPORTS:
+        raise InvalidArgument("reports", f"at most {MAX_REPORTS} per call, got {len(request.reports)}")
+    reports = []
+    for index, entry in enumerate(request.reports):
+        where = f"reports[{index}]"
+        if entry.outcome == pb.OUTCOME_UNSPECIFIED:
+            raise InvalidArgument(f"{where}.outcome", "must be set")
+        if entry.latency_ms < 0:
+            raise InvalidArgument(f"{where}.latency_ms", "must not be negative")
+        if entry.time_to_first_token_ms < 0:
+            raise InvalidArgument(f"{where}.time_to_first_token_ms", "must not be negative")
+        reports.append(
+            OutcomeReport(
+                provider=_name(f"{where}.provider", entry.provider, required=True),
+                model_id=_name(f"{where}.model_id", entry.model_id, required=True),
+                outcome=_enum(f"{where}.outcome", OUTCOMES, entry.outcome),
+                latency_ms=entry.latency_ms,
+                time_to_first_token_ms=entry.time_to_first_token_ms,
+                error=entry.error[:MAX_NAME_CHARS],
+            )
+        )
+    return reports
+
+
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, config: Config) -> None:
-        # Replaced whole on reload: a Route reads this once, so it never sees half-old, half-new rules.
-        self._rules = RoutingRules(config)
-        self._health = HealthBook()
-        self._reloading = asyncio.Lock()
+    def __init__(self, router: Router, health: HealthBook, reloader: Reloader) -> None:
+        self._router = router
+        self._health = health
+        self._reloader = reloader
 
     async def Route(self, request, context):
-        query = RouteQuery(
-            model=_name("model", request.model),
-            kind=_enum("kind", KINDS, request.kind),
-            task_type=_name("task_type", request.task_type),
-            preference=_enum("model_preference", PREFERENCES, request.model_preference),
-            estimated_tokens=request.estimated_tokens,
-        )
-        plan = self._rules.route(query)
+        plan = await self._router.route(route_request(request))
+        metrics.record_decision(plan)
         return pb.RouteResponse(
             targets=[
                 pb.RouteTarget(model_id=t.model_id, provider=t.provider, provider_model=t.provider_model)
                 for t in plan.targets
             ],
             reason=plan.reason,
+            task_type=plan.task_type,
+            difficulty=DIFFICULTIES[plan.difficulty],
+            confidence=plan.confidence,
         )
 
     async def ReportOutcome(self, request, context):
-        provider = _name("provider", request.provider, required=True)
-        model_id = _name("model_id", request.model_id, required=True)
-        if request.outcome == pb.OUTCOME_UNSPECIFIED:
-            raise InvalidArgument("outcome", "must be set")
-        outcome = _enum("outcome", OUTCOMES, request.outcome)
-        if request.latency_ms < 0:
-            raise InvalidArgument("latency_ms", "must not be negative")
-        self._health.record(provider, model_id, outcome, request.latency_ms)
-        return pb.ReportOutcomeResponse()
+        recorded = await self._health.record(outcome_reports(request))
+        return pb.ReportOutcomeResponse(recorded=recorded)
 
     async def GetProviderHealth(self, request, context):
+        state = self._router.state
+        configured = [
+            (model.provider, model_id) for model_id, model in state.config.models.items() if model.enabled
+        ]
+        targets = await self._health.report(configured)
+        status, availability = overall_status(state, targets, self._health.store_reachable)
         return pb.GetProviderHealthResponse(
+            status=HEALTH_STATUSES[status],
+            availability=[
+                pb.ProviderAvailability(provider=p, availability=AVAILABILITIES[a])
+                for p, a in sorted(availability.items())
+            ],
             providers=[
                 pb.ProviderHealth(
-                    provider=r.provider,
-                    model_id=r.model_id,
-                    successes=r.successes,
-                    failures=r.failures,
-                    error_rate=r.error_rate,
-                    p50_latency_ms=r.p50_latency_ms,
+                    provider=t.provider,
+                    model_id=t.model_id,
+                    successes=t.successes,
+                    failures=t.failures,
+                    error_rate=t.error_rate,
+                    p50_latency_ms=t.p50_latency_ms,
+                    p95_latency_ms=t.p95_latency_ms,
+                    p50_time_to_first_token_ms=t.p50_time_to_first_token_ms,
+                    last_error=t.last_error,
+                    last_error_time=_timestamp(t.last_error_at_ms),
+                    circuit_state=CIRCUIT_STATES[t.state],
+                    circuit_state_since=_timestamp(t.state_since_ms),
+                    consecutive_failures=t.consecutive_failures,
                 )
-                for r in self._health.reports()
-            ]
+                for t in targets
+            ],
         )
 
     async def ReloadConfig(self, request, context):
-        # One reload at a time, so a slow older read can never replace a newer one.
-        async with self._reloading:
-            try:
-                config = await asyncio.to_thread(load_config)
-            except ConfigError as exc:
-                log.warning("config reload refused; the current rules stay: %s", exc)
-                raise FailedPrecondition(f"config not reloaded, the current rules stay: {exc}") from None
-            self._rules = RoutingRules(config)
-        # Only models, providers and routing take effect; ports and the rest need a restart.
-        log.info("routing config reloaded: %d models", len(config.models))
-        return pb.ReloadConfigResponse(models=len(config.models))
+        state = await self._reloader.reload()
+        return pb.ReloadConfigResponse(
+            models=len(state.config.models),
+            task_types=len(state.classifier.task_types) if state.classifier else 0,
+            model_flags=len(state.flags.flags.models),
+            feature_flags=len(state.flags.flags.features),
+        )
 
     async def ListModels(self, request, context):
         return pb.ListModelsResponse(
@@ -122,6 +211,6 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     context_window=model.context_window,
                     enabled=model.enabled,
                 )
-                for model_id, model in self._rules.config.models.items()
+                for model_id, model in self._router.state.config.models.items()
             ]
         )

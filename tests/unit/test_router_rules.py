@@ -1,4 +1,5 @@
-"""The Router's rules and health book as plain Python, over configs built in the test."""
+"""The static rules (libs/routing_rules.py) the Gateway routes by when the Router is down, and the Router
+uses for explicit models and embeddings."""
 
 from __future__ import annotations
 
@@ -7,10 +8,8 @@ from typing import Any
 import pytest
 
 from libs.config import Config
-from libs.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from libs.errors import FailedPrecondition, InvalidArgument, NotFound
 from libs.routing_rules import RouteQuery, RouteTarget, RoutingRules
-from services.router import health
-from services.router.health import HealthBook, Outcome
 
 MODELS: dict[str, dict[str, Any]] = {
     "local-small": {"provider": "local", "context_window": 8192},
@@ -106,94 +105,21 @@ def test_embedding_with_an_explicit_model_gets_it():
     assert plan.reason == "explicit model embed-remote"
 
 
-def test_embedding_ignores_chat_rules():
+def test_auto_is_the_default_chain_whatever_the_other_rules():
     rules = make_rules(task_types={"code": ["coder"]}, preferences={"fast": ["gpt-4o-mini"]})
-    assert chain(rules, kind="embedding", task_type="code", preference="fast") == ["embed-local"]
-
-
-# --- automatic routing -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("model", ["", "auto"])
-def test_auto_without_rules_is_the_default_chain(model):
-    rules = make_rules(default_chain=["local-small", "gpt-4o-mini"])
-    plan = rules.route(RouteQuery(model=model))
-    assert [t.model_id for t in plan.targets] == ["local-small", "gpt-4o-mini"]
+    plan = rules.route(RouteQuery(model="auto"))
+    assert [t.model_id for t in plan.targets] == ["local-small"]
     assert plan.reason == "default chain"
-
-
-def test_task_type_rule_comes_first_then_the_rest_of_the_default_chain():
-    rules = make_rules(
-        default_chain=["local-small", "coder"],
-        task_types={"code": ["coder", "gpt-4o"]},
-        preferences={"fast": ["gpt-4o-mini"]},
-    )
-    plan = rules.route(RouteQuery(task_type="code", preference="fast"))
-    assert [t.model_id for t in plan.targets] == ["coder", "gpt-4o", "local-small"]
-    assert plan.reason == "task_type=code"
-
-
-def test_unknown_task_type_falls_through_to_the_preference_and_says_so():
-    rules = make_rules(preferences={"fast": ["gpt-4o-mini"]})
-    plan = rules.route(RouteQuery(task_type="poetry", preference="fast"))
-    assert [t.model_id for t in plan.targets] == ["gpt-4o-mini", "local-small"]
-    assert plan.reason == "model_preference=fast (task_type 'poetry' has no rule)"
-
-
-def test_unknown_task_type_without_preference_falls_through_to_the_default_chain():
-    plan = make_rules().route(RouteQuery(task_type="poetry"))
-    assert [t.model_id for t in plan.targets] == ["local-small"]
-    assert plan.reason == "default chain (task_type 'poetry' has no rule)"
-
-
-@pytest.mark.parametrize(
-    ("preference", "expected"),
-    [
-        ("fast", ["gpt-4o-mini", "local-small"]),
-        ("quality", ["claude-sonnet", "gpt-4o", "local-small"]),
-        ("code", ["coder", "local-small"]),
-        ("balanced", ["gpt-4o", "local-small"]),
-    ],
-)
-def test_each_preference_picks_its_chain(preference, expected):
-    rules = make_rules(
-        preferences={
-            "fast": ["gpt-4o-mini"],
-            "quality": ["claude-sonnet", "gpt-4o"],
-            "code": ["coder"],
-            "balanced": ["gpt-4o", "local-small"],
-        }
-    )
-    plan = rules.route(RouteQuery(preference=preference))
-    assert [t.model_id for t in plan.targets] == expected
-    assert plan.reason == f"model_preference={preference}"
-
-
-def test_unspecified_preference_means_balanced_when_configured():
-    plan = make_rules(preferences={"balanced": ["gpt-4o"]}).route(RouteQuery())
-    assert [t.model_id for t in plan.targets] == ["gpt-4o", "local-small"]
-    assert plan.reason == "model_preference=balanced"
-
-
-def test_preference_without_a_rule_falls_through_to_the_default_chain_and_says_so():
-    plan = make_rules(preferences={"fast": ["gpt-4o-mini"]}).route(RouteQuery(preference="quality"))
-    assert [t.model_id for t in plan.targets] == ["local-small"]
-    assert plan.reason == "default chain (model_preference=quality has no rule)"
-
-
-def test_auto_chain_is_not_extended_by_the_fallback_map():
-    rules = make_rules(preferences={"fast": ["gpt-4o"]}, fallback_map={"gpt-4o": ["claude-sonnet"]})
-    assert chain(rules, preference="fast") == ["gpt-4o", "local-small"]
 
 
 # --- filters ---------------------------------------------------------------------------------------
 
 
 def test_disabled_models_are_skipped_and_named_in_the_reason():
-    rules = make_rules(preferences={"fast": ["old", "gpt-4o-mini"]})
-    plan = rules.route(RouteQuery(preference="fast"))
-    assert [t.model_id for t in plan.targets] == ["gpt-4o-mini", "local-small"]
-    assert plan.reason == "model_preference=fast; skipped old (disabled)"
+    rules = make_rules(default_chain=["old", "gpt-4o-mini"])
+    plan = rules.route(RouteQuery())
+    assert [t.model_id for t in plan.targets] == ["gpt-4o-mini"]
+    assert plan.reason == "default chain; skipped old (disabled)"
 
 
 def test_disabled_explicit_model_leaves_its_fallbacks():
@@ -239,44 +165,3 @@ def test_negative_estimated_tokens_is_invalid():
     with pytest.raises(InvalidArgument) as caught:
         make_rules().route(RouteQuery(estimated_tokens=-1))
     assert caught.value.field == "estimated_tokens"
-
-
-# --- health book -----------------------------------------------------------------------------------
-
-
-def test_health_counts_successes_and_failures_per_provider_and_model():
-    book = HealthBook()
-    book.record("openai", "gpt-4o", Outcome.SUCCESS, 100)
-    book.record("openai", "gpt-4o", Outcome.RETRYABLE_ERROR, 5)
-    book.record("openai", "gpt-4o", Outcome.TIMEOUT, 30000)
-    book.record("openai", "gpt-4o", Outcome.SUCCESS, 300)
-    book.record("local", "local-small", Outcome.FATAL_ERROR, 1)
-    local, openai = book.reports()
-    assert (local.provider, local.model_id, local.successes, local.failures) == ("local", "local-small", 0, 1)
-    assert local.error_rate == 1.0
-    assert local.p50_latency_ms == 0
-    assert (openai.successes, openai.failures, openai.error_rate) == (2, 2, 0.5)
-    # Failure latencies stay out of the median: only 100 and 300 count.
-    assert openai.p50_latency_ms == 100
-
-
-def test_latency_window_keeps_only_the_most_recent_calls():
-    book = HealthBook()
-    for _ in range(health.LATENCY_WINDOW):
-        book.record("openai", "gpt-4o", Outcome.SUCCESS, 1000)
-    for _ in range(health.LATENCY_WINDOW // 2 + 1):
-        book.record("openai", "gpt-4o", Outcome.SUCCESS, 10)
-    (report,) = book.reports()
-    assert report.successes == health.LATENCY_WINDOW * 3 // 2 + 1
-    assert report.p50_latency_ms == 10
-
-
-def test_health_book_refuses_new_pairs_beyond_its_ceiling(monkeypatch):
-    monkeypatch.setattr(health, "MAX_TRACKED_PAIRS", 2)
-    book = HealthBook()
-    book.record("p", "a", Outcome.SUCCESS, 1)
-    book.record("p", "b", Outcome.SUCCESS, 1)
-    with pytest.raises(ResourceExhausted):
-        book.record("p", "c", Outcome.SUCCESS, 1)
-    book.record("p", "a", Outcome.SUCCESS, 1)
-    assert [r.successes for r in book.reports()] == [2, 1]

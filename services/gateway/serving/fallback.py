@@ -37,6 +37,9 @@ class Attempt:
     outcome: str  # "success" or the ProviderError kind
     latency_ms: int
     retryable: bool = True
+    # time.perf_counter() when the attempt began, and its time to first token (streams only; 0 unknown).
+    started: float = 0.0
+    time_to_first_token_ms: int = 0
 
 
 @dataclass
@@ -119,7 +122,7 @@ class ChatExecutor:
                 if not error.retryable or target is targets[-1]:
                     raise provider_failure(error, attempts) from None
                 continue
-            attempts.append(Attempt(target, "success", _ms(started)))
+            attempts.append(Attempt(target, "success", _ms(started), True, started, _ms(started)))
             return first, chunks, Served(target, attempts)
         raise errors.Unavailable("no target to try")
 

@@ -356,7 +356,9 @@ class RequestFlow:
         try:
             first, rest, served = await self._executor.stream(prepared.targets, request, attempts)
         finally:
-            self._routing.report(attempts, self._background)
+            # The attempt that streams is reported when its stream ends (in settle), with its whole time.
+            self._routing.report([a for a in attempts if a.outcome != "success"], self._background)
+        streamed = attempts[-1]
         outcome = ChatOutcome(
             served.target.model_id, served.target.provider, len(served.attempts), prepared.cache_status
         )
@@ -364,6 +366,14 @@ class RequestFlow:
         tally.add(first)
 
         async def settle() -> None:
+            failure = settled.failure if isinstance(settled.failure, ProviderError) else None
+            self._routing.report_stream_end(
+                served.target,
+                streamed.started,
+                streamed.time_to_first_token_ms,
+                failure.kind if failure else "",
+                retryable=failure.retryable if failure else True,
+            )
             # Streamed tool calls arrive as fragments; only whole answers are worth caching.
             completion = tally.completion()
             cacheable = not tally.saw_tool_calls
@@ -376,7 +386,8 @@ class RequestFlow:
             else:
                 await self._idempotency.complete(claim, _answer(completion, outcome))
 
-        return ChatStream(first, SettledStream(rest, tally, settle), outcome)
+        settled = SettledStream(rest, tally, settle)
+        return ChatStream(first, settled, outcome)
 
 
 def _answer(completion: Completion, outcome: ChatOutcome) -> dict:
@@ -417,6 +428,8 @@ class SettledStream:
         self._tally = tally
         self._settle = settle
         self._closed = False
+        # What ended the stream early (a ProviderError after the first chunk, a cancellation), if anything.
+        self.failure: BaseException | None = None
 
     def __aiter__(self) -> SettledStream:
         return self
@@ -424,7 +437,9 @@ class SettledStream:
     async def __anext__(self) -> CompletionChunk:
         try:
             chunk = await anext(self._chunks)
-        except BaseException:  # the end, a provider failure or the caller's cancellation
+        except BaseException as exc:  # the end, a provider failure or the caller's cancellation
+            if not isinstance(exc, StopAsyncIteration):
+                self.failure = exc
             await self.aclose()
             raise
         self._tally.add(chunk)

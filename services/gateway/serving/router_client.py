@@ -1,15 +1,23 @@
 """Asks the Router for a plan; when the Router cannot answer, falls back to the configured chains.
 
-While the Router is known to be down (its breaker is open) the plan is made here at once, and outcome
-reports are dropped, instead of every request waiting for a Router that is not there.
+While the Router is known to be down (its breaker is open) the plan is made here at once instead of
+every request waiting for a Router that is not there.
+
+Outcomes go to the Router in batches (`OutcomeReporter`): one ReportOutcome RPC carries every attempt
+that ended in the last few milliseconds. Reports that cannot be delivered (Router down, queue full) are
+counted (`sophia.gateway.router_reports.dropped`) and logged once per outage, never dropped silently.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import metrics
 from sophia.router.v1 import router_pb2 as pb
 from sophia.router.v1 import router_pb2_grpc
 
@@ -33,15 +41,42 @@ _PREFERENCES = {
     "code": pb.MODEL_PREFERENCE_CODE,
     "balanced": pb.MODEL_PREFERENCE_BALANCED,
 }
+_DIFFICULTIES = {pb.DIFFICULTY_SIMPLE: "simple", pb.DIFFICULTY_COMPLEX: "complex"}
 # Routing is on the request path: a slow Router must not eat the caller's time.
 ROUTE_TIMEOUT_SECONDS = 0.5
 ROUTER_SERVICE = "sophia.router.v1.RouterService"
+# What the Router reads of a conversation for its cheap features (the prompt is embedded whole).
+MAX_PROMPT_CHARS = 8000
+MAX_CONTEXT_CHARS = 2000
+
+_meter = metrics.get_meter("sophia.gateway")
+_reports_sent = _meter.create_counter(
+    "sophia.gateway.router_reports.sent", unit="{report}", description="Attempt outcomes the Router took"
+)
+_reports_dropped = _meter.create_counter(
+    "sophia.gateway.router_reports.dropped",
+    unit="{report}",
+    description="Attempt outcomes that could not be delivered to the Router, by reason",
+)
 
 
 @dataclass(frozen=True)
 class Plan:
     targets: tuple[Target, ...]
     reason: str
+    # For x-sophia-task-type / x-sophia-difficulty (empty when the Router did not classify).
+    task_type: str = ""
+    difficulty: str = ""
+    confidence: float = 0.0
+
+
+def conversation(request: ChatRequest) -> tuple[str, str]:
+    """(last user message, the system prompt and earlier turns) as the Router reads them."""
+    last = max((i for i, m in enumerate(request.messages) if m.role == "user"), default=-1)
+    if last < 0:
+        return "", ""
+    context = "\n".join(m.content for m in request.messages[:last] if m.content)
+    return request.messages[last].content[:MAX_PROMPT_CHARS], context[-MAX_CONTEXT_CHARS:]
 
 
 class Routing:
@@ -58,6 +93,7 @@ class Routing:
             "router (routing by the configured rules)", grpc_health_probe(self._channel, ROUTER_SERVICE)
         )
         self._rules = RoutingRules(config)
+        self.reporter = OutcomeReporter(self._stub, self._breaker)
 
     def check_model(self, model: str, kind: str) -> None:
         """Unknown or wrong-kind models are refused before anything is called."""
@@ -70,23 +106,27 @@ class Routing:
             raise InvalidArgument("model", f"{shown(model)} is a {configured.kind} model, not a {kind} model")
 
     def local_plan(self, request: ChatRequest, estimated_tokens: int) -> Plan:
-        """The plan the Router's rules give, computed here because the Router could not answer."""
-        plan = self._rules.route(
-            RouteQuery(
-                model=request.model,
-                task_type=request.task_type,
-                preference=request.model_preference or None,
-                estimated_tokens=estimated_tokens,
-            )
-        )
+        """The plan of the configured chains, computed here because the Router could not answer."""
+        plan = self._rules.route(RouteQuery(model=request.model, estimated_tokens=estimated_tokens))
         targets = tuple(Target(t.model_id, t.provider, t.provider_model) for t in plan.targets)
-        return Plan(targets, f"{plan.reason} (router unavailable)")
+        return Plan(targets, f"{plan.reason} (router unavailable)", request.task_type)
 
     async def plan(
-        self, request: ChatRequest, tenant_id: str, request_id: str, estimated_tokens: int
+        self,
+        request: ChatRequest,
+        tenant_id: str,
+        request_id: str,
+        estimated_tokens: int,
+        *,
+        embedding: Sequence[float] | None = None,
+        budget_used_fraction: float | None = None,
+        tenant_tier: str = "",
     ) -> Plan:
+        """`embedding`: the cache lookup's vector of the normalised last user message, so the Router does
+        not embed it again; `budget_used_fraction`: spent / limit from CheckBudget, when known."""
         if not self._breaker.allows():
             return self.local_plan(request, estimated_tokens)
+        prompt, context = conversation(request)
         try:
             reply = await self._stub.Route(
                 pb.RouteRequest(
@@ -99,6 +139,13 @@ class Routing:
                     ),
                     kind=pb.MODEL_KIND_CHAT,
                     estimated_tokens=estimated_tokens,
+                    prompt=prompt,
+                    context=context,
+                    prompt_embedding=embedding or (),
+                    uses_tools=bool(request.tools),
+                    uses_response_format=request.response_format is not None,
+                    budget_used_fraction=budget_used_fraction,
+                    tenant_tier=tenant_tier,
                 ),
                 timeout=ROUTE_TIMEOUT_SECONDS,
             )
@@ -115,42 +162,157 @@ class Routing:
         targets = tuple(Target(t.model_id, t.provider, t.provider_model) for t in reply.targets)
         if not targets:
             return self.local_plan(request, estimated_tokens)
-        return Plan(targets, reply.reason)
+        return Plan(
+            targets, reply.reason, reply.task_type, _DIFFICULTIES.get(reply.difficulty, ""), reply.confidence
+        )
 
-    def report(self, attempts, background) -> None:
-        if not self._breaker.allows():
-            return
+    def report(self, attempts, background=None) -> None:
+        """Queues finished attempts (fallback.Attempt) for the Router; `background` is no longer used.
+
+        For a stream, report the failed attempts here and the one that streamed with `report_stream_end`
+        when the stream is over."""
         for attempt in attempts:
-            background.spawn(report_outcome(self._stub, attempt))
+            self.reporter.add(attempt_report(attempt))
+
+    def report_stream_end(
+        self,
+        target: Target,
+        started: float,
+        time_to_first_token_ms: int,
+        error: str = "",
+        *,
+        retryable: bool = True,
+    ) -> None:
+        """A stream's real end: `started` is the attempt's time.perf_counter() start; `error` the
+        ProviderError kind when it failed after its first token (empty on success)."""
+        if not error:
+            outcome = pb.OUTCOME_SUCCESS
+        elif error == "timeout":
+            outcome = pb.OUTCOME_TIMEOUT
+        else:
+            outcome = pb.OUTCOME_RETRYABLE_ERROR if retryable else pb.OUTCOME_FATAL_ERROR
+        self.reporter.add(
+            pb.OutcomeReport(
+                provider=target.provider,
+                model_id=target.model_id,
+                outcome=outcome,
+                latency_ms=int((time.perf_counter() - started) * 1000),
+                time_to_first_token_ms=time_to_first_token_ms,
+                error=error,
+            )
+        )
 
     def embedding_target(self, model: str) -> Target:
         return Target(model, self._config.models[model].provider, self._config.provider_model(model))
 
     async def close(self) -> None:
+        await self.reporter.aclose()
         await self._breaker.aclose()
         await self._channel.close()
 
 
 _OUTCOMES = {"success": pb.OUTCOME_SUCCESS, "timeout": pb.OUTCOME_TIMEOUT}
-REPORT_TIMEOUT_SECONDS = 0.5
 
 
-async def report_outcome(stub: router_pb2_grpc.RouterServiceStub, attempt) -> None:
-    """Feeds one attempt to the Router's health stats; a Router that is down simply misses it."""
+def attempt_report(attempt) -> pb.OutcomeReport:
     if attempt.outcome in _OUTCOMES:
         outcome = _OUTCOMES[attempt.outcome]
     else:
         outcome = pb.OUTCOME_RETRYABLE_ERROR if attempt.retryable else pb.OUTCOME_FATAL_ERROR
-    try:
-        await stub.ReportOutcome(
-            pb.ReportOutcomeRequest(
-                provider=attempt.target.provider,
-                model_id=attempt.target.model_id,
-                outcome=outcome,
-                latency_ms=attempt.latency_ms,
-                error="" if attempt.outcome == "success" else attempt.outcome,
-            ),
-            timeout=REPORT_TIMEOUT_SECONDS,
-        )
-    except grpc.aio.AioRpcError as exc:
-        log.debug("outcome not reported to the router: %s", exc.code().name)
+    return pb.OutcomeReport(
+        provider=attempt.target.provider,
+        model_id=attempt.target.model_id,
+        outcome=outcome,
+        latency_ms=attempt.latency_ms,
+        time_to_first_token_ms=getattr(attempt, "time_to_first_token_ms", 0),
+        error="" if attempt.outcome == "success" else attempt.outcome,
+    )
+
+
+class OutcomeReporter:
+    """Batches outcome reports: flushed every `flush_seconds` or at `batch_size` entries, one RPC each.
+
+    Bounded: beyond `max_pending` queued reports new ones are dropped and counted. A batch the Router
+    does not take (down, refused) is counted as dropped and logged once per outage: health is a
+    statistic, so a lost batch is not retried into a Router that is not there."""
+
+    def __init__(
+        self,
+        stub: router_pb2_grpc.RouterServiceStub,
+        breaker: DependencyBreaker,
+        *,
+        flush_seconds: float = 0.01,
+        batch_size: int = 256,
+        max_pending: int = 10_000,
+        timeout_seconds: float = 1.0,
+    ) -> None:
+        self._stub = stub
+        self._breaker = breaker
+        self._flush_seconds = flush_seconds
+        self._batch_size = batch_size
+        self._max_pending = max_pending
+        self._timeout_seconds = timeout_seconds
+        self._pending: list[pb.OutcomeReport] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._failing = False
+        self.sent = 0
+        self.dropped = 0
+
+    def add(self, report: pb.OutcomeReport) -> None:
+        if len(self._pending) >= self._max_pending:
+            self._drop(1, "queue_full")
+            return
+        self._pending.append(report)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        if len(self._pending) >= self._batch_size:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._flush_seconds)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            while self._pending:
+                await self.flush_once()
+
+    async def flush_once(self) -> None:
+        batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
+        if not batch:
+            return
+        if not self._breaker.allows():
+            self._drop(len(batch), "router_down")
+            return
+        try:
+            await self._stub.ReportOutcome(
+                pb.ReportOutcomeRequest(reports=batch), timeout=self._timeout_seconds
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in UNREACHABLE:
+                self._breaker.record_failure(exc.code().name)
+            self._drop(len(batch), exc.code().name.lower())
+            return
+        if self._failing:
+            log.info("router takes outcome reports again (%d dropped so far)", self.dropped)
+            self._failing = False
+        self.sent += len(batch)
+        _reports_sent.add(len(batch))
+
+    def _drop(self, count: int, reason: str) -> None:
+        self.dropped += count
+        _reports_dropped.add(count, {"reason": reason})
+        if not self._failing:
+            log.warning("outcome reports not delivered to the router (%s): %d dropped", reason, count)
+            self._failing = True
+
+    async def aclose(self) -> None:
+        """Sends what is queued (bounded by the timeout), then stops."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        while self._pending:
+            await self.flush_once()

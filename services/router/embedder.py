@@ -1,0 +1,86 @@
+"""The prompt embedding the classifier reads: all-MiniLM-L6-v2 over `normalise_text(prompt)`, exactly
+what the SemanticCache's Lookup returns, so the Router can use the cache's vector or compute the same
+one itself.
+
+Example embeddings are kept between starts in one file per example set (`<cache_dir>/<digest>.npz`,
+keyed by each text's digest), so a restart or a reload embeds only the examples that changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from libs.sentence_embeddings import EmbeddingModel, normalise_text
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_DIMENSIONS = 384
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class PromptEmbedder:
+    def __init__(self, model: EmbeddingModel) -> None:
+        self._model = model
+
+    @property
+    def dimensions(self) -> int:
+        return self._model.dimensions
+
+    def embed_prompts(self, prompts: Sequence[str]) -> np.ndarray:
+        return self._model.embed_array([normalise_text(p) for p in prompts])
+
+    def embed_cached(
+        self,
+        prompts: Sequence[str],
+        cache_dir: str | os.PathLike[str],
+        seed: str | os.PathLike[str] | None = None,
+    ) -> np.ndarray:
+        """Embeddings of many prompts, reusing those computed before for the same normalised text: from
+        `seed` (a read-only file shipped beside the examples) and from `cache_dir` (written here)."""
+        texts = [normalise_text(p) for p in prompts]
+        keys = [_digest(t) for t in texts]
+        path = pathlib.Path(cache_dir) / f"{self._model.id}.npz"
+        known = {**_stored(seed), **_stored(path)} if seed else _stored(path)
+        missing = sorted({k: t for k, t in zip(keys, texts, strict=False) if k not in known}.items())
+        if missing:
+            log.info("embedding %d example prompts (%d known)", len(missing), len(keys) - len(missing))
+            vectors = self._model.embed_array([t for _, t in missing])
+            known.update({key: vector for (key, _), vector in zip(missing, vectors, strict=False)})
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_suffix(".partial.npz")
+                np.savez(partial, **{key: known[key] for key in set(known) - set(_stored(seed))})
+                os.replace(partial, path)
+            except OSError as exc:
+                log.warning("example embeddings not kept in %s: %s", path, exc)
+        return np.stack([known[key] for key in keys]).astype(np.float32)
+
+
+def _stored(path: str | os.PathLike[str] | None) -> dict[str, np.ndarray]:
+    if path is None:
+        return {}
+    try:
+        with np.load(path) as stored:
+            return {key: stored[key].astype(np.float32) for key in stored.files}
+    except (OSError, ValueError):
+        return {}
+
+
+def seed_path(examples_file: pathlib.Path) -> pathlib.Path:
+    """The shipped embeddings of an examples file: `router_examples.yaml` → `router_examples.npz`."""
+    return examples_file.with_suffix(".npz")
+
+
+def write_seed(path: pathlib.Path, prompts: Sequence[str], vectors: np.ndarray) -> None:
+    """Ships the examples' embeddings (float16: ample for a linear model) so no start-up embeds them."""
+    keys = [_digest(normalise_text(p)) for p in prompts]
+    np.savez_compressed(path, **{key: v.astype(np.float16) for key, v in zip(keys, vectors, strict=True)})

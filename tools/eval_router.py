@@ -1,0 +1,155 @@
+"""python -m tools.eval_router ITEMS.jsonl --out PRED.jsonl — the Router's real classifier, with the
+reference config (config/sophia.yaml → routing.classifier), over labelled prompts in the format of
+shared/eval/router_dev.jsonl. Needs no running mesh.
+
+Writes {"id", "task_type", "difficulty"} per item and prints accuracy per task type, the confusions,
+difficulty accuracy and under-routing (complex prompts it would send to a cheap model).
+
+Items that are also among the classifier's examples (the reference config ships the dev file as
+examples) are never scored by a classifier that learned from them: they are predicted by k-fold
+cross-validation, each fold by a classifier trained on every example except that fold's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+from libs.config import REPO_ROOT, load_config
+from libs.sentence_embeddings import load_embedding_model, normalise_text
+from services.router.classifier import (
+    ExampleSet,
+    TaskClassifier,
+    conversation_parts,
+    load_examples,
+)
+from services.router.embedder import PromptEmbedder, seed_path, write_seed
+
+FOLDS = 5
+
+
+def _path(value: str) -> pathlib.Path:
+    path = pathlib.Path(value)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def _subset(example_set: ExampleSet, keep: np.ndarray) -> ExampleSet:
+    examples = tuple(e for e, k in zip(example_set.examples, keep, strict=False) if k)
+    return ExampleSet(example_set.task_types, example_set.cues, examples)
+
+
+def predict(
+    items: list[dict], embedder: PromptEmbedder, example_set: ExampleSet, settings
+) -> tuple[list, int]:
+    """Predictions per item, and how many items were predicted by cross-validation."""
+    example_vectors = embedder.embed_cached(
+        [e.text for e in example_set.examples],
+        _path(settings.embedding_cache_dir),
+        seed_path(_path(settings.examples_file)),
+    )
+    parts = [
+        conversation_parts(item["messages"]) if item.get("messages") else (item["prompt"], "")
+        for item in items
+    ]
+    vectors = embedder.embed_cached([prompt for prompt, _ in parts], _path(settings.embedding_cache_dir))
+    example_keys = [normalise_text(e.text) for e in example_set.examples]
+    key_rows = collections.defaultdict(list)
+    for row, key in enumerate(example_keys):
+        key_rows[key].append(row)
+    seen = [i for i, (prompt, _) in enumerate(parts) if normalise_text(prompt) in key_rows]
+    folds = {i: n % FOLDS for n, i in enumerate(np.random.default_rng(7).permutation(seen).tolist())}
+    classifiers = {}
+    for fold in range(FOLDS if seen else 0):
+        keep = np.ones(len(example_keys), dtype=bool)
+        for i, f in folds.items():
+            if f == fold:
+                keep[key_rows[normalise_text(parts[i][0])]] = False
+        classifiers[fold] = TaskClassifier(
+            _subset(example_set, keep), example_vectors[keep], settings.complex_threshold
+        )
+    full = TaskClassifier(example_set, example_vectors, settings.complex_threshold)
+    predictions = []
+    for i, (prompt, context) in enumerate(parts):
+        classifier = classifiers[folds[i]] if i in folds else full
+        predictions.append(classifier.classify(vectors[i], prompt, context))
+    return predictions, len(seen)
+
+
+def report(items: list[dict], predictions: list) -> None:
+    truth = [item.get("task_type") for item in items]
+    if not all(truth):
+        print("items carry no labels: predictions written, nothing scored")
+        return
+    predicted = [p.task_type for p in predictions]
+    labels = sorted(set(truth) | set(predicted))
+    correct = sum(t == p for t, p in zip(truth, predicted, strict=False))
+    print(f"task type accuracy: {correct / len(items):.3f} ({correct}/{len(items)})")
+    print(f"{'task type':<20} {'recall':>7} {'precision':>9} {'n':>4}")
+    for label in labels:
+        n = sum(t == label for t in truth)
+        hits = sum(t == p == label for t, p in zip(truth, predicted, strict=False))
+        claimed = sum(p == label for p in predicted)
+        print(f"{label:<20} {hits / n if n else 0:>7.3f} {hits / claimed if claimed else 0:>9.3f} {n:>4}")
+    confusions = collections.Counter((t, p) for t, p in zip(truth, predicted, strict=False) if t != p)
+    print("most common confusions (true → predicted):")
+    for (t, p), count in confusions.most_common(10):
+        print(f"  {t} → {p}: {count}")
+    difficulty = [item["difficulty"] for item in items]
+    guessed = [p.difficulty.value for p in predictions]
+    right = sum(d == g for d, g in zip(difficulty, guessed, strict=False))
+    complex_total = sum(d == "complex" for d in difficulty)
+    simple_total = len(items) - complex_total
+    under = sum(d == "complex" and g == "simple" for d, g in zip(difficulty, guessed, strict=False))
+    over = sum(d == "simple" and g == "complex" for d, g in zip(difficulty, guessed, strict=False))
+    print(f"difficulty accuracy: {right / len(items):.3f} ({right}/{len(items)})")
+    print(
+        f"under-routing (complex → cheap model): {under / max(complex_total, 1):.3f} "
+        f"({under}/{complex_total})"
+    )
+    print(f"over-routing (simple → strong model): {over / max(simple_total, 1):.3f} ({over}/{simple_total})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("items", help="labelled prompts, JSON Lines (router_dev.jsonl format)")
+    parser.add_argument("--out", required=True, help="where to write one prediction per line")
+    parser.add_argument(
+        "--write-seed",
+        action="store_true",
+        help="also (re)write the examples' shipped embeddings (routing.classifier.examples_file → .npz)",
+    )
+    args = parser.parse_args(argv)
+    items = [json.loads(line) for line in pathlib.Path(args.items).read_text().splitlines() if line.strip()]
+    settings = load_config().routing.classifier
+    example_set = load_examples(
+        _path(settings.examples_file), [_path(f) for f in settings.extra_examples_files]
+    )
+    embedder = PromptEmbedder(load_embedding_model("all-minilm-l6-v2", device="cpu"))
+    predictions, cross_validated = predict(items, embedder, example_set, settings)
+    if args.write_seed:
+        texts = [e.text for e in example_set.examples]
+        seed = seed_path(_path(settings.examples_file))
+        write_seed(seed, texts, embedder.embed_cached(texts, _path(settings.embedding_cache_dir)))
+        print(f"wrote {seed}")
+    with open(args.out, "w") as out:
+        for item, p in zip(items, predictions, strict=False):
+            out.write(
+                json.dumps({"id": item["id"], "task_type": p.task_type, "difficulty": p.difficulty.value})
+                + "\n"
+            )
+    print(
+        f"{len(items)} items; {len(example_set.examples)} examples, {len(example_set.task_types)} task types"
+    )
+    if cross_validated:
+        print(f"{cross_validated} items are among the examples: predicted by {FOLDS}-fold cross-validation")
+    report(items, predictions)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
