@@ -28,7 +28,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from sophia.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from libs.config import REPO_ROOT
+from libs.config import REPO_ROOT, InferenceConfig
 from libs.telemetry import PROMETHEUS_PORT_OFFSETS
 from tests.integration.conftest import DEV_KEY, full_mesh_environ, metrics_url, start_full_mesh
 from tests.support import free_port
@@ -66,6 +66,10 @@ def mesh(tmp_path_factory):
             "SOPHIA__INFERENCE__MAX_QUEUED_GENERATIONS": "0",
         }
     )
+    # ModelInference runs one generation and queues none, whichever scheduler it has: one thread per
+    # request (max_concurrent_generations) or continuous batching (max_batch_size, issue 8).
+    if "max_batch_size" in InferenceConfig.model_fields:
+        environ["SOPHIA__INFERENCE__MAX_BATCH_SIZE"] = "1"
     running = start_full_mesh(tmp_path_factory.mktemp("metrics-mesh"), environ)
     try:
         yield running
