@@ -1,0 +1,150 @@
+"""A provider's breaker trips through the real mesh: the Gateway reports each attempt (batched) to the
+Router, which opens the failing target's breaker in Redis; the next requests go straight to the
+fallback; after the cool-down one probe goes through and, once the provider recovers, it closes.
+
+Redis, the Router, the cache, the ledger, the Gateway and the edge run as processes; the providers
+are fake HTTP servers in this process so the test can make one fail and recover."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+import yaml
+from sophia.router.v1 import router_pb2 as pb
+from sophia.router.v1 import router_pb2_grpc
+
+from libs.config import REPO_ROOT
+from tests.fakes.provider import FakeProvider
+from tests.support import internal_blocking_channel, mesh_environ
+from tools.mesh import Mesh
+
+pytestmark = pytest.mark.integration
+
+KEY = "sk-breaker-test-key-01"
+PROVIDER_KEY = "sk-fake-provider-key-01"
+COOLDOWN_SECONDS = 2.0
+
+
+def _config(flaky: FakeProvider, good: FakeProvider) -> dict:
+    base = yaml.safe_load((REPO_ROOT / "config" / "sophia.yaml").read_text())
+
+    def provider(fake: FakeProvider) -> dict:
+        return {"type": "openai", "base_url": fake.openai_base_url, "api_key_env": "BREAKER_PROVIDER_KEY"}
+
+    return {
+        **{k: base[k] for k in ("inference", "redis")},
+        "auth": {"tenants": {"dev": {"api_keys": [{"name": "dev", "key": KEY}]}}},
+        "providers": {"local": {"type": "local"}, "flaky": provider(flaky), "good": provider(good)},
+        "models": {
+            "flaky-gpt": {"provider": "flaky", "provider_model": "fake-gpt"},
+            "good-gpt": {"provider": "good", "provider_model": "fake-gpt"},
+            "all-minilm-l6-v2": {"provider": "local", "kind": "embedding", "dimensions": 384},
+        },
+        "routing": {
+            "default_chain": ["good-gpt"],
+            "default_embedding_model": "all-minilm-l6-v2",
+            "fallback_map": {"flaky-gpt": ["good-gpt"]},
+            "breaker": {
+                "consecutive_failures": 3,
+                "cooldown_seconds": COOLDOWN_SECONDS,
+                "probes": 1,
+                "refresh_seconds": 0.1,
+            },
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    state = tmp_path_factory.mktemp("breaker")
+    flaky = FakeProvider(fault="status:500", api_key=PROVIDER_KEY).start()
+    good = FakeProvider(api_key=PROVIDER_KEY).start()
+    config_path = state / "sophia.yaml"
+    config_path.write_text(yaml.safe_dump(_config(flaky, good)))
+    environ = mesh_environ({"SOPHIA_CONFIG": str(config_path), "BREAKER_PROVIDER_KEY": PROVIDER_KEY})
+    running = Mesh(state, environ)
+    components = ("redis", "router", "cache", "ledger", "gateway", "envoy")
+    try:
+        for component in components:
+            running.start(component)
+        running.wait_ready(list(components), 120)
+        yield running, flaky, good
+    finally:
+        running.stop_all()
+        flaky.stop()
+        good.stop()
+
+
+def chat(mesh: Mesh, model: str = "flaky-gpt") -> httpx.Response:
+    reply = httpx.post(
+        f"{mesh.edge_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": model, "cache": False, "messages": [{"role": "user", "content": "Say hi"}]},
+        timeout=30,
+    )
+    assert reply.status_code == 200, reply.text
+    return reply
+
+
+def circuit(mesh: Mesh, model_id: str) -> int:
+    with internal_blocking_channel(mesh, "router") as channel:
+        reply = router_pb2_grpc.RouterServiceStub(channel).GetProviderHealth(
+            pb.GetProviderHealthRequest(), timeout=5
+        )
+    return next(p for p in reply.providers if p.model_id == model_id).circuit_state
+
+
+def eventually(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def calls(fake: FakeProvider) -> int:
+    return len(fake.recorded("/v1/chat/completions"))
+
+
+def test_a_failing_provider_trips_its_breaker_then_a_probe_closes_it_when_it_recovers(mesh):
+    mesh, flaky, _ = mesh
+    for _ in range(3):
+        reply = chat(mesh)
+        assert (reply.headers["x-sophia-provider"], reply.headers["x-sophia-attempts"]) == ("good", "2")
+    assert eventually(lambda: circuit(mesh, "flaky-gpt") == pb.CIRCUIT_STATE_OPEN)
+    assert calls(flaky) == 3
+
+    # Open: the fallback answers at once, the failing provider is not tried first.
+    for _ in range(3):
+        reply = chat(mesh)
+        assert (reply.headers["x-sophia-provider"], reply.headers["x-sophia-attempts"]) == ("good", "1")
+    assert calls(flaky) == 3
+
+    # The provider recovers; after the cool-down one probe reaches it and closes the breaker.
+    flaky.fault = ""
+    time.sleep(COOLDOWN_SECONDS + 0.2)
+    reply = chat(mesh)
+    assert (reply.headers["x-sophia-provider"], reply.headers["x-sophia-attempts"]) == ("flaky", "1")
+    assert calls(flaky) == 4
+    assert eventually(lambda: circuit(mesh, "flaky-gpt") == pb.CIRCUIT_STATE_CLOSED)
+    assert eventually(lambda: chat(mesh).headers["x-sophia-provider"] == "flaky")
+
+
+def test_a_failed_probe_keeps_the_fallback_in_front(mesh):
+    mesh, flaky, _ = mesh
+    flaky.fault = "status:503"
+    try:
+        # Requests keep coming until the failures open the breaker again.
+        assert eventually(lambda: chat(mesh) and circuit(mesh, "flaky-gpt") == pb.CIRCUIT_STATE_OPEN)
+        before = calls(flaky)
+        time.sleep(COOLDOWN_SECONDS + 0.2)
+        assert chat(mesh).headers["x-sophia-attempts"] == "2"  # the probe failed, the fallback answered
+        assert calls(flaky) == before + 1
+        assert eventually(lambda: circuit(mesh, "flaky-gpt") == pb.CIRCUIT_STATE_OPEN)
+        assert chat(mesh).headers["x-sophia-attempts"] == "1"
+        assert calls(flaky) == before + 1
+    finally:
+        flaky.fault = ""
