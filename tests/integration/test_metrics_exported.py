@@ -1,6 +1,7 @@
 """Every metric the dashboards, alerts and autoscaling use is really exported, and every dashboard
-query returns data: a live mesh gets traffic that exercises each instrument (a cache hit, a provider
-that fails and falls back, admission and ModelInference refusing, a bad request, a stream, embeddings),
+query returns data: a live mesh gets traffic that exercises each instrument (a cache hit, an eviction
+at the entry limit, a provider that fails and falls back, admission and ModelInference refusing, a bad
+request, a stream, embeddings),
 each service's Prometheus endpoint is scraped, and a real Prometheus with the deployment's rules
 scrapes the same endpoints under the deployment's job names and answers every dashboard query.
 
@@ -64,6 +65,8 @@ def mesh(tmp_path_factory):
             "SOPHIA__GATEWAY__MAX_TENANT_SHARE": "1",
             "SOPHIA__INFERENCE__MAX_CONCURRENT_GENERATIONS": "1",
             "SOPHIA__INFERENCE__MAX_QUEUED_GENERATIONS": "0",
+            # One cached answer per tenant: a second one evicts the first.
+            "SOPHIA__CACHE__MAX_ENTRIES_PER_TENANT": "1",
         }
     )
     # ModelInference runs one generation and queues none, whichever scheduler it has: one thread per
@@ -128,6 +131,7 @@ def _send_traffic(mesh, edge_url: str) -> None:
     cached = _chat(LOCAL_MODEL, "What is the capital of France?", temperature=0)
     _expect(200, chat, cached)
     _expect(200, chat, cached)  # the same request again: a cache hit
+    _expect(200, chat, _chat(LOCAL_MODEL, "What is the capital of Spain?", temperature=0))  # evicts the first
     _expect(200, chat, _chat(BROKEN_MODEL, "Hello"))  # fails at its provider, falls back
     _expect(200, chat, _chat(LOCAL_MODEL, "Tell me a joke", stream=True))
     _expect(400, chat, _chat(LOCAL_MODEL, "Hi", max_tokens=-5))
