@@ -1,6 +1,9 @@
 """The images (deploy/docker): lint, Sophia's image policy, pins, and each service's dependencies."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -89,3 +92,34 @@ def test_a_missing_dependency_and_torch_in_the_core_image_are_reported(tmp_path)
     problems = images.check_service_dependencies("gateway", tmp_path)
     assert any(p.startswith("gateway imports httpx") for p in problems), problems
     assert "the core image would carry torch" in problems
+
+
+def test_the_protos_stage_generates_everything_from_only_what_it_copies(tmp_path):
+    """The build's `protos` stage, replayed: its COPY sources alone, then its generator."""
+    _, stages = images.parse_stages(DOCKERFILE)
+    protos = next(stage for stage in stages if stage.name == "protos")
+    for arguments in protos.arguments("COPY"):
+        *sources, destination = arguments.split()
+        for source in sources:
+            path = images.REPO_ROOT / source
+            target = tmp_path / destination / (path.name if not source.endswith("/") else "")
+            if path.is_dir():
+                shutil.copytree(path, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, target)
+    assert protos.arguments("RUN")[-1] == "PY=python bash scripts/gen_protos.sh"
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        ["bash", "scripts/gen_protos.sh"],
+        cwd=tmp_path,
+        env={**environ, "PY": sys.executable},
+        capture_output=True,
+    )
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    for generated in (
+        "libs/gen/sophia/gateway/v1/gateway_pb2.py",
+        "build/sophia.pb",
+        "deploy/envoy/edge_schema.lua",
+    ):
+        assert (tmp_path / generated).is_file(), generated
