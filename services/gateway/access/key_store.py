@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import time
 from collections import OrderedDict
@@ -214,7 +215,7 @@ class KeyStore:
         """A new secret for the key (limits, scope and id unchanged); the old secret stays valid for
         `grace_seconds` (0: it stops at once). None for an unknown or revoked key."""
         secret = new_secret()
-        now = int(time.time())
+        now = math.ceil(time.time())  # rounded up: the grace period is never shorter than asked
         old_valid_until = now + grace_seconds if grace_seconds > 0 else 0
         with unavailable_when_redis_fails("key store"):
             flat = await self._rotate(
