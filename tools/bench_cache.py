@@ -8,13 +8,16 @@ process (mTLS, as in production) and rebuilds its index from Redis; then lookups
 at each concurrency for a fixed time, each question embedded by the service (the embedding is the
 cost that dominates). Printed: lookups/s, p50 and p99 latency, and the index rebuild time. Last, FAISS
 search alone (`services.cache.index.VectorIndex`) at 100k and 1M vectors, flat and IVF.
-Figures are printed, never asserted: they depend on the machine and on what else runs on it.
+The embedding model alone is measured first: every lookup that is not an exact hit embeds its question,
+so that throughput is the ceiling. Figures are printed, never asserted: they depend on the machine and
+on what else runs on it (the load average is printed beside them).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import pathlib
 import statistics
 import tempfile
@@ -117,13 +120,41 @@ def bench_service(entries: int, concurrencies: list[int], seconds: float) -> Non
             print(f"\n{entries:,} entries in the tenant's index (filled in {filled:.0f}s; service start "
                   f"with model load and index rebuild {ready:.1f}s)")  # fmt: skip
             asyncio.run(run_lookups(mesh, 4, 2.0))  # warm-up
-            print(f"{'concurrent':>10} {'lookups/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+            print(
+                f"{'concurrent':>10} {'lookups/s':>10} {'p50 ms':>8} {'p99 ms':>8}   (1-minute load average)"
+            )
             for concurrency in concurrencies:
                 count, latencies = asyncio.run(run_lookups(mesh, concurrency, seconds))
                 p50, p99 = statistics.median(latencies) * 1000, percentile(latencies, 0.99) * 1000
-                print(f"{concurrency:>10} {count / seconds:>10.0f} {p50:>8.1f} {p99:>8.1f}")
+                load = os.getloadavg()[0]
+                print(
+                    f"{concurrency:>10} {count / seconds:>10.0f} {p50:>8.1f} {p99:>8.1f}   (load {load:.1f})"
+                )
         finally:
             mesh.stop_all()
+
+
+def bench_model(seconds: float) -> None:
+    """The embedding model alone, in this process, as the service runs it: the ceiling for lookups that
+    embed (every lookup that is not an exact hit)."""
+    import torch
+
+    from libs.config import load_config
+    from libs.sentence_embeddings import EMBEDDING_MODEL_ID, load_embedding_model, normalise_text
+
+    settings = load_config().cache.semantic
+    if settings.embedding_threads:
+        torch.set_num_threads(settings.embedding_threads)
+    model = load_embedding_model(EMBEDDING_MODEL_ID, device=settings.device)
+    texts = [normalise_text(q.replace("{n}", str(n))) for n, q in enumerate(QUESTIONS)]
+    print(f"\nembedding model alone ({model.device}, {torch.get_num_threads()} thread(s)):")
+    for batch in (1, 8, 32):
+        model.embed_array(texts[:batch])
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            model.embed_array(texts[:batch])
+            done += batch
+        print(f"  batch {batch:>2}: {done / (time.perf_counter() - started):6.0f} texts/s")
 
 
 def bench_search(sizes: list[int], repeats: int = 50) -> None:
@@ -161,6 +192,8 @@ def main() -> None:
     parser.add_argument("--search-sizes", default="100000,1000000")
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    print(f"{os.cpu_count()} CPUs; 1-minute load average before the bench {os.getloadavg()[0]:.1f}")
+    bench_model(min(args.seconds, 4.0))
     for size in (int(s) for s in args.sizes.split(",") if s):
         bench_service(size, concurrencies, args.seconds)
     bench_search([int(s) for s in args.search_sizes.split(",") if s])
