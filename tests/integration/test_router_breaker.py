@@ -16,8 +16,9 @@ from sophia.router.v1 import router_pb2 as pb
 from sophia.router.v1 import router_pb2_grpc
 
 from libs.config import REPO_ROOT
+from libs.telemetry import PROMETHEUS_PORT_OFFSETS
 from tests.fakes.provider import FakeProvider
-from tests.support import internal_blocking_channel, mesh_environ
+from tests.support import free_port_block, internal_blocking_channel, mesh_environ
 from tools.mesh import Mesh
 
 pytestmark = pytest.mark.integration
@@ -64,6 +65,7 @@ def mesh(tmp_path_factory):
     config_path = state / "sophia.yaml"
     config_path.write_text(yaml.safe_dump(_config(flaky, good)))
     environ = mesh_environ({"SOPHIA_CONFIG": str(config_path), "BREAKER_PROVIDER_KEY": PROVIDER_KEY})
+    environ["SOPHIA__TELEMETRY__PROMETHEUS_BASE_PORT"] = str(free_port_block(5))
     running = Mesh(state, environ)
     components = ("redis", "router", "cache", "ledger", "gateway", "envoy")
     try:
@@ -105,6 +107,16 @@ def eventually(condition, timeout: float = 10.0) -> bool:
     return True
 
 
+def router_metric(mesh: Mesh, name: str, **labels: str) -> float | None:
+    """The value of the Router's Prometheus series `name` whose labels include `labels`."""
+    port = mesh.config.telemetry.prometheus_base_port + PROMETHEUS_PORT_OFFSETS["router"]
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + "{") and all(label in line for label in wanted):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 def calls(fake: FakeProvider) -> int:
     return len(fake.recorded("/v1/chat/completions"))
 
@@ -116,6 +128,9 @@ def test_a_failing_provider_trips_its_breaker_then_a_probe_closes_it_when_it_rec
         assert (reply.headers["x-sophia-provider"], reply.headers["x-sophia-attempts"]) == ("good", "2")
     assert eventually(lambda: circuit(mesh, "flaky-gpt") == pb.CIRCUIT_STATE_OPEN)
     assert calls(flaky) == 3
+    # 2 = open, on the Router's Prometheus endpoint.
+    state = {"name": "sophia_router_circuit_state", "provider": "flaky", "model": "flaky-gpt"}
+    assert eventually(lambda: router_metric(mesh, **state) == 2.0)
 
     # Open: the fallback answers at once, the failing provider is not tried first.
     for _ in range(3):
@@ -131,6 +146,8 @@ def test_a_failing_provider_trips_its_breaker_then_a_probe_closes_it_when_it_rec
     assert calls(flaky) == 4
     assert eventually(lambda: circuit(mesh, "flaky-gpt") == pb.CIRCUIT_STATE_CLOSED)
     assert eventually(lambda: chat(mesh).headers["x-sophia-provider"] == "flaky")
+    assert eventually(lambda: router_metric(mesh, **state) == 0.0)
+    assert router_metric(mesh, "sophia_router_decisions_total", decision="explicit_model") >= 8
 
 
 def test_a_failed_probe_keeps_the_fallback_in_front(mesh):
