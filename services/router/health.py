@@ -346,8 +346,17 @@ class HealthBook:
             log.warning("health store unreachable, routing on the last known breaker states: %s", exc)
         self._store_down = True
 
+    def _last_known(self, configured: Iterable[Target]) -> list[TargetHealth]:
+        """Without the store: the breaker states this replica saw last, no statistics."""
+        healths = []
+        for provider, model_id in sorted(set(configured) | set(self._views)):
+            view = self.view((provider, model_id))
+            healths.append(TargetHealth(provider, model_id, 0, 0, 0.0, 0, 0, 0, "", 0, view.state, 0, 0))
+        return healths
+
     async def report(self, configured: Iterable[Target]) -> list[TargetHealth]:
-        """Every configured target and every other reported one, over the window."""
+        """Every configured target and every other reported one, over the window; when the store is
+        unreachable, the last known breaker states (and `store_reachable` turns False: degraded)."""
         s = self.settings
         try:
             members = await self._redis.smembers(TARGETS_KEY)
@@ -361,7 +370,7 @@ class HealthBook:
                 replies = await pipe.execute()
         except redis_errors.RedisError as exc:
             self._lost(exc)
-            raise Unavailable("health store unavailable") from exc
+            return self._last_known(configured)
         seconds, micros = replies[0]
         window_start = seconds * 1000 + micros // 1000 - int(s.window_seconds * 1000)
         healths = []

@@ -4,6 +4,7 @@ the reloader."""
 from __future__ import annotations
 
 import logging
+import math
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from sophia.router.v1 import router_pb2 as pb
@@ -89,8 +90,8 @@ def route_request(request) -> Request:
         raise InvalidArgument("budget_used_fraction", f"must be between 0 and 1000, got {budget}")
     if request.estimated_tokens < 0:
         raise InvalidArgument("estimated_tokens", "must not be negative")
-    if request.prompt_embedding and any(v != v for v in request.prompt_embedding):
-        raise InvalidArgument("prompt_embedding", "must not contain NaN")
+    if not all(map(math.isfinite, request.prompt_embedding)):
+        raise InvalidArgument("prompt_embedding", "must hold finite numbers only")
     return Request(
         model=_name("model", request.model),
         kind=_enum("kind", KINDS, request.kind),

@@ -381,3 +381,19 @@ def test_list_models(router):
     models = {m.model_id: m for m in router.ListModels(pb.ListModelsRequest(), timeout=5).models}
     assert len(models) == 7
     assert (models["retired"].provider, models["retired"].enabled) == ("openai", False)
+
+
+def test_with_redis_down_routing_goes_on_on_the_last_known_breakers(tmp_path):
+    with running_routers(tmp_path) as (stubs, _, _, mesh):
+        (stub,) = stubs
+        report(stub, "gpt-4o", "openai", pb.OUTCOME_TIMEOUT, n=3, error="timeout")
+        mesh.stop("redis")
+        models, _ = route(stub, model="gpt-4o")
+        assert models == ["claude-sonnet", "gpt-4o-mini"]
+        health = stub.GetProviderHealth(pb.GetProviderHealthRequest(), timeout=5)
+        assert health.status == pb.HEALTH_STATUS_DEGRADED
+        (entry,) = [p for p in health.providers if p.model_id == "gpt-4o"]
+        assert entry.circuit_state == pb.CIRCUIT_STATE_OPEN
+        error = status_of(lambda: report(stub, "gpt-4o", "openai", pb.OUTCOME_SUCCESS))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "health store unavailable" in error.details()
