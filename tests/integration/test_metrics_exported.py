@@ -1,7 +1,7 @@
 """Every metric the dashboards, alerts and autoscaling use is really exported, and every dashboard
 query returns data: a live mesh gets traffic that exercises each instrument (a cache hit, an eviction
 at the entry limit, a provider that fails and falls back, admission and ModelInference refusing, a bad
-request, a stream, embeddings),
+request, a stream, embeddings, a tenant projected over its budget),
 each service's Prometheus endpoint is scraped, and a real Prometheus with the deployment's rules
 scrapes the same endpoints under the deployment's job names and answers every dashboard query.
 
@@ -40,6 +40,7 @@ from tools.mesh import SERVICES
 pytestmark = pytest.mark.integration
 
 LOCAL_MODEL = "smollm2-135m-instruct"
+ADMIN_KEY = "sk-test-admin-key-metrics"
 BROKEN_MODEL = "brokenmodel"
 PROMETHEUS = REPO_ROOT / ".venv" / "bin" / "prometheus"
 HEALTHCHECK = REPO_ROOT / "deploy" / "docker" / "healthcheck.py"
@@ -50,7 +51,7 @@ TEST_DURATIONS = {"$__rate_interval": "30s", "$__interval": "5s", "$__range": "5
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
-    environ = full_mesh_environ(tmp_path_factory, DEV_KEY, "sk-test-admin-key-metrics")
+    environ = full_mesh_environ(tmp_path_factory, DEV_KEY, ADMIN_KEY)
     environ.update(
         {
             # A provider nothing listens for: every attempt fails and falls back to the local model.
@@ -67,6 +68,14 @@ def mesh(tmp_path_factory):
             "SOPHIA__INFERENCE__MAX_QUEUED_GENERATIONS": "0",
             # One cached answer per tenant: a second one evicts the first.
             "SOPHIA__CACHE__MAX_ENTRIES_PER_TENANT": "1",
+            # The local model at $1 per thousand tokens against a $1 budget (set in the traffic), projected
+            # from the first record on. The ledger counts a projection alert for a threshold the
+            # projection reaches and the spend has not: each answer (about 50 tokens) moves the spend by
+            # about 5 %, so on any day of the month it passes below 100 % while its projection is above.
+            "SOPHIA__LEDGER__PRICES": json.dumps(
+                {LOCAL_MODEL: {"input_per_mtok_usd": 1000, "output_per_mtok_usd": 1000}}
+            ),
+            "SOPHIA__LEDGER__PROJECTION_MIN_ELAPSED_HOURS": "0",
         }
     )
     # ModelInference runs one generation and queues none, whichever scheduler it has: one thread per
@@ -80,11 +89,12 @@ def mesh(tmp_path_factory):
         running.stop_all()
 
 
-def _post(url: str, body: dict) -> tuple[int, bytes]:
+def _post(url: str, body: dict, *, key: str = DEV_KEY, method: str = "POST") -> tuple[int, bytes]:
     request = urllib.request.Request(
         url,
         data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {DEV_KEY}", "Content-Type": "application/json"},
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        method=method,
     )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
@@ -127,6 +137,9 @@ def _expect(status: int, url: str, body: dict) -> None:
 
 
 def _send_traffic(mesh, edge_url: str) -> None:
+    budget = {"monthly_limit_usd": 1, "alert_percentages": [50, 80, 100], "hard_stop": False}
+    answered, content = _post(f"{edge_url}/admin/v1/tenants/dev/budget", budget, key=ADMIN_KEY, method="PUT")
+    assert answered == 200, content
     chat = f"{edge_url}/v1/chat/completions"
     cached = _chat(LOCAL_MODEL, "What is the capital of France?", temperature=0)
     _expect(200, chat, cached)
