@@ -218,14 +218,14 @@ class Cache:
         if command.semantic and vector is not None:
             fields["vector"] = vector.astype(np.float32).tobytes()
         with unavailable_when_redis_fails("cache store"):
-            evicted = await self._entries.put(
+            expires_at, evicted = await self._entries.put(
                 command.tenant_id, member, fields, ttl, self._config.max_entries_per_tenant
             )
         # The event stream brings the same change back; applying it here too makes this replica's next
         # lookup see it without waiting for that round trip.
         key = keys.entry_key(command.tenant_id, member)
         if "vector" in fields:
-            entry = IndexedEntry(key, partition, command.question, command.answer_end, time.time() + ttl)
+            entry = IndexedEntry(key, partition, command.question, command.answer_end, expires_at)
             self._index.add(entry, vector, keys.tenant_tag_of(key))
         else:
             self._index.remove(key)

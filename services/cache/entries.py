@@ -74,8 +74,9 @@ class EntryStore:
         fields: dict[str, bytes | str],
         ttl_seconds: int,
         max_entries: int,
-    ) -> list[str]:
-        """Writes the entry and returns the keys of the entries evicted to make room."""
+    ) -> tuple[float, list[str]]:
+        """Writes the entry; returns its expiry (unix seconds) and the keys of the entries evicted to make
+        room."""
         now_ms = int(time.time() * 1000)
         args: list[bytes | str | int] = [
             now_ms, now_ms + ttl_seconds * 1000, member, max_entries,
@@ -86,7 +87,8 @@ class EntryStore:
         evicted = await self._store(
             keys=[keys.entry_key(tenant_id, member), keys.expiry_key(tenant_id), keys.EVENTS], args=args
         )
-        return [key.decode() if isinstance(key, bytes) else key for key in evicted]
+        expires_at = (now_ms + ttl_seconds * 1000) / 1000
+        return expires_at, [key.decode() if isinstance(key, bytes) else key for key in evicted]
 
     async def response(self, key: str) -> bytes | None:
         return await self._redis.hget(key, "response")

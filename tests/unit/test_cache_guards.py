@@ -78,11 +78,19 @@ def test_typo_distance_counts_swaps_as_one_edit():
     assert typo_distance("austria", "australia", 1) == 2  # past the limit: limit + 1
 
 
-def test_a_content_word_added_on_one_side_is_vetoed(guards):
-    """The conservative side of the substitution rule: "capital" and "capital city" ask the same, but
-    "what a 404 is" and "how to fix a 404" do not, and the rule cannot tell them apart."""
-    assert veto(guards, "What is the capital of Norway?", "What is the capital city of Norway?") is not None
+def test_a_content_word_added_on_one_side_is_vetoed_unless_it_only_classifies(guards):
+    """The conservative side of the substitution rule: "cancel my order" and "cancel my order online"
+    may well ask the same, but "what a 404 is" and "how to fix a 404" do not, and the rule cannot tell
+    them apart. A generic noun ("city", "software") or a name added on one side passes."""
+    assert veto(guards, "How do I cancel my order?", "How do I cancel my order online?") is not None
     assert veto(guards, "What is a 404 error?", "How do I fix a 404 error?") is not None
+    assert veto(guards, "What is the capital of Norway?", "What is the capital city of Norway?") is None
+    assert (
+        veto(
+            guards, "How do I make a pivot table in Excel?", "How do I make a pivot table in Microsoft Excel?"
+        )
+        is None
+    )
 
 
 def test_known_words_are_never_typos_of_each_other(guards):
