@@ -174,9 +174,10 @@ class ModelProfile(_Strict):
 
     # 1 (weakest, cheapest tier) .. 5 (best): orders the `quality` plan and complex prompts.
     quality: int = Field(default=1, ge=1, le=5)
-    # Whether the model takes `tools` / `response_format`; requests using them skip models that do not.
-    tools: bool = False
-    response_format: bool = False
+    # Whether the model takes `tools` / `response_format`: false → requests using them skip it; unset →
+    # as its provider allows (the Gateway's adapter refuses what it cannot send, naming the field).
+    tools: bool | None = None
+    response_format: bool | None = None
     # Good at code: the `code` preference without a configured chain ranks these first.
     code: bool = False
 
@@ -219,7 +220,7 @@ class RoutingConfig(_Strict):
     task_types: dict[str, list[str]] = {}
     # model id → the models to try after it.
     fallback_map: dict[str, list[str]] = {}
-    # chat model id → quality, capabilities; a model without a profile is quality 1 with no tools.
+    # chat model id → quality, capabilities; a model without a profile is quality 1.
     model_profiles: dict[str, ModelProfile] = {}
     # Feature flags (libs/feature_flags.py); empty → no flags, every model on, every feature off.
     flags_file: str = ""

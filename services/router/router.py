@@ -272,9 +272,9 @@ class Router:
             problem = "disabled"
         elif request.estimated_tokens and model.context_window < request.estimated_tokens:
             problem = f"context window {model.context_window} < {request.estimated_tokens} tokens"
-        elif request.uses_tools and not profile.tools:
+        elif request.uses_tools and profile.tools is False:
             problem = "no tools"
-        elif request.uses_response_format and not profile.response_format:
+        elif request.uses_response_format and profile.response_format is False:
             problem = "no response_format"
         elif not state.flags.model_enabled(model_id, request.tenant_id, request.tenant_tier or None):
             problem = "flag off for this tenant"

@@ -37,11 +37,11 @@ PRICES = {
     "coder": {"input_per_mtok_usd": 1, "output_per_mtok_usd": 2},
 }
 PROFILES = {
-    "local-small": {"quality": 1},
+    "local-small": {"quality": 1, "tools": False, "response_format": False},
     "mini": {"quality": 2, "tools": True, "response_format": True},
     "big": {"quality": 4, "tools": True, "response_format": True, "code": True},
-    "claude": {"quality": 5, "tools": True},
-    "coder": {"quality": 3, "code": True},
+    "claude": {"quality": 5, "tools": True, "response_format": False},
+    "coder": {"quality": 3, "code": True, "tools": False, "response_format": False},
 }
 
 
@@ -186,6 +186,11 @@ def test_tools_and_response_format_skip_models_without_them():
     assert "skipped local-small (no tools)" in result.reason
     result = plan(make_router(), "general", Difficulty.COMPLEX, uses_response_format=True)
     assert models(result) == ["big", "mini"]
+
+
+def test_capabilities_not_stated_are_left_to_the_gateway():
+    router = make_router(model_profiles={"big": {"quality": 4}})
+    assert "local-small" in models(plan(router, "general", Difficulty.SIMPLE, uses_tools=True))
 
 
 def test_context_window_filter_applies_to_scored_plans():
