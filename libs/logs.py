@@ -72,5 +72,6 @@ def setup_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # httpx logs every request URL at INFO; keep it quiet so provider URLs with keys in them never leak.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # HTTP client libraries may log request URLs at INFO; keep them quiet so provider URLs never leak.
+    for noisy in ("httpx", "aiohttp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

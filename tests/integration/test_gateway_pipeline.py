@@ -120,8 +120,8 @@ def test_streaming_from_openai_and_anthropic_fakes_with_the_sdk(pipeline, model)
 def test_a_tool_call_answer_has_tool_calls_and_no_content_as_in_openai_json(edge):
     weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
     reply = chat(edge, "good-gpt", tools=[weather], tool_choice="required")
-    message = reply.json()["choices"][0]["message"]
     assert reply.status_code == 200, reply.text
+    message = reply.json()["choices"][0]["message"]
     assert message["tool_calls"][0]["function"]["name"] == "get_weather"
     assert "content" not in message  # OpenAI: null beside tool calls, never ""
     plain = chat(edge, "good-gpt").json()["choices"][0]["message"]
