@@ -259,12 +259,10 @@ class QuestionGuards:
     # --- content words ----------------------------------------------------------------------------
 
     def _canonical(self, word: str) -> str:
-        return (
-            lexicon.SYNONYMS.get(word)
-            or lexicon.SYNONYMS.get(stem(word))
-            or lexicon.INSTRUCTIONS.get(word)
-            or root(word)
-        )
+        for form in (word, *sorted(_lemmas(word))):
+            if form in lexicon.SYNONYMS:
+                return lexicon.SYNONYMS[form]
+        return lexicon.INSTRUCTIONS.get(word) or root(word)
 
     def _unmatched(self, profile: QuestionProfile, other: QuestionProfile) -> list[str]:
         """Content words of `profile` with no counterpart in `other`: the same stem or root, a synonym, a

@@ -440,7 +440,7 @@ _SYNONYM_LINES = """
 write draft compose pen author
 explain describe clarify elaborate
 summarize summarise summary condense recap
-list enumerate name
+list enumerate
 change modify update alter edit adjust switch
 remove delete erase
 fix repair resolve correct
@@ -470,6 +470,29 @@ employee staff worker
 apartment unit
 tenant resident renter
 building property community
+tall high
+colleague coworker teammate
+price cost
+problem issue trouble
+car vehicle automobile
+film movie
+doctor physician
+talk speak
+job position role
+salary pay wage compensation
+photo picture image
+phone telephone
+house home
+store shop
+often frequently
+usually typically normally generally
+approximately roughly
+whole entire
+main primary principal
+important significant crucial essential
+tip technique strategy
+cancel abort
+speed velocity
 """.strip().splitlines()
 
 SYNONYMS: dict[str, str] = {}
@@ -504,7 +527,7 @@ explain explain describe clarify elaborate define
 write write draft compose create generate make produce prepare craft
 summarize summarize summarise condense recap shorten
 translate translate
-list list enumerate name
+list list enumerate
 suggest suggest recommend propose
 rewrite rewrite rephrase reword paraphrase edit polish
 fix fix debug repair correct troubleshoot proofread
