@@ -296,6 +296,10 @@ class SemanticCacheConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch threads for the embedding model (0 → torch's default); one thread leaves a core for gRPC.
     embedding_threads: int = Field(default=1, ge=0)
+    # int8 linear layers on CPU: about twice the embeddings per second, vectors slightly moved (dev pairs:
+    # recall 0.750 instead of 0.761, precision unchanged). Off by default so that the vectors Lookup
+    # returns are the float32 model's, as the Router computes them.
+    int8: bool = False
     # A partition this large is searched by an IVF index (nprobe lists) instead of a flat one.
     ivf_min_entries: int = Field(default=20_000, ge=1)
     ivf_nprobe: int = Field(default=16, ge=1)

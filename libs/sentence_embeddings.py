@@ -153,10 +153,14 @@ class EmbeddingModel:
 
 
 def load_embedding_model(
-    model_id: str, weights_dir: pathlib.Path | None = None, device: str = "auto"
+    model_id: str, weights_dir: pathlib.Path | None = None, device: str = "auto", *, int8: bool = False
 ) -> EmbeddingModel:
     """Load the embedding model from `weights_dir / model_id` when that holds a model, otherwise from the
-    safetensors its package ships (which need no conversion, hence no cache)."""
+    safetensors its package ships (which need no conversion, hence no cache).
+
+    `int8` (CPU only): the linear layers run with dynamically quantised int8 weights, about twice as fast
+    on this CPU; vectors move slightly (cosine to the float32 ones ≥ 0.94 on short questions), so every
+    party comparing vectors must embed the same way."""
     if model_id != EMBEDDING_MODEL_ID:
         raise ValueError(f"unknown embedding model {model_id!r}; the only one is {EMBEDDING_MODEL_ID!r}")
     device_name, dtype = pick_device(device)
@@ -167,8 +171,20 @@ def load_embedding_model(
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModel.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
     model = model.to(device_name).eval()
+    if int8 and device_name == "cpu":
+        model = _quantised(model)
     logger.info(
         "loaded embedding model %s from %s in %.1fs on %s (%s)",
         model_id, model_dir, time.perf_counter() - started, device_name, dtype_name(dtype),
     )  # fmt: skip
     return EmbeddingModel(model_id, model, tokenizer, device_name)
+
+
+def _quantised(model: PreTrainedModel) -> PreTrainedModel:
+    # torch's eager dynamic quantisation is deprecated in favour of torchao, which is not installed here;
+    # it still works in the pinned torch, and its warnings say nothing actionable at run time.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)

@@ -106,9 +106,10 @@ async def run_lookups(mesh: Mesh, concurrency: int, seconds: float) -> tuple[int
     return len(latencies), latencies
 
 
-def bench_service(entries: int, concurrencies: list[int], seconds: float) -> None:
+def bench_service(entries: int, concurrencies: list[int], seconds: float, int8: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="sophia-bench-cache-") as directory:
-        mesh = Mesh(pathlib.Path(directory), mesh_environ({"SOPHIA__TLS__MODE": "mtls"}))
+        settings = {"SOPHIA__TLS__MODE": "mtls", "SOPHIA__CACHE__SEMANTIC__INT8": str(int8).lower()}
+        mesh = Mesh(pathlib.Path(directory), mesh_environ(settings))
         try:
             mesh.start("redis")
             mesh.wait_ready(["redis"], timeout=30)
@@ -134,7 +135,7 @@ def bench_service(entries: int, concurrencies: list[int], seconds: float) -> Non
             mesh.stop_all()
 
 
-def bench_model(seconds: float) -> None:
+def bench_model(seconds: float, int8: bool) -> None:
     """The embedding model alone, in this process, as the service runs it: the ceiling for lookups that
     embed (every lookup that is not an exact hit)."""
     import torch
@@ -145,9 +146,9 @@ def bench_model(seconds: float) -> None:
     settings = load_config().cache.semantic
     if settings.embedding_threads:
         torch.set_num_threads(settings.embedding_threads)
-    model = load_embedding_model(EMBEDDING_MODEL_ID, device=settings.device)
+    model = load_embedding_model(EMBEDDING_MODEL_ID, device=settings.device, int8=int8)
     texts = [normalise_text(q.replace("{n}", str(n))) for n, q in enumerate(QUESTIONS)]
-    print(f"\nembedding model alone ({model.device}, {torch.get_num_threads()} thread(s)):")
+    print(f"\nembedding model alone ({model.device}, {torch.get_num_threads()} thread(s), int8 {int8}):")
     for batch in (1, 8, 32):
         model.embed_array(texts[:batch])
         done, started = 0, time.perf_counter()
@@ -190,12 +191,13 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--search-sizes", default="100000,1000000")
+    parser.add_argument("--int8", action="store_true", help="the service embeds with int8 linear layers")
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     print(f"{os.cpu_count()} CPUs; 1-minute load average before the bench {os.getloadavg()[0]:.1f}")
-    bench_model(min(args.seconds, 4.0))
+    bench_model(min(args.seconds, 4.0), args.int8)
     for size in (int(s) for s in args.sizes.split(",") if s):
-        bench_service(size, concurrencies, args.seconds)
+        bench_service(size, concurrencies, args.seconds, args.int8)
     bench_search([int(s) for s in args.search_sizes.split(",") if s])
 
 

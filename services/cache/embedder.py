@@ -36,7 +36,9 @@ class BatchedEmbedder:
 def load_embedder(config: SemanticCacheConfig, weights_dir: str | None = None) -> BatchedEmbedder:
     if config.embedding_threads:
         torch.set_num_threads(config.embedding_threads)
-    model = load_embedding_model(EMBEDDING_MODEL_ID, weights_dir=weights_dir, device=config.device)
+    model = load_embedding_model(
+        EMBEDDING_MODEL_ID, weights_dir=weights_dir, device=config.device, int8=config.int8
+    )
     return BatchedEmbedder(model, config)
 
 
