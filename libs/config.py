@@ -237,10 +237,28 @@ class InferenceConfig(_Strict):
     embedding_model: str = "all-minilm-l6-v2"
     weights_dir: str = "var/models"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Generations running at once; more wait (bounded by max_queued) and beyond that are shed.
+    # continuous: one stepping loop advances every running generation with one forward pass per step
+    # (docs/inference.md); thread_per_request: a thread and a KV cache per generation, the bench's baseline.
+    scheduler: Literal["continuous", "thread_per_request"] = "continuous"
+    # continuous: sequences one step advances at most.
+    max_batch_size: int = Field(default=32, gt=0)
+    # continuous: KV-cache tokens the running sequences may hold, counted as rows × the longest
+    # prompt + max_tokens among them. 0: kv_memory_fraction of the GPU memory free once the models are
+    # loaded, or 32768 tokens (1.4 GiB for the default model) on the CPU.
+    kv_token_budget: int = Field(default=0, ge=0)
+    kv_memory_fraction: float = Field(default=0.5, gt=0, le=0.95)
+    # continuous: while others decode, joiners wait at most this long to share one prefill pass (none
+    # when nothing else runs); prompts longer than max_prefill_tokens go in chunks between decode steps.
+    max_prefill_wait_ms: float = Field(default=100.0, ge=0, le=1000)
+    max_prefill_tokens: int = Field(default=2048, gt=0)
+    # thread_per_request: generations running at once.
     max_concurrent_generations: int = Field(default=4, gt=0)
+    # Generations that may wait for room; beyond that they are refused at once (UNAVAILABLE).
     max_queued_generations: int = Field(default=64, ge=0)
     max_output_tokens: int = Field(default=1024, gt=0)
+    # Concurrent Embed calls share a forward pass of up to this many texts, on a thread of their own.
+    embedding_batch_max: int = Field(default=32, gt=0)
+    embedding_batch_wait_ms: float = Field(default=2.0, ge=0, le=100)
 
 
 class PriceConfig(_Strict):

@@ -41,7 +41,7 @@ async def test_concurrent_requests_each_get_their_own_answer(inference):
 async def _generations_in_flight(mesh) -> float:
     async with httpx.AsyncClient() as client:
         text = (await client.get(metrics_url(mesh, "inference"), timeout=10)).text
-    samples = [line for line in text.splitlines() if line.startswith("sophia_inference_generations")]
+    samples = [line for line in text.splitlines() if line.startswith("sophia_inference_sequences_running")]
     return float(samples[0].rsplit(" ", 1)[1])
 
 

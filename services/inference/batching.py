@@ -1,0 +1,462 @@
+"""Continuous batching: one stepping loop per model, one forward pass per step for every running sequence.
+
+A sequence is WAITING (queued, nothing reserved), then PREFILLING (admitted: it holds KV tokens and a row
+of the cache while its prompt goes in), then DECODING (one new token per step) until it FINISHES. Joining
+and leaving happen only at step boundaries, so a finished, stopped, cancelled or expired sequence frees its
+row and its tokens before the next forward pass, and a waiting one can take them in the same boundary.
+
+Admission is by memory, not by count: the cache holds every running row as long as the longest
+reservation (prompt + max_tokens) among them, so a set of sequences fits while
+rows × longest reservation ≤ `kv_token_budget` (and rows ≤ `max_batch_size`). Requests that do not fit
+wait in a bounded queue, first come first served; beyond it they are refused at once.
+
+Prefill is packed (kv_cache.py) and gathered adaptively: with nothing decoding it runs at once; while
+sequences decode, joiners wait at most `max_prefill_wait` so that several share one prefill pass instead
+of each stalling the running batch with its own. Long prompts go in chunks of `max_prefill_tokens` per
+step, between decode steps, so they never freeze the running streams for long.
+
+The loop runs on its own thread. It hands events out through `publish`, once per step for all sequences.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from libs.errors import DeadlineExceeded, ServiceError, Unavailable
+from services.inference import metrics
+from services.inference.engine import ChatModel
+from services.inference.kv_cache import SlotKVCache
+from services.inference.sampling import GenerationParams, Sampler, choose_tokens
+from services.inference.text import FinishReason, GenerationEvent, TextOutput
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Unavailable):
+    """The waiting queue is full: refused at once, so the caller can go elsewhere instead of waiting."""
+
+
+class ExceedsKvBudget(ServiceError):
+    """The request alone needs more KV tokens than this server may ever hold; another model may take it."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class SequenceState(enum.Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    max_batch_size: int
+    kv_token_budget: int
+    max_waiting: int
+    max_prefill_wait_seconds: float
+    max_prefill_tokens: int
+
+
+# What the loop hands out after each step: (listener, event or error), in order, for every sequence.
+Publish = Callable[[list[tuple[object, GenerationEvent | ServiceError]]], None]
+
+
+class Sequence:
+    """One generation request as the loop tracks it. `listener` is the caller's, passed back by publish."""
+
+    def __init__(
+        self,
+        prompt_token_ids: list[int],
+        params: GenerationParams,
+        output: TextOutput,
+        sampler: Sampler,
+        listener: object,
+        deadline: float | None = None,
+    ) -> None:
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.output = output
+        self.sampler = sampler
+        self.listener = listener
+        self.deadline = deadline  # time.monotonic() value
+        self.reservation = len(prompt_token_ids) + params.max_tokens  # KV tokens it may come to hold
+        self.state = SequenceState.WAITING
+        self.cancel_requested = False
+        self.row: int | None = None
+        self.cached = 0  # tokens of this sequence in the KV cache
+        self.next_token: int | None = None  # sampled, not yet fed to the model
+        self.submitted_at = time.monotonic()
+        self.last_token_at = 0.0
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.prompt_token_ids) - self.cached
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    running: int
+    waiting: int
+    kv_tokens_reserved: int
+
+
+class ContinuousBatcher:
+    def __init__(self, model: ChatModel, settings: BatchSettings, publish: Publish) -> None:
+        self._model = model
+        self._settings = settings
+        self._publish = publish
+        self._cache = SlotKVCache(model.model.config, model.device, model.torch_dtype)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []  # admitted, in admission order
+        self._rows: list[Sequence] = []  # row r of the cache holds _rows[r]; decoding rows come first
+        self._decoding_rows = 0
+        self._events: list[tuple[object, GenerationEvent | ServiceError]] = []
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{model.id}", daemon=True)
+
+    @property
+    def settings(self) -> BatchSettings:
+        return self._settings
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stops the loop after its current step; sequences still running or waiting get UNAVAILABLE."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    def stats(self) -> BatchStats:
+        with self._lock:
+            return BatchStats(len(self._running), len(self._waiting), self._reserved_locked(self._running))
+
+    # --- called from other threads -----------------------------------------------------------------
+
+    def submit(self, sequence: Sequence) -> None:
+        """Queues `sequence`; raises at once when it can never fit or the queue is full."""
+        if sequence.reservation > self._settings.kv_token_budget:
+            metrics.refused.add(1, {"reason": "kv_budget"})
+            raise ExceedsKvBudget(
+                f"options.max_tokens: the prompt ({len(sequence.prompt_token_ids)} tokens) plus "
+                f"max_tokens ({sequence.params.max_tokens}) needs {sequence.reservation} KV tokens, more "
+                f"than this server's budget of {self._settings.kv_token_budget}"
+            )
+        with self._wake:
+            if self._closing:
+                metrics.refused.add(1, {"reason": "shutting_down"})
+                raise Unavailable("inference is shutting down")
+            candidates = [*self._waiting, sequence]
+            if len(candidates) - self._startable_locked(candidates) > self._settings.max_waiting:
+                metrics.refused.add(1, {"reason": "queue_full"})
+                raise Overloaded(
+                    f"inference is at capacity ({len(self._running)} generations running, "
+                    f"{len(self._waiting)} waiting)"
+                )
+            self._waiting.append(sequence)
+            self._wake.notify()
+
+    def cancel(self, sequence: Sequence) -> None:
+        """Ends `sequence` at the next step boundary (a no-op once it has finished)."""
+        with self._wake:
+            sequence.cancel_requested = True
+            self._wake.notify()
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while self._next_boundary():
+                try:
+                    self._step()
+                except Exception:  # a failed forward pass must not end the loop or strand the callers
+                    log.exception("generation step failed; ending the sequences it held")
+                    self._fail_running(Unavailable("the local model failed while generating"))
+                self._flush_events()
+        self._flush_events()
+
+    def _next_boundary(self) -> bool:
+        """Between two steps: ends what has to end, admits what fits; sleeps while there is nothing to
+        do. False once the batcher closes."""
+        with self._wake:
+            while True:
+                if self._closing:
+                    self._end_all_locked(Unavailable("inference is shutting down"))
+                    return False
+                self._retire_locked()
+                self._admit_locked()
+                if self._running:
+                    return True
+                self._flush_events_locked()
+                self._wake.wait(self._seconds_to_next_deadline())
+
+    def _step(self) -> None:
+        if self._prefill_due():
+            self._prefill()
+        if self._decoding_rows:
+            self._decode()
+
+    def _prefill_due(self) -> bool:
+        pending = [s for s in self._running if s.state is SequenceState.PREFILLING]
+        if not pending:
+            return False
+        if not self._decoding_rows or any(s.cached for s in pending):
+            return True  # idle, or a long prompt is part-way in
+        with self._lock:
+            full = len(self._running) >= self._settings.max_batch_size or bool(self._waiting)
+        oldest = min(s.submitted_at for s in pending)
+        waited = time.monotonic() - oldest >= self._settings.max_prefill_wait_seconds
+        enough = sum(s.prompt_left for s in pending) >= self._settings.max_prefill_tokens
+        return full or waited or enough
+
+    def _prefill(self) -> None:
+        """One packed forward pass over the next prompt chunk of each admitted sequence, in admission
+        order, at most max_prefill_tokens in all. Sequences whose prompt is complete get a first token."""
+        started = time.perf_counter()
+        chunks = self._prefill_chunks()
+        self._reserve(max(s.cached + taken for s, taken in chunks))
+        ends = list(itertools.accumulate(taken for _, taken in chunks))
+        complete = [
+            (end - 1, s) for end, (s, taken) in zip(ends, chunks, strict=True) if taken == s.prompt_left
+        ]
+        device = self._model.device
+        token_ids, positions, rows, read_rows, read_columns = _packed_prompt(chunks)
+        # A token sees the cells of its own row up to its own position, nothing of the other rows.
+        mask = (rows[:, None] == read_rows[None, :]) & (read_columns[None, :] <= positions[:, None])
+        self._cache.packed_step(*(t.to(device) for t in (rows, positions, read_rows, read_columns)))
+        logits = self._model.model(
+            input_ids=token_ids[None].to(device),
+            attention_mask=mask[None, None].to(device),
+            position_ids=positions[None].to(device),
+            past_key_values=self._cache,
+            use_cache=True,
+            logits_to_keep=torch.tensor([index for index, _ in complete], dtype=torch.long, device=device),
+        ).logits[0]
+        for sequence, taken in chunks:
+            sequence.cached += taken
+        metrics.prefill_tokens.add(len(token_ids))
+        metrics.prefill_seconds.record(time.perf_counter() - started)
+
+        completed = [s for _, s in complete]
+        tokens = choose_tokens(logits, [s.sampler for s in completed]) if completed else []
+        now = time.monotonic()
+        for sequence, token in zip(completed, tokens, strict=True):
+            metrics.time_to_first_token.record(now - sequence.submitted_at)
+            sequence.last_token_at = now
+            self._emit(sequence, token)
+            if sequence.state is not SequenceState.FINISHED:
+                self._start_decoding(sequence)
+
+    def _prefill_chunks(self) -> list[tuple[Sequence, int]]:
+        """(sequence, prompt tokens it takes now) for this pass; gives the newly admitted ones a row."""
+        budget = self._settings.max_prefill_tokens
+        chunks = []
+        for sequence in self._running:
+            if sequence.state is not SequenceState.PREFILLING or budget == 0:
+                continue
+            if sequence.row is None:
+                self._place(sequence)
+            taken = min(sequence.prompt_left, budget)
+            chunks.append((sequence, taken))
+            budget -= taken
+        return chunks
+
+    def _decode(self) -> None:
+        """One forward pass that feeds every decoding row its newest token and samples the next."""
+        started = time.perf_counter()
+        rows = self._rows[: self._decoding_rows]
+        device = self._model.device
+        columns = torch.tensor([s.cached for s in rows])
+        kv_length = int(columns.max()) + 1
+        self._reserve(kv_length)
+        # Row r sees its own cells up to the new token's column; the rest of the dense view is padding.
+        mask = torch.arange(kv_length)[None, :] <= columns[:, None]
+        self._cache.dense_step(columns.to(device), kv_length)
+        logits = self._model.model(
+            input_ids=torch.tensor([[s.next_token] for s in rows], device=device),
+            attention_mask=mask[:, None, None, :].to(device),
+            position_ids=columns[:, None].to(device),
+            past_key_values=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        tokens = choose_tokens(logits, [s.sampler for s in rows])
+        now = time.monotonic()
+        for sequence, token in zip(rows, tokens, strict=True):
+            sequence.cached += 1
+            metrics.inter_token_latency.record(now - sequence.last_token_at)
+            sequence.last_token_at = now
+            self._emit(sequence, token)
+        metrics.decode_batch_size.record(len(rows))
+        metrics.decode_tokens.add(len(rows))
+        metrics.decode_seconds.record(time.perf_counter() - started)
+
+    def _emit(self, sequence: Sequence, token: int) -> None:
+        """Hands out the event for a sequence's new token; the token is fed to the model next step."""
+        sequence.next_token = token
+        event = sequence.output.push(token)
+        self._events.append((sequence.listener, event))
+        if event.finish_reason is not None:
+            sequence.state = SequenceState.FINISHED
+
+    # --- rows --------------------------------------------------------------------------------------
+
+    def _place(self, sequence: Sequence) -> None:
+        sequence.row = len(self._rows)
+        self._rows.append(sequence)
+
+    def _start_decoding(self, sequence: Sequence) -> None:
+        """Moves a sequence whose prompt is in to the end of the decoding rows, which come first."""
+        sequence.state = SequenceState.DECODING
+        self._swap(sequence.row, self._decoding_rows)
+        self._decoding_rows += 1
+
+    def _remove_row(self, sequence: Sequence) -> None:
+        """Frees the row of a sequence that leaves, keeping rows dense: decoding ones first, then the rest.
+        The last decoding row fills the hole, and the last row overall fills the one that leaves."""
+        hole = sequence.row
+        if hole < self._decoding_rows:
+            self._decoding_rows -= 1
+            self._move(self._decoding_rows, hole)
+            hole = self._decoding_rows
+        self._move(len(self._rows) - 1, hole)
+        self._rows.pop()
+        sequence.row = None
+
+    def _move(self, source: int, destination: int) -> None:
+        if source == destination:
+            return
+        moved = self._rows[source]
+        self._cache.move_row(source, destination, moved.cached)
+        self._rows[destination] = moved
+        moved.row = destination
+
+    def _swap(self, first: int, second: int) -> None:
+        if first == second:
+            return
+        a, b = self._rows[first], self._rows[second]
+        self._cache.swap_rows(first, second, max(a.cached, b.cached))
+        self._rows[first], self._rows[second] = b, a
+        a.row, b.row = second, first
+
+    def _reserve(self, columns: int) -> None:
+        self._cache.reserve(len(self._rows), columns)
+
+    # --- boundaries (under the lock) ---------------------------------------------------------------
+
+    def _retire_locked(self) -> None:
+        """Ends finished, cancelled and expired sequences, running or waiting, and frees what they held."""
+        now = time.monotonic()
+        for sequence in list(self._waiting):
+            ending = self._ending(sequence, now)
+            if ending is not None:
+                self._waiting.remove(sequence)
+                sequence.state = SequenceState.FINISHED
+                self._events.append((sequence.listener, ending))
+        leaving = []
+        for sequence in self._running:
+            if sequence.state is not SequenceState.FINISHED:
+                ending = self._ending(sequence, now)
+                if ending is None:
+                    continue
+                sequence.state = SequenceState.FINISHED
+                self._events.append((sequence.listener, ending))
+            leaving.append(sequence)
+        for sequence in leaving:
+            self._running.remove(sequence)
+            if sequence.row is not None:
+                self._remove_row(sequence)
+        if leaving:
+            needed = max((s.cached + 1 for s in self._rows), default=0)
+            self._cache.shrink(len(self._rows), needed)
+
+    def _ending(self, sequence: Sequence, now: float) -> GenerationEvent | ServiceError | None:
+        if sequence.cancel_requested:
+            return sequence.output.end(FinishReason.CANCELLED)
+        if sequence.deadline is not None and now >= sequence.deadline:
+            return DeadlineExceeded(
+                f"the deadline passed after {sequence.output.completion_tokens} generated tokens"
+            )
+        return None
+
+    def _admit_locked(self) -> None:
+        for _ in range(self._startable_locked(list(self._waiting))):
+            sequence = self._waiting.popleft()
+            sequence.state = SequenceState.PREFILLING
+            self._running.append(sequence)
+
+    def _startable_locked(self, candidates: list[Sequence]) -> int:
+        """How many of `candidates`, first come first served, fit beside the running sequences now."""
+        together = list(self._running)
+        for count, sequence in enumerate(candidates):
+            together.append(sequence)
+            too_many = len(together) > self._settings.max_batch_size
+            if too_many or self._reserved_locked(together) > self._settings.kv_token_budget:
+                return count
+        return len(candidates)
+
+    @staticmethod
+    def _reserved_locked(sequences: list[Sequence]) -> int:
+        """KV tokens the dense cache holds for these sequences: every row as long as the longest."""
+        return len(sequences) * max((s.reservation for s in sequences), default=0)
+
+    def _seconds_to_next_deadline(self) -> float | None:
+        deadlines = [s.deadline for s in self._waiting if s.deadline is not None]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _fail_running(self, error: ServiceError) -> None:
+        with self._lock:
+            for sequence in self._running:
+                if sequence.state is not SequenceState.FINISHED:
+                    sequence.state = SequenceState.FINISHED
+                    self._events.append((sequence.listener, error))
+            self._running.clear()
+            self._rows.clear()
+            self._decoding_rows = 0
+            self._cache.shrink(0, 0)
+
+    def _end_all_locked(self, error: ServiceError) -> None:
+        for sequence in [*self._running, *self._waiting]:
+            if sequence.state is not SequenceState.FINISHED:
+                sequence.state = SequenceState.FINISHED
+                self._events.append((sequence.listener, error))
+        self._running.clear()
+        self._waiting.clear()
+        self._rows.clear()
+        self._decoding_rows = 0
+
+    def _flush_events(self) -> None:
+        with self._lock:
+            self._flush_events_locked()
+
+    def _flush_events_locked(self) -> None:
+        if self._events:
+            events, self._events = self._events, []
+            self._publish(events)
+
+
+def _packed_prompt(chunks: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, ...]:
+    """The prompt chunks as one packed sequence: token ids, their positions, the rows they belong to, and
+    the cache cells (row, column) attention reads: every row's prompt so far, this chunk included."""
+    token_ids = torch.tensor(
+        [t for s, taken in chunks for t in s.prompt_token_ids[s.cached : s.cached + taken]]
+    )
+    positions = torch.cat([torch.arange(s.cached, s.cached + taken) for s, taken in chunks])
+    rows = torch.cat([torch.full((taken,), s.row) for s, taken in chunks])
+    read_rows = torch.cat([torch.full((s.cached + taken,), s.row) for s, taken in chunks])
+    read_columns = torch.cat([torch.arange(s.cached + taken) for s, taken in chunks])
+    return token_ids, positions, rows, read_rows, read_columns

@@ -1,0 +1,264 @@
+"""The stepping loop with the real chat model (CPU): batched answers equal answers alone, sequences join
+and leave at step boundaries, admission by KV budget, bounded queue."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import threading
+import time
+
+import pytest
+
+from libs.errors import DeadlineExceeded, ServiceError, Unavailable
+from services.inference.batching import (
+    BatchSettings,
+    ContinuousBatcher,
+    ExceedsKvBudget,
+    Overloaded,
+    Sequence,
+)
+from services.inference.engine import CHAT_MODEL_ID, ChatModel, load_chat_model
+from services.inference.sampling import GenerationParams, Sampler
+from services.inference.text import FinishReason, GenerationEvent
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a long story about a dragon who learns to sail.",
+    "Name three colours.",
+    "Explain in detail how photosynthesis works in plants, step by step, for a curious child.",
+    "What is 2 + 2?",
+    "Write a haiku about rain.",
+]
+WAIT = 300  # seconds; generous, the CPU is shared
+
+
+@pytest.fixture(scope="module")
+def chat_model() -> ChatModel:
+    weights_dir = pathlib.Path(os.environ.get("SOPHIA_WEIGHTS_DIR") or REPO_ROOT / "var" / "models")
+    return load_chat_model(CHAT_MODEL_ID, weights_dir, device="cpu")
+
+
+class Listener:
+    """Collects one sequence's events as the loop publishes them."""
+
+    def __init__(self) -> None:
+        self.events: list[GenerationEvent] = []
+        self.error: ServiceError | None = None
+        self.done = threading.Event()
+
+    @property
+    def text(self) -> str:
+        return "".join(event.text for event in self.events)
+
+    @property
+    def last(self) -> GenerationEvent:
+        return self.events[-1]
+
+    def wait(self) -> Listener:
+        assert self.done.wait(WAIT), "the sequence never finished"
+        return self
+
+
+def publish(events) -> None:
+    for listener, event in events:
+        if isinstance(event, ServiceError):
+            listener.error = event
+            listener.done.set()
+        else:
+            listener.events.append(event)
+            if event.finish_reason is not None:
+                listener.done.set()
+
+
+@pytest.fixture
+def batcher_factory(chat_model: ChatModel):
+    started = []
+
+    def start(**overrides) -> ContinuousBatcher:
+        settings = {
+            "max_batch_size": 32,
+            "kv_token_budget": 32768,
+            "max_waiting": 64,
+            "max_prefill_wait_seconds": 0.0,
+            "max_prefill_tokens": 2048,
+            **overrides,
+        }
+        batcher = ContinuousBatcher(chat_model, BatchSettings(**settings), publish)
+        batcher.start()
+        started.append(batcher)
+        return batcher
+
+    yield start
+    for batcher in started:
+        batcher.close()
+
+
+def messages(question: str) -> list[dict]:
+    return [{"role": "user", "content": question}]
+
+
+def submit(
+    batcher: ContinuousBatcher,
+    model: ChatModel,
+    question: str,
+    params: GenerationParams,
+    deadline: float | None = None,
+) -> tuple[Listener, Sequence]:
+    listener = Listener()
+    prompt = model.prompt_token_ids(messages(question))
+    sequence = Sequence(
+        prompt, params, model.text_output(len(prompt), params), Sampler(params, "cpu"), listener, deadline
+    )
+    batcher.submit(sequence)
+    return listener, sequence
+
+
+def alone(model: ChatModel, question: str, params: GenerationParams) -> str:
+    prompt = model.prompt_token_ids(messages(question))
+    return "".join(event.text for event in model.generate(prompt, params, threading.Event()))
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_greedy_answers_are_the_same_batched_and_alone(chat_model, batcher_factory):
+    batcher = batcher_factory()
+    params = GenerationParams(max_tokens=16)
+    listeners = [submit(batcher, chat_model, question, params)[0] for question in QUESTIONS]
+    batched = [listener.wait().text for listener in listeners]
+    assert batched == [alone(chat_model, question, params) for question in QUESTIONS]
+    assert len(set(batched)) == len(QUESTIONS)
+    assert all(listener.last.finish_reason is not None for listener in listeners)
+
+
+def test_sequences_joining_mid_batch_get_the_same_answers(chat_model, batcher_factory):
+    batcher = batcher_factory()
+    long = GenerationParams(max_tokens=24)
+    short = GenerationParams(max_tokens=10)
+    first = [submit(batcher, chat_model, question, long)[0] for question in QUESTIONS[1:3]]
+    wait_until(lambda: len(first[0].events) >= 5, "the first sequences to decode")
+    joined = [submit(batcher, chat_model, question, short)[0] for question in QUESTIONS[3:5]]
+    assert [listener.wait().text for listener in first] == [
+        alone(chat_model, q, long) for q in QUESTIONS[1:3]
+    ]
+    assert [listener.wait().text for listener in joined] == [
+        alone(chat_model, q, short) for q in QUESTIONS[3:5]
+    ]
+
+
+def test_seeded_sampling_is_the_same_batched_and_alone(chat_model, batcher_factory):
+    batcher = batcher_factory()
+    seeded = GenerationParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    other_seed = GenerationParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=8)
+    greedy = GenerationParams(max_tokens=12)
+    listener = submit(batcher, chat_model, QUESTIONS[1], seeded)[0]
+    second = submit(batcher, chat_model, QUESTIONS[1], other_seed)[0]
+    companions = [submit(batcher, chat_model, question, greedy)[0] for question in QUESTIONS[2:5]]
+    assert listener.wait().text == alone(chat_model, QUESTIONS[1], seeded)
+    assert second.wait().text != listener.text
+    for companion in companions:
+        companion.wait()
+
+
+def test_stop_strings_and_max_tokens_are_each_sequences_own(chat_model, batcher_factory):
+    batcher = batcher_factory()
+    full = alone(chat_model, QUESTIONS[0], GenerationParams(max_tokens=20))
+    stopped = submit(batcher, chat_model, QUESTIONS[0], GenerationParams(max_tokens=20, stop=(" Paris",)))[0]
+    short = submit(batcher, chat_model, QUESTIONS[1], GenerationParams(max_tokens=3))[0]
+    plain = submit(batcher, chat_model, QUESTIONS[0], GenerationParams(max_tokens=20))[0]
+    assert (stopped.wait().text, stopped.last.finish_reason) == (
+        full[: full.index(" Paris")],
+        FinishReason.STOP,
+    )
+    assert (short.wait().last.completion_tokens, short.last.finish_reason) == (3, FinishReason.LENGTH)
+    assert plain.wait().text == full
+
+
+def test_a_cancelled_sequence_leaves_and_frees_its_row_while_the_others_go_on(chat_model, batcher_factory):
+    batcher = batcher_factory()
+    params = GenerationParams(max_tokens=20)
+    cancelled, sequence = submit(batcher, chat_model, QUESTIONS[1], GenerationParams(max_tokens=500))
+    others = [submit(batcher, chat_model, question, params)[0] for question in QUESTIONS[2:4]]
+    wait_until(lambda: len(cancelled.events) >= 3, "the sequence to decode")
+    batcher.cancel(sequence)
+    cancelled.wait()
+    assert cancelled.last.finish_reason is FinishReason.CANCELLED
+    assert cancelled.last.completion_tokens < 20
+    wait_until(lambda: batcher.stats().running <= 2, "the cancelled sequence's row to be freed")
+    assert [other.wait().text for other in others] == [alone(chat_model, q, params) for q in QUESTIONS[2:4]]
+
+
+def test_a_deadline_ends_a_sequence(chat_model, batcher_factory):
+    batcher = batcher_factory()
+    expiring = submit(
+        batcher, chat_model, QUESTIONS[1], GenerationParams(max_tokens=500), time.monotonic() + 1
+    )[0]
+    other = submit(batcher, chat_model, QUESTIONS[2], GenerationParams(max_tokens=10))[0]
+    assert isinstance(expiring.wait().error, DeadlineExceeded)
+    assert "deadline" in expiring.error.message
+    assert len(expiring.events) < 500
+    assert other.wait().text == alone(chat_model, QUESTIONS[2], GenerationParams(max_tokens=10))
+    wait_until(lambda: batcher.stats().running == 0, "every row to be freed")
+
+
+def test_admission_is_by_kv_budget_and_the_rest_waits_its_turn(chat_model, batcher_factory):
+    params = GenerationParams(max_tokens=12)
+    longest = max(len(chat_model.prompt_token_ids(messages(q))) for q in QUESTIONS[:3]) + params.max_tokens
+    batcher = batcher_factory(kv_token_budget=2 * longest)  # two rows as long as the longest
+    listeners = [submit(batcher, chat_model, question, params)[0] for question in QUESTIONS[:3]]
+    stats = batcher.stats()
+    assert stats.running + stats.waiting == 3
+    seen = []
+    while not all(listener.done.is_set() for listener in listeners):
+        seen.append(batcher.stats())
+        time.sleep(0.005)
+    assert max(s.running for s in seen) <= 2
+    assert max(s.kv_tokens_reserved for s in seen) <= 2 * longest
+    assert any(s.waiting for s in seen)
+    assert [listener.text for listener in listeners] == [alone(chat_model, q, params) for q in QUESTIONS[:3]]
+
+
+def test_beyond_the_queue_requests_are_refused_at_once(chat_model, batcher_factory):
+    batcher = batcher_factory(max_batch_size=1, max_waiting=1)
+    params = GenerationParams(max_tokens=200)
+    running = [submit(batcher, chat_model, QUESTIONS[1], params) for _ in range(2)]  # one runs, one waits
+    started = time.monotonic()
+    with pytest.raises(Overloaded, match="at capacity"):
+        submit(batcher, chat_model, QUESTIONS[2], params)
+    assert time.monotonic() - started < 1
+    for _, sequence in running:
+        batcher.cancel(sequence)
+
+
+def test_a_request_larger_than_the_whole_budget_is_out_of_range(chat_model, batcher_factory):
+    batcher = batcher_factory(kv_token_budget=100)
+    with pytest.raises(ExceedsKvBudget, match="budget of 100") as refused:
+        submit(batcher, chat_model, QUESTIONS[0], GenerationParams(max_tokens=90))
+    assert refused.value.code.name == "OUT_OF_RANGE"
+
+
+def test_long_prompts_go_in_chunks_and_get_the_same_answer(chat_model, batcher_factory):
+    batcher = batcher_factory(max_prefill_tokens=8)
+    params = GenerationParams(max_tokens=10)
+    listeners = [submit(batcher, chat_model, question, params)[0] for question in QUESTIONS[2:4]]
+    assert [listener.wait().text for listener in listeners] == [
+        alone(chat_model, q, params) for q in QUESTIONS[2:4]
+    ]
+
+
+def test_closing_ends_running_and_waiting_sequences_with_unavailable(chat_model, batcher_factory):
+    batcher = batcher_factory(max_batch_size=1)
+    params = GenerationParams(max_tokens=500)
+    running = submit(batcher, chat_model, QUESTIONS[1], params)[0]
+    waiting = submit(batcher, chat_model, QUESTIONS[2], params)[0]
+    wait_until(lambda: running.events, "the first sequence to start")
+    batcher.close()
+    assert isinstance(running.wait().error, Unavailable) and isinstance(waiting.wait().error, Unavailable)
+    with pytest.raises(Unavailable, match="shutting down"):
+        submit(batcher, chat_model, QUESTIONS[0], params)
