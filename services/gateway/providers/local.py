@@ -16,7 +16,7 @@ from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Ta
 from services.gateway.providers.base import ProviderError
 
 # What ModelInference answers when the Gateway forwards a bad request are the caller's errors; anything
-# else (unreachable, overloaded, too slow) is ours and worth trying the next target for.
+# else (too long for this model, unreachable, overloaded, too slow) is worth trying the next target for.
 _CALLER_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 _FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
@@ -41,6 +41,13 @@ def _provider_error(exc: grpc.aio.AioRpcError) -> ProviderError:
     code = exc.code()
     if code in _CALLER_ERRORS:
         return ProviderError(exc.details() or code.name, retryable=False, status=code.name, kind="rejected")
+    if code == grpc.StatusCode.OUT_OF_RANGE:
+        # The prompt (plus max_tokens) is too long for this model's window or this server's KV budget: a
+        # model with a larger window may take it, so the chain goes on; if none is left, the caller gets
+        # the 400 that names the field.
+        return ProviderError(
+            exc.details() or code.name, retryable=True, status="INVALID_ARGUMENT", kind="context_window"
+        )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ProviderError("local model timed out", retryable=True, status=code.name, kind="timeout")
     return ProviderError(

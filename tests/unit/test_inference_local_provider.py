@@ -1,0 +1,37 @@
+"""The Gateway's side of ModelInference: which of its statuses end the fallback chain and which move on."""
+
+import grpc
+import pytest
+
+from services.gateway.providers.local import _provider_error
+
+
+def refusal(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+def test_a_prompt_too_long_for_the_local_window_moves_on_to_the_next_model():
+    error = _provider_error(refusal(grpc.StatusCode.OUT_OF_RANGE, "messages: the prompt is 9000 tokens"))
+    assert error.retryable
+    assert error.kind == "context_window"
+    # With no model left, the caller hears the field it has to change, as a 400.
+    assert (error.status, error.message) == ("INVALID_ARGUMENT", "messages: the prompt is 9000 tokens")
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND])
+def test_the_callers_own_mistakes_end_the_chain(code):
+    error = _provider_error(refusal(code, "options.temperature: must be between 0 and 2"))
+    assert not error.retryable and error.status == code.name
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, "unavailable"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "resource_exhausted"),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "timeout"),
+    ],
+)
+def test_an_overloaded_or_slow_local_model_moves_on(code, kind):
+    error = _provider_error(refusal(code, "inference is at capacity"))
+    assert error.retryable and error.kind == kind
