@@ -58,11 +58,17 @@ class _OutboundStream(_OutboundDetails, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._details(client_call_details), request)
 
 
+# Round robin over every address the name resolves to: behind a headless Kubernetes Service each replica
+# is one address, and gRPC's default (pick_first) would send every call to the first one.
+_LOAD_BALANCING = [{"round_robin": {}}]
+
+
 def _service_config(service: str, idempotent_methods: Sequence[str]) -> str:
     if not idempotent_methods:
-        return json.dumps({"methodConfig": []})
+        return json.dumps({"loadBalancingConfig": _LOAD_BALANCING, "methodConfig": []})
     return json.dumps(
         {
+            "loadBalancingConfig": _LOAD_BALANCING,
             "methodConfig": [
                 {
                     "name": [{"service": service, "method": method} for method in idempotent_methods],

@@ -8,6 +8,7 @@ Trace context crosses every gRPC hop in the metadata (W3C `traceparent`).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
 
 from opentelemetry import metrics, propagate, trace
@@ -42,9 +43,12 @@ def setup_telemetry(component: str, settings: Telemetry) -> None:
         from prometheus_client import start_http_server
 
         port = settings.prometheus_base_port + PROMETHEUS_PORT_OFFSETS[component]
-        start_http_server(port, addr="127.0.0.1")
+        # Loopback by default; a container sets the standard OTEL_EXPORTER_PROMETHEUS_HOST (e.g. 0.0.0.0)
+        # so that Prometheus in another container or pod can scrape it.
+        host = os.environ.get("OTEL_EXPORTER_PROMETHEUS_HOST") or "127.0.0.1"
+        start_http_server(port, addr=host)
         readers.append(PrometheusMetricReader())
-        log.info("prometheus metrics on 127.0.0.1:%d/metrics", port)
+        log.info("prometheus metrics on %s:%d/metrics", host, port)
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
 
