@@ -221,7 +221,11 @@ class Router:
             return None, 0.0
         embedding = request.embedding
         if not embedding:
-            if self._embed is None:
+            # Embedding here costs far more than the rest of a Route: only when the plan depends on it.
+            decided = (request.preference or Preference.BALANCED) is not Preference.BALANCED or (
+                request.task_type in state.config.routing.task_types
+            )
+            if self._embed is None or decided:
                 return None, 0.0
             embedding = await self._embed(request.prompt)
         if len(embedding) != EMBEDDING_DIMENSIONS:

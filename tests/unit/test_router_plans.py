@@ -154,6 +154,23 @@ def test_an_embedding_of_the_wrong_size_is_invalid_naming_the_field():
     assert caught.value.field == "prompt_embedding"
 
 
+def test_the_router_embeds_only_when_the_plan_depends_on_it():
+    embedded: list[str] = []
+
+    async def embed(prompt: str):
+        embedded.append(prompt)
+        return direction("code", Difficulty.COMPLEX).tolist()
+
+    router = Router(make_router(task_types={"translation": ["mini"]}).state, health=None, embed=embed)
+    result = plan(router, prompt="fix my loop", embedding=None)
+    assert (embedded, result.task_type, result.difficulty) == (["fix my loop"], "code", Difficulty.COMPLEX)
+    plan(router, prompt="fast one", embedding=None, preference=Preference.FAST)
+    plan(router, prompt="ruled", embedding=None, task_type="translation")
+    assert embedded == ["fix my loop"]
+    # Given by the caller (the cache's vector), it is used whatever the preference: for the headers.
+    assert plan(router, "translation", prompt="x", preference=Preference.FAST).task_type == "translation"
+
+
 def test_without_a_prompt_nothing_is_classified():
     result = plan(make_router(), prompt="", embedding=None)
     assert result.task_type == "" and result.difficulty is None
