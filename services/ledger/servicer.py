@@ -24,9 +24,8 @@ GROUP_BY: dict[int, GroupBy] = {
 }
 DIFFICULTY: dict[int, Difficulty] = {
     pb.DIFFICULTY_UNSPECIFIED: Difficulty.UNSPECIFIED,
-    pb.DIFFICULTY_EASY: Difficulty.EASY,
-    pb.DIFFICULTY_MEDIUM: Difficulty.MEDIUM,
-    pb.DIFFICULTY_HARD: Difficulty.HARD,
+    pb.DIFFICULTY_SIMPLE: Difficulty.SIMPLE,
+    pb.DIFFICULTY_COMPLEX: Difficulty.COMPLEX,
 }
 DIFFICULTY_PROTO = {difficulty: number for number, difficulty in DIFFICULTY.items()}
 RECOMMENDATION_KIND = {
@@ -61,7 +60,7 @@ def _difficulty(number: int) -> Difficulty:
     try:
         return DIFFICULTY[number]
     except KeyError:
-        raise InvalidArgument("difficulty", "must be a Difficulty value (0 to 3)") from None
+        raise InvalidArgument("difficulty", "must be a Difficulty value (0 to 2)") from None
 
 
 def _evidence(record: UsageRecord) -> pb.UsageEvidence:

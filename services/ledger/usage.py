@@ -29,9 +29,8 @@ class Difficulty(StrEnum):
     """How hard the Router judged a request; UNSPECIFIED until the Router reports it."""
 
     UNSPECIFIED = ""
-    EASY = "easy"
-    MEDIUM = "medium"
-    HARD = "hard"
+    SIMPLE = "simple"
+    COMPLEX = "complex"
 
 
 @dataclass(frozen=True)

@@ -85,8 +85,8 @@ def _summary(recommendation: pb.Recommendation) -> tuple:
 
 async def test_recommendations_on_seeded_usage_are_exactly_the_expected_ones(ledger, tenant) -> None:
     seeded = []
-    # Summarization/easy: dear-model 4 times, cheap-model 3 times → cheaper model, 4 × (7500 − 450).
-    work = {"task_type": "summarization", "difficulty": pb.DIFFICULTY_EASY}
+    # Summarization/simple: dear-model 4 times, cheap-model 3 times → cheaper model, 4 × (7500 − 450).
+    work = {"task_type": "summarization", "difficulty": pb.DIFFICULTY_SIMPLE}
     seeded += [_usage(tenant, f"dear-{i}", "dear-model", 50 + i, **work) for i in range(4)]
     seeded += [_usage(tenant, f"cheap-{i}", "cheap-model", 40 + i, **work) for i in range(3)]
     # The same prompt answered by dear-model four times, none from the cache: 3 repeats paid again.
@@ -116,7 +116,7 @@ async def test_recommendations_on_seeded_usage_are_exactly_the_expected_ones(led
         ("RECOMMENDATION_KIND_FREQUENT_FALLBACK", "cheap-model", "", 2 * (DEAR - CHEAP), 2),
     ]
     cheaper, repeated, fallback = reply.recommendations
-    assert (cheaper.task_type, cheaper.difficulty) == ("summarization", pb.DIFFICULTY_EASY)
+    assert (cheaper.task_type, cheaper.difficulty) == ("summarization", pb.DIFFICULTY_SIMPLE)
     # The evidence is the tenant's own records: the costliest 10 (all 7 here), dear ones first.
     assert [e.request_id for e in cheaper.evidence] == [
         *(f"dear-{i}" for i in (3, 2, 1, 0)),
@@ -139,10 +139,10 @@ async def test_recommendations_on_seeded_usage_are_exactly_the_expected_ones(led
 
 async def test_usage_reports_group_by_the_recorded_task_type_and_difficulty(ledger, tenant) -> None:
     await ledger.RecordUsage(
-        _usage(tenant, "a", "cheap-model", 1, task_type="code", difficulty=pb.DIFFICULTY_HARD)
+        _usage(tenant, "a", "cheap-model", 1, task_type="code", difficulty=pb.DIFFICULTY_COMPLEX)
     )
     await ledger.RecordUsage(
-        _usage(tenant, "b", "cheap-model", 1, task_type="code", difficulty=pb.DIFFICULTY_EASY)
+        _usage(tenant, "b", "cheap-model", 1, task_type="code", difficulty=pb.DIFFICULTY_SIMPLE)
     )
     await ledger.RecordUsage(_usage(tenant, "c", "cheap-model", 1))
     now = datetime.now(UTC)
@@ -157,7 +157,7 @@ async def test_usage_reports_group_by_the_recorded_task_type_and_difficulty(ledg
         return [(row.key, row.requests) for row in report.rows]
 
     assert await keys(pb.GROUP_BY_TASK_TYPE) == [("(unclassified)", 1), ("code", 2)]
-    assert await keys(pb.GROUP_BY_DIFFICULTY) == [("(unclassified)", 1), ("easy", 1), ("hard", 1)]
+    assert await keys(pb.GROUP_BY_DIFFICULTY) == [("(unclassified)", 1), ("complex", 1), ("simple", 1)]
 
 
 def _ledger_warnings(mesh: Mesh, tenant: str) -> list[tuple[str, int]]:

@@ -75,7 +75,7 @@ def ids(recommendation) -> list[str]:
 
 
 def test_a_cheaper_model_that_answered_the_same_work_is_recommended_with_the_exact_saving() -> None:
-    work = {"task_type": "summarize", "difficulty": Difficulty.EASY}
+    work = {"task_type": "summarize", "difficulty": Difficulty.SIMPLE}
     records = [record(f"big-{i}", "big", **work) for i in range(4)]
     records += [record(f"small-{i}", "small", **work) for i in range(3)]
 
@@ -83,12 +83,12 @@ def test_a_cheaper_model_that_answered_the_same_work_is_recommended_with_the_exa
 
     assert advice.kind is RecommendationKind.CHEAPER_MODEL
     assert (advice.model_id, advice.alternative_model_id) == ("big", "small")
-    assert (advice.task_type, advice.difficulty) == ("summarize", Difficulty.EASY)
+    assert (advice.task_type, advice.difficulty) == ("summarize", Difficulty.SIMPLE)
     assert advice.monthly_saving_micros == 4 * (BIG - SMALL)
     # Cites both: the records that would have cost less, and the ones showing the cheaper model does it.
     assert advice.evidence_count == 7
     assert ids(advice) == ["big-0", "big-1", "small-0", "small-1"]
-    assert "summarize/easy" in advice.summary
+    assert "summarize/simple" in advice.summary
 
 
 def test_an_unpriced_local_model_that_does_the_work_saves_everything() -> None:
@@ -101,8 +101,8 @@ def test_an_unpriced_local_model_that_does_the_work_saves_everything() -> None:
 
 def test_no_comparison_across_kinds_of_work_without_a_task_type_or_with_thin_evidence() -> None:
     # Different difficulty: the small model has not shown it handles hard work.
-    hard = [record(f"big-{i}", "big", task_type="code", difficulty=Difficulty.HARD) for i in range(5)]
-    easy = [record(f"small-{i}", "small", task_type="code", difficulty=Difficulty.EASY) for i in range(5)]
+    hard = [record(f"big-{i}", "big", task_type="code", difficulty=Difficulty.COMPLEX) for i in range(5)]
+    easy = [record(f"small-{i}", "small", task_type="code", difficulty=Difficulty.SIMPLE) for i in range(5)]
     # Unclassified usage is never compared.
     unclassified = [record(f"u-big-{i}", "big") for i in range(5)] + [
         record(f"u-small-{i}", "small") for i in range(5)

@@ -34,7 +34,7 @@ def test_recommendations_convert_to_dollars_and_public_enums_for_both_apis() -> 
                 model_id="dear",
                 alternative_model_id="cheap",
                 task_type="summarization",
-                difficulty=ledger_pb2.DIFFICULTY_HARD,
+                difficulty=ledger_pb2.DIFFICULTY_COMPLEX,
             ),
             ledger_pb2.Recommendation(
                 kind=ledger_pb2.RECOMMENDATION_KIND_BUDGET_PROJECTION, projection=projection
@@ -50,7 +50,7 @@ def test_recommendations_convert_to_dollars_and_public_enums_for_both_apis() -> 
     cheaper, budget = tenant.recommendations
     assert (cheaper.kind, cheaper.difficulty) == (
         insight_pb2.RECOMMENDATION_KIND_CHEAPER_MODEL,
-        insight_pb2.DIFFICULTY_HARD,
+        insight_pb2.DIFFICULTY_COMPLEX,
     )
     assert (cheaper.estimated_monthly_saving_usd, cheaper.evidence_count) == (0.0282, 7)
     assert (cheaper.evidence[0].cost_usd, cheaper.evidence[0].occurred_at) == (0.0075, when)

@@ -650,6 +650,8 @@ export enum RecommendationKind {
 export declare const RecommendationKindSchema: GenEnum<RecommendationKind>;
 
 /**
+ * How hard the Router judged the work: simple (a cheap model does) or complex (it needs a strong one).
+ *
  * @generated from enum sophia.gateway.v1.Difficulty
  */
 export enum Difficulty {
@@ -659,19 +661,14 @@ export enum Difficulty {
   UNSPECIFIED = 0,
 
   /**
-   * @generated from enum value: DIFFICULTY_EASY = 1;
+   * @generated from enum value: DIFFICULTY_SIMPLE = 1;
    */
-  EASY = 1,
+  SIMPLE = 1,
 
   /**
-   * @generated from enum value: DIFFICULTY_MEDIUM = 2;
+   * @generated from enum value: DIFFICULTY_COMPLEX = 2;
    */
-  MEDIUM = 2,
-
-  /**
-   * @generated from enum value: DIFFICULTY_HARD = 3;
-   */
-  HARD = 3,
+  COMPLEX = 2,
 }
 
 /**
