@@ -189,7 +189,7 @@ class ClassifierConfig(_Strict):
     extra_examples_files: list[str] = []
     # A prompt is complex when the difficulty model's probability of "complex" is at least this: below
     # 0.5 leans towards the strong model, since under-routing costs quality and over-routing only money.
-    complex_threshold: float = Field(default=0.35, gt=0, lt=1)
+    complex_threshold: float = Field(default=0.45, gt=0, lt=1)
     # Where the examples' embeddings are kept between starts (keyed by the examples' text).
     embedding_cache_dir: str = "var/cache/router"
 

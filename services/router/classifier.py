@@ -39,6 +39,10 @@ FEATURE_WEIGHT = 0.25
 DIFFICULTY_FEATURE_WEIGHT = 0.1
 REGULARISATION_C = 4.0
 DIFFICULTY_REGULARISATION_C = 16.0
+# The nearest examples' vote, blended into both models' probabilities (cosine similarity, softmax-weighted).
+NEIGHBOURS = 15
+NEIGHBOUR_SHARPNESS = 10.0
+NEIGHBOUR_WEIGHT = 0.25
 
 _CODE = re.compile(
     r"```|^\s{2,}\S.*[;:{})]\s*$|\bdef \w+\(|=>|\bimport \w|\bSELECT\b.+\bFROM\b|^\s*\$ \w", re.M
@@ -306,6 +310,13 @@ class TaskClassifier:
             )
         )
         self._complex_index = self._difficulty.classes.index(Difficulty.COMPLEX.value)
+        # The nearest examples vote too: a task type added with a handful of examples is found by its
+        # neighbours before a linear model has enough of them to learn it.
+        self._examples = vectors
+        self._example_tasks = np.array([self._task.classes.index(t) for t in labels])
+        self._example_complex = np.array(
+            [d == Difficulty.COMPLEX.value for d in difficulties], dtype=np.float64
+        )
 
     def _input(self, vectors: np.ndarray, shapes: np.ndarray, weight: float = FEATURE_WEIGHT) -> np.ndarray:
         return np.hstack([vectors, (shapes - self._mean) / self._scale * weight])
@@ -316,10 +327,23 @@ class TaskClassifier:
         shape = np.asarray(self._features(prompt, context), dtype=np.float64)[None, :]
         vector = np.asarray(embedding, dtype=np.float64)[None, :]
         task = self._task.probabilities(self._input(vector, shape)[0])
-        best = int(task.argmax())
         hard = self._difficulty.probabilities(self._input(vector, shape, DIFFICULTY_FEATURE_WEIGHT)[0])
-        complex_probability = float(hard[self._complex_index])
+        neighbour_tasks, neighbour_complex = self._neighbours(vector[0])
+        task = (1 - NEIGHBOUR_WEIGHT) * task + NEIGHBOUR_WEIGHT * neighbour_tasks
+        best = int(task.argmax())
+        complex_probability = float(
+            (1 - NEIGHBOUR_WEIGHT) * hard[self._complex_index] + NEIGHBOUR_WEIGHT * neighbour_complex
+        )
         difficulty = (
             Difficulty.COMPLEX if complex_probability >= self.complex_threshold else Difficulty.SIMPLE
         )
         return Classification(self._task.classes[best], difficulty, float(task[best]), complex_probability)
+
+    def _neighbours(self, vector: np.ndarray) -> tuple[np.ndarray, float]:
+        """The task-type shares and the complex share among the nearest examples, weighted by similarity."""
+        similarities = self._examples @ vector
+        nearest = np.argpartition(-similarities, min(NEIGHBOURS, len(similarities) - 1))[:NEIGHBOURS]
+        weights = np.exp(NEIGHBOUR_SHARPNESS * similarities[nearest])
+        weights /= weights.sum()
+        tasks = np.bincount(self._example_tasks[nearest], weights=weights, minlength=len(self._task.classes))
+        return tasks, float(weights @ self._example_complex[nearest])
