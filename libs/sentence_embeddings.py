@@ -175,7 +175,8 @@ def load_embedding_model(
         model = _quantised(model)
     logger.info(
         "loaded embedding model %s from %s in %.1fs on %s (%s)",
-        model_id, model_dir, time.perf_counter() - started, device_name, dtype_name(dtype),
+        model_id, model_dir, time.perf_counter() - started, device_name,
+        "int8 linear layers" if int8 and device_name == "cpu" else dtype_name(dtype),
     )  # fmt: skip
     return EmbeddingModel(model_id, model, tokenizer, device_name)
 

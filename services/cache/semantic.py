@@ -10,6 +10,7 @@ tools/eval_semantic_cache run the same code.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from libs.config import SemanticCacheConfig
 from services.cache.guards import QuestionGuards, QuestionProfile, Veto
 from services.cache.index import VectorIndex
 from services.cache.keys import tenant_tag_of
+
+PROFILE_CACHE_SIZE = 4096
 
 
 class AnswerEnd:
@@ -124,6 +127,8 @@ class SemanticJudge:
         self._guards = guards
         self._threshold = config.similarity_threshold
         self._margin = config.ambiguity_margin
+        # Cached questions come back as candidates again and again; their profiles are read-only.
+        self._cached_profile = functools.lru_cache(maxsize=PROFILE_CACHE_SIZE)(guards.profile)
 
     def profile(self, question: str) -> QuestionProfile:
         return self._guards.profile(question)
@@ -138,7 +143,7 @@ class SemanticJudge:
             return SemanticVerdict(None, best.similarity, Veto.TRUNCATED)
         if best.entry.answer_end == AnswerEnd.REFUSAL:
             return SemanticVerdict(None, best.similarity, Veto.REFUSAL)
-        cached = self._guards.profile(best.entry.question)
+        cached = self._cached_profile(best.entry.question)
         veto = self._guards.compare(cached, asked).veto
         if veto is not None:
             return SemanticVerdict(None, best.similarity, veto)
@@ -152,7 +157,7 @@ class SemanticJudge:
         for other in others:
             if best.similarity - other.similarity > self._margin:
                 return False
-            runner_up = self._guards.profile(other.entry.question)
+            runner_up = self._cached_profile(other.entry.question)
             if self._guards.compare(cached, runner_up).veto is not None:
                 return True
         return False
