@@ -18,6 +18,7 @@ CALLERS = CallerPolicy(
     ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"],
     {
         "RecordUsage": {Identity.GATEWAY},
+        "RecordUsages": {Identity.GATEWAY},
         "CheckBudget": {Identity.GATEWAY},
         "SetBudget": {Identity.GATEWAY, Identity.OPERATOR},
         "GetUsageReport": {Identity.GATEWAY, Identity.OPERATOR},

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from opentelemetry import metrics
 
+from libs.errors import InvalidArgument, ServiceError
 from libs.pricing import Price, PriceTable
 from services.ledger.budget import Budget, BudgetStatus, budget_status, crossed_thresholds, make_budget
 from services.ledger.projection import Projection, project, projected_thresholds, trend_days
@@ -65,9 +66,43 @@ class Ledger:
         return self._prices.prices()
 
     async def record_usage(self, event: UsageEvent) -> RecordOutcome:
+        (outcome,) = await self.record_usages([event])
+        if isinstance(outcome, ServiceError):
+            raise outcome
+        return outcome
+
+    async def record_usages(self, events: Sequence[UsageEvent]) -> list[RecordOutcome | ServiceError]:
+        """Each event validated, priced and stored (one round trip for them all); per event, the outcome
+        or the error that refused it (InvalidArgument, RecordConflict). Budget alerts follow, once per
+        tenant."""
         now = self._clock()
-        validate_event(event, now)
-        record = UsageRecord(
+        outcomes: list[RecordOutcome | ServiceError | None] = [None] * len(events)
+        records: list[tuple[int, UsageRecord]] = []
+        for index, event in enumerate(events):
+            try:
+                validate_event(event, now)
+            except InvalidArgument as invalid:
+                outcomes[index] = invalid
+                continue
+            records.append((index, self._record_of(event, now)))
+        stored = await self._store.record_many([record for _, record in records])
+        spent_by_tenant: dict[tuple[str, str], tuple[datetime, int]] = {}
+        for (index, record), result in zip(records, stored, strict=True):
+            if isinstance(result, ServiceError):
+                outcomes[index] = result
+                continue
+            outcomes[index] = RecordOutcome(cost_micros=result.cost_micros, duplicate=result.duplicate)
+            if not result.duplicate:
+                month = (record.tenant_id, month_key(record.occurred_at))
+                seen = spent_by_tenant.get(month)
+                if seen is None or result.month_spend_micros > seen[1]:
+                    spent_by_tenant[month] = (record.occurred_at, result.month_spend_micros)
+        for (tenant_id, _), (occurred_at, spent) in spent_by_tenant.items():
+            await self._alert_new_thresholds(tenant_id, occurred_at, spent, now)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _record_of(self, event: UsageEvent, now: datetime) -> UsageRecord:
+        return UsageRecord(
             request_id=event.request_id,
             tenant_id=event.tenant_id,
             api_key_id=event.api_key_id,
@@ -86,12 +121,6 @@ class Ledger:
             attempts=event.attempts,
             prompt_fingerprint=event.prompt_fingerprint,
         )
-        stored = await self._store.record(record)
-        if not stored.duplicate:
-            await self._alert_new_thresholds(
-                record.tenant_id, record.occurred_at, stored.month_spend_micros, now
-            )
-        return RecordOutcome(cost_micros=stored.cost_micros, duplicate=stored.duplicate)
 
     async def _alert_new_thresholds(
         self, tenant_id: str, occurred_at: datetime, spent_micros: int, now: datetime

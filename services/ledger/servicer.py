@@ -8,10 +8,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sophia.ledger.v1 import ledger_pb2 as pb
 from sophia.ledger.v1 import ledger_pb2_grpc
 
-from libs.errors import InvalidArgument
-from services.ledger.ledger import Ledger
+from libs.errors import InvalidArgument, ServiceError
+from services.ledger.ledger import Ledger, RecordOutcome
 from services.ledger.projection import Projection
 from services.ledger.recommendations import Recommendation, RecommendationKind
+from services.ledger.store import RecordConflict
 from services.ledger.usage import Difficulty, GroupBy, UsageEvent, UsageRecord, UsageRow
 
 GROUP_BY: dict[int, GroupBy] = {
@@ -54,6 +55,38 @@ def _timestamp(moment: datetime) -> Timestamp:
     timestamp = Timestamp()
     timestamp.FromDatetime(moment)
     return timestamp
+
+
+# One call's records: a batch the Gateway fills while the previous one is on its way.
+MAX_BATCH_RECORDS = 1000
+
+
+def _event(request: pb.RecordUsageRequest) -> UsageEvent:
+    return UsageEvent(
+        request_id=request.request_id,
+        tenant_id=request.tenant_id,
+        api_key_id=request.api_key_id,
+        model_id=request.model_id,
+        provider=request.provider,
+        input_tokens=request.input_tokens,
+        output_tokens=request.output_tokens,
+        cached=request.cached,
+        occurred_at=_optional_time(request, "occurred_at"),
+        task_type=request.task_type,
+        difficulty=_difficulty(request.difficulty),
+        planned_model_id=request.planned_model_id,
+        attempts=request.attempts,
+        prompt_fingerprint=request.prompt_fingerprint,
+    )
+
+
+def _result(index: int, outcome: RecordOutcome | ServiceError) -> pb.RecordResult:
+    if isinstance(outcome, RecordConflict):
+        return pb.RecordResult(status=pb.RECORD_STATUS_CONFLICT, error=outcome.message)
+    if isinstance(outcome, ServiceError):
+        return pb.RecordResult(status=pb.RECORD_STATUS_INVALID, error=f"records[{index}].{outcome.message}")
+    status = pb.RECORD_STATUS_DUPLICATE if outcome.duplicate else pb.RECORD_STATUS_RECORDED
+    return pb.RecordResult(status=status, cost_micros=outcome.cost_micros)
 
 
 def _difficulty(number: int) -> Difficulty:
@@ -117,25 +150,23 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self._ledger = ledger
 
     async def RecordUsage(self, request, context):
-        outcome = await self._ledger.record_usage(
-            UsageEvent(
-                request_id=request.request_id,
-                tenant_id=request.tenant_id,
-                api_key_id=request.api_key_id,
-                model_id=request.model_id,
-                provider=request.provider,
-                input_tokens=request.input_tokens,
-                output_tokens=request.output_tokens,
-                cached=request.cached,
-                occurred_at=_optional_time(request, "occurred_at"),
-                task_type=request.task_type,
-                difficulty=_difficulty(request.difficulty),
-                planned_model_id=request.planned_model_id,
-                attempts=request.attempts,
-                prompt_fingerprint=request.prompt_fingerprint,
-            )
-        )
+        outcome = await self._ledger.record_usage(_event(request))
         return pb.RecordUsageResponse(cost_micros=outcome.cost_micros, duplicate=outcome.duplicate)
+
+    async def RecordUsages(self, request, context):
+        if len(request.records) > MAX_BATCH_RECORDS:
+            raise InvalidArgument("records", f"at most {MAX_BATCH_RECORDS} records per call")
+        results: list[pb.RecordResult] = [pb.RecordResult() for _ in request.records]
+        events: list[tuple[int, UsageEvent]] = []
+        for index, record in enumerate(request.records):
+            try:
+                events.append((index, _event(record)))
+            except InvalidArgument as invalid:
+                results[index] = _result(index, invalid)
+        outcomes = await self._ledger.record_usages([event for _, event in events]) if events else []
+        for (index, _), outcome in zip(events, outcomes, strict=True):
+            results[index] = _result(index, outcome)
+        return pb.RecordUsagesResponse(results=results)
 
     async def CheckBudget(self, request, context):
         status = await self._ledger.check_budget(request.tenant_id)

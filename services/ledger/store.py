@@ -93,6 +93,16 @@ class StoredUsage:
     month_spend_micros: int
 
 
+def _stored(record: UsageRecord, verdict: list) -> StoredUsage | RecordConflict:
+    outcome, cost, spent = verdict
+    if outcome == 2:
+        return RecordConflict(
+            f"request_id: {record.request_id!r} is already recorded with different usage; "
+            "record this usage under a request id of its own"
+        )
+    return StoredUsage(duplicate=outcome == 1, cost_micros=int(cost), month_spend_micros=int(spent))
+
+
 def _micros(moment: datetime) -> int:
     delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
@@ -119,6 +129,23 @@ class LedgerStore:
         await self._redis.aclose()
 
     async def record(self, record: UsageRecord) -> StoredUsage:
+        (stored,) = await self.record_many([record])
+        if isinstance(stored, RecordConflict):
+            raise stored
+        return stored
+
+    async def record_many(self, records: list[UsageRecord]) -> list[StoredUsage | RecordConflict]:
+        """Each record added unless its request id is already recorded, in one round trip to Redis (each
+        record's step is atomic on its own); per record, what was stored or the conflict."""
+        with unavailable_when_redis_fails("ledger storage (Redis)"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for record in records:
+                    keys, args = self._record_call(record)
+                    await self._record_script(keys=keys, args=args, client=pipe)
+                verdicts = await pipe.execute()
+        return [_stored(record, verdict) for record, verdict in zip(records, verdicts, strict=True)]
+
+    def _record_call(self, record: UsageRecord) -> tuple[list[str], list]:
         tenant = record.tenant_id
         occurred = _micros(record.occurred_at)
         fields = {
@@ -138,29 +165,21 @@ class LedgerStore:
             "attempts": record.attempts,
             "prompt_fingerprint": record.prompt_fingerprint,
         }
-        with unavailable_when_redis_fails("ledger storage (Redis)"):
-            verdict, cost, spent = await self._record_script(
-                keys=[
-                    _key(tenant, "usage", record.request_id),
-                    _key(tenant, "usage-index"),
-                    _key(tenant, "spend", month_key(record.occurred_at)),
-                    _key(tenant, "spend-day", day_key(record.occurred_at)),
-                ],
-                args=[
-                    record.request_id,
-                    occurred,
-                    record.cost_micros,
-                    record_fingerprint(record),
-                    DAY_SPEND_TTL_SECONDS,
-                    *_flatten(fields),
-                ],
-            )
-        if verdict == 2:
-            raise RecordConflict(
-                f"request_id: {record.request_id!r} is already recorded with different usage; "
-                "record this usage under a request id of its own"
-            )
-        return StoredUsage(duplicate=verdict == 1, cost_micros=int(cost), month_spend_micros=int(spent))
+        keys = [
+            _key(tenant, "usage", record.request_id),
+            _key(tenant, "usage-index"),
+            _key(tenant, "spend", month_key(record.occurred_at)),
+            _key(tenant, "spend-day", day_key(record.occurred_at)),
+        ]
+        args = [
+            record.request_id,
+            occurred,
+            record.cost_micros,
+            record_fingerprint(record),
+            DAY_SPEND_TTL_SECONDS,
+            *_flatten(fields),
+        ]
+        return keys, args
 
     async def month_spend(self, tenant_id: str, month: str) -> int:
         with unavailable_when_redis_fails("ledger storage (Redis)"):

@@ -303,3 +303,39 @@ async def test_records_survive_ledger_and_redis_restarts(mesh, tenant) -> None:
     mesh.start("redis")
     mesh.wait_ready(["redis", "ledger"], timeout=60)
     assert await state() == expected
+
+
+async def test_a_batch_gives_each_record_its_own_result(ledger, tenant) -> None:
+    first = _usage(tenant, "batch-1")
+    await ledger.RecordUsage(first)
+    batch = [
+        _usage(tenant, "batch-2"),
+        first,  # recorded before: a duplicate, nothing added
+        _usage(tenant, "batch-1", input_tokens=5),  # the same id with other usage: a conflict
+        _usage(tenant, "batch-3", input_tokens=-1),  # invalid
+        _usage(tenant, "batch-4", model_id="unpriced"),
+    ]
+    reply = await ledger.RecordUsages(pb.RecordUsagesRequest(records=batch))
+    assert [r.status for r in reply.results] == [
+        pb.RECORD_STATUS_RECORDED,
+        pb.RECORD_STATUS_DUPLICATE,
+        pb.RECORD_STATUS_CONFLICT,
+        pb.RECORD_STATUS_INVALID,
+        pb.RECORD_STATUS_RECORDED,
+    ]
+    assert [r.cost_micros for r in reply.results] == [COST_1000_2000, COST_1000_2000, 0, 0, 0]
+    assert reply.results[3].error.startswith("records[3].input_tokens:")
+    report = await ledger.GetUsageReport(pb.GetUsageReportRequest(tenant_id=tenant))
+    assert (report.total.requests, report.total.cost_micros) == (3, 2 * COST_1000_2000)
+    again = await ledger.RecordUsages(pb.RecordUsagesRequest(records=batch[:2]))
+    assert [r.status for r in again.results] == [pb.RECORD_STATUS_DUPLICATE] * 2
+    assert await _requests_this_month(ledger, tenant) == 3
+
+
+async def test_an_oversized_batch_is_refused_whole(ledger, tenant) -> None:
+    records = [_usage(tenant) for _ in range(1001)]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await ledger.RecordUsages(pb.RecordUsagesRequest(records=records))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "records" in refused.value.details()
+    assert await _requests_this_month(ledger, tenant) == 0

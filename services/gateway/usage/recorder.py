@@ -1,13 +1,15 @@
 """Usage records for the CostLedger, never lost and never counted twice.
 
 Write-ahead: a record is in the journal (journal.py, fsync'ed) before the ledger is asked, and the
-request's answer waits for that, not for the ledger. The ledger is then asked off the response path;
-what it acknowledges is marked in the journal, and what it has not is sent again after a restart and
-periodically while it is down (the breaker logs one WARNING per outage and one INFO on recovery).
+request's answer waits for that, not for the ledger. The ledger is then asked off the response path, in
+batches: records that arrive while a batch is on its way go together in the next one (RecordUsages), so
+a busy Gateway makes one ledger call for many requests and an idle one adds no wait. What the ledger
+acknowledges is marked in the journal; what it has not is sent again after a restart and periodically
+while it is down (the breaker logs one WARNING per outage and one INFO on recovery).
 
 The ledger binds a request id to its record: a resend of the same record is a duplicate (nothing added),
-a different record under a request id already used is ALREADY_EXISTS. Such a record is still counted,
-under an id derived from its journal entry (the same on every resend, so it too is counted once).
+a different record under a request id already used is a conflict. Such a record is still counted, under
+an id derived from its journal entry (the same on every resend, so it too is counted once).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from services.gateway.usage.journal import JournalEntry, UsageJournal
 log = logging.getLogger(__name__)
 
 RECORD_TIMEOUT_SECONDS = 2.0
-# Records sent at once by a replay; a backlog of thousands drains in batches instead of all at once.
-REPLAY_CONCURRENCY = 16
+# Records per RecordUsages call (the ledger takes up to 1000).
+MAX_BATCH = 256
+_DIFFICULTIES = {"simple": pb.DIFFICULTY_SIMPLE, "complex": pb.DIFFICULTY_COMPLEX}
 # The ledger's request ids are at most 128 characters; a derived id keeps a readable prefix of the original.
 MAX_REQUEST_ID_CHARS = 128
 DERIVED_SUFFIX_CHARS = 20
@@ -48,6 +51,13 @@ class UsageRecord:
     output_tokens: int
     cached: bool
     occurred_at: float  # Unix seconds
+    # The routing context, for the ledger's advice: what the Router made of the request, the model it put
+    # first, the targets tried, and a digest of what determines the answer (never the prompt itself).
+    task_type: str = ""
+    difficulty: str = ""  # "simple" | "complex" | ""
+    planned_model_id: str = ""
+    attempts: int = 0
+    prompt_fingerprint: str = ""
 
     def to_proto(self) -> pb.RecordUsageRequest:
         occurred = Timestamp()
@@ -62,6 +72,11 @@ class UsageRecord:
             output_tokens=self.output_tokens,
             cached=self.cached,
             occurred_at=occurred,
+            task_type=self.task_type,
+            difficulty=_DIFFICULTIES.get(self.difficulty, pb.DIFFICULTY_UNSPECIFIED),
+            planned_model_id=self.planned_model_id,
+            attempts=self.attempts,
+            prompt_fingerprint=self.prompt_fingerprint,
         )
 
 
@@ -84,8 +99,11 @@ class UsageRecorder:
         self._replay_seconds = replay_seconds
         self._breaker = breaker
         self._unacked: dict[str, JournalEntry] = {}  # in journal order
+        self._queued: dict[str, JournalEntry] = {}  # waiting for the next batch, in order
         self._sending: set[str] = set()
-        self._tasks: set[asyncio.Task] = set()
+        # Entries whose request id the ledger holds with other usage: sent under a derived id.
+        self._conflicted: set[str] = set()
+        self._sender: asyncio.Task | None = None
         self._replay: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -104,65 +122,90 @@ class UsageRecorder:
         except OSError as exc:
             # No durable copy: the ledger itself is the only place left, so the answer waits for it.
             log.error("usage journal not writable (%s): sending the record to the ledger directly", exc)
-            await self._send(record, unique=record.request_id)
+            if not await self._send_batch([JournalEntry(record.request_id, asdict(record))]):
+                log.error("usage record neither journaled nor delivered", extra={"record": asdict(record)})
             return
         self._unacked[entry.entry_id] = entry
         if self._breaker.allows():
-            self._spawn(self._deliver(entry))
+            self._enqueue([entry])
 
-    def _spawn(self, work) -> None:
-        # The delivery outlives the request: it keeps the request id for its logs but not the request's
-        # deadline, which would fail the ledger call the moment a client's deadline passed.
-        context = contextvars.copy_context()
-        context.run(deadline.start, None)
-        task = asyncio.get_running_loop().create_task(work, context=context)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _enqueue(self, entries: list[JournalEntry]) -> None:
+        for entry in entries:
+            if entry.entry_id not in self._sending:
+                self._queued[entry.entry_id] = entry
+        if self._queued and (self._sender is None or self._sender.done()):
+            # The delivery outlives the request: it keeps the request id for its logs but not the
+            # request's deadline, which would fail the ledger call the moment a client's deadline passed.
+            context = contextvars.copy_context()
+            context.run(deadline.start, None)
+            self._sender = asyncio.get_running_loop().create_task(self._send_queued(), context=context)
 
-    async def _deliver(self, entry: JournalEntry) -> None:
-        if entry.entry_id in self._sending:
-            return
-        self._sending.add(entry.entry_id)
+    async def _send_queued(self) -> None:
+        """Sends what is queued, a batch at a time, until nothing is left or the ledger stops answering."""
+        while self._queued and self._breaker.allows():
+            batch = list(self._queued.values())[:MAX_BATCH]
+            for entry in batch:
+                del self._queued[entry.entry_id]
+            self._sending.update(entry.entry_id for entry in batch)
+            try:
+                delivered = await self._send_batch(batch)
+            finally:
+                self._sending.difference_update(entry.entry_id for entry in batch)
+            if not delivered:
+                return  # left unacknowledged: the replay sends them again
+
+    def _record_of(self, entry: JournalEntry) -> UsageRecord:
+        record = UsageRecord(**entry.record)
+        if entry.entry_id in self._conflicted:
+            return replace(record, request_id=derived_request_id(record.request_id, entry.entry_id))
+        return record
+
+    async def _send_batch(self, batch: list[JournalEntry]) -> bool:
+        """True when the ledger answered for every record (each held, a duplicate or refused for good);
+        entries it holds are acknowledged in the journal. A conflict is sent again at once, under its
+        derived id."""
+        request = pb.RecordUsagesRequest(records=[self._record_of(entry).to_proto() for entry in batch])
         try:
-            if await self._send(UsageRecord(**entry.record), unique=entry.entry_id):
-                self._journal.ack(entry.entry_id)
-                self._unacked.pop(entry.entry_id, None)
-        finally:
-            self._sending.discard(entry.entry_id)
-
-    async def _send(self, record: UsageRecord, *, unique: str) -> bool:
-        """True when the ledger holds the record (now or from an earlier attempt), or refused it for good."""
-        try:
-            await self._stub.RecordUsage(record.to_proto(), timeout=RECORD_TIMEOUT_SECONDS)
+            reply = await self._stub.RecordUsages(request, timeout=RECORD_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.ALREADY_EXISTS:
-                # Another request holds this id in the ledger; this one is still counted, under its own id.
-                derived = derived_request_id(record.request_id, unique)
+            if exc.code() in UNREACHABLE:
+                self._breaker.record_failure(exc.code().name)
+            else:
+                log.warning("usage records not delivered (%s); they wait in the journal", exc.code().name)
+            return False
+        retry: list[JournalEntry] = []
+        for entry, result in zip(batch, reply.results, strict=True):
+            if result.status == pb.RECORD_STATUS_CONFLICT and entry.entry_id not in self._conflicted:
+                record = UsageRecord(**entry.record)
+                derived = derived_request_id(record.request_id, entry.entry_id)
                 log.warning(
                     "request id %s already recorded with other usage; recording as %s",
                     record.request_id,
                     derived,
                 )
-                return await self._send(replace(record, request_id=derived), unique=unique)
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                log.error("ledger rejected usage record: %s", exc.details(), extra={"record": asdict(record)})
-                return True
-            if code in UNREACHABLE:
-                self._breaker.record_failure(code.name)
-            return False
-        return True
+                self._conflicted.add(entry.entry_id)
+                retry.append(entry)
+                continue
+            if result.status == pb.RECORD_STATUS_INVALID:
+                log.error("ledger rejected usage record: %s", result.error, extra={"record": entry.record})
+            self._acknowledge(entry)
+        return await self._send_batch(retry) if retry else True
+
+    def _acknowledge(self, entry: JournalEntry) -> None:
+        if self._unacked.pop(entry.entry_id, None) is not None:
+            self._journal.ack(entry.entry_id)
+        self._conflicted.discard(entry.entry_id)
 
     async def replay_once(self) -> int:
         """Sends unacknowledged records oldest first while the ledger takes them; returns how many it took."""
+        before = len(self._unacked)
         waiting = [entry for entry in self._unacked.values() if entry.entry_id not in self._sending]
-        delivered = 0
-        for offset in range(0, len(waiting), REPLAY_CONCURRENCY):
-            if not self._breaker.allows():
-                break
-            batch = waiting[offset : offset + REPLAY_CONCURRENCY]
-            await asyncio.gather(*(self._deliver(entry) for entry in batch))
-            delivered += sum(1 for entry in batch if entry.entry_id not in self._unacked)
+        if not waiting or not self._breaker.allows():
+            return 0
+        self._enqueue(waiting)
+        if self._sender is not None:
+            await asyncio.shield(self._sender)
+        delivered = max(0, before - len(self._unacked))
         if delivered:
             log.info("replayed %d usage records to the ledger", delivered)
         return delivered
@@ -184,7 +227,7 @@ class UsageRecorder:
         if self._replay is not None:
             self._replay.cancel()
             await asyncio.gather(self._replay, return_exceptions=True)
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=within_seconds)
+        if self._sender is not None and not self._sender.done():
+            await asyncio.wait({self._sender}, timeout=within_seconds)
         await self._breaker.aclose()
         await self._journal.close()

@@ -1,0 +1,120 @@
+"""The Gateway's usage recorder against a real CostLedger and Redis: records go in batches (one
+RecordUsages call for what piled up while the previous call was on its way), a conflicting request id is
+counted under its derived id, and what the ledger did not take waits in the journal until it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+from sophia.ledger.v1 import ledger_pb2 as pb
+from sophia.ledger.v1 import ledger_pb2_grpc
+
+from libs.breaker import DependencyBreaker, grpc_health_probe
+from services.gateway.usage.journal import UsageJournal
+from services.gateway.usage.recorder import UsageRecord, UsageRecorder, derived_request_id
+from tests.support import internal_channel, mesh_environ
+from tools.mesh import Mesh
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    mesh = Mesh(tmp_path_factory.mktemp("usage-batches"), mesh_environ())
+    try:
+        mesh.start("redis")
+        mesh.start("ledger")
+        mesh.wait_ready(["redis", "ledger"], timeout=60)
+        yield mesh
+    finally:
+        mesh.stop_all()
+
+
+class CountingLedger:
+    """The real stub, with a count of the RecordUsages calls that went through it."""
+
+    def __init__(self, stub: ledger_pb2_grpc.LedgerServiceStub) -> None:
+        self._stub = stub
+        self.batches: list[int] = []
+
+    async def RecordUsages(self, request, **kwargs):
+        self.batches.append(len(request.records))
+        return await self._stub.RecordUsages(request, **kwargs)
+
+
+def usage(tenant: str, request_id: str, tokens: int = 10) -> UsageRecord:
+    return UsageRecord(request_id, tenant, "key_1", "model-a", "openai", tokens, tokens, False, time.time())
+
+
+async def requests_recorded(stub, tenant: str) -> int:
+    report = await stub.GetUsageReport(pb.GetUsageReportRequest(tenant_id=tenant), timeout=10)
+    return report.total.requests
+
+
+async def wait_until_delivered(recorder: UsageRecorder) -> None:
+    for _ in range(200):
+        if recorder.pending() == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{recorder.pending()} records still wait for the ledger")
+
+
+async def test_concurrent_records_go_in_few_batches_each_counted_once(mesh, tmp_path):
+    tenant = f"batches-{uuid.uuid4().hex[:6]}"
+    async with internal_channel(mesh, "ledger") as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        counting = CountingLedger(stub)
+        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        recorder = UsageRecorder(counting, UsageJournal(tmp_path), 60.0, breaker)
+        await recorder.start()
+        await asyncio.gather(*(recorder.record(usage(tenant, f"r-{i}")) for i in range(60)))
+        await wait_until_delivered(recorder)
+        await recorder.close(5)
+        assert await requests_recorded(stub, tenant) == 60
+    assert sum(counting.batches) == 60
+    assert len(counting.batches) < 60 / 4, counting.batches  # batched, not one call per record
+
+
+async def test_a_request_id_held_with_other_usage_is_counted_under_its_derived_id(mesh, tmp_path):
+    tenant = f"conflict-{uuid.uuid4().hex[:6]}"
+    async with internal_channel(mesh, "ledger") as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        await stub.RecordUsage(usage(tenant, "shared-id", tokens=1).to_proto(), timeout=10)
+        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
+        await recorder.start()
+        await recorder.record(usage(tenant, "shared-id", tokens=99))
+        await wait_until_delivered(recorder)
+        await recorder.close(5)
+        report = await stub.GetUsageReport(pb.GetUsageReportRequest(tenant_id=tenant), timeout=10)
+    # Both requests counted: the first under the id, the other under the id derived from its entry.
+    assert (report.total.requests, report.total.input_tokens) == (2, 100)
+    assert derived_request_id("shared-id", "x").startswith("shared-id~")
+
+
+async def test_records_wait_while_the_ledger_is_down_and_arrive_once_when_it_is_back(mesh, tmp_path):
+    tenant = f"outage-{uuid.uuid4().hex[:6]}"
+    async with internal_channel(mesh, "ledger") as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
+        await recorder.start()
+        mesh.stop("ledger")
+        try:
+            await asyncio.gather(*(recorder.record(usage(tenant, f"d-{i}")) for i in range(20)))
+            await asyncio.sleep(0.5)
+            assert recorder.pending() == 20
+        finally:
+            mesh.start("ledger")
+            mesh.wait_ready(["ledger"], timeout=60)
+        for _ in range(100):
+            if await recorder.replay_once() or recorder.pending() == 0:
+                break
+            await asyncio.sleep(0.1)
+        await wait_until_delivered(recorder)
+        await recorder.replay_once()  # nothing left: sending again must not count anything twice
+        await recorder.close(5)
+        assert await requests_recorded(stub, tenant) == 20
