@@ -17,6 +17,7 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 
 from libs.config import Telemetry
 
@@ -28,7 +29,10 @@ PROMETHEUS_PORT_OFFSETS = {"gateway": 0, "router": 1, "cache": 2, "ledger": 3, "
 
 def setup_telemetry(component: str, settings: Telemetry) -> None:
     resource = Resource.create({"service.name": f"sophia-{component}", "service.namespace": "sophia"})
-    tracer_provider = TracerProvider(resource=resource)
+    # Without an exporter nothing would ever read a span: record none (trace context still propagates,
+    # unsampled), which saves every RPC of every service the cost of building and ending its spans.
+    sampler = ALWAYS_ON if settings.otlp_endpoint else ALWAYS_OFF
+    tracer_provider = TracerProvider(resource=resource, sampler=sampler)
     readers: list[MetricReader] = []
     if settings.otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
