@@ -22,6 +22,7 @@ class BatchedEmbedder:
             model.embed_array,
             max_batch=config.embedding_batch_max,
             max_wait_seconds=config.embedding_batch_wait_ms / 1000,
+            workers=config.embedding_workers,
             on_batch=lambda size: metrics.embedding_batch_size.record(size),
         )
 

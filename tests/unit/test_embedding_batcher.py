@@ -15,21 +15,29 @@ class SlowModel:
         self.calls: list[int] = []
         self.seconds = seconds
         self.lock = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
 
     def __call__(self, texts):
         with self.lock:
             self.calls.append(len(texts))
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
         time.sleep(self.seconds)
+        with self.lock:
+            self.running -= 1
         return np.array([[float(len(text)), 1.0] for text in texts], dtype=np.float32)
 
 
 async def test_a_lone_text_is_embedded_without_waiting():
     model = SlowModel(0.0)
     batcher = EmbeddingBatcher(model, max_batch=32, max_wait_seconds=0.05)
-    started = time.perf_counter()
-    vector = await batcher.embed("hello")
-    assert time.perf_counter() - started < 0.04  # not held for the 50 ms wait
-    assert vector.tolist() == [5.0, 1.0]
+
+    async def never(wait):
+        raise AssertionError("an idle batcher must not hold a text to fill a batch")
+
+    batcher._fill = never
+    assert (await batcher.embed("hello")).tolist() == [5.0, 1.0]
     await batcher.close()
 
 
@@ -63,3 +71,13 @@ async def test_a_failing_model_fails_its_batch_only():
 def test_the_wait_is_bounded():
     with pytest.raises(ValueError):
         EmbeddingBatcher(SlowModel(), max_wait_seconds=0.5)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_workers_bound_the_batches_computed_at_once(workers):
+    model = SlowModel(0.05)
+    batcher = EmbeddingBatcher(model, max_batch=4, max_wait_seconds=0, workers=workers)
+    await asyncio.gather(*(batcher.embed(f"t{i}") for i in range(12)))
+    assert model.most_at_once == workers
+    assert sum(model.calls) == 12
+    await batcher.close()
