@@ -86,7 +86,7 @@ def test_reports_the_router_cannot_take_are_counted_and_logged_once(caplog):
             for n in range(5):
                 reporter.add(_entry(n))
             await _until(lambda: reporter.dropped == 5)
-            for n in range(3):  # the breaker is open now: dropped without a call
+            for n in range(3):  # still unreachable: dropped again, no second warning
                 reporter.add(_entry(n))
             await _until(lambda: reporter.dropped == 8)
             await reporter.aclose()

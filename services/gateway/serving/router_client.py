@@ -291,8 +291,7 @@ class OutcomeReporter:
                 pb.ReportOutcomeRequest(reports=batch), timeout=self._timeout_seconds
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in UNREACHABLE:
-                self._breaker.record_failure(exc.code().name)
+            # Not held against the Router's breaker: an UNAVAILABLE here may be its health store.
             self._drop(len(batch), exc.code().name.lower())
             return
         if self._failing:
