@@ -192,6 +192,10 @@ class ClassifierConfig(_Strict):
     complex_threshold: float = Field(default=0.45, gt=0, lt=1)
     # Where the examples' embeddings are kept between starts (keyed by the examples' text).
     embedding_cache_dir: str = "var/cache/router"
+    # A prompt that arrives without the cache's embedding is embedded by the Router only within this
+    # time (and the caller's deadline), at most this many at once; otherwise it is routed unclassified.
+    embed_timeout_seconds: float = Field(default=0.2, gt=0)
+    max_concurrent_embeddings: int = Field(default=2, ge=1)
 
 
 class BreakerConfig(_Strict):

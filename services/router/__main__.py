@@ -12,7 +12,7 @@ from libs.sentence_embeddings import EMBEDDING_MODEL_ID, load_embedding_model
 from libs.server import run_service
 from libs.tls import CallerPolicy, Identity
 from services.router import metrics
-from services.router.embedder import PromptEmbedder
+from services.router.embedder import BoundedEmbedding, PromptEmbedder
 from services.router.health import HealthBook, refresh_forever
 from services.router.reloader import Reloader, build_state, repo_path
 from services.router.router import Router, RoutingState
@@ -40,17 +40,21 @@ class RouterApp:
         self.redis = open_redis(config.redis.url, timeout_seconds=REDIS_TIMEOUT_SECONDS)
         self.health = HealthBook(self.redis, config.routing.breaker)
         self.embedder: PromptEmbedder | None = None
+        self.bounded: BoundedEmbedding | None = None
         self.router = Router(RoutingState(config, None), self.health, self.embed)
         self.reloader = Reloader(None, self.apply)
         self._tasks: list[asyncio.Task] = []
         metrics.observe_circuits(lambda: self.health)
 
     async def embed(self, prompt: str):
-        return (await asyncio.to_thread(self.embedder.embed_prompts, [prompt]))[0]
+        return None if self.bounded is None else await self.bounded(prompt)
 
     def apply(self, state: RoutingState) -> None:
         self.router.state = state
         self.health.settings = state.config.routing.breaker
+        if self.bounded is not None:
+            self.bounded.timeout_seconds = state.config.routing.classifier.embed_timeout_seconds
+            self.bounded.max_concurrent = state.config.routing.classifier.max_concurrent_embeddings
 
     def targets(self):
         return [
@@ -63,6 +67,10 @@ class RouterApp:
             load_embedding_model, EMBEDDING_MODEL_ID, repo_path(self.config.inference.weights_dir), "cpu"
         )
         self.embedder = self.reloader.embedder = PromptEmbedder(model)
+        settings = self.config.routing.classifier
+        self.bounded = BoundedEmbedding(
+            self.embedder, settings.embed_timeout_seconds, settings.max_concurrent_embeddings
+        )
         self.apply(await asyncio.to_thread(build_state, self.config, self.embedder))
         await self.health.refresh(self.targets())
         self._tasks = [

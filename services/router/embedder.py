@@ -8,6 +8,7 @@ keyed by each text's digest), so a restart or a reload embeds only the examples 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -16,11 +17,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from libs import deadline
 from libs.sentence_embeddings import EmbeddingModel, normalise_text
 
 log = logging.getLogger(__name__)
 
 EMBEDDING_DIMENSIONS = 384
+# Kept from the caller's deadline for the rest of the Route and the answer's way back.
+DEADLINE_MARGIN_SECONDS = 0.05
 
 
 def _digest(text: str) -> str:
@@ -63,6 +67,40 @@ class PromptEmbedder:
             except OSError as exc:
                 log.warning("example embeddings not kept in %s: %s", path, exc)
         return np.stack([known[key] for key in keys]).astype(np.float32)
+
+
+class BoundedEmbedding:
+    """The Router's own embedding of a prompt that came without the cache's: bounded in time (its own
+    limit and the caller's deadline) and in concurrency, so a Route answers in time even when the
+    model is slow or busy; None when it cannot, and the prompt is routed unclassified."""
+
+    def __init__(self, embedder: PromptEmbedder, timeout_seconds: float, max_concurrent: int) -> None:
+        self._embedder = embedder
+        self.timeout_seconds = timeout_seconds
+        self.max_concurrent = max_concurrent
+        # Embeddings running, including those whose Route stopped waiting (a thread cannot be stopped).
+        self._running = 0
+
+    async def __call__(self, prompt: str) -> Sequence[float] | None:
+        budget = self.timeout_seconds
+        left = deadline.remaining()
+        if left is not None:
+            budget = min(budget, left - DEADLINE_MARGIN_SECONDS)
+        if budget <= 0 or self._running >= self.max_concurrent:
+            return None
+        self._running += 1
+        work = asyncio.ensure_future(asyncio.to_thread(self._embedder.embed_prompts, [prompt]))
+        work.add_done_callback(self._finished)
+        try:
+            vectors = await asyncio.wait_for(asyncio.shield(work), budget)
+        except TimeoutError:
+            return None
+        return vectors[0]
+
+    def _finished(self, work: asyncio.Future) -> None:
+        self._running -= 1
+        if not work.cancelled() and work.exception() is not None:
+            log.error("embedding a prompt failed: %s", work.exception())
 
 
 def _stored(path: str | os.PathLike[str] | None) -> dict[str, np.ndarray]:

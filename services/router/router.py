@@ -108,7 +108,8 @@ class RoutingState:
         return [m for m, model in self.config.models.items() if model.kind == "chat"]
 
 
-Embed = Callable[[str], Awaitable[Sequence[float]]]
+# Returns None when it cannot embed in time: the prompt is then routed unclassified.
+Embed = Callable[[str], Awaitable[Sequence[float] | None]]
 
 
 class Router:
@@ -186,6 +187,8 @@ class Router:
             raise FailedPrecondition(
                 f"no model can serve this request ({reason}): {'; '.join(admitted_notes)}"
             )
+        if classification is None and decision is Decision.COMPLEX_QUALITY and request.prompt.strip():
+            notes.append("not classified (no embedding in time): treated as complex")
         if classification is not None:
             confidence_shown = f"{classification.confidence:.2f}"
             reason += f" (task_type={task_type}, difficulty={difficulty}, confidence={confidence_shown})"
@@ -228,6 +231,8 @@ class Router:
             if self._embed is None or decided:
                 return None, 0.0
             embedding = await self._embed(request.prompt)
+            if embedding is None:
+                return None, 0.0
         if len(embedding) != EMBEDDING_DIMENSIONS:
             raise InvalidArgument(
                 "prompt_embedding",
