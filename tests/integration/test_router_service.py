@@ -59,6 +59,8 @@ CONFIG = textwrap.dedent("""\
         coder: {quality: 3}
       flags_file: FLAGS_FILE
       watch_seconds: 0.2
+      # The Router embeds the prompts itself here (no cache in front): give it time on a busy machine.
+      classifier: {embed_timeout_seconds: 10}
       breaker:
         {consecutive_failures: 3, min_requests: 50, cooldown_seconds: 1.5, probes: 1, refresh_seconds: 0.1}
 """)
