@@ -249,12 +249,18 @@ class QuestionGuards:
         as the word meant."""
         if word in lexicon.SHORTHAND:
             return lexicon.SHORTHAND[word]
-        if word in self._known or len(word) < MIN_TYPO_CHARS or not word.isalpha():
+        if word in self._known or word in _LEXICON_WORDS or len(word) < MIN_TYPO_CHARS or not word.isalpha():
             return word
-        for candidate in _TYPO_TARGETS.get(word[0], ()):
-            if typo_distance(word, candidate, typo_limit(candidate)) <= typo_limit(candidate):
-                return candidate
-        return word
+        # The closest lexicon word within its typo limit; ties go to the alphabetically first, so the
+        # reading never depends on set order (string hashing differs between processes).
+        distances = (
+            (typo_distance(word, candidate, typo_limit(candidate)), candidate)
+            for candidate in _TYPO_TARGETS.get(word[0], ())
+        )
+        near = [
+            (distance, candidate) for distance, candidate in distances if distance <= typo_limit(candidate)
+        ]
+        return min(near)[1] if near else word
 
     # --- content words ----------------------------------------------------------------------------
 
@@ -524,14 +530,11 @@ def _quotes_kept(profile: QuestionProfile, other: QuestionProfile) -> bool:
     return all(quoted in other.text for quoted in profile.quoted)
 
 
+_LEXICON_WORDS = frozenset(
+    {*lexicon.UNITS, *lexicon.MONTHS, *lexicon.NEGATORS, *lexicon.INSTRUCTIONS, *lexicon.NUMBER_WORDS}
+)
 _TYPO_TARGETS: dict[str, tuple[str, ...]] = {}
-for _word in {
-    *lexicon.UNITS,
-    *lexicon.MONTHS,
-    *lexicon.NEGATORS,
-    *lexicon.INSTRUCTIONS,
-    *lexicon.NUMBER_WORDS,
-}:
+for _word in sorted(_LEXICON_WORDS):
     if _word.isalpha() and len(_word) >= MIN_TYPO_CHARS:
         _TYPO_TARGETS[_word[0]] = (*_TYPO_TARGETS.get(_word[0], ()), _word)
 

@@ -105,3 +105,11 @@ def test_normalisation_folds_case_spacing_and_edge_punctuation():
     # Code keeps its symbols and its indentation.
     assert normalise_text("x = a[1]") != normalise_text("x = a(1)")
     assert normalise_text("if a:\n    b()") == "if a\n    b()"
+
+
+def test_lexicon_words_are_read_as_themselves_and_typos_as_the_closest(guards):
+    """ "milliliters" is one edit pair from "millimeters"; it must never be read as it, whatever the
+    process's string hashing (set order) is."""
+    assert guards.profile("Convert 2.5 liters to milliliters.").units == {"liter", "milliliter"}
+    assert guards.profile("convert 100 pounds to kilgorams").units == {"pound", "kilogram"}
+    assert veto(guards, "Convert 2.5 liters to milliliters.", "How many mL is 2.5 L?") is None
