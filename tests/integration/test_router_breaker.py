@@ -165,3 +165,64 @@ def test_a_failed_probe_keeps_the_fallback_in_front(mesh):
         assert calls(flaky) == before + 1
     finally:
         flaky.fault = ""
+
+
+def target_health(mesh: Mesh, model_id: str) -> pb.ProviderHealth:
+    with internal_blocking_channel(mesh, "router") as channel:
+        reply = router_pb2_grpc.RouterServiceStub(channel).GetProviderHealth(
+            pb.GetProviderHealthRequest(), timeout=5
+        )
+    return next(p for p in reply.providers if p.model_id == model_id)
+
+
+def stream(mesh: Mesh, model: str) -> list[str]:
+    """The SSE data lines of a streamed answer, read to the end (or to where the stream broke)."""
+    lines = []
+    with httpx.stream(
+        "POST",
+        f"{mesh.edge_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={
+            "model": model,
+            "stream": True,
+            "cache": False,
+            "messages": [{"role": "user", "content": "one two three four five six"}],
+        },
+        timeout=30,
+    ) as reply:
+        assert reply.status_code == 200
+        try:
+            lines = [line for line in reply.iter_lines() if line.startswith("data:")]
+        except httpx.HTTPError:
+            pass
+    return lines
+
+
+def test_a_stream_is_reported_when_it_ends_with_its_time_to_first_token(mesh):
+    mesh, _, good = mesh
+    before = target_health(mesh, "good-gpt")
+    good.latency = 0.05
+    try:
+        lines = stream(mesh, "good-gpt")
+    finally:
+        good.latency = 0.0
+    assert lines[-1] == "data: [DONE]"
+    assert eventually(lambda: target_health(mesh, "good-gpt").successes == before.successes + 1)
+    assert target_health(mesh, "good-gpt").p50_time_to_first_token_ms >= 50
+
+
+def test_a_stream_that_breaks_after_its_first_token_counts_as_a_failure(mesh):
+    mesh, flaky, _ = mesh
+    # Requests (probes after the cool-down) until the breaker left open by the test above closes.
+    assert eventually(lambda: chat(mesh) and circuit(mesh, "flaky-gpt") == pb.CIRCUIT_STATE_CLOSED, 20)
+    before = target_health(mesh, "flaky-gpt")
+    flaky.fault = "drop_midstream"
+    try:
+        stream(mesh, "flaky-gpt")
+    finally:
+        flaky.fault = ""
+    # Reported at the stream's real end, not as a success at its first token.
+    assert eventually(lambda: target_health(mesh, "flaky-gpt").failures == before.failures + 1)
+    after = target_health(mesh, "flaky-gpt")
+    assert after.successes == before.successes
+    assert after.last_error and after.consecutive_failures == 1
