@@ -13,7 +13,6 @@ scikit-learn), so it costs microseconds; the embedding is what costs.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import pathlib
 import re
@@ -26,8 +25,6 @@ from re._parser import parse as _sre_parse
 import numpy as np
 import yaml
 from sklearn.linear_model import LogisticRegression
-
-log = logging.getLogger(__name__)
 
 # The instruction usually sits in the first words; pasted material follows.
 HEAD_WORDS = 40
@@ -216,8 +213,6 @@ def _required_literals(pattern: re.Pattern[str]) -> tuple[str, ...] | None:
 class TextFeatures:
     """Cheap features of the raw text: cue counts per task type and shape (length, code, tables...)."""
 
-    SHAPE = 9
-
     def __init__(self, example_set: ExampleSet) -> None:
         self._tasks = len(example_set.task_types)
         # Every cue as (task index, pattern); a cue is searched only in texts holding one of its literals.
@@ -230,10 +225,6 @@ class TextFeatures:
                 self._always.append(index)
             for literal in literals or ():
                 self._by_literal.setdefault(literal, []).append(index)
-
-    @property
-    def size(self) -> int:
-        return 3 * self._tasks + self.SHAPE
 
     def _cue_counts(self, text: str) -> list[int]:
         lowered = text.lower()

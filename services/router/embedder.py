@@ -22,7 +22,6 @@ from libs.sentence_embeddings import EmbeddingModel, normalise_text
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_DIMENSIONS = 384
 # Kept from the caller's deadline for the rest of the Route and the answer's way back.
 DEADLINE_MARGIN_SECONDS = 0.05
 
@@ -34,10 +33,6 @@ def _digest(text: str) -> str:
 class PromptEmbedder:
     def __init__(self, model: EmbeddingModel) -> None:
         self._model = model
-
-    @property
-    def dimensions(self) -> int:
-        return self._model.dimensions
 
     def embed_prompts(self, prompts: Sequence[str]) -> np.ndarray:
         return self._model.embed_array([normalise_text(p) for p in prompts])

@@ -3,7 +3,6 @@ the reloader."""
 
 from __future__ import annotations
 
-import logging
 import math
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -17,8 +16,6 @@ from services.router.health import CircuitState, HealthBook, Outcome, OutcomeRep
 from services.router.reloader import Reloader
 from services.router.router import Preference, Request, Router
 from services.router.status import Availability, HealthStatus, overall_status
-
-log = logging.getLogger(__name__)
 
 # Names are echoed in errors and reasons and used as keys in Redis: keep them short.
 MAX_NAME_CHARS = 128
