@@ -45,6 +45,7 @@ class Veto(enum.Enum):
 
 
 _TOKEN = re.compile(r"(?P<num>\d+(?:[.,]\d+)*)(?![^\W_])|(?P<word>[^\W_]+)|(?P<sym>[$€£¥%°])")
+_DEGREE_SIGN = re.compile(r"\s*°\s*([cf])\b")
 _ORDINAL = re.compile(r"^(\d+)(?:st|nd|rd|th)$")
 # "401(k)" and "401k" are the same identifier.
 _BRACKETED_LETTER = re.compile(r"(?<=\w)\((\w)\)")
@@ -187,6 +188,8 @@ class QuestionGuards:
     def profile(self, raw: str) -> QuestionProfile:
         text = normalise_text(raw)
         profile = QuestionProfile(text)
+        # "°f" and "°c" are the temperature units' names, not a sign and a letter.
+        text = _DEGREE_SIGN.sub(lambda match: " fahrenheit" if match.group(1) == "f" else " celsius", text)
         tokens = [
             (match.lastgroup or "", match.group())
             for match in _TOKEN.finditer(_BRACKETED_LETTER.sub(r"\1", text))
@@ -207,7 +210,8 @@ class QuestionGuards:
             if any(char.isdigit() for char in token) and any(char.isalpha() for char in token):
                 if not _ORDINAL.match(token):
                     profile.identifiers.add(token)
-            elif token not in lexicon.STOPWORDS and not token.isdigit() and token not in lexicon.NUMBER_WORDS:
+            elif not (token in lexicon.STOPWORDS or token.isdigit() or token in _QUANTITY_WORDS):
+                # Numbers and units are compared by their own guards, not as content words.
                 profile.content.append(token)
             previous = token
         padded = f" {' '.join(profile.words)} "
@@ -419,8 +423,9 @@ def _reversed(first: set[tuple[str, str]], second: set[tuple[str, str]]) -> bool
 
 
 _GENERIC_STEMS = frozenset(stem(word) for word in lexicon.GENERIC_NOUNS)
-_CALENDAR_WORDS = frozenset({*lexicon.MONTHS, *lexicon.WEEKDAYS})
+_LEXICON_NAMES = frozenset({*lexicon.MONTHS, *lexicon.WEEKDAYS, *lexicon.UNITS, *lexicon.INSTRUCTIONS})
 _DEGREE_WORDS = frozenset({"degree", "degrees", "deg"})
+_QUANTITY_WORDS = frozenset({*lexicon.NUMBER_WORDS, *lexicon.UNITS, *lexicon.UNIT_MODIFIERS, *_DEGREE_WORDS})
 
 
 def _read_quantities(tokens: list[tuple[str, str]], profile: QuestionProfile) -> None:
@@ -551,7 +556,8 @@ def _entities(raw: str) -> set[str]:
         at_start = bool(_SENTENCE_START.search(raw[: match.start()]))
         inner_capitals = any(char.isupper() for char in word[1:])
         word = re.sub(r"'s$", "", word)
-        if len(word) < 2 or (at_start and not inner_capitals) or word.lower() in _CALENDAR_WORDS:
+        # Months, units and languages are names the date, unit and instruction guards compare.
+        if len(word) < 2 or (at_start and not inner_capitals) or word.lower() in _LEXICON_NAMES:
             continue
         entities.add(word)
     return entities
