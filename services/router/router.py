@@ -127,7 +127,8 @@ class Router:
             return Plan(plan.targets, plan.reason, Decision.EMBEDDING)
         if is_explicit(request.model):
             chain, reason = state.rules.explicit_chain(request.model)
-            targets, notes = await self._admit(state, request, chain)
+            notes: list[str] = []
+            targets = await self._breakers(state, self._candidates(state, request, chain, notes), notes)
             if not targets:
                 raise FailedPrecondition(f"no model can serve this request ({reason}): {'; '.join(notes)}")
             return Plan(targets, _joined(reason, notes), Decision.EXPLICIT_MODEL, request.task_type)
@@ -174,21 +175,30 @@ class Router:
         if budget is not None and budget >= routing.budget_cheaper_above:
             reason += f"; budget {budget:.0%} used → cheapest first"
             decision = Decision.BUDGET
-        targets, admitted_notes = await self._admit(state, request, list(chain), scored, preference, decision)
-        default = [m for m in routing.default_chain if m not in {t.model_id for t in targets}]
-        if default:
-            try:
-                tail, tail_notes = await self._admit(state, request, default)
-            except FailedPrecondition:
-                tail, tail_notes = (), []
-            targets = tuple(unique_targets([*targets, *tail]))
-            admitted_notes += tail_notes
+        admitted_notes: list[str] = []
+        order = None
+        if scored or decision is Decision.BUDGET:
+            order = self._score_key(state, preference, decision)
+        main = self._candidates(state, request, chain, admitted_notes, order)
+        # Every automatic plan ends in the default chain (unscored: the operator's order).
+        rest = [m for m in routing.default_chain if m not in chain]
+        tail = self._candidates(state, request, rest, admitted_notes)
+        targets = await self._breakers(state, [*main, *tail], admitted_notes)
         if not targets:
             raise FailedPrecondition(
                 f"no model can serve this request ({reason}): {'; '.join(admitted_notes)}"
             )
-        if classification is None and decision is Decision.COMPLEX_QUALITY and request.prompt.strip():
-            notes.append("not classified (no embedding in time): treated as complex")
+        if (
+            classification is None
+            and difficulty is None
+            and request.prompt.strip()
+            and decision
+            in (
+                Decision.COMPLEX_QUALITY,
+                Decision.BUDGET,
+            )
+        ):
+            notes.append("prompt not classified: treated as complex")
         if classification is not None:
             confidence_shown = f"{classification.confidence:.2f}"
             reason += f" (task_type={task_type}, difficulty={difficulty}, confidence={confidence_shown})"
@@ -242,36 +252,45 @@ class Router:
         classification = state.classifier.classify(embedding, request.prompt, request.context)
         return classification, time.perf_counter() - started
 
-    async def _admit(
+    def _candidates(
         self,
         state: RoutingState,
         request: Request,
-        chain: list[str],
-        scored: bool = False,
-        preference: Preference = Preference.BALANCED,
-        decision: Decision = Decision.PREFERENCE,
-    ) -> tuple[tuple[RouteTarget, ...], list[str]]:
-        """Filters, flags, health and scoring over one chain; returns the targets and what was skipped."""
-        notes: list[str] = []
+        chain: Sequence[str],
+        notes: list[str],
+        order=None,
+    ) -> list[str]:
+        """Filters and flags over one chain (each skipped model noted), then scoring when `order` is set."""
         candidates = [m for m in unique(chain) if self._fits(state, request, m, notes)]
-        if scored or decision is Decision.BUDGET:
-            candidates.sort(key=self._score_key(state, preference, decision))
-        healthy, open_targets = [], []
-        for model_id in candidates:
+        if order is not None:
+            candidates.sort(key=order)
+        return candidates
+
+    async def _breakers(
+        self, state: RoutingState, model_ids: Sequence[str], notes: list[str]
+    ) -> tuple[RouteTarget, ...]:
+        """Health over the ordered candidates: closed targets stay; a target whose cool-down is over is
+        probed only where it would be tried first (before any closed one), so its probe is real; the
+        others are skipped while something can serve, else kept (and said so)."""
+        usable: list[RouteTarget] = []
+        skipped: list[RouteTarget] = []
+        for model_id in model_ids:
             target = state.rules.target(model_id)
-            if await self._passes_breaker(target):
-                healthy.append(target)
+            view = self._view(target)
+            if view.state is CircuitState.CLOSED:
+                usable.append(target)
+            elif not usable and await self._claims_probe(target, view):
+                usable.append(target)
+                notes.append(f"circuit half-open: probing {model_id}")
             else:
-                open_targets.append(target)
-        if open_targets:
-            names = ", ".join(t.model_id for t in open_targets)
-            if healthy:
+                skipped.append(target)
+        if skipped:
+            names = ", ".join(t.model_id for t in skipped)
+            if usable:
                 notes.append(f"circuit open: skipped {names}")
             else:
                 notes.append(f"circuit open: {names} kept (nothing else can serve)")
-        if not healthy and not open_targets and not notes:
-            notes.append("empty chain")
-        return tuple(healthy or open_targets), notes
+        return tuple(usable or skipped)
 
     def _fits(self, state: RoutingState, request: Request, model_id: str, notes: list[str]) -> bool:
         model = state.config.models[model_id]
@@ -307,18 +326,11 @@ class Router:
     def _view(self, target: RouteTarget) -> BreakerView:
         return self._health.view((target.provider, target.model_id)) if self._health else BreakerView()
 
-    async def _passes_breaker(self, target: RouteTarget) -> bool:
-        view = self._view(target)
-        if view.state is CircuitState.CLOSED:
-            return True
+    async def _claims_probe(self, target: RouteTarget, view: BreakerView) -> bool:
         if view.state is CircuitState.OPEN and time.monotonic() < view.cooldown_ends:
             return False
         # Cool-down over, or half-open: one of the few probes, claimed atomically across replicas.
         return await self._health.claim_probe((target.provider, target.model_id))
-
-
-def unique_targets(targets: Sequence[RouteTarget]) -> list[RouteTarget]:
-    return list(dict.fromkeys(targets))
 
 
 def _joined(reason: str, notes: list[str]) -> str:

@@ -385,6 +385,18 @@ def test_list_models(router):
     assert (models["retired"].provider, models["retired"].enabled) == ("openai", False)
 
 
+def test_open_targets_of_an_automatic_plan_give_way_to_the_default_chain(routers):
+    # Runs last on the shared Routers: it leaves two breakers open.
+    first = routers[0][0]
+    report(first, "coder", "openai", pb.OUTCOME_RETRYABLE_ERROR, n=3, error="http_502")
+    models, reason = route(first, task_type="code")
+    assert models == ["gpt-4o", "local-small"] and "circuit open: skipped coder" in reason
+    report(first, "gpt-4o", "openai", pb.OUTCOME_RETRYABLE_ERROR, n=3, error="http_502")
+    models, reason = route(first, task_type="code")
+    # Not [coder, gpt-4o, local-small]: the open ones are not tried first while the default can serve.
+    assert models == ["local-small"] and "circuit open: skipped coder, gpt-4o" in reason
+
+
 def test_with_redis_down_routing_goes_on_on_the_last_known_breakers(tmp_path):
     with running_routers(tmp_path) as (stubs, _, _, mesh):
         (stub,) = stubs
