@@ -164,16 +164,16 @@ class Router:
             elif difficulty is Difficulty.SIMPLE:
                 chain, reason, decision = (
                     state.chat_models(),
-                    "balanced: simple prompt → cheapest capable model",
+                    "balanced: simple prompt -> cheapest capable model",
                     Decision.SIMPLE_CHEAPEST,
                 )
                 scored = True
             else:
-                chain, reason, decision = self._quality_chain(state, "balanced: complex prompt → quality")
+                chain, reason, decision = self._quality_chain(state, "balanced: complex prompt -> quality")
                 scored = "quality" not in routing.preferences
         budget = request.budget_used_fraction
         if budget is not None and budget >= routing.budget_cheaper_above:
-            reason += f"; budget {budget:.0%} used → cheapest first"
+            reason += f"; budget {budget:.0%} used -> cheapest first"
             decision = Decision.BUDGET
         admitted_notes: list[str] = []
         order = None

@@ -147,7 +147,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 pb.RouteTarget(model_id=t.model_id, provider=t.provider, provider_model=t.provider_model)
                 for t in plan.targets
             ],
-            reason=plan.reason,
+            # ASCII only: the Gateway passes it on as a header (client-supplied names are escaped).
+            reason=plan.reason.encode("ascii", "backslashreplace").decode(),
             task_type=plan.task_type,
             difficulty=DIFFICULTIES[plan.difficulty],
             confidence=plan.confidence,

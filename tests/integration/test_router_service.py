@@ -411,3 +411,8 @@ def test_with_redis_down_routing_goes_on_on_the_last_known_breakers(tmp_path):
         error = status_of(lambda: report(stub, "gpt-4o", "openai", pb.OUTCOME_SUCCESS))
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert "health store unavailable" in error.details()
+
+
+def test_the_reason_is_ascii_for_the_gateways_header(router):
+    _, reason = route(router, task_type="poésie", prompt="bonjour")
+    assert reason.isascii() and "po\\xe9sie" in reason
