@@ -19,6 +19,8 @@ from services.router.status import Availability, HealthStatus, overall_status
 
 # Names are echoed in errors and reasons and used as keys in Redis: keep them short.
 MAX_NAME_CHARS = 128
+# Far below the 1 KiB the mesh allows a metadata value.
+MAX_REASON_CHARS = 512
 # Reports per ReportOutcome call: the Gateway flushes far fewer at a time.
 MAX_REPORTS = 1000
 
@@ -147,8 +149,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 pb.RouteTarget(model_id=t.model_id, provider=t.provider, provider_model=t.provider_model)
                 for t in plan.targets
             ],
-            # ASCII only: the Gateway passes it on as a header (client-supplied names are escaped).
-            reason=plan.reason.encode("ascii", "backslashreplace").decode(),
+            # The Gateway passes it on as a header: ASCII (client-supplied names escaped) and bounded.
+            reason=plan.reason.encode("ascii", "backslashreplace").decode()[:MAX_REASON_CHARS],
             task_type=plan.task_type,
             difficulty=DIFFICULTIES[plan.difficulty],
             confidence=plan.confidence,
