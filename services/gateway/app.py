@@ -17,6 +17,7 @@ from libs.background import Background
 from libs.breaker import DependencyBreaker, grpc_health_probe
 from libs.clients import open_channel
 from libs.config import REPO_ROOT, Config
+from libs.feature_flags import FeatureFlags
 from libs.pricing import PriceTable
 from libs.redis_store import open_redis
 from services.gateway.access.admission import Admission
@@ -84,6 +85,9 @@ class GatewayApp:
         self.ledger = ledger_pb2_grpc.LedgerServiceStub(self._channels["ledger"])
         self.cache = cache_pb2_grpc.CacheServiceStub(self._channels["cache"])
         self.prices = LedgerPrices(self.ledger, PriceTable(config.ledger.prices))
+        # The Gateway's own features (semantic caching per tenant) follow the same flag file as the Router.
+        flags_file = config.routing.flags_file
+        self.flags = FeatureFlags(REPO_ROOT / flags_file if flags_file else None)
         self.usage = UsageRecorder(
             self.ledger,
             UsageJournal(REPO_ROOT / config.gateway.outbox_dir),
@@ -113,6 +117,7 @@ class GatewayApp:
             self.background,
             IdempotencyKeys(self.redis, config.gateway.idempotency_window_seconds),
             self.prices,
+            self.flags,
         )
         admission = Admission(
             max_inflight=config.gateway.max_inflight_requests,
@@ -129,6 +134,7 @@ class GatewayApp:
             self.ledger,
             self.cache,
             router_pb2_grpc.RouterServiceStub(self._channels["router"]),
+            self.flags,
             self.config.auth.default_rotation_grace_seconds,
         )
 
@@ -148,6 +154,7 @@ class GatewayApp:
         await self.usage.start()
         self.prices.start()
         self.access.start()
+        self.flags.start_watching()
 
     async def close(self) -> None:
         await self.background.drain(BACKGROUND_DRAIN_SECONDS)
@@ -155,6 +162,7 @@ class GatewayApp:
         await self.usage.close(BACKGROUND_DRAIN_SECONDS)
         await self.flow.close()
         await self.prices.close()
+        await self.flags.aclose()
         await self.access.close()
         await self.routing.close()
         for provider in self.providers.values():

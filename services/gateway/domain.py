@@ -38,6 +38,8 @@ class ChatRequest:
     response_format: dict[str, Any] | None = None
     include_usage: bool = False
     use_cache: bool = True
+    # Cache-Control: no-store: the cache may answer, but this answer is not stored.
+    store_in_cache: bool = True
     task_type: str = ""
     model_preference: str = ""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import struct
 
 import pytest
@@ -12,8 +11,8 @@ from sophia.gateway.v1 import gateway_pb2 as pb
 
 from libs.errors import InvalidArgument
 from services.gateway.api import translate
-from services.gateway.api.gateway_servicer import cache_disabled_by_header
-from services.gateway.serving.response_cache import request_key
+from services.gateway.api.gateway_servicer import cache_control, header_value
+from services.gateway.serving.response_cache import prompt_fingerprint
 
 
 def params(**body) -> pb.ChatCompletionParams:
@@ -82,13 +81,16 @@ def test_cache_control_header_opts_out():
     assert not translate.chat_request(params(), cache_header_off=True).use_cache
 
 
-def test_cache_key_depends_on_what_shapes_the_answer_only():
+def test_the_prompt_fingerprint_depends_on_what_shapes_the_answer_only():
     base = translate.chat_request(params(temperature=0))
-    assert request_key(base) == request_key(translate.chat_request(params(temperature=0, user="someone")))
-    assert request_key(base) != request_key(translate.chat_request(params(temperature=0, max_tokens=5)))
+    same = translate.chat_request(params(temperature=0, user="someone"))
+    assert prompt_fingerprint(base) == prompt_fingerprint(same)
+    assert prompt_fingerprint(base) != prompt_fingerprint(
+        translate.chat_request(params(temperature=0, max_tokens=5))
+    )
     other = params(temperature=0, messages=[{"role": "user", "content": "hi!"}])
-    assert request_key(base) != request_key(translate.chat_request(other))
-    assert json.loads(request_key(base))["messages"][0]["content"] == "hi"
+    assert prompt_fingerprint(base) != prompt_fingerprint(translate.chat_request(other))
+    assert "hi" not in prompt_fingerprint(base) and len(prompt_fingerprint(base)) == 64
 
 
 def _embeddings_request(body: dict) -> pb.CreateEmbeddingsRequest:
@@ -149,6 +151,19 @@ def test_typed_message_content_and_stop_sequences():
 
 
 def test_cache_control_directives_anywhere_in_the_header():
-    assert cache_disabled_by_header([("cache-control", "max-age=0, No-Cache")])
-    assert cache_disabled_by_header([("cache-control", "no-store")])
-    assert not cache_disabled_by_header([("cache-control", "max-age=60")])
+    assert "no-cache" in cache_control([("cache-control", "max-age=0, No-Cache")])
+    assert cache_control([("cache-control", "no-store")]) == {"no-store"}
+    assert not {"no-cache", "no-store"} & cache_control([("cache-control", "max-age=60")])
+
+
+def test_no_store_looks_up_but_does_not_store():
+    request = translate.chat_request(params(temperature=0), no_store=True)
+    assert request.use_cache and not request.store_in_cache
+
+
+def test_header_values_are_ascii_and_bounded():
+    assert (
+        header_value("balanced: simple prompt → cheapest model")
+        == "balanced: simple prompt -> cheapest model"
+    )
+    assert header_value("é" + "x" * 300, limit=10) == "xxxxxxxxx~"

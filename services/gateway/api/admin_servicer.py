@@ -9,6 +9,7 @@ converting US dollars to and from the ledger's integer micro-dollars.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
@@ -24,6 +25,7 @@ from sophia.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from sophia.router.v1 import router_pb2, router_pb2_grpc
 
 from libs.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable, field_violations
+from libs.feature_flags import FeatureFlags, FlagError
 from libs.pricing import MICROS_PER_USD, usd_to_micros
 from services.gateway.access.api_keys import ApiKey
 from services.gateway.access.audit import DEFAULT_PAGE_SIZE, AuditEntry, AuditLog, AuditOutcome, AuditQuery
@@ -267,6 +269,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         ledger: ledger_pb2_grpc.LedgerServiceStub,
         cache: cache_pb2_grpc.CacheServiceStub,
         router: router_pb2_grpc.RouterServiceStub,
+        flags: FeatureFlags,
         default_grace_seconds: int,
     ) -> None:
         self._access = access
@@ -275,6 +278,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._ledger = ledger
         self._cache = cache
         self._router = router
+        self._flags = flags
         self._default_grace_seconds = default_grace_seconds
 
     async def CreateApiKey(self, request, context):
@@ -418,6 +422,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await action.admin()
             await action.require(Permission.RELOAD_CONFIG)
             try:
+                flags = await asyncio.to_thread(self._flags.reload)
+            except FlagError as exc:
+                raise FailedPrecondition(f"flag file refused, the flags in force stay: {exc}") from None
+            try:
                 reply = await self._router.ReloadConfig(
                     router_pb2.ReloadConfigRequest(), timeout=DEPENDENCY_TIMEOUT_SECONDS
                 )
@@ -425,4 +433,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     raise FailedPrecondition(exc.details() or "the new config was refused") from None
                 raise dependency_failure("the router", exc) from None
-            return pb.ReloadConfigResponse(summary=f"router: {reply.models} models")
+            return pb.ReloadConfigResponse(
+                summary=f"router: {reply.models} models, {reply.task_types} task types, "
+                f"{reply.model_flags + reply.feature_flags} flags; gateway flags: {flags.describe()}"
+            )

@@ -23,6 +23,8 @@ from services.gateway.serving import idempotency
 from services.gateway.serving.request_flow import ChatOutcome, RequestFlow
 from services.gateway.serving.router_client import Routing
 
+# A route reason names the rule and the models skipped; a header keeps the first part of a long one.
+MAX_ROUTE_REASON_CHARS = 256
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
@@ -37,13 +39,21 @@ def _fingerprint(context, rpc: str, request) -> str | None:
     return idempotency.fingerprint(rpc, request)
 
 
-def cache_disabled_by_header(metadata) -> bool:
-    return any(
-        name == "cache-control"
-        and isinstance(value, str)
-        and {"no-cache", "no-store"} & {directive.strip() for directive in value.lower().split(",")}
+def cache_control(metadata) -> set[str]:
+    """The request's Cache-Control directives, e.g. {"no-cache"}: bypass the cache; {"no-store"}: the
+    cache may answer, but this answer is not stored."""
+    return {
+        directive.strip()
         for name, value in metadata
-    )
+        if name == "cache-control" and isinstance(value, str)
+        for directive in value.lower().split(",")
+    }
+
+
+def header_value(text: str, limit: int = MAX_ROUTE_REASON_CHARS) -> str:
+    """Metadata values are printable ASCII: arrows become "->", anything else non-ASCII goes."""
+    ascii_text = text.replace("→", "->").encode("ascii", "ignore").decode()
+    return ascii_text if len(ascii_text) <= limit else ascii_text[: limit - 1] + "~"
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -78,8 +88,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def _chat_request(self, principal: Principal, request, context) -> ChatRequest:
         principal.scope.require_endpoint(principal.key_id, Endpoint.CHAT)
+        directives = cache_control(_metadata(context))
         chat = translate.chat_request(
-            request.params, cache_header_off=cache_disabled_by_header(_metadata(context))
+            request.params, cache_header_off="no-cache" in directives, no_store="no-store" in directives
         )
         self._routing.check_model(chat.model, "chat")
         if chat.model != translate.AUTO_MODEL:
@@ -89,14 +100,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     @staticmethod
     def _response_headers(request_id: str, outcome: ChatOutcome) -> tuple[tuple[str, str], ...]:
-        return (
+        headers = [
             ("x-request-id", request_id),
             ("x-sophia-provider", outcome.provider),
             ("x-sophia-model", outcome.model_id),
             ("x-sophia-attempts", str(outcome.attempts)),
             ("x-sophia-cache", outcome.cache),
             ("x-sophia-cost-usd", f"{outcome.cost_micros / 1e6:.6f}"),
-        )
+        ]
+        if outcome.cache_layer:
+            headers.append(("x-sophia-cache-layer", outcome.cache_layer))
+            if outcome.cache_layer == "semantic":
+                headers.append(("x-sophia-cache-similarity", f"{outcome.cache_similarity:.4f}"))
+        if outcome.task_type:
+            headers.append(("x-sophia-task-type", outcome.task_type))
+        if outcome.difficulty:
+            headers.append(("x-sophia-difficulty", outcome.difficulty))
+        if outcome.route_reason:
+            headers.append(("x-sophia-route-reason", header_value(outcome.route_reason)))
+        return tuple(headers)
 
     async def CreateChatCompletion(self, request, context):
         principal, request_id = await self._begin(context)

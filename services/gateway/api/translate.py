@@ -178,7 +178,9 @@ def _refuse_unsupported(params: pb.ChatCompletionParams) -> None:
         raise InvalidArgument("verbosity", "not supported by the models this gateway serves")
 
 
-def chat_request(params: pb.ChatCompletionParams, *, cache_header_off: bool = False) -> ChatRequest:
+def chat_request(
+    params: pb.ChatCompletionParams, *, cache_header_off: bool = False, no_store: bool = False
+) -> ChatRequest:
     """Validates the body of POST /v1/chat/completions and returns the domain request."""
     if not params.model:
         raise InvalidArgument("model", "is required (a model id from /v1/models, or 'auto')")
@@ -231,6 +233,7 @@ def chat_request(params: pb.ChatCompletionParams, *, cache_header_off: bool = Fa
         response_format=response_format,
         include_usage=params.stream_options.include_usage,
         use_cache=not cache_header_off and (params.cache if params.HasField("cache") else True),
+        store_in_cache=not no_store,
         task_type=params.task_type,
         model_preference=params.model_preference,
     )

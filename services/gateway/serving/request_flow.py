@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ from sophia.ledger.v1 import ledger_pb2_grpc
 from libs.background import Background
 from libs.breaker import UNREACHABLE, DependencyBreaker, grpc_health_probe
 from libs.config import Config, ModelConfig
-from libs.errors import InvalidArgument, ResourceExhausted, Unavailable
+from libs.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
+from libs.feature_flags import FeatureFlags
 from services.gateway import metrics
 from services.gateway.access.control import AccessControl
 from services.gateway.domain import (
@@ -38,8 +40,14 @@ from services.gateway.domain import (
 from services.gateway.providers.base import Provider, ProviderError
 from services.gateway.serving.fallback import Attempt, ChatExecutor, provider_failure
 from services.gateway.serving.idempotency import Claim, IdempotencyKeys
-from services.gateway.serving.response_cache import CachedAnswer, CacheKey, ResponseCache
-from services.gateway.serving.router_client import Routing
+from services.gateway.serving.response_cache import (
+    CachedAnswer,
+    CacheKey,
+    CacheLookup,
+    ResponseCache,
+    prompt_fingerprint,
+)
+from services.gateway.serving.router_client import Plan, Routing
 from services.gateway.usage.prices import LedgerPrices
 from services.gateway.usage.recorder import UsageRecord, UsageRecorder
 
@@ -47,12 +55,16 @@ log = logging.getLogger(__name__)
 
 BUDGET_TIMEOUT_SECONDS = 0.3
 CACHE_SERVICE = "sophia.cache.v1.CacheService"
+CACHE_FAILURES_TO_OPEN = 3
 LEDGER_SERVICE = "sophia.ledger.v1.LedgerService"
 # A tenant found within budget is not asked about again for this long: one ledger call per tenant per
 # second instead of one per request, at the price of overshooting a hard stop by at most that second.
 BUDGET_RECHECK_SECONDS = 1.0
 DEFAULT_COMPLETION_ESTIMATE = 256
 CACHEABLE_FINISHES = ("stop", "length")
+# The Gateway's own feature flag (config/flags.yaml) for the semantic cache layer, per tenant.
+SEMANTIC_CACHING = "semantic_caching"
+AUTO_MODEL = "auto"
 
 
 def estimated_tokens(request: ChatRequest) -> int:
@@ -77,27 +89,62 @@ def provider_dimensions(model_id: str, model: ModelConfig, requested: int | None
 
 @dataclass
 class ChatOutcome:
-    """What answered, for the response headers."""
+    """What answered, for the response headers and the usage record."""
 
     model_id: str
     provider: str
     attempts: int
     cache: str  # hit | miss | bypass
     cost_micros: int = 0
+    cache_layer: str = ""  # exact | semantic, on a hit
+    cache_similarity: float = 0.0  # on a semantic hit
+    # What the Router made of the request (empty when it did not classify), and why this plan.
+    task_type: str = ""
+    difficulty: str = ""
+    route_reason: str = ""
+    planned_model_id: str = ""  # the plan's first model; differs from model_id after a fallback
+    prompt_fingerprint: str = ""
 
 
 @dataclass
 class _Prepared:
     cache_key: CacheKey | None
-    cache_status: str
-    answer: CachedAnswer | None  # set on a cache hit
+    lookup: CacheLookup
     targets: list[Target]  # the route, when there was no hit
+    plan: Plan | None = None
+    prompt_fingerprint: str = ""
+
+    @property
+    def answer(self) -> CachedAnswer | None:
+        return self.lookup.answer
+
+    def outcome(self, target: Target, attempts: int) -> ChatOutcome:
+        """The outcome of an answer from `target` (a provider) or, with no plan, from the cache."""
+        plan = self.plan
+        return ChatOutcome(
+            target.model_id,
+            target.provider,
+            attempts,
+            self.lookup.status.value,
+            cache_layer=self.lookup.layer.value if self.lookup.layer else "",
+            cache_similarity=self.lookup.similarity,
+            task_type=plan.task_type if plan else "",
+            difficulty=plan.difficulty if plan else "",
+            route_reason=plan.reason if plan else "",
+            planned_model_id=plan.targets[0].model_id if plan and plan.targets else "",
+            prompt_fingerprint=self.prompt_fingerprint,
+        )
+
+    def cached_outcome(self) -> ChatOutcome:
+        answer = self.lookup.answer
+        assert answer is not None
+        return self.outcome(Target(answer.model_id, answer.provider, ""), 0)
 
 
 @dataclass
 class ChatStream:
     first: CompletionChunk
-    rest: SettledStream | _NoMoreChunks
+    rest: SettledStream | _ReplayedChunks
     outcome: ChatOutcome
 
 
@@ -117,6 +164,7 @@ class RequestFlow:
         budget_breaker: DependencyBreaker,
         idempotency: IdempotencyKeys,
         prices: LedgerPrices,
+        flags: FeatureFlags,
     ) -> None:
         self._config = config
         self._access = access
@@ -129,18 +177,25 @@ class RequestFlow:
         self._background = background
         self._prices = prices
         self._within_budget_until: dict[str, float] = {}
+        self._budget_used: dict[str, float | None] = {}
+        self._flags = flags
         self._budget_breaker = budget_breaker
         self._idempotency = idempotency
 
     @classmethod
     def build(
-        cls, config, access, routing, providers, channels, usage, background, idempotency, prices
+        cls, config, access, routing, providers, channels, usage, background, idempotency, prices, flags
     ) -> RequestFlow:
         cache = ResponseCache(
             cache_pb2_grpc.CacheServiceStub(channels["cache"]),
             config.cache,
             config.gateway.cache_enabled,
-            DependencyBreaker("cache (bypassed)", grpc_health_probe(channels["cache"], CACHE_SERVICE)),
+            DependencyBreaker(
+                "cache (bypassed)",
+                grpc_health_probe(channels["cache"], CACHE_SERVICE),
+                # One slow lookup on a busy cache is not an outage; three in a row are.
+                failure_threshold=CACHE_FAILURES_TO_OPEN,
+            ),
         )
         ledger = ledger_pb2_grpc.LedgerServiceStub(channels["ledger"])
         budget_mode = "failing open" if config.gateway.budget_fail_open else "failing closed"
@@ -161,6 +216,7 @@ class RequestFlow:
             budget_breaker=budget_breaker,
             idempotency=idempotency,
             prices=prices,
+            flags=flags,
         )
 
     async def close(self) -> None:
@@ -169,12 +225,14 @@ class RequestFlow:
         await self._budget_breaker.aclose()
         await self._idempotency.close()
 
-    async def _check_budget(self, tenant_id: str) -> None:
+    async def _check_budget(self, tenant_id: str) -> float | None:
+        """Refuses a tenant over a hard budget; returns how much of its budget it has used (None: no
+        budget, or the ledger could not say), for the Router to route cheaper near the limit."""
         if self._within_budget_until.get(tenant_id, 0.0) > time.monotonic():
-            return
+            return self._budget_used.get(tenant_id)
         if not self._budget_breaker.allows():
             self._budget_unchecked(tenant_id)
-            return
+            return None
         try:
             reply = await self._ledger.CheckBudget(
                 ledger_pb.CheckBudgetRequest(tenant_id=tenant_id), timeout=BUDGET_TIMEOUT_SECONDS
@@ -185,11 +243,13 @@ class RequestFlow:
             else:
                 log.warning("budget check failed (%s)", exc.code().name)
             self._budget_unchecked(tenant_id)
-            return
+            return None
         self._budget_breaker.record_success()
         if reply.allowed:
             self._within_budget_until[tenant_id] = time.monotonic() + BUDGET_RECHECK_SECONDS
-            return
+            used = reply.spent_micros / reply.limit_micros if reply.limit_micros else None
+            self._budget_used[tenant_id] = used
+            return used
         raise ResourceExhausted(
             f"budget exhausted: tenant {tenant_id} has spent ${reply.spent_micros / 1e6:.2f} "
             f"of its ${reply.limit_micros / 1e6:.2f} monthly budget"
@@ -205,14 +265,29 @@ class RequestFlow:
         """Limits, budget and cache, in that order; the route only when the cache has no answer."""
         estimate = estimated_tokens(request)
         await self._access.admit(principal, estimate)
-        await self._check_budget(principal.tenant_id)
-        cache_key = self._cache.key(principal.tenant_id, request)
+        budget_used = await self._check_budget(principal.tenant_id)
+        cache_key = self._cache.key(
+            principal.tenant_id,
+            request,
+            semantic_allowed=self._flags.enabled(SEMANTIC_CACHING, principal.tenant_id),
+            store=request.store_in_cache,
+        )
         found = await self._cache.lookup(cache_key)
-        cache_status, answer = found.status.value, found.answer
-        if answer is not None:
-            return _Prepared(cache_key, cache_status, answer, [])
-        plan = await self._routing.plan(request, principal.tenant_id, request_id, estimate)
-        return _Prepared(cache_key, cache_status, None, self._executor.usable_targets(plan, request))
+        fingerprint = prompt_fingerprint(request)
+        if found.answer is not None:
+            return _Prepared(cache_key, found, [], prompt_fingerprint=fingerprint)
+        plan = await self._routing.plan(
+            request,
+            principal.tenant_id,
+            request_id,
+            estimate,
+            embedding=found.embedding or None,  # embedded once: the cache's vector serves the Router
+            budget_used_fraction=budget_used,
+        )
+        targets = self._executor.usable_targets(plan, request)
+        if request.model == AUTO_MODEL and principal.scope.models:
+            targets = _within_scope(principal, targets)
+        return _Prepared(cache_key, found, targets, plan, fingerprint)
 
     async def _settle(
         self,
@@ -245,6 +320,11 @@ class RequestFlow:
             output_tokens=completion.completion_tokens,
             cached=cached,
             occurred_at=time.time(),
+            task_type=outcome.task_type,
+            difficulty=outcome.difficulty,
+            planned_model_id=outcome.planned_model_id,
+            attempts=outcome.attempts,
+            prompt_fingerprint=outcome.prompt_fingerprint,
         )
         await self._usage.record(record)  # durable before the answer is complete
         self._background.spawn(
@@ -312,7 +392,7 @@ class RequestFlow:
     ) -> tuple[Completion, ChatOutcome]:
         prepared = await self._prepare(principal, request, request_id)
         if prepared.answer is not None:
-            outcome = ChatOutcome(prepared.answer.model_id, prepared.answer.provider, 0, "hit")
+            outcome = prepared.cached_outcome()
             await self._settle(principal, prepared.cache_key, request_id, outcome, prepared.answer.completion)
             return prepared.answer.completion, outcome
         attempts: list[Attempt] = []
@@ -320,9 +400,7 @@ class RequestFlow:
             completion, served = await self._executor.complete(prepared.targets, request, attempts)
         finally:
             self._routing.report(attempts, self._background)
-        outcome = ChatOutcome(
-            served.target.model_id, served.target.provider, len(served.attempts), prepared.cache_status
-        )
+        outcome = prepared.outcome(served.target, len(served.attempts))
         await self._settle(principal, prepared.cache_key, request_id, outcome, completion)
         return completion, outcome
 
@@ -348,7 +426,7 @@ class RequestFlow:
         prepared = await self._prepare(principal, request, request_id)
         if prepared.answer is not None:
             whole = prepared.answer.completion
-            outcome = ChatOutcome(prepared.answer.model_id, prepared.answer.provider, 0, "hit")
+            outcome = prepared.cached_outcome()
             await self._settle(principal, prepared.cache_key, request_id, outcome, whole)
             await self._idempotency.complete(claim, _answer(whole, outcome))
             return _whole_stream(whole, outcome)
@@ -359,9 +437,7 @@ class RequestFlow:
             # The attempt that streams is reported when its stream ends (in settle), with its whole time.
             self._routing.report([a for a in attempts if a.outcome != "success"], self._background)
         streamed = attempts[-1]
-        outcome = ChatOutcome(
-            served.target.model_id, served.target.provider, len(served.attempts), prepared.cache_status
-        )
+        outcome = prepared.outcome(served.target, len(served.attempts))
         tally = StreamTally(prompt_estimate=estimated_prompt_tokens(request.messages))
         tally.add(first)
 
@@ -401,16 +477,42 @@ def _replayed(answer: dict) -> tuple[Completion, ChatOutcome]:
     return completion, ChatOutcome(**answer["outcome"])
 
 
+# An answer known whole is replayed as a stream of pieces of about this many words, as a model would
+# send it (clients that render a stream as it comes, or count chunks, see no difference).
+REPLAY_WORDS_PER_CHUNK = 4
+_WORDS = re.compile(r"\S+\s*|\s+")
+
+
 def _whole_stream(whole: Completion, outcome: ChatOutcome) -> ChatStream:
-    """A stream of an answer known whole (from the cache, or a retry's stored answer): one chunk."""
-    first = CompletionChunk(
-        text=whole.text,
-        finish_reason=whole.finish_reason,
-        prompt_tokens=whole.prompt_tokens,
-        completion_tokens=whole.completion_tokens,
-        tool_calls=whole.tool_calls,
+    """A stream of an answer known whole (from the cache, or a retry's stored answer), in pieces; the
+    last carries the finish reason, the token counts and any tool calls."""
+    words = _WORDS.findall(whole.text) or [""]
+    pieces = [
+        "".join(words[i : i + REPLAY_WORDS_PER_CHUNK]) for i in range(0, len(words), REPLAY_WORDS_PER_CHUNK)
+    ]
+    chunks = [CompletionChunk(text=piece) for piece in pieces[:-1]]
+    chunks.append(
+        CompletionChunk(
+            text=pieces[-1],
+            finish_reason=whole.finish_reason,
+            prompt_tokens=whole.prompt_tokens,
+            completion_tokens=whole.completion_tokens,
+            tool_calls=whole.tool_calls,
+        )
     )
-    return ChatStream(first, _NoMoreChunks(), outcome)
+    return ChatStream(chunks[0], _ReplayedChunks(chunks[1:]), outcome)
+
+
+def _within_scope(principal: Principal, targets: list[Target]) -> list[Target]:
+    """An automatic plan cut to the models the key may use; PERMISSION_DENIED when none is left."""
+    allowed = [target for target in targets if principal.scope.allows_model(target.model_id)]
+    if not allowed:
+        planned = ", ".join(target.model_id for target in targets)
+        raise PermissionDenied(
+            f"key {principal.key_id} may use only the models {', '.join(principal.scope.models)}; "
+            f"the automatic plan has {planned}"
+        )
+    return allowed
 
 
 class SettledStream:
@@ -456,14 +558,20 @@ class SettledStream:
             await asyncio.shield(asyncio.ensure_future(self._settle()))
 
 
-class _NoMoreChunks:
-    """The rest of a stream answered whole from the cache: nothing."""
+class _ReplayedChunks:
+    """The rest of a stream replayed from an answer known whole."""
 
-    def __aiter__(self) -> _NoMoreChunks:
+    def __init__(self, chunks: list[CompletionChunk]) -> None:
+        self._chunks = iter(chunks)
+
+    def __aiter__(self) -> _ReplayedChunks:
         return self
 
     async def __anext__(self) -> CompletionChunk:
-        raise StopAsyncIteration
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            raise StopAsyncIteration from None
 
     async def aclose(self) -> None:
         return None

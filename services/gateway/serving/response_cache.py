@@ -34,8 +34,10 @@ from services.gateway.domain import ChatRequest, Completion
 log = logging.getLogger(__name__)
 
 DEFAULT_TEMPERATURE = 1.0
-# The cache sits on the request path; a slow cache must cost less than it could save.
+# The cache sits on the request path; a slow cache must cost less than it could save. A semantic lookup
+# embeds the question (tens of milliseconds, more on a busy CPU) and may save a whole model call.
 LOOKUP_TIMEOUT_SECONDS = 0.25
+SEMANTIC_LOOKUP_TIMEOUT_SECONDS = 1.0
 STORE_TIMEOUT_SECONDS = 1.0
 _SAMPLING_FIELDS = (
     "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
@@ -121,6 +123,14 @@ def split_request(request: ChatRequest) -> tuple[str, str, bool]:
     return _canonical(scope), last.content or last.role, last_is_question
 
 
+def prompt_fingerprint(request: ChatRequest) -> str:
+    """A digest of everything that determines the answer (model, conversation, sampling, tools): the ledger
+    counts repeated prompts with it without ever holding a prompt. Computed for every request, cached or
+    not: what repeats is a cache opportunity."""
+    scope, question, _ = split_request(request)
+    return hashlib.sha256(f"{scope}\n{question}".encode()).hexdigest()
+
+
 def looks_like_refusal(text: str) -> bool:
     return bool(_REFUSAL.match(text.strip()[:200]))
 
@@ -178,7 +188,7 @@ class ResponseCache:
                     semantic=key.semantic,
                     embedding=key.embedding,
                 ),
-                timeout=LOOKUP_TIMEOUT_SECONDS,
+                timeout=SEMANTIC_LOOKUP_TIMEOUT_SECONDS if key.semantic else LOOKUP_TIMEOUT_SECONDS,
             )
         except grpc.aio.AioRpcError as exc:
             self._failed("lookup", exc)
