@@ -93,7 +93,10 @@ class Reloader:
         return state
 
     def _watch(self, config: Config) -> None:
-        self._watches = [FileWatch(path) for path in watched_files(config)]
+        """Watches the files `config` names. A file already watched keeps its watch, so a change made
+        while a reload was running is still seen at the next look (a new watch would swallow it)."""
+        kept = {watch.path: watch for watch in self._watches}
+        self._watches = [kept.get(path) or FileWatch(path) for path in watched_files(config)]
 
     async def watch_forever(self, config: Config) -> None:
         """Reloads when a watched file changes (polled every routing.watch_seconds)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import textwrap
 import time
@@ -15,6 +16,7 @@ import pytest
 from sophia.router.v1 import router_pb2 as pb
 from sophia.router.v1 import router_pb2_grpc
 
+from libs.config import REPO_ROOT
 from tests.support import free_port, grpcurl_security, internal_blocking_channel, mesh_environ
 from tools.mesh import VENV_BIN, Mesh
 
@@ -60,19 +62,24 @@ CONFIG = textwrap.dedent("""\
       flags_file: FLAGS_FILE
       watch_seconds: 0.2
       # The Router embeds the prompts itself here (no cache in front): give it time on a busy machine.
-      classifier: {embed_timeout_seconds: 10}
+      classifier: {examples_file: EXAMPLES_FILE, embed_timeout_seconds: 10}
       breaker:
         {consecutive_failures: 3, min_requests: 50, cooldown_seconds: 1.5, probes: 1, refresh_seconds: 0.1}
 """)
+REFERENCE_EXAMPLES = REPO_ROOT / "config" / "router_examples.yaml"
 FLAGS = "models:\n  claude-sonnet: {rollout_percentage: 0, tenant_overrides: {vip: 100}}\n"
 
 
+def config_text(flags_path: Path, examples_path: Path = REFERENCE_EXAMPLES) -> str:
+    return CONFIG.replace("FLAGS_FILE", str(flags_path)).replace("EXAMPLES_FILE", str(examples_path))
+
+
 @contextlib.contextmanager
-def running_routers(state_dir: Path, replicas: int = 1):
+def running_routers(state_dir: Path, replicas: int = 1, examples_path: Path = REFERENCE_EXAMPLES):
     """Redis and `replicas` Routers sharing it, each on its own port; yields (stubs, config, flags)."""
     config_path, flags_path = state_dir / "sophia.yaml", state_dir / "flags.yaml"
     flags_path.write_text(FLAGS)
-    config_path.write_text(CONFIG.replace("FLAGS_FILE", str(flags_path)))
+    config_path.write_text(config_text(flags_path, examples_path))
     environ = mesh_environ({"SOPHIA_CONFIG": str(config_path)})
     meshes = [Mesh(state_dir / "first", environ)]
     for n in range(1, replicas):
@@ -365,14 +372,14 @@ def test_flag_and_config_files_are_watched_and_a_bad_file_is_refused(routers):
             == "claude-sonnet"
         )
 
-        config_path.write_text(
-            config_path.read_text().replace("default_chain: [local-small]", "default_chain: [gpt-5]")
-        )
+        configured = config_path.read_text()
+        assert "    translation: [gpt-4o-mini]\n" in configured
+        config_path.write_text(configured.replace("default_chain: [local-small]", "default_chain: [gpt-5]"))
         error = status_of(lambda: first.ReloadConfig(pb.ReloadConfigRequest(), timeout=30))
         assert "routing.default_chain: unknown model 'gpt-5'" in error.details()
         assert route(first, model="auto")[0][-1] == "local-small"
     finally:
-        config_path.write_text(CONFIG.replace("FLAGS_FILE", str(flags_path)))
+        config_path.write_text(config_text(flags_path))
         flags_path.write_text(FLAGS)
     reply = first.ReloadConfig(pb.ReloadConfigRequest(), timeout=30)
     assert (reply.models, reply.model_flags) == (7, 1)
@@ -416,3 +423,46 @@ def test_with_redis_down_routing_goes_on_on_the_last_known_breakers(tmp_path):
 def test_the_reason_is_ascii_for_the_gateways_header(router):
     _, reason = route(router, task_type="poésie", prompt="bonjour")
     assert reason.isascii() and "po\\xe9sie" in reason
+
+
+LEGAL_REVIEW = """
+  legal_review:
+    cues: ['\\bclause\\b', '\\bindemnif', '\\bliabilit']
+    examples:
+      - {difficulty: simple, text: "Is this NDA clause one-sided? 'The Recipient keeps it all secret.'"}
+      - {difficulty: complex, text: "Review this liability cap clause: what risks does it leave us?"}
+      - {difficulty: simple, text: "Does a non-compete clause like this hold up for a junior employee?"}
+      - {difficulty: complex, text: "Mark up this indemnification section: mutual, capped at fees paid."}
+      - {difficulty: complex, text: "Which of these contract terms should counsel push back on?"}
+"""
+
+
+def test_an_operator_adds_a_task_type_with_examples_and_a_rule_without_a_restart(tmp_path):
+    examples = tmp_path / "examples.yaml"
+    shutil.copy(REFERENCE_EXAMPLES, examples)
+    shutil.copy(REFERENCE_EXAMPLES.with_suffix(".npz"), examples.with_suffix(".npz"))
+    prompt = "Can you check whether the termination clause in this vendor agreement favours them?"
+    (tmp_path / "mesh").mkdir()
+    with running_routers(tmp_path / "mesh", examples_path=examples) as (stubs, config_path, _, _):
+        (stub,) = stubs
+        assert stub.Route(pb.RouteRequest(prompt=prompt), timeout=30).task_type != "legal_review"
+        examples.write_text(examples.read_text().rstrip() + "\n" + LEGAL_REVIEW)
+        configured = config_path.read_text()
+        assert "    translation: [gpt-4o-mini]\n" in configured
+        config_path.write_text(
+            configured.replace(
+                "    translation: [gpt-4o-mini]\n",
+                "    translation: [gpt-4o-mini]\n    legal_review: [claude-sonnet]\n",
+            )
+        )
+        # Both files are watched: no ReloadConfig, no restart.
+        deadline = time.monotonic() + 60
+        while True:
+            reply = stub.Route(pb.RouteRequest(prompt=prompt, tenant_id="vip"), timeout=30)
+            # Both the examples and the rule are in.
+            if "classified task_type=legal_review" in reply.reason or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert "classified task_type=legal_review" in reply.reason, reply.reason
+        assert [t.model_id for t in reply.targets] == ["claude-sonnet", "local-small"]
+        assert reply.task_type == "legal_review"
