@@ -7,7 +7,7 @@ import asyncio
 from sophia.router.v1 import router_pb2, router_pb2_grpc
 
 from libs.config import load_config_or_exit
-from libs.redis_store import open_redis, wait_for_redis
+from libs.redis_store import open_redis
 from libs.sentence_embeddings import EMBEDDING_MODEL_ID, load_embedding_model
 from libs.server import run_service
 from libs.tls import CallerPolicy, Identity
@@ -62,7 +62,8 @@ class RouterApp:
         ]
 
     async def start(self) -> None:
-        await wait_for_redis(self.redis, self.config.redis.url)
+        # Redis is not waited for: without it routing goes on with every breaker closed (health says
+        # degraded), and the shared breakers are read as soon as it answers.
         model = await asyncio.to_thread(
             load_embedding_model, EMBEDDING_MODEL_ID, repo_path(self.config.inference.weights_dir), "cpu"
         )

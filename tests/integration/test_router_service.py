@@ -466,3 +466,32 @@ def test_an_operator_adds_a_task_type_with_examples_and_a_rule_without_a_restart
         assert "classified task_type=legal_review" in reply.reason, reply.reason
         assert [t.model_id for t in reply.targets] == ["claude-sonnet", "local-small"]
         assert reply.task_type == "legal_review"
+
+
+def test_a_router_started_before_redis_serves_and_takes_reports_once_redis_answers(tmp_path):
+    config_path, flags_path = tmp_path / "sophia.yaml", tmp_path / "flags.yaml"
+    flags_path.write_text(FLAGS)
+    config_path.write_text(config_text(flags_path))
+    mesh = Mesh(tmp_path / "mesh", mesh_environ({"SOPHIA_CONFIG": str(config_path)}))
+    try:
+        mesh.start("router")
+        mesh.wait_ready(["router"], timeout=120)
+        with internal_blocking_channel(mesh, "router") as channel:
+            stub = router_pb2_grpc.RouterServiceStub(channel)
+            assert route(stub, model="gpt-4o")[0][0] == "gpt-4o"
+            health = stub.GetProviderHealth(pb.GetProviderHealthRequest(), timeout=5)
+            assert health.status == pb.HEALTH_STATUS_DEGRADED
+            error = status_of(lambda: report(stub, "gpt-4o", "openai", pb.OUTCOME_SUCCESS))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            mesh.start("redis")
+            mesh.wait_ready(["redis"], 30)
+            assert eventually(
+                lambda: (
+                    stub.GetProviderHealth(pb.GetProviderHealthRequest(), timeout=5).status
+                    == pb.HEALTH_STATUS_HEALTHY
+                )
+            )
+            report(stub, "gpt-4o", "openai", pb.OUTCOME_SUCCESS)
+            assert target_health(stub, "gpt-4o").successes == 1
+    finally:
+        mesh.stop_all()
