@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import tomllib
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -516,6 +517,15 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: dict[str, s
         return Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{config_path}: {_describe(exc)}") from None
+
+
+def project_version() -> str:
+    """Sophia's version (pyproject.toml), as /health reports it; "unknown" when the file is not shipped."""
+    try:
+        with open(REPO_ROOT / "pyproject.toml", "rb") as handle:
+            return str(tomllib.load(handle)["project"]["version"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown"
 
 
 def load_config_or_exit() -> Config:

@@ -121,8 +121,18 @@ def calls(fake: FakeProvider) -> int:
     return len(fake.recorded("/v1/chat/completions"))
 
 
+def health(mesh: Mesh) -> dict:
+    """GET /health through the edge, with no key."""
+    reply = httpx.get(f"{mesh.edge_url}/health", timeout=10)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
 def test_a_failing_provider_trips_its_breaker_then_a_probe_closes_it_when_it_recovers(mesh):
     mesh, flaky, _ = mesh
+    before = health(mesh)
+    assert before["status"] == "healthy" and before["providers"]["flaky"] == "available", before
+    assert before["version"] and not {"key", "secret", "base_url"} & set(before)
     for _ in range(3):
         reply = chat(mesh)
         assert (reply.headers["x-sophia-provider"], reply.headers["x-sophia-attempts"]) == ("good", "2")
@@ -131,6 +141,10 @@ def test_a_failing_provider_trips_its_breaker_then_a_probe_closes_it_when_it_rec
     # 2 = open, on the Router's Prometheus endpoint.
     state = {"name": "sophia_router_circuit_state", "provider": "flaky", "model": "flaky-gpt"}
     assert eventually(lambda: router_metric(mesh, **state) == 2.0)
+    # /health turns degraded, naming the provider (its answer is at most a second old).
+    assert eventually(lambda: health(mesh)["status"] == "degraded")
+    assert health(mesh)["providers"]["flaky"] != "available"
+    assert health(mesh)["providers"]["good"] == "available"
 
     # Open: the fallback answers at once, the failing provider is not tried first.
     for _ in range(3):

@@ -10,7 +10,7 @@ import uuid
 from sophia.gateway.v1 import gateway_pb2 as pb
 from sophia.gateway.v1 import gateway_pb2_grpc
 
-from libs.config import Config
+from libs.config import Config, project_version
 from libs.errors import InvalidArgument, NotFound, Unavailable, shown
 from libs.logs import request_id_var
 from services.gateway.access.admission import Admission
@@ -23,6 +23,7 @@ from services.gateway.serving import idempotency
 from services.gateway.serving.request_flow import ChatOutcome, RequestFlow
 from services.gateway.serving.router_client import Routing
 
+VERSION = project_version()
 # A route reason names the rule and the models skipped; a header keeps the first part of a long one.
 MAX_ROUTE_REASON_CHARS = 256
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -207,6 +208,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         await self._access.admit(principal, 0)  # every authenticated request counts against the key's RPM
         await context.send_initial_metadata((("x-request-id", request_id),))
         return pb.ListModelsResponse(object="list", data=translate.model_catalog(self._config, self._started))
+
+    async def GetHealth(self, request, context):
+        # No key: load balancers and uptime checks call it. It says nothing secret, and the Router's
+        # view behind it is asked at most once a second however often it is called.
+        health = await self._routing.health()
+        request_id = request_id_var.get()
+        if request_id:
+            await context.send_initial_metadata((("x-request-id", request_id),))
+        return pb.GetHealthResponse(status=health.status, providers=health.providers, version=VERSION)
 
     async def GetModel(self, request, context):
         principal, request_id = await self._begin(context)

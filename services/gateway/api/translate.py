@@ -383,17 +383,20 @@ def embedding_value(vector: list[float], fmt: str) -> struct_pb2.Value:
 
 AUTO_MODEL = "auto"
 AUTO_DESCRIPTION = (
-    "Sophia chooses the model per request: the routing rules for the request's task_type, then its "
-    "model_preference (fast | quality | code | balanced), then the default chain; each plan falls back "
-    "along its models in order. routes_to lists every model a plan may use."
+    "Sophia chooses the model per request: a task_type rule when the request names one, else its "
+    "model_preference (fast: lowest live latency; quality: the best; code: the code chain; balanced, the "
+    "default: the prompt is classified by task type and difficulty, simple prompts go to the cheapest "
+    "capable model and complex ones to the quality chain). Models must fit the request (context window, "
+    "tools, response_format), be enabled for the tenant and not have an open circuit breaker; each plan "
+    "falls back along its models in order. routes_to lists every model a plan may use."
 )
 
 
 def _auto_routes(config: Config) -> list[str]:
-    routing = config.routing
-    chains = [*routing.task_types.values(), *routing.preferences.values(), routing.default_chain]
-    seen = dict.fromkeys(model for chain in chains for model in chain)
-    return [m for m in seen if m in config.models and config.models[m].enabled]
+    """Every enabled chat model: balanced and quality plans rank all of them by price and quality."""
+    return [
+        model_id for model_id, model in config.models.items() if model.enabled and model.kind == "chat"
+    ]
 
 
 def model_catalog(config: Config, created: int) -> list[pb.Model]:

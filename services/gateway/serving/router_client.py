@@ -94,6 +94,8 @@ class Routing:
         )
         self._rules = RoutingRules(config)
         self.reporter = OutcomeReporter(self._stub, self._breaker)
+        self._health: HealthSummary | None = None
+        self._health_until = 0.0
 
     def check_model(self, model: str, kind: str) -> None:
         """Unknown or wrong-kind models are refused before anything is called."""
@@ -202,6 +204,34 @@ class Routing:
             )
         )
 
+    async def health(self) -> HealthSummary:
+        """The Router's view of what can serve, for GET /health; asked at most once a second, so that
+        polling /health costs the Router nothing. While the Router cannot be asked the Gateway still serves
+        (by its rules): degraded, providers unknown."""
+        now = time.monotonic()
+        if self._health is not None and now < self._health_until:
+            return self._health
+        summary = await self._ask_health()
+        self._health, self._health_until = summary, now + HEALTH_CACHE_SECONDS
+        return summary
+
+    async def _ask_health(self) -> HealthSummary:
+        unknown = HealthSummary(
+            "degraded", {provider: "unknown" for provider in sorted(self._config.providers)}
+        )
+        if not self._breaker.allows():
+            return unknown
+        try:
+            reply = await self._stub.GetProviderHealth(
+                pb.GetProviderHealthRequest(), timeout=ROUTE_TIMEOUT_SECONDS
+            )
+        except grpc.aio.AioRpcError:
+            return unknown
+        providers = {
+            entry.provider: _AVAILABILITY.get(entry.availability, "unknown") for entry in reply.availability
+        }
+        return HealthSummary(_HEALTH.get(reply.status, "degraded"), providers)
+
     def embedding_target(self, model: str) -> Target:
         return Target(model, self._config.models[model].provider, self._config.provider_model(model))
 
@@ -212,6 +242,23 @@ class Routing:
 
 
 _OUTCOMES = {"success": pb.OUTCOME_SUCCESS, "timeout": pb.OUTCOME_TIMEOUT}
+HEALTH_CACHE_SECONDS = 1.0
+_HEALTH = {
+    pb.HEALTH_STATUS_HEALTHY: "healthy",
+    pb.HEALTH_STATUS_DEGRADED: "degraded",
+    pb.HEALTH_STATUS_UNHEALTHY: "unhealthy",
+}
+_AVAILABILITY = {
+    pb.AVAILABILITY_AVAILABLE: "available",
+    pb.AVAILABILITY_DEGRADED: "degraded",
+    pb.AVAILABILITY_UNAVAILABLE: "unavailable",
+}
+
+
+@dataclass(frozen=True)
+class HealthSummary:
+    status: str  # healthy | degraded | unhealthy
+    providers: dict[str, str]  # provider → available | degraded | unavailable | unknown
 
 
 def attempt_report(attempt) -> pb.OutcomeReport:

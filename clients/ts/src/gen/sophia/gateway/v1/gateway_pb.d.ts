@@ -12,6 +12,49 @@ import type { Value } from "@bufbuild/protobuf/wkt";
 export declare const file_sophia_gateway_v1_gateway: GenFile;
 
 /**
+ * @generated from message sophia.gateway.v1.GetHealthRequest
+ */
+export declare type GetHealthRequest = Message<"sophia.gateway.v1.GetHealthRequest"> & {
+};
+
+/**
+ * Describes the message sophia.gateway.v1.GetHealthRequest.
+ * Use `create(GetHealthRequestSchema)` to create a new message.
+ */
+export declare const GetHealthRequestSchema: GenMessage<GetHealthRequest>;
+
+/**
+ * @generated from message sophia.gateway.v1.GetHealthResponse
+ */
+export declare type GetHealthResponse = Message<"sophia.gateway.v1.GetHealthResponse"> & {
+  /**
+   * "healthy" (every circuit closed), "degraded" (a provider's breaker is open, or the Router cannot be
+   * asked and the Gateway routes by its rules), "unhealthy" (nothing can serve).
+   *
+   * @generated from field: string status = 1;
+   */
+  status: string;
+
+  /**
+   * Provider name → "available" | "degraded" | "unavailable" ("unknown" while the Router cannot be asked).
+   *
+   * @generated from field: map<string, string> providers = 2;
+   */
+  providers: { [key: string]: string };
+
+  /**
+   * @generated from field: string version = 3;
+   */
+  version: string;
+};
+
+/**
+ * Describes the message sophia.gateway.v1.GetHealthResponse.
+ * Use `create(GetHealthResponseSchema)` to create a new message.
+ */
+export declare const GetHealthResponseSchema: GenMessage<GetHealthResponse>;
+
+/**
  * The body of POST /v1/chat/completions, shared by the unary and the streaming RPC.
  *
  * @generated from message sophia.gateway.v1.ChatCompletionParams
@@ -1137,6 +1180,17 @@ export declare const GatewayService: GenService<{
     methodKind: "unary";
     input: typeof GetModelRequestSchema;
     output: typeof GetModelResponseSchema;
+  },
+  /**
+   * GET /health, no key needed and nothing secret in it: whether the gateway can serve, and each
+   * provider's availability as the Router's live health sees it.
+   *
+   * @generated from rpc sophia.gateway.v1.GatewayService.GetHealth
+   */
+  getHealth: {
+    methodKind: "unary";
+    input: typeof GetHealthRequestSchema;
+    output: typeof GetHealthResponseSchema;
   },
 }>;
 
