@@ -295,6 +295,7 @@ async def _serve(
     stop: Callable[[], Awaitable[None]] | None,
     credentials: MeshCredentials | None,
     callers: CallerPolicy | None,
+    draining: Callable[[], None] | None,
 ) -> None:
     limits = config.server
     interceptors: list[grpc.aio.ServerInterceptor] = [_Observed()]
@@ -350,6 +351,8 @@ async def _serve(
 
     log.info("shutting down: NOT_SERVING, draining in-flight RPCs for up to %.0fs", limits.drain_seconds)
     await health_servicer.enter_graceful_shutdown()
+    if draining is not None:
+        draining()
     await server.stop(grace=limits.drain_seconds)
     if stop is not None:
         await stop()
@@ -364,11 +367,14 @@ def run_service(
     start: Callable[[], Awaitable[None]] | None = None,
     stop: Callable[[], Awaitable[None]] | None = None,
     callers: CallerPolicy | None = None,
+    draining: Callable[[], None] | None = None,
 ) -> None:
     """Runs one service until SIGTERM. `register` adds servicers and returns their full service names.
 
     `callers` makes it an internal service: with mTLS it requires a client certificate and admits each
     method only from the identities listed. Without it the port is public (the Gateway: API keys).
+    `draining` is called when SIGTERM starts the drain: long-lived streams end there instead of holding
+    the drain to its limit.
     """
     setup_logging(component, config.telemetry.log_level)
     setup_telemetry(component, config.telemetry)
@@ -381,6 +387,6 @@ def run_service(
     adopt(credentials)
     try:
         # uvloop's event loop roughly halves the per-RPC overhead of the asyncio parts of a call.
-        uvloop.run(_serve(component, endpoint, config, register, start, stop, credentials, callers))
+        uvloop.run(_serve(component, endpoint, config, register, start, stop, credentials, callers, draining))
     finally:
         shutdown_telemetry()

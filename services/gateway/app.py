@@ -52,7 +52,11 @@ class GatewayApp:
     def open(self) -> GatewayServicer:
         config = self.config
         self.providers = build_providers(config)
-        self.routing = Routing(config)
+        # The Gateway's own features (semantic caching per tenant) and the tenants' model flags for
+        # snapshot-planned routes follow the same flag file as the Router.
+        flags_file = config.routing.flags_file
+        self.flags = FeatureFlags(REPO_ROOT / flags_file if flags_file else None)
+        self.routing = Routing(config, self.flags)
         self._channels = {
             "cache": open_channel(
                 config.services.cache.address,
@@ -85,9 +89,6 @@ class GatewayApp:
         self.ledger = ledger_pb2_grpc.LedgerServiceStub(self._channels["ledger"])
         self.cache = cache_pb2_grpc.CacheServiceStub(self._channels["cache"])
         self.prices = LedgerPrices(self.ledger, PriceTable(config.ledger.prices))
-        # The Gateway's own features (semantic caching per tenant) follow the same flag file as the Router.
-        flags_file = config.routing.flags_file
-        self.flags = FeatureFlags(REPO_ROOT / flags_file if flags_file else None)
         self.usage = UsageRecorder(
             self.ledger,
             UsageJournal(REPO_ROOT / config.gateway.outbox_dir),
@@ -155,6 +156,7 @@ class GatewayApp:
         self.prices.start()
         self.access.start()
         self.flags.start_watching()
+        self.routing.snapshots.start()
 
     async def close(self) -> None:
         await self.background.drain(BACKGROUND_DRAIN_SECONDS)

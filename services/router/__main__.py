@@ -27,6 +27,7 @@ CALLERS = CallerPolicy(
         "GetProviderHealth": {Identity.GATEWAY, Identity.OPERATOR},
         "ListModels": {Identity.GATEWAY, Identity.OPERATOR},
         "ReloadConfig": {Identity.GATEWAY, Identity.OPERATOR},
+        "WatchRoutes": {Identity.GATEWAY},
     },
 )
 REDIS_TIMEOUT_SECONDS = 0.5
@@ -90,13 +91,15 @@ def main() -> None:
     config = load_config_or_exit()
     app = RouterApp(config)
 
+    servicer = RouterServicer(app.router, app.health, app.reloader)
+
     def register(server):
-        router_pb2_grpc.add_RouterServiceServicer_to_server(
-            RouterServicer(app.router, app.health, app.reloader), server
-        )
+        router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server)
         return [router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name]
 
-    run_service("router", config, register, start=app.start, stop=app.stop, callers=CALLERS)
+    run_service(
+        "router", config, register, start=app.start, stop=app.stop, callers=CALLERS, draining=servicer.drain
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@ the reloader."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
+import time
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from sophia.router.v1 import router_pb2 as pb
@@ -15,6 +18,7 @@ from services.router.classifier import Difficulty
 from services.router.health import CircuitState, HealthBook, Outcome, OutcomeReport
 from services.router.reloader import Reloader
 from services.router.router import Preference, Request, Router
+from services.router.snapshot import RouteSnapshot, route_snapshot
 from services.router.status import Availability, HealthStatus, overall_status
 
 # Names are echoed in errors and reasons and used as keys in Redis: keep them short.
@@ -23,6 +27,10 @@ MAX_NAME_CHARS = 128
 MAX_REASON_CHARS = 512
 # Reports per ReportOutcome call: the Gateway flushes far fewer at a time.
 MAX_REPORTS = 1000
+# WatchRoutes: how often the snapshot is rebuilt and compared (a breaker that opens reaches the Gateways
+# within this), and how often it is sent anyway (the Gateways treat a silent stream as stale).
+SNAPSHOT_CHECK_SECONDS = 0.1
+SNAPSHOT_HEARTBEAT_SECONDS = 5.0
 
 KINDS = {pb.MODEL_KIND_UNSPECIFIED: "chat", pb.MODEL_KIND_CHAT: "chat", pb.MODEL_KIND_EMBEDDING: "embedding"}
 KINDS_TO_PROTO = {"chat": pb.MODEL_KIND_CHAT, "embedding": pb.MODEL_KIND_EMBEDDING}
@@ -140,6 +148,22 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._router = router
         self._health = health
         self._reloader = reloader
+        # Set when the server drains: open WatchRoutes streams end at once instead of holding the drain.
+        self._draining = asyncio.Event()
+
+    def drain(self) -> None:
+        self._draining.set()
+
+    async def WatchRoutes(self, request, context):
+        sent, sent_at = b"", 0.0
+        while not self._draining.is_set():
+            snapshot = snapshot_proto(route_snapshot(self._router.state, self._health))
+            encoded = snapshot.SerializeToString(deterministic=True)
+            if encoded != sent or time.monotonic() - sent_at >= SNAPSHOT_HEARTBEAT_SECONDS:
+                yield snapshot
+                sent, sent_at = encoded, time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._draining.wait(), SNAPSHOT_CHECK_SECONDS)
 
     async def Route(self, request, context):
         plan = await self._router.route(route_request(request))
@@ -215,3 +239,24 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 for model_id, model in self._router.state.config.models.items()
             ]
         )
+
+
+def snapshot_proto(snapshot: RouteSnapshot) -> pb.WatchRoutesResponse:
+    return pb.WatchRoutesResponse(
+        chains=[pb.ExplicitChain(model_id=m, chain=chain) for m, chain in snapshot.chains.items()],
+        targets=[
+            pb.TargetTraits(
+                target=pb.RouteTarget(
+                    model_id=t.target.model_id,
+                    provider=t.target.provider,
+                    provider_model=t.target.provider_model,
+                ),
+                context_window=t.context_window,
+                enabled=t.enabled,
+                refuses_tools=t.refuses_tools,
+                refuses_response_format=t.refuses_response_format,
+                circuit_state=CIRCUIT_STATES[t.circuit_state],
+            )
+            for t in snapshot.targets
+        ],
+    )

@@ -161,7 +161,11 @@ def test_a_failing_provider_trips_its_breaker_then_a_probe_closes_it_when_it_rec
     assert eventually(lambda: circuit(mesh, "flaky-gpt") == pb.CIRCUIT_STATE_CLOSED)
     assert eventually(lambda: chat(mesh).headers["x-sophia-provider"] == "flaky")
     assert eventually(lambda: router_metric(mesh, **state) == 0.0)
-    assert router_metric(mesh, "sophia_router_decisions_total", decision="explicit_model") >= 8
+    # Requests for an explicit model whose targets are all closed are planned by the Gateway from the
+    # Router's WatchRoutes snapshot, without a Route call; while a circuit was open or half-open (three
+    # requests, then the probe) the Router planned them.
+    routed = router_metric(mesh, "sophia_router_decisions_total", decision="explicit_model")
+    assert 4 <= routed < 8, routed
 
 
 def test_a_failed_probe_keeps_the_fallback_in_front(mesh):

@@ -25,7 +25,8 @@ from libs.breaker import UNREACHABLE, DependencyBreaker, grpc_health_probe
 from libs.clients import open_channel
 from libs.config import Config
 from libs.errors import FailedPrecondition, InvalidArgument, NotFound, shown
-from libs.routing_rules import RouteQuery, RoutingRules
+from libs.feature_flags import FeatureFlags
+from libs.routing_rules import AUTO, RouteQuery, RoutingRules
 from services.gateway.domain import ChatRequest, Target
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def conversation(request: ChatRequest) -> tuple[str, str]:
 
 
 class Routing:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, flags: FeatureFlags) -> None:
         self._config = config
         self._channel = open_channel(
             config.services.router.address,
@@ -94,6 +95,7 @@ class Routing:
         )
         self._rules = RoutingRules(config)
         self.reporter = OutcomeReporter(self._stub, self._breaker)
+        self.snapshots = RouteSnapshots(self._stub, flags)
         self._health: HealthSummary | None = None
         self._health_until = 0.0
 
@@ -128,6 +130,10 @@ class Routing:
         not embed it again; `budget_used_fraction`: spent / limit from CheckBudget, when known."""
         if not self._breaker.allows():
             return self.local_plan(request, estimated_tokens)
+        if request.model != AUTO:
+            snapshot_plan = self.snapshots.plan(request, tenant_id, estimated_tokens)
+            if snapshot_plan is not None:
+                return snapshot_plan
         prompt, context = conversation(request)
         try:
             reply = await self._stub.Route(
@@ -236,6 +242,7 @@ class Routing:
         return Target(model, self._config.models[model].provider, self._config.provider_model(model))
 
     async def close(self) -> None:
+        await self.snapshots.aclose()
         await self.reporter.aclose()
         await self._breaker.aclose()
         await self._channel.close()
@@ -243,6 +250,9 @@ class Routing:
 
 _OUTCOMES = {"success": pb.OUTCOME_SUCCESS, "timeout": pb.OUTCOME_TIMEOUT}
 HEALTH_CACHE_SECONDS = 1.0
+# The Router sends a snapshot at least every 5 s: one older than this means the stream is gone.
+SNAPSHOT_STALE_SECONDS = 12.0
+SNAPSHOT_RETRY_SECONDS = 1.0
 _HEALTH = {
     pb.HEALTH_STATUS_HEALTHY: "healthy",
     pb.HEALTH_STATUS_DEGRADED: "degraded",
@@ -362,3 +372,100 @@ class OutcomeReporter:
             self._task = None
         while self._pending:
             await self.flush_once()
+
+
+@dataclass(frozen=True)
+class _Traits:
+    target: Target
+    context_window: int
+    enabled: bool
+    refuses_tools: bool
+    refuses_response_format: bool
+    closed: bool
+
+
+class RouteSnapshots:
+    """The Router's WatchRoutes stream, kept open in the background: an explicit-model request is planned
+    from the latest snapshot, without a Route call, when the snapshot is fresh and every target the plan
+    would use has a closed circuit. The filters are the Router's (enabled, context window, tools,
+    response_format, the tenant's model flags from the same flag file); anything else (a circuit open or
+    half-open, a model the snapshot does not know, nothing left after the filters) is the Router's to plan.
+    """
+
+    def __init__(self, stub: router_pb2_grpc.RouterServiceStub, flags: FeatureFlags) -> None:
+        self._stub = stub
+        self._flags = flags
+        self._chains: dict[str, tuple[str, ...]] = {}
+        self._traits: dict[str, _Traits] = {}
+        self._fresh_until = 0.0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._watch_forever())
+
+    async def _watch_forever(self) -> None:
+        while True:
+            try:
+                # The stream ends at the call's deadline (the client default); it is simply reopened.
+                async for snapshot in self._stub.WatchRoutes(pb.WatchRoutesRequest()):
+                    self._take(snapshot)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                    log.debug("route snapshots interrupted: %s", exc.code().name)
+                    await asyncio.sleep(SNAPSHOT_RETRY_SECONDS)
+
+    def _take(self, snapshot: pb.WatchRoutesResponse) -> None:
+        self._chains = {chain.model_id: tuple(chain.chain) for chain in snapshot.chains}
+        self._traits = {
+            t.target.model_id: _Traits(
+                Target(t.target.model_id, t.target.provider, t.target.provider_model),
+                t.context_window,
+                t.enabled,
+                t.refuses_tools,
+                t.refuses_response_format,
+                t.circuit_state == pb.CIRCUIT_STATE_CLOSED,
+            )
+            for t in snapshot.targets
+        }
+        self._fresh_until = time.monotonic() + SNAPSHOT_STALE_SECONDS
+
+    def plan(self, request: ChatRequest, tenant_id: str, estimated_tokens: int) -> Plan | None:
+        """The plan for an explicit model as the Router would make it, or None when only the Router may."""
+        chain = self._chains.get(request.model)
+        if chain is None or time.monotonic() > self._fresh_until:
+            return None
+        targets: list[Target] = []
+        notes: list[str] = []
+        for model_id in chain:
+            traits = self._traits.get(model_id)
+            if traits is None:
+                return None
+            problem = self._problem(traits, request, tenant_id, estimated_tokens)
+            if problem:
+                notes.append(f"skipped {model_id} ({problem})")
+            elif not traits.closed:
+                return None  # probes and open circuits are the Router's decisions
+            else:
+                targets.append(traits.target)
+        if not targets:
+            return None  # the Router says why nothing can serve
+        reason = f"explicit model {request.model}"
+        return Plan(tuple(targets), f"{reason}; {'; '.join(notes)}" if notes else reason)
+
+    def _problem(self, traits: _Traits, request: ChatRequest, tenant_id: str, estimated_tokens: int) -> str:
+        if not traits.enabled:
+            return "disabled"
+        if estimated_tokens and traits.context_window < estimated_tokens:
+            return f"context window {traits.context_window} < {estimated_tokens} tokens"
+        if request.tools and traits.refuses_tools:
+            return "no tools"
+        if request.response_format is not None and traits.refuses_response_format:
+            return "no response_format"
+        if not self._flags.model_enabled(traits.target.model_id, tenant_id):
+            return "flag off for this tenant"
+        return ""
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
