@@ -394,9 +394,7 @@ AUTO_DESCRIPTION = (
 
 def _auto_routes(config: Config) -> list[str]:
     """Every enabled chat model: balanced and quality plans rank all of them by price and quality."""
-    return [
-        model_id for model_id, model in config.models.items() if model.enabled and model.kind == "chat"
-    ]
+    return [model_id for model_id, model in config.models.items() if model.enabled and model.kind == "chat"]
 
 
 def model_catalog(config: Config, created: int) -> list[pb.Model]:
