@@ -285,6 +285,13 @@ def test_prometheus_metrics_count_tokens_cost_cache_and_provider_errors(pipeline
     assert _samples(text, "sophia_gateway_provider_errors_total", provider="fail500", kind="http_500")
     assert [line for line in text.splitlines() if line.startswith("sophia_gateway_cost")]
     assert _samples(text, "rpc_server_duration_milliseconds_count", rpc_grpc_status_code="OK")
+    # The GenAI semantic conventions' metrics: each provider call, failed ones with their error type.
+    calls = "gen_ai_client_operation_duration_seconds_count"
+    assert sum(_samples(text, calls, gen_ai_provider_name="fail500", error_type="http_500")) > 0
+    assert sum(_samples(text, calls, gen_ai_provider_name="good", gen_ai_request_model="good-gpt")) > 0
+    usage = "gen_ai_client_token_usage_sum"
+    assert sum(_samples(text, usage, gen_ai_token_type="output", gen_ai_request_model="good-gpt")) > 0
+    assert _samples(text, "sophia_gateway_usage_pending")  # the journal's backlog, for the alert
 
 
 def test_a_stream_that_fails_after_its_first_token_ends_in_an_sdk_error(pipeline):

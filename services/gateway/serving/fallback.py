@@ -96,11 +96,12 @@ class ChatExecutor:
                 completion = await self._providers[target.provider].complete(target, request)
             except ProviderError as error:
                 attempts.append(Attempt(target, error.kind, _ms(started), error.retryable))
-                _log_failure(target, error)
+                _log_failure(target, error, started)
                 if not error.retryable or target is targets[-1]:
                     raise provider_failure(error, attempts) from None
                 continue
             attempts.append(Attempt(target, "success", _ms(started)))
+            metrics.provider_call(target.provider, target.model_id, time.perf_counter() - started)
             return completion, Served(target, attempts)
         raise errors.Unavailable("no target to try")
 
@@ -118,19 +119,25 @@ class ChatExecutor:
             except ProviderError as error:
                 await chunks.aclose()
                 attempts.append(Attempt(target, error.kind, _ms(started), error.retryable))
-                _log_failure(target, error)
+                _log_failure(target, error, started)
                 if not error.retryable or target is targets[-1]:
                     raise provider_failure(error, attempts) from None
                 continue
             attempts.append(Attempt(target, "success", _ms(started), True, started, _ms(started)))
+            # The call's duration is recorded when the stream ends (request_flow), its first chunk now.
+            metrics.time_to_first_token.record(
+                time.perf_counter() - started,
+                {"gen_ai.provider.name": target.provider, "gen_ai.request.model": target.model_id},
+            )
             return first, chunks, Served(target, attempts)
         raise errors.Unavailable("no target to try")
 
 
-def _log_failure(target: Target, error: ProviderError) -> None:
+def _log_failure(target: Target, error: ProviderError, started: float) -> None:
     metrics.provider_errors.add(
         1, {"provider": target.provider, "model": target.model_id, "kind": error.kind}
     )
+    metrics.provider_call(target.provider, target.model_id, time.perf_counter() - started, error.kind)
     log.warning(
         "provider %s failed for %s: %s",
         target.provider,

@@ -298,6 +298,7 @@ class RequestFlow:
         completion: Completion,
         *,
         cacheable: bool = True,
+        operation: str = "chat",
     ) -> None:
         """Prices the answer (for the response header) and makes its usage record durable; the ledger,
         the tokens-per-minute charge and the cache store follow in the background."""
@@ -308,8 +309,16 @@ class RequestFlow:
         labels = {"model": outcome.model_id, "provider": outcome.provider}
         metrics.tokens.add(completion.prompt_tokens, {**labels, "direction": "input"})
         metrics.tokens.add(completion.completion_tokens, {**labels, "direction": "output"})
-        metrics.cost.add(outcome.cost_micros, labels)
-        metrics.cache_results.add(1, {"result": outcome.cache})
+        metrics.cost.add(outcome.cost_micros, {**labels, "tenant": principal.tenant_id})
+        metrics.cache_results.add(1, {"result": outcome.cache, "layer": outcome.cache_layer or "none"})
+        if not cached:  # a cache hit used no provider tokens
+            metrics.answer_tokens(
+                outcome.provider,
+                outcome.model_id,
+                completion.prompt_tokens,
+                completion.completion_tokens,
+                operation,
+            )
         record = UsageRecord(
             request_id=request_id,
             tenant_id=principal.tenant_id,
@@ -357,15 +366,22 @@ class RequestFlow:
             )
         await self._access.admit(principal, inputs.estimated_tokens())
         await self._check_budget(principal.tenant_id)
+        started = time.perf_counter()
         try:
             vectors, tokens = await self._providers[target.provider].embed(
                 target, inputs.provider_input(), passed_dimensions
             )
         except ProviderError as error:
+            elapsed = time.perf_counter() - started
+            metrics.provider_call(target.provider, target.model_id, elapsed, error.kind, "embeddings")
             raise provider_failure(error, []) from None
+        elapsed = time.perf_counter() - started
+        metrics.provider_call(target.provider, target.model_id, elapsed, operation="embeddings")
         outcome = ChatOutcome(target.model_id, target.provider, 1, "bypass")
         usage = Completion(text="", finish_reason="stop", prompt_tokens=tokens, completion_tokens=0)
-        await self._settle(principal, None, request_id, outcome, usage, cacheable=False)
+        await self._settle(
+            principal, None, request_id, outcome, usage, cacheable=False, operation="embeddings"
+        )
         return vectors, tokens, outcome
 
     async def complete(
@@ -449,6 +465,12 @@ class RequestFlow:
                 streamed.time_to_first_token_ms,
                 failure.kind if failure else "",
                 retryable=failure.retryable if failure else True,
+            )
+            metrics.provider_call(
+                served.target.provider,
+                served.target.model_id,
+                time.perf_counter() - streamed.started,
+                failure.kind if failure else "",
             )
             # Streamed tool calls arrive as fragments; only whole answers are worth caching.
             completion = tally.completion()

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import metrics
 from sophia.ledger.v1 import ledger_pb2 as pb
 from sophia.ledger.v1 import ledger_pb2_grpc
 
@@ -30,6 +31,7 @@ from libs.breaker import UNREACHABLE, DependencyBreaker
 from services.gateway.usage.journal import JournalEntry, UsageJournal
 
 log = logging.getLogger(__name__)
+_meter = metrics.get_meter("sophia.gateway")
 
 RECORD_TIMEOUT_SECONDS = 2.0
 # Records per RecordUsages call (the ledger takes up to 1000).
@@ -105,6 +107,12 @@ class UsageRecorder:
         self._conflicted: set[str] = set()
         self._sender: asyncio.Task | None = None
         self._replay: asyncio.Task | None = None
+        _meter.create_observable_gauge(
+            "sophia.gateway.usage.pending",
+            callbacks=[lambda _options: [metrics.Observation(len(self._unacked))]],
+            unit="{record}",
+            description="Usage records journaled but not yet acknowledged by the ledger",
+        )
 
     async def start(self) -> None:
         """Takes up what an earlier run left unacknowledged, and replays from now on."""
