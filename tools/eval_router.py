@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import pathlib
 import sys
@@ -40,7 +41,7 @@ def _path(value: str) -> pathlib.Path:
 
 def _subset(example_set: ExampleSet, keep: np.ndarray) -> ExampleSet:
     examples = tuple(e for e, k in zip(example_set.examples, keep, strict=False) if k)
-    return ExampleSet(example_set.task_types, example_set.cues, examples)
+    return dataclasses.replace(example_set, examples=examples)
 
 
 def predict(

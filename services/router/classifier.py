@@ -1,57 +1,60 @@
-"""Task type and difficulty of a prompt, from its MiniLM embedding plus cheap text features.
+"""Task type and difficulty of a prompt, from its MiniLM embedding, its words and cheap text features.
 
-Two linear models (multinomial logistic regression) learn from labelled example prompts at start-up
-and on reload: one for the task type, one for the difficulty (`complex`: needs a strong model). Their
-input is the prompt's embedding (the cache's, or computed once here) next to cheap features of the raw
-text: each task type's cue expressions counted in the prompt's first words, in the whole prompt and in
-the system prompt / earlier turns; length, lines, code, tables, numbers, constraint words.
+Learnt from labelled example prompts at start-up and on reload (scikit-learn fits; prediction is a few
+small matrix-vector products in numpy, so it costs well under a millisecond; the embedding is what
+costs). The task type blends three views of the prompt:
 
-Prediction is a few small matrix-vector products in numpy (the fitted weights are copied out of
-scikit-learn), so it costs microseconds; the embedding is what costs.
+- a logistic regression over the embedding next to the task block of `TextFeatures` (each task type's
+  cue expressions in the prompt's first words, the whole prompt and the context; length, code, tables);
+- a logistic regression over the prompt's words and word pairs (TF-IDF): instruction words such as
+  "summarise", "rewrite" or "translate" decide many prompts whose topic the embedding sees first;
+- the nearest examples' vote, so a task type added with a handful of examples is found at once.
+
+The difficulty (`complex`: needs a strong model) is a logistic regression over the embedding, the task
+block and the difficulty block (cue groups from the examples file: hard limits, judgement, multi-step
+reasoning, risky code...; how many sentences and clauses the instruction has), blended with the
+nearest examples' share of complex ones.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pathlib
 import re
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
-from re import _constants as _sre
-from re._parser import parse as _sre_parse
 
 import numpy as np
 import yaml
+from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
 
-# The instruction usually sits in the first words; pasted material follows.
-HEAD_WORDS = 40
-# Cheap features read at most this much text, so a huge prompt costs no more than a long one.
-MAX_FEATURE_CHARS = 4000
-# Weight of the hand-made features next to the unit-length embedding, for the task type and for the
-# difficulty (which leans on shape: constraints, code, tables), chosen by cross-validation on the dev set.
-FEATURE_WEIGHT = 0.25
-DIFFICULTY_FEATURE_WEIGHT = 0.1
+from services.router.prompt_features import MAX_FEATURE_CHARS, TextFeatures
+
+# Weights of the feature blocks next to the unit-length embedding (features are standardised first),
+# and the models' regularisation, chosen by repeated 5-fold cross-validation on the dev set
+# (docs/routing.md, Evaluation).
+TASK_FEATURE_WEIGHT = 0.25
+DIFFICULTY_TASK_FEATURE_WEIGHT = 0.1
+DIFFICULTY_FEATURE_WEIGHT = 0.15
 REGULARISATION_C = 4.0
+WORDS_REGULARISATION_C = 30.0
 DIFFICULTY_REGULARISATION_C = 16.0
-# The nearest examples' vote, blended into both models' probabilities (cosine similarity, softmax-weighted).
+# How the task type's three views are blended (they sum to 1).
+EMBEDDING_WEIGHT = 0.35
+WORDS_WEIGHT = 0.4
+NEIGHBOUR_WEIGHT = 0.25
+# The nearest examples' vote (cosine similarity, softmax-weighted); it also takes this share of the
+# difficulty.
 NEIGHBOURS = 15
 NEIGHBOUR_SHARPNESS = 10.0
-NEIGHBOUR_WEIGHT = 0.25
-
-_CODE = re.compile(
-    r"```|^\s{2,}\S.*[;:{})]\s*$|\bdef \w+\(|=>|\bimport \w|\bSELECT\b.+\bFROM\b|^\s*\$ \w", re.M
-)
-_TABLE_ROW = re.compile(r"^\s*\|.*\|\s*$|^[^,\n]+(?:,[^,\n]+){3,}$", re.M)
-_CONSTRAINT = re.compile(
-    r"\b(must|exactly|at most|at least|no more than|under \d+|within|only|without|never|strict|"
-    r"words?|characters?|sentences?|bullets?|format|tone|register|each|explain why|trade-?offs?|"
-    r"edge cases?|concurren\w*|secur\w*|invariants?|legal|prove|step by step)\b",
-    re.I,
-)
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+DIFFICULTY_NEIGHBOUR_WEIGHT = 0.25
+_WORD = re.compile(r"\w+")
 
 
 class Difficulty(StrEnum):
@@ -77,6 +80,8 @@ class ExampleSet:
     task_types: tuple[str, ...]
     cues: dict[str, tuple[re.Pattern[str], ...]]
     examples: tuple[Example, ...]
+    # Named groups of expressions whose counts hint that a prompt is complex (or simple).
+    difficulty_cues: dict[str, tuple[re.Pattern[str], ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -89,15 +94,15 @@ class Classification:
     complex_probability: float
 
 
-def _compile_cues(task_type: str, patterns: object, where: str) -> tuple[re.Pattern[str], ...]:
+def _compile_cues(patterns: object, where: str) -> tuple[re.Pattern[str], ...]:
     if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-        raise ExamplesError(f"{where}: task_types.{task_type}.cues: must be a list of regular expressions")
+        raise ExamplesError(f"{where}: must be a list of regular expressions")
     compiled = []
     for index, pattern in enumerate(patterns):
         try:
             compiled.append(re.compile(pattern, re.I | re.M))
         except re.error as exc:
-            raise ExamplesError(f"{where}: task_types.{task_type}.cues[{index}]: {exc}") from None
+            raise ExamplesError(f"{where}[{index}]: {exc}") from None
     return tuple(compiled)
 
 
@@ -128,7 +133,7 @@ def load_examples(path: str | pathlib.Path, extra_files: Sequence[str | pathlib.
             or not entry["examples"]
         ):
             raise ExamplesError(f"{where}.examples: at least one example is needed")
-        cues[task_type] = _compile_cues(task_type, entry.get("cues", []), str(path))
+        cues[task_type] = _compile_cues(entry.get("cues", []), f"{where}.cues")
         for index, item in enumerate(entry["examples"]):
             if (
                 not isinstance(item, dict)
@@ -139,11 +144,20 @@ def load_examples(path: str | pathlib.Path, extra_files: Sequence[str | pathlib.
             difficulty = _difficulty(item.get("difficulty"), f"{where}.examples[{index}]")
             examples.append(Example(item["text"], str(task_type), difficulty, str(item.get("context", ""))))
     task_types = tuple(cues)
+    if len(task_types) < 2:
+        raise ExamplesError(f"{path}: task_types: at least two task types are needed to tell them apart")
+    difficulty_cues = _difficulty_cues(raw.get("difficulty_cues", {}), f"{path}: difficulty_cues")
     for extra in extra_files:
         examples.extend(_jsonl_examples(extra, set(task_types)))
     if len({e.difficulty for e in examples}) < 2:
         raise ExamplesError(f"{path}: examples of both difficulties are needed")
-    return ExampleSet(task_types, cues, tuple(examples))
+    return ExampleSet(task_types, cues, tuple(examples), difficulty_cues)
+
+
+def _difficulty_cues(raw: object, where: str) -> dict[str, tuple[re.Pattern[str], ...]]:
+    if not isinstance(raw, dict):
+        raise ExamplesError(f"{where}: must map each group's name to its regular expressions")
+    return {str(name): _compile_cues(patterns, f"{where}.{name}") for name, patterns in raw.items()}
 
 
 def conversation_parts(messages: Sequence[dict]) -> tuple[str, str]:
@@ -169,6 +183,8 @@ def _jsonl_examples(path: str | pathlib.Path, task_types: set[str]) -> list[Exam
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ExamplesError(f"{where}: invalid JSON: {exc}") from None
+        if not isinstance(item, dict):
+            raise ExamplesError(f"{where}: must be a JSON object")
         if item.get("task_type") not in task_types:
             raise ExamplesError(f"{where}: task_type {item.get('task_type')!r} is not in the examples file")
         prompt, context = conversation_parts(item.get("messages") or [{"role": "user", "content": ""}])
@@ -177,87 +193,6 @@ def _jsonl_examples(path: str | pathlib.Path, task_types: set[str]) -> list[Exam
             Example(prompt, item["task_type"], _difficulty(item.get("difficulty"), where), context)
         )
     return examples
-
-
-def _literal_run(items) -> str:
-    """The longest run of literal characters in a parsed regex sequence (zero-width anchors kept)."""
-    best = run = ""
-    for op, value in items:
-        if op is _sre.LITERAL:
-            run += chr(value).lower()
-        elif op is not _sre.AT:
-            best, run = max(best, run, key=len), ""
-    return max(best, run, key=len)
-
-
-def _required_literals(pattern: re.Pattern[str]) -> tuple[str, ...] | None:
-    """Lowercase strings one of which every match must contain, or None when they cannot be told.
-
-    A cue is only searched for in a text that contains one of them: `in` on a string is far cheaper
-    than a regex scan, and most cues are absent from most prompts."""
-    try:
-        items = list(_sre_parse(pattern.pattern, pattern.flags))
-    except Exception:  # a private parser: without it, every cue is simply searched
-        return None
-    # Zero-width anchors around an alternation (the parser factors a common `\\b` out of its branches).
-    core = [item for item in items if item[0] is not _sre.AT]
-    while len(core) == 1 and core[0][0] is _sre.SUBPATTERN:
-        core = [item for item in core[0][1][-1] if item[0] is not _sre.AT]
-    if len(core) == 1 and core[0][0] is _sre.BRANCH:
-        literals = tuple(_literal_run(list(branch)) for branch in core[0][1][1])
-    else:
-        literals = (_literal_run(items),)
-    return literals if all(literals) else None
-
-
-class TextFeatures:
-    """Cheap features of the raw text: cue counts per task type and shape (length, code, tables...)."""
-
-    def __init__(self, example_set: ExampleSet) -> None:
-        self._tasks = len(example_set.task_types)
-        # Every cue as (task index, pattern); a cue is searched only in texts holding one of its literals.
-        self._cues = [(i, cue) for i, t in enumerate(example_set.task_types) for cue in example_set.cues[t]]
-        self._by_literal: dict[str, list[int]] = {}
-        self._always: list[int] = []
-        for index, (_, cue) in enumerate(self._cues):
-            literals = _required_literals(cue)
-            if literals is None:
-                self._always.append(index)
-            for literal in literals or ():
-                self._by_literal.setdefault(literal, []).append(index)
-
-    def _cue_counts(self, text: str) -> list[int]:
-        lowered = text.lower()
-        candidates = set(self._always)
-        for literal, indices in self._by_literal.items():
-            if literal in lowered:
-                candidates.update(indices)
-        counts = [0] * self._tasks
-        for index in candidates:
-            task, cue = self._cues[index]
-            if cue.search(text):
-                counts[task] += 1
-        return counts
-
-    def __call__(self, prompt: str, context: str) -> np.ndarray:
-        prompt = prompt[:MAX_FEATURE_CHARS]
-        context = context[:MAX_FEATURE_CHARS]
-        words = prompt.split()
-        head = " ".join(words[:HEAD_WORDS])
-        cues = self._cue_counts(head) + self._cue_counts(prompt) + self._cue_counts(context)
-        non_ascii = sum(1 for c in prompt if ord(c) > 127) / max(len(prompt), 1)
-        shape = [
-            math.log1p(len(words)),
-            math.log1p(prompt.count("\n")),
-            math.log1p(len(_CODE.findall(prompt))),
-            math.log1p(len(_TABLE_ROW.findall(prompt))),
-            math.log1p(len(_CONSTRAINT.findall(prompt))),
-            math.log1p(len(_NUMBER.findall(prompt))),
-            math.log1p(prompt.count("?")),
-            non_ascii,
-            math.log1p(len(context.split())),
-        ]
-        return np.log1p(np.asarray(cues, dtype=np.float32)).tolist() + shape
 
 
 class _Linear:
@@ -277,6 +212,42 @@ class _Linear:
         return scores / scores.sum()
 
 
+
+
+class WordModel:
+    """Task type from the prompt's words and word pairs: TF-IDF (sublinear counts) and a logistic
+    regression, fitted with scikit-learn and evaluated here: scikit-learn's transform and predict cost
+    about 1 ms per prompt, this costs tens of microseconds and gives the same probabilities."""
+
+    def __init__(self, texts: Sequence[str], labels: Sequence[str], classes: Sequence[str]) -> None:
+        vectorizer = TfidfVectorizer(analyzer=word_grams, sublinear_tf=True)
+        model = LogisticRegression(C=WORDS_REGULARISATION_C, max_iter=5000)
+        model.fit(vectorizer.fit_transform(texts), labels)
+        order = [list(model.classes_).index(c) for c in classes]
+        self._columns = {gram: int(column) for gram, column in vectorizer.vocabulary_.items()}
+        self._idf = vectorizer.idf_.astype(np.float64)
+        # One row per vocabulary entry, one column per class (in the classifier's class order).
+        self._weights = np.ascontiguousarray(model.coef_[order].T, dtype=np.float64)
+        self._bias = model.intercept_[order].astype(np.float64)
+
+    def probabilities(self, text: str) -> np.ndarray:
+        counts = Counter(self._columns[g] for g in word_grams(text) if g in self._columns)
+        scores = self._bias.copy()
+        if counts:
+            columns = np.fromiter(counts, dtype=np.intp, count=len(counts))
+            tf = 1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64, count=len(counts)))
+            values = tf * self._idf[columns]
+            scores += (values / np.linalg.norm(values)) @ self._weights[columns]
+        scores = np.exp(scores - scores.max())
+        return scores / scores.sum()
+
+
+def word_grams(text: str) -> list[str]:
+    """The lowercase words of a text (its first MAX_FEATURE_CHARS) and each pair of adjacent words."""
+    words = _WORD.findall(text[:MAX_FEATURE_CHARS].lower())
+    return words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
+
+
 class TaskClassifier:
     """Learns from an example set and its embeddings (one row per example, in order)."""
 
@@ -285,45 +256,61 @@ class TaskClassifier:
             raise ValueError("one embedding per example is needed")
         self.task_types = example_set.task_types
         self.complex_threshold = complex_threshold
-        self._features = TextFeatures(example_set)
-        shapes = np.array([self._features(e.text, e.context) for e in example_set.examples])
-        self._mean = shapes.mean(axis=0)
-        self._scale = shapes.std(axis=0) + 1e-6
+        self._features = TextFeatures(
+            [example_set.cues[t] for t in example_set.task_types], list(example_set.difficulty_cues.values())
+        )
+        examples = example_set.examples
+        features = np.array([self._features(e.text, e.context) for e in examples], dtype=np.float64)
+        self._mean = features.mean(axis=0)
+        self._scale = features.std(axis=0) + 1e-6
+        task_block = np.arange(features.shape[1]) < self._features.task_size
+        # Each model's weight per feature column (columns are standardised first).
+        self._task_weights = np.where(task_block, TASK_FEATURE_WEIGHT, 0.0)
+        self._difficulty_weights = np.where(
+            task_block, DIFFICULTY_TASK_FEATURE_WEIGHT, DIFFICULTY_FEATURE_WEIGHT
+        )
         vectors = np.asarray(embeddings, dtype=np.float64)
-        labels = [e.task_type for e in example_set.examples]
-        self._task = _Linear(
-            LogisticRegression(C=REGULARISATION_C, max_iter=5000).fit(self._input(vectors, shapes), labels)
-        )
-        difficulties = [e.difficulty.value for e in example_set.examples]
-        self._difficulty = _Linear(
-            LogisticRegression(C=DIFFICULTY_REGULARISATION_C, max_iter=5000).fit(
-                self._input(vectors, shapes, DIFFICULTY_FEATURE_WEIGHT), difficulties
+        labels = [e.task_type for e in examples]
+        difficulties = [e.difficulty.value for e in examples]
+        # One thread: on a busy machine BLAS threads make these small fits several times slower.
+        with threadpool_limits(limits=1):
+            self._task = _Linear(
+                LogisticRegression(C=REGULARISATION_C, max_iter=5000).fit(
+                    self._input(vectors, features, self._task_weights), labels
+                )
             )
-        )
+            self._words = WordModel([e.text for e in examples], labels, self._task.classes)
+            self._difficulty = _Linear(
+                LogisticRegression(C=DIFFICULTY_REGULARISATION_C, max_iter=5000).fit(
+                    self._input(vectors, features, self._difficulty_weights), difficulties
+                )
+            )
         self._complex_index = self._difficulty.classes.index(Difficulty.COMPLEX.value)
-        # The nearest examples vote too: a task type added with a handful of examples is found by its
-        # neighbours before a linear model has enough of them to learn it.
         self._examples = vectors
         self._example_tasks = np.array([self._task.classes.index(t) for t in labels])
         self._example_complex = np.array(
             [d == Difficulty.COMPLEX.value for d in difficulties], dtype=np.float64
         )
 
-    def _input(self, vectors: np.ndarray, shapes: np.ndarray, weight: float = FEATURE_WEIGHT) -> np.ndarray:
-        return np.hstack([vectors, (shapes - self._mean) / self._scale * weight])
+    def _input(self, vectors: np.ndarray, features: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return np.hstack([vectors, (features - self._mean) / self._scale * weights])
 
     def classify(
         self, embedding: Sequence[float] | np.ndarray, prompt: str, context: str = ""
     ) -> Classification:
-        shape = np.asarray(self._features(prompt, context), dtype=np.float64)[None, :]
+        features = np.asarray(self._features(prompt, context), dtype=np.float64)[None, :]
         vector = np.asarray(embedding, dtype=np.float64)[None, :]
-        task = self._task.probabilities(self._input(vector, shape)[0])
-        hard = self._difficulty.probabilities(self._input(vector, shape, DIFFICULTY_FEATURE_WEIGHT)[0])
         neighbour_tasks, neighbour_complex = self._neighbours(vector[0])
-        task = (1 - NEIGHBOUR_WEIGHT) * task + NEIGHBOUR_WEIGHT * neighbour_tasks
+        task = (
+            EMBEDDING_WEIGHT * self._task.probabilities(self._input(vector, features, self._task_weights)[0])
+            + WORDS_WEIGHT * self._words.probabilities(prompt)
+            + NEIGHBOUR_WEIGHT * neighbour_tasks
+        )
         best = int(task.argmax())
+        hard = self._difficulty.probabilities(self._input(vector, features, self._difficulty_weights)[0])
         complex_probability = float(
-            (1 - NEIGHBOUR_WEIGHT) * hard[self._complex_index] + NEIGHBOUR_WEIGHT * neighbour_complex
+            (1 - DIFFICULTY_NEIGHBOUR_WEIGHT) * hard[self._complex_index]
+            + DIFFICULTY_NEIGHBOUR_WEIGHT * neighbour_complex
         )
         difficulty = (
             Difficulty.COMPLEX if complex_probability >= self.complex_threshold else Difficulty.SIMPLE

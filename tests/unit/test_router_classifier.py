@@ -8,19 +8,25 @@ import functools
 import re
 import textwrap
 
+import numpy as np
 import pytest
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
 
 from libs.config import REPO_ROOT
 from libs.sentence_embeddings import EMBEDDING_MODEL_ID, load_embedding_model
 from services.router.classifier import (
+    WORDS_REGULARISATION_C,
     Difficulty,
     ExamplesError,
     TaskClassifier,
-    TextFeatures,
+    WordModel,
     conversation_parts,
     load_examples,
+    word_grams,
 )
 from services.router.embedder import PromptEmbedder, seed_path
+from services.router.prompt_features import TextFeatures
 
 EXAMPLES = REPO_ROOT / "config" / "router_examples.yaml"
 NEW_TASK_TYPE = """
@@ -92,6 +98,13 @@ def test_the_conversation_before_the_prompt_counts():
     assert "translator" in context and "Hello" in context
 
 
+TWO_TASK_TYPES = """
+task_types:
+  x: {examples: [{difficulty: simple, text: hi}]}
+  y: {examples: [{difficulty: complex, text: ho}]}
+"""
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
@@ -101,6 +114,10 @@ def test_the_conversation_before_the_prompt_counts():
         ("task_types:\n  x: {examples: [{difficulty: simple}]}\n", "examples[0].text"),
         ("task_types:\n  x: {cues: ['(unclosed'], examples: [{difficulty: simple, text: hi}]}\n", "cues[0]"),
         ("task_types: [\n", "invalid YAML"),
+        ("task_types:\n  x: {examples: [{difficulty: simple, text: hi}]}\n", "at least two task types"),
+        (TWO_TASK_TYPES + "difficulty_cues: [a]\n", "difficulty_cues: must map each group"),
+        (TWO_TASK_TYPES + "difficulty_cues: {limits: 'x'}\n", "difficulty_cues.limits: must be a list"),
+        (TWO_TASK_TYPES + "difficulty_cues: {limits: ['(x']}\n", "difficulty_cues.limits[0]"),
     ],
 )
 def test_a_bad_examples_file_is_refused_naming_the_problem(tmp_path, text, problem):
@@ -110,9 +127,19 @@ def test_a_bad_examples_file_is_refused_naming_the_problem(tmp_path, text, probl
         load_examples(path)
 
 
+def test_a_labelled_line_that_is_not_an_object_is_refused_naming_the_line(tmp_path):
+    path, extra = tmp_path / "examples.yaml", tmp_path / "extra.jsonl"
+    path.write_text(TWO_TASK_TYPES)
+    extra.write_text('{"prompt": "hi", "task_type": "x", "difficulty": "simple"}\n["hi", "x"]\n')
+    with pytest.raises(ExamplesError, match=re.escape(f"{extra}:2: must be a JSON object")):
+        load_examples(path, [extra])
+
+
 def test_cue_counts_match_a_plain_search_of_every_cue(tmp_path):
     example_set = load_examples(EXAMPLES)
-    features = TextFeatures(example_set)
+    features = TextFeatures(
+        [example_set.cues[t] for t in example_set.task_types], list(example_set.difficulty_cues.values())
+    )
     texts = [e.text for e in example_set.examples] + [
         textwrap.dedent("""\
             SELECT unit, count(*) FROM leases GROUP BY 1; -- why is this slow?
@@ -122,4 +149,28 @@ def test_cue_counts_match_a_plain_search_of_every_cue(tmp_path):
     ]
     for text in texts:
         plain = [sum(1 for cue in example_set.cues[t] if cue.search(text)) for t in example_set.task_types]
-        assert features._cue_counts(text) == plain, text
+        assert features.task_cue_counts(text) == plain, text
+        groups = example_set.difficulty_cues.values()
+        assert features.difficulty_cue_counts(text) == [sum(1 for c in g if c.search(text)) for g in groups]
+
+
+def test_the_word_model_gives_scikit_learns_probabilities():
+    """The hand-evaluated TF-IDF model agrees with scikit-learn's own transform and predict_proba."""
+    example_set = load_examples(EXAMPLES)
+    texts = [e.text for e in example_set.examples]
+    labels = [e.task_type for e in example_set.examples]
+    classes = sorted(set(labels), reverse=True)  # not scikit-learn's order: the model must reorder
+    words = WordModel(texts, labels, classes)
+    vectorizer = TfidfVectorizer(analyzer=word_grams, sublinear_tf=True)
+    reference = LogisticRegression(C=WORDS_REGULARISATION_C, max_iter=5000)
+    reference.fit(vectorizer.fit_transform(texts), labels)
+    order = [list(reference.classes_).index(c) for c in classes]
+    prompts = [
+        *texts[::7],
+        "Summarise this call, twice: summarise it! zzz-unknown-word",
+        "!!!",
+        "x " * 3000 + "translate this into French",
+    ]
+    for prompt in prompts:
+        expected = reference.predict_proba(vectorizer.transform([prompt]))[0][order]
+        np.testing.assert_allclose(words.probabilities(prompt), expected, atol=1e-9, err_msg=prompt[:60])
