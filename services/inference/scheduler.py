@@ -48,6 +48,9 @@ class GenerationScheduler(Protocol):
     def kv_token_budget(self) -> int:
         """KV-cache tokens the running generations may hold (0: not managed)."""
 
+    def drain(self, deadline: float) -> None:
+        """Shutting down: running generations end by `deadline` (time.monotonic()), nothing new starts."""
+
     async def close(self) -> None: ...
 
 
@@ -89,6 +92,9 @@ class ContinuousScheduler:
         finally:
             self._batcher.cancel(sequence)
 
+    def drain(self, deadline: float) -> None:
+        self._batcher.drain(deadline)
+
     async def close(self) -> None:
         await asyncio.to_thread(self._batcher.close)
 
@@ -120,6 +126,9 @@ class ThreadPerRequestScheduler:
     @property
     def kv_token_budget(self) -> int:
         return 0  # every generation allocates its own cache as it grows
+
+    def drain(self, deadline: float) -> None:
+        """The baseline keeps the old behaviour: generations run until the runtime's grace ends."""
 
     async def stream(
         self, prompt_token_ids: list[int], params: GenerationParams, deadline: float | None
@@ -194,5 +203,6 @@ def build_scheduler(config: InferenceConfig, model: ChatModel) -> GenerationSche
         max_waiting=config.max_queued_generations,
         max_prefill_wait_seconds=config.max_prefill_wait_ms / 1000,
         max_prefill_tokens=config.max_prefill_tokens,
+        batch_invariant=config.batch_invariant,
     )
     return ContinuousScheduler(model, settings)

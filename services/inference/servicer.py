@@ -75,6 +75,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             },
         )
 
+    def drain(self, deadline: float) -> None:
+        """Shutting down (see __main__): generations end by `deadline`, none start."""
+        if self._scheduler is not None:
+            self._scheduler.drain(deadline)
+
     async def close(self) -> None:
         if self._scheduler is not None:
             await self._scheduler.close()

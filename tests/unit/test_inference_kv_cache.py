@@ -22,11 +22,9 @@ def states(tokens: int, value: float, rows: int = 1) -> torch.Tensor:
 
 
 def prefill(kv: SlotKVCache, row: int, tokens: int, value: float, start: int = 0):
-    columns = torch.arange(start, start + tokens)
+    """Writes `tokens` cells of `row` from column `start`; returns what attention gets (the buffers)."""
     kv.reserve(row + 1, start + tokens)
-    kv.packed_step(
-        torch.full((tokens,), row), columns, torch.full((start + tokens,), row), torch.arange(start + tokens)
-    )
+    kv.packed_step(torch.full((tokens,), row), torch.arange(start, start + tokens))
     # A forward pass updates every layer; the first layer's view is what the test looks at.
     updated = [kv.update(states(tokens, value), states(tokens, -value), layer) for layer in range(3)]
     return updated[0]
@@ -37,23 +35,23 @@ def test_bytes_per_token_counts_keys_and_values_of_every_layer():
     assert bytes_per_token(CONFIG, torch.bfloat16) == 2 * 3 * HEADS * DIM * 2
 
 
-def test_packed_prefill_writes_each_row_and_reads_only_what_it_wrote():
+def test_packed_prefill_writes_each_token_into_its_own_row():
     kv = cache()
     keys, values = prefill(kv, row=0, tokens=3, value=1.0)
-    assert keys.shape == (1, HEADS, 3, DIM)
-    assert torch.equal(keys, states(3, 1.0)) and torch.equal(values, states(3, -1.0))
+    assert keys.data_ptr() == kv.layers[0].keys.data_ptr()  # the buffer itself: attention picks the rows
+    assert torch.equal(keys[0, :, :3], states(3, 1.0)[0]) and torch.equal(
+        values[0, :, :3], states(3, -1.0)[0]
+    )
     keys, _ = prefill(kv, row=1, tokens=2, value=2.0)
-    assert torch.equal(keys, states(2, 2.0))
-    layer = kv.layers[0]
-    assert torch.equal(layer.keys[0, :, :3], states(3, 1.0)[0])  # row 0 untouched by row 1's prefill
+    assert torch.equal(keys[1, :, :2], states(2, 2.0)[0])
+    assert torch.equal(keys[0, :, :3], states(3, 1.0)[0])  # row 0 untouched by row 1's prefill
 
 
-def test_a_prompt_in_chunks_reads_its_earlier_chunks():
+def test_a_prompt_in_chunks_continues_where_the_last_chunk_ended():
     kv = cache()
     prefill(kv, row=0, tokens=2, value=1.0)
     keys, _ = prefill(kv, row=0, tokens=2, value=5.0, start=2)
-    assert keys.shape == (1, HEADS, 4, DIM)
-    assert torch.equal(keys[0, :, :2], states(2, 1.0)[0]) and torch.equal(keys[0, :, 2:], states(2, 5.0)[0])
+    assert torch.equal(keys[0, :, :2], states(2, 1.0)[0]) and torch.equal(keys[0, :, 2:4], states(2, 5.0)[0])
 
 
 def test_a_decode_step_appends_one_column_per_row_at_its_own_length():
