@@ -44,6 +44,8 @@ DIFFICULTY_TASK_FEATURE_WEIGHT = 0.1
 DIFFICULTY_FEATURE_WEIGHT = 0.15
 REGULARISATION_C = 4.0
 WORDS_REGULARISATION_C = 30.0
+# A word or word pair counts only when this many examples contain it.
+WORDS_MIN_EXAMPLES = 1
 DIFFICULTY_REGULARISATION_C = 16.0
 # How the task type's three views are blended (they sum to 1).
 EMBEDDING_WEIGHT = 0.35
@@ -212,15 +214,13 @@ class _Linear:
         return scores / scores.sum()
 
 
-
-
 class WordModel:
     """Task type from the prompt's words and word pairs: TF-IDF (sublinear counts) and a logistic
     regression, fitted with scikit-learn and evaluated here: scikit-learn's transform and predict cost
     about 1 ms per prompt, this costs tens of microseconds and gives the same probabilities."""
 
     def __init__(self, texts: Sequence[str], labels: Sequence[str], classes: Sequence[str]) -> None:
-        vectorizer = TfidfVectorizer(analyzer=word_grams, sublinear_tf=True)
+        vectorizer = TfidfVectorizer(analyzer=word_grams, sublinear_tf=True, min_df=WORDS_MIN_EXAMPLES)
         model = LogisticRegression(C=WORDS_REGULARISATION_C, max_iter=5000)
         model.fit(vectorizer.fit_transform(texts), labels)
         order = [list(model.classes_).index(c) for c in classes]
@@ -231,11 +231,12 @@ class WordModel:
         self._bias = model.intercept_[order].astype(np.float64)
 
     def probabilities(self, text: str) -> np.ndarray:
-        counts = Counter(self._columns[g] for g in word_grams(text) if g in self._columns)
+        columns = self._columns
+        known = [(c, n) for g, n in Counter(word_grams(text)).items() if (c := columns.get(g)) is not None]
         scores = self._bias.copy()
-        if counts:
-            columns = np.fromiter(counts, dtype=np.intp, count=len(counts))
-            tf = 1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64, count=len(counts)))
+        if known:
+            columns = np.fromiter((c for c, _ in known), dtype=np.intp, count=len(known))
+            tf = 1.0 + np.log(np.fromiter((n for _, n in known), dtype=np.float64, count=len(known)))
             values = tf * self._idf[columns]
             scores += (values / np.linalg.norm(values)) @ self._weights[columns]
         scores = np.exp(scores - scores.max())
@@ -245,7 +246,7 @@ class WordModel:
 def word_grams(text: str) -> list[str]:
     """The lowercase words of a text (its first MAX_FEATURE_CHARS) and each pair of adjacent words."""
     words = _WORD.findall(text[:MAX_FEATURE_CHARS].lower())
-    return words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
+    return words + list(map(" ".join, itertools.pairwise(words)))
 
 
 class TaskClassifier:

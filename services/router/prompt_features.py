@@ -7,6 +7,7 @@ Everything here reads at most MAX_FEATURE_CHARS of text, so a huge prompt costs 
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Sequence
@@ -32,37 +33,49 @@ _CONSTRAINT = re.compile(
 )
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _SENTENCE_END = re.compile(r"[.?!](?:\s|$)")
+_NON_SPACE = re.compile(r"\S+")
 
 
-def _literal_run(items) -> str:
-    """The longest run of literal characters in a parsed regex sequence (zero-width anchors kept)."""
-    best = run = ""
+def _literal_run(items) -> tuple[str, bool]:
+    """A run of literal characters every match of a parsed regex sequence contains (zero-width anchors
+    kept), and whether it starts the sequence: the leading run if there is one, else the longest."""
+    runs, run = [], ""
     for op, value in items:
         if op is _sre.LITERAL:
             run += chr(value).lower()
         elif op is not _sre.AT:
-            best, run = max(best, run, key=len), ""
-    return max(best, run, key=len)
+            runs.append(run)
+            run = ""
+    runs.append(run)
+    # The leading run when there is one: any run is required, and matches start with this one.
+    if runs[0]:
+        return runs[0], True
+    return max(runs, key=len), False
 
 
-def _required_literals(pattern: re.Pattern[str]) -> tuple[str, ...] | None:
-    """Lowercase strings one of which every match must contain, or None when they cannot be told.
+def _required_literals(pattern: re.Pattern[str]) -> tuple[tuple[str, ...], bool] | None:
+    """Lowercase strings one of which every match must contain, and whether every match starts with
+    one of them; None when they cannot be told.
 
-    A cue is only searched for in a text that contains one of them: `in` on a string is far cheaper
-    than a regex scan, and most cues are absent from most prompts."""
+    A cue is only searched for in a text that contains one of them, from the first place one occurs
+    when matches start with them: `find` on a string is far cheaper than a regex scan, and most cues
+    are absent from most prompts."""
     try:
         items = list(_sre_parse(pattern.pattern, pattern.flags))
     except Exception:  # a private parser: without it, every cue is simply searched
         return None
     # Zero-width anchors around an alternation (the parser factors a common `\\b` out of its branches).
-    core = [item for item in items if item[0] is not _sre.AT]
+    sequence = items
+    core = [item for item in sequence if item[0] is not _sre.AT]
     while len(core) == 1 and core[0][0] is _sre.SUBPATTERN:
-        core = [item for item in core[0][1][-1] if item[0] is not _sre.AT]
+        sequence = list(core[0][1][-1])
+        core = [item for item in sequence if item[0] is not _sre.AT]
     if len(core) == 1 and core[0][0] is _sre.BRANCH:
-        literals = tuple(_literal_run(list(branch)) for branch in core[0][1][1])
+        runs = [_literal_run(list(branch)) for branch in core[0][1][1]]
     else:
-        literals = (_literal_run(items),)
-    return literals if all(literals) else None
+        runs = [_literal_run(sequence)]
+    literals = tuple(run for run, _ in runs)
+    return (literals, all(leads for _, leads in runs)) if all(literals) else None
 
 
 class CueCounter:
@@ -74,25 +87,73 @@ class CueCounter:
         # A cue is searched only in texts holding one of its literals (those without any: always).
         self._by_literal: dict[str, list[int]] = {}
         self._always: list[int] = []
+        self._literals: dict[int, tuple[str, ...]] = {}
+        # Cues whose matches start with one of their literals: tried only where those occur.
+        self._leading: set[int] = set()
         for index, (_, cue) in enumerate(self._cues):
-            literals = _required_literals(cue)
-            if literals is None:
+            required = _required_literals(cue)
+            if required is None:
                 self._always.append(index)
-            for literal in literals or ():
+                continue
+            literals, leading = required
+            self._literals[index] = literals
+            if leading:
+                self._leading.add(index)
+            for literal in literals:
                 self._by_literal.setdefault(literal, []).append(index)
 
-    def __call__(self, text: str) -> list[int]:
+    def __call__(self, text: str, prefix_chars: int = 0) -> tuple[list[int], list[int]]:
+        """Per group: how many of its cues occur in the text, and how many occur in its first
+        prefix_chars characters (a match starting there), from one search per cue."""
+        counts = [0] * self.size
+        prefix_counts = [0] * self.size
+        if not text:  # most prompts come without context
+            return counts, prefix_counts
         lowered = text.lower()
+        # Lowercasing keeps positions unless a character lowers to several.
+        aligned = len(lowered) == len(text)
+        found: dict[str, int] = {}
         candidates = set(self._always)
         for literal, indices in self._by_literal.items():
-            if literal in lowered:
+            at = lowered.find(literal)
+            if at >= 0:
+                found[literal] = at
                 candidates.update(indices)
-        counts = [0] * self.size
         for index in candidates:
             group, cue = self._cues[index]
-            if cue.search(text):
+            if aligned and index in self._leading:
+                match = self._first_match(cue, text, lowered, found, self._literals[index])
+            else:
+                match = cue.search(text)
+            # The leftmost match: if any match starts in the prefix, this one does.
+            if match:
                 counts[group] += 1
-        return counts
+                if match.start() < prefix_chars:
+                    prefix_counts[group] += 1
+        return counts, prefix_counts
+
+    @staticmethod
+    def _first_match(
+        cue: re.Pattern[str], text: str, lowered: str, found: dict[str, int], literals: tuple[str, ...]
+    ) -> re.Match[str] | None:
+        """The leftmost match of a cue whose matches start with one of its literals: tried only where
+        they occur (a scan would try every position, slowly, wherever a literal occurs but no match)."""
+        starts = []
+        for literal in literals:
+            at = found.get(literal, -1)
+            while at >= 0:
+                starts.append(at)
+                at = lowered.find(literal, at + 1)
+        for at in sorted(starts):
+            match = cue.match(text, at)
+            if match:
+                return match
+        return None
+
+
+def _word_ends(text: str, words: int) -> list[int]:
+    """Where each of the text's first `words` words ends."""
+    return [m.end() for m in itertools.islice(_NON_SPACE.finditer(text), words)]
 
 
 class TextFeatures:
@@ -105,30 +166,27 @@ class TextFeatures:
         task_cues: Sequence[Sequence[re.Pattern[str]]],
         difficulty_cues: Sequence[Sequence[re.Pattern[str]]] = (),
     ) -> None:
-        self._task_cues = CueCounter(task_cues)
-        self._difficulty_cues = CueCounter(difficulty_cues)
+        self.task_cues = CueCounter(task_cues)
+        self.difficulty_cues = CueCounter(difficulty_cues)
         # Task cues in the head, the prompt and the context, then 9 shape features.
         self.task_size = 3 * len(task_cues) + 9
         # Difficulty cues in the prompt and in its instruction, then sentences and commas there.
         self.difficulty_size = 2 * len(difficulty_cues) + 2
 
-    def task_cue_counts(self, text: str) -> list[int]:
-        return self._task_cues(text)
-
-    def difficulty_cue_counts(self, text: str) -> list[int]:
-        return self._difficulty_cues(text)
-
     def __call__(self, prompt: str, context: str) -> list[float]:
         """task_size task features, then difficulty_size difficulty features."""
         prompt = prompt[:MAX_FEATURE_CHARS]
         context = context[:MAX_FEATURE_CHARS]
-        words = prompt.split()
-        head = " ".join(words[:HEAD_WORDS])
-        instruction = " ".join(words[:INSTRUCTION_WORDS])
-        cues = self._task_cues(head) + self._task_cues(prompt) + self._task_cues(context)
-        non_ascii = sum(1 for c in prompt if ord(c) > 127) / max(len(prompt), 1)
+        # The head and the instruction are the prompt's first words, as typed.
+        ends = _word_ends(prompt, max(HEAD_WORDS, INSTRUCTION_WORDS))
+        head_end = ends[min(HEAD_WORDS, len(ends)) - 1] if ends else 0
+        instruction_end = ends[min(INSTRUCTION_WORDS, len(ends)) - 1] if ends else 0
+        instruction = prompt[:instruction_end]
+        in_prompt, in_head = self.task_cues(prompt, head_end)
+        in_context, _ = self.task_cues(context)
+        non_ascii = (len(prompt) - len(prompt.encode("ascii", "ignore"))) / max(len(prompt), 1)
         shape = [
-            math.log1p(len(words)),
+            math.log1p(len(prompt.split())),
             math.log1p(prompt.count("\n")),
             math.log1p(len(_CODE.findall(prompt))),
             math.log1p(len(_TABLE_ROW.findall(prompt))),
@@ -143,5 +201,7 @@ class TextFeatures:
             math.log1p(len(_SENTENCE_END.findall(instruction)) + 1),
             math.log1p(instruction.count(",")),
         ]
-        difficulty = self._difficulty_cues(prompt) + self._difficulty_cues(instruction)
+        hints, instruction_hints = self.difficulty_cues(prompt, instruction_end)
+        cues = in_head + in_prompt + in_context
+        difficulty = hints + instruction_hints
         return [math.log1p(c) for c in cues] + shape + [math.log1p(c) for c in difficulty] + instruction_shape

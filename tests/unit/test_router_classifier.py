@@ -137,21 +137,32 @@ def test_a_labelled_line_that_is_not_an_object_is_refused_naming_the_line(tmp_pa
 
 def test_cue_counts_match_a_plain_search_of_every_cue(tmp_path):
     example_set = load_examples(EXAMPLES)
-    features = TextFeatures(
-        [example_set.cues[t] for t in example_set.task_types], list(example_set.difficulty_cues.values())
-    )
+    task_cues = [example_set.cues[t] for t in example_set.task_types]
+    features = TextFeatures(task_cues, list(example_set.difficulty_cues.values()))
     texts = [e.text for e in example_set.examples] + [
         textwrap.dedent("""\
             SELECT unit, count(*) FROM leases GROUP BY 1; -- why is this slow?
             | month | rent |
             |---|---|
             Wie hoch ist die Leerstandsquote? 翻译成中文 $40 at 15% ¿Qué significa?"""),
+        # Literals inside other words before the real matches; a character that lowercases to two.
+        "Differently said: thanksgiving plans, Q5 then Q3? If so, thanks. Kickoff then quick call.",
+        "İstanbul office: what is the Q2 churn risk, and should we translate it into Turkish?",
     ]
+
+    def plain(groups, text, prefix_chars):
+        matches = [[cue.search(text) for cue in group] for group in groups]
+        return (
+            [sum(1 for m in group if m) for group in matches],
+            [sum(1 for m in group if m and m.start() < prefix_chars) for group in matches],
+        )
+
     for text in texts:
-        plain = [sum(1 for cue in example_set.cues[t] if cue.search(text)) for t in example_set.task_types]
-        assert features.task_cue_counts(text) == plain, text
-        groups = example_set.difficulty_cues.values()
-        assert features.difficulty_cue_counts(text) == [sum(1 for c in g if c.search(text)) for g in groups]
+        for prefix_chars in (0, 60, len(text)):
+            assert features.task_cues(text, prefix_chars) == plain(task_cues, text, prefix_chars), text
+            difficulty_cues = example_set.difficulty_cues.values()
+            expected = plain(difficulty_cues, text, prefix_chars)
+            assert features.difficulty_cues(text, prefix_chars) == expected, text
 
 
 def test_the_word_model_gives_scikit_learns_probabilities():
