@@ -18,6 +18,7 @@ import dataclasses
 import json
 import pathlib
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -32,6 +33,8 @@ from services.router.classifier import (
 from services.router.embedder import PromptEmbedder, seed_path, write_seed
 
 FOLDS = 5
+# The first fold split; --repeats takes the next seeds too.
+FOLD_SEED = 7
 
 
 def _path(value: str) -> pathlib.Path:
@@ -45,9 +48,10 @@ def _subset(example_set: ExampleSet, keep: np.ndarray) -> ExampleSet:
 
 
 def predict(
-    items: list[dict], embedder: PromptEmbedder, example_set: ExampleSet, settings
-) -> tuple[list, int]:
-    """Predictions per item, and how many items were predicted by cross-validation."""
+    items: list[dict], embedder: PromptEmbedder, example_set: ExampleSet, settings, seeds: Sequence[int]
+) -> tuple[list[list], int]:
+    """Predictions per item for each fold split (one per seed), and how many items were predicted by
+    cross-validation (the same in every split; without any, one split)."""
     example_vectors = embedder.embed_cached(
         [e.text for e in example_set.examples],
         _path(settings.embedding_cache_dir),
@@ -63,22 +67,69 @@ def predict(
     for row, key in enumerate(example_keys):
         key_rows[key].append(row)
     seen = [i for i, (prompt, _) in enumerate(parts) if normalise_text(prompt) in key_rows]
-    folds = {i: n % FOLDS for n, i in enumerate(np.random.default_rng(7).permutation(seen).tolist())}
-    classifiers = {}
-    for fold in range(FOLDS if seen else 0):
-        keep = np.ones(len(example_keys), dtype=bool)
-        for i, f in folds.items():
-            if f == fold:
-                keep[key_rows[normalise_text(parts[i][0])]] = False
-        classifiers[fold] = TaskClassifier(
-            _subset(example_set, keep), example_vectors[keep], settings.complex_threshold
-        )
     full = TaskClassifier(example_set, example_vectors, settings.complex_threshold)
-    predictions = []
-    for i, (prompt, context) in enumerate(parts):
-        classifier = classifiers[folds[i]] if i in folds else full
-        predictions.append(classifier.classify(vectors[i], prompt, context))
-    return predictions, len(seen)
+    splits = []
+    for seed in seeds if seen else seeds[:1]:
+        order = np.random.default_rng(seed).permutation(seen).tolist()
+        folds = {i: n % FOLDS for n, i in enumerate(order)}
+        classifiers = {}
+        for fold in range(FOLDS if seen else 0):
+            keep = np.ones(len(example_keys), dtype=bool)
+            for i, f in folds.items():
+                if f == fold:
+                    keep[key_rows[normalise_text(parts[i][0])]] = False
+            classifiers[fold] = TaskClassifier(
+                _subset(example_set, keep), example_vectors[keep], settings.complex_threshold
+            )
+        splits.append(
+            [
+                (classifiers[folds[i]] if i in folds else full).classify(vectors[i], prompt, context)
+                for i, (prompt, context) in enumerate(parts)
+            ]
+        )
+    return splits, len(seen)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    items: int
+    task_type_right: int
+    difficulty_right: int
+    complex_items: int
+    # Complex items predicted simple (the quality risk), simple items predicted complex (money lost).
+    under_routed: int
+    over_routed: int
+
+    def rates(self) -> dict[str, float]:
+        simple_items = self.items - self.complex_items
+        return {
+            "task type": self.task_type_right / self.items,
+            "difficulty": self.difficulty_right / self.items,
+            "under-routing": self.under_routed / max(self.complex_items, 1),
+            "over-routing": self.over_routed / max(simple_items, 1),
+        }
+
+
+def scores(items: list[dict], predictions: list) -> Scores:
+    pairs = [(item, p.task_type, p.difficulty.value) for item, p in zip(items, predictions, strict=True)]
+    return Scores(
+        items=len(items),
+        task_type_right=sum(item["task_type"] == task for item, task, _ in pairs),
+        difficulty_right=sum(item["difficulty"] == difficulty for item, _, difficulty in pairs),
+        complex_items=sum(item["difficulty"] == "complex" for item in items),
+        under_routed=sum(item["difficulty"] == "complex" != d for item, _, d in pairs),
+        over_routed=sum(item["difficulty"] == "simple" != d for item, _, d in pairs),
+    )
+
+
+def report_splits(items: list[dict], splits: list[list]) -> None:
+    """Mean and spread of the scores over several fold splits."""
+    rates = [scores(items, predictions).rates() for predictions in splits]
+    print(f"over {len(splits)} fold splits (mean ± standard deviation, min-max):")
+    for name in rates[0]:
+        values = np.array([r[name] for r in rates])
+        spread = f"{values.mean():.3f} ± {values.std():.3f}  ({values.min():.3f}-{values.max():.3f})"
+        print(f"  {name:<14} {spread}")
 
 
 def report(items: list[dict], predictions: list) -> None:
@@ -100,19 +151,18 @@ def report(items: list[dict], predictions: list) -> None:
     print("most common confusions (true → predicted):")
     for (t, p), count in confusions.most_common(10):
         print(f"  {t} → {p}: {count}")
-    difficulty = [item["difficulty"] for item in items]
-    guessed = [p.difficulty.value for p in predictions]
-    right = sum(d == g for d, g in zip(difficulty, guessed, strict=False))
-    complex_total = sum(d == "complex" for d in difficulty)
-    simple_total = len(items) - complex_total
-    under = sum(d == "complex" and g == "simple" for d, g in zip(difficulty, guessed, strict=False))
-    over = sum(d == "simple" and g == "complex" for d, g in zip(difficulty, guessed, strict=False))
-    print(f"difficulty accuracy: {right / len(items):.3f} ({right}/{len(items)})")
+    overall = scores(items, predictions)
+    rates = overall.rates()
+    simple_items = overall.items - overall.complex_items
+    print(f"difficulty accuracy: {rates['difficulty']:.3f} ({overall.difficulty_right}/{overall.items})")
     print(
-        f"under-routing (complex → cheap model): {under / max(complex_total, 1):.3f} "
-        f"({under}/{complex_total})"
+        f"under-routing (complex → cheap model): {rates['under-routing']:.3f} "
+        f"({overall.under_routed}/{overall.complex_items})"
     )
-    print(f"over-routing (simple → strong model): {over / max(simple_total, 1):.3f} ({over}/{simple_total})")
+    print(
+        f"over-routing (simple → strong model): {rates['over-routing']:.3f} "
+        f"({overall.over_routed}/{simple_items})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,19 +174,35 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also (re)write the examples' shipped embeddings (routing.classifier.examples_file → .npz)",
     )
+    parser.add_argument(
+        "--examples-only",
+        action="store_true",
+        help="learn from routing.classifier.examples_file alone, not the extra (dev) examples files: "
+        "labelled items are then scored by a classifier that never saw them",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help=f"cross-validate with this many different {FOLDS}-fold splits and print the mean and spread "
+        "(the report and the predictions written are the first split's)",
+    )
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     items = [json.loads(line) for line in pathlib.Path(args.items).read_text().splitlines() if line.strip()]
     settings = load_config().routing.classifier
-    example_set = load_examples(
-        _path(settings.examples_file), [_path(f) for f in settings.extra_examples_files]
-    )
+    extra = [] if args.examples_only else [_path(f) for f in settings.extra_examples_files]
+    example_set = load_examples(_path(settings.examples_file), extra)
     embedder = PromptEmbedder(load_embedding_model("all-minilm-l6-v2", device="cpu"))
-    predictions, cross_validated = predict(items, embedder, example_set, settings)
+    seeds = [FOLD_SEED + n for n in range(args.repeats)]
+    splits, cross_validated = predict(items, embedder, example_set, settings, seeds)
     if args.write_seed:
         texts = [e.text for e in example_set.examples]
         seed = seed_path(_path(settings.examples_file))
         write_seed(seed, texts, embedder.embed_cached(texts, _path(settings.embedding_cache_dir)))
         print(f"wrote {seed}")
+    predictions = splits[0]
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as out:
         for item, p in zip(items, predictions, strict=False):
@@ -150,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     if cross_validated:
         print(f"{cross_validated} items are among the examples: predicted by {FOLDS}-fold cross-validation")
     report(items, predictions)
+    if len(splits) > 1 and all(item.get("task_type") for item in items):
+        report_splits(items, splits)
     return 0
 
 
