@@ -11,7 +11,10 @@ import pytest
 from sophia.router.v1 import router_pb2 as pb
 from sophia.router.v1 import router_pb2_grpc
 
+from libs import deadline, tls
 from libs.breaker import DependencyBreaker
+from libs.clients import open_channel
+from libs.config import ClientSettings
 from services.gateway.domain import Target
 from services.gateway.serving.fallback import Attempt
 from services.gateway.serving.router_client import OutcomeReporter, attempt_report
@@ -131,3 +134,36 @@ def test_attempts_become_reports_with_their_times(outcome, retryable, expected):
     report = attempt_report(attempt)
     assert (report.outcome, report.latency_ms, report.time_to_first_token_ms) == (expected, 120, 40)
     assert report.error == ("" if outcome == "success" else outcome)
+
+
+def test_reports_outlive_the_deadline_of_the_request_that_started_the_reporter():
+    """The reporter's task is made during a request; through the mesh's client interceptor (which takes
+    each call's timeout from the caller's deadline) it must not inherit that request's deadline."""
+
+    async def scenario():
+        recording = _Recording()
+        server, port = await _server(recording)
+        adopted = tls._own_credentials, tls._own_identity_adopted
+        tls.adopt(None)  # a plaintext development mesh: this process presents no certificate
+        try:
+            channel = open_channel(
+                f"127.0.0.1:{port}", service="sophia.router.v1.RouterService", settings=ClientSettings()
+            )
+        finally:
+            tls._own_credentials, tls._own_identity_adopted = adopted
+        reporter = _reporter(channel)
+        token = deadline.start(0.05)  # the first request's: 50 ms to go
+        try:
+            reporter.add(_entry(1))
+        finally:
+            deadline.reset(token)
+        await _until(lambda: sum(map(len, recording.batches)) == 1)
+        await asyncio.sleep(0.1)  # that request's deadline is long gone
+        reporter.add(_entry(2))
+        await _until(lambda: sum(map(len, recording.batches)) == 2)
+        assert reporter.dropped == 0
+        await reporter.aclose()
+        await channel.close()
+        await server.stop(None)
+
+    asyncio.run(scenario())

@@ -11,6 +11,7 @@ counted (`sophia.gateway.router_reports.dropped`) and logged once per outage, ne
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Sequence
@@ -322,7 +323,9 @@ class OutcomeReporter:
             return
         self._pending.append(report)
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            # A context of its own: made in the first request's, the task would inherit that request's
+            # deadline and every flush after it would fail (DeadlineExceeded) and end the task.
+            self._task = asyncio.get_running_loop().create_task(self._run(), context=contextvars.Context())
         if len(self._pending) >= self._batch_size:
             self._wake.set()
 
