@@ -299,6 +299,10 @@ def _repeated(field) -> bool:
     return field.is_repeated
 
 
+# Server streams that never end by themselves: the first message is enough.
+SUBSCRIPTIONS = {"WatchRoutes"}
+
+
 def _cheap(service: str, method: str, request) -> None:
     """Keeps a random generation request short: the local model would otherwise write for seconds."""
     if service == "inference" and method.startswith("Generate") and request.options.max_tokens > 4:
@@ -323,7 +327,9 @@ async def _call(mesh: Mesh, service: str, method, payload: bytes) -> None:
             call = channel.unary_stream(path)(payload, metadata=metadata, timeout=20)
             try:
                 async for _ in call:
-                    pass
+                    if method.name in SUBSCRIPTIONS:
+                        call.cancel()  # it answered; a subscription would go on until its deadline
+                        break
             except grpc.aio.AioRpcError as exc:
                 assert exc.code() not in REFUSED_GRPC, (path, exc.code(), exc.details())
                 assert not INTERNAL_NAMES.search(exc.details() or ""), exc.details()

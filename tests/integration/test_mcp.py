@@ -136,7 +136,7 @@ async def check_every_admin_tool(client: Client, tenant: str) -> None:
     assert advice["tenant_id"] == tenant and advice["projection"]["limit_usd"] == 12.5
     result_json(await client.call_tool("provider_health", {}))
     # The admin key names a tenant; without one the tool says so.
-    assert error_text(await client.call_tool("usage_report", {})) == "tenant_id: required with the admin key"
+    assert error_text(await client.call_tool("usage_report", {})) == "tenant_id: required with an admin key"
 
 
 async def test_every_admin_tool_over_streamable_http_and_stdio(mesh, mcp_url, tenant_keys) -> None:

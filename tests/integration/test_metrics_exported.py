@@ -147,6 +147,8 @@ def _send_traffic(mesh, edge_url: str) -> None:
     _expect(200, chat, _chat(LOCAL_MODEL, "What is the capital of Spain?", temperature=0))  # evicts the first
     _expect(200, chat, _chat(BROKEN_MODEL, "Hello"))  # fails at its provider, falls back
     _expect(200, chat, _chat(LOCAL_MODEL, "Tell me a joke", stream=True))
+    # Explicit models are planned from the Router's snapshot; "auto" asks the Router (a routing decision).
+    _expect(200, chat, _chat("auto", "Translate 'thank you' into German."))
     _expect(400, chat, _chat(LOCAL_MODEL, "Hi", max_tokens=-5))
     _expect(200, f"{edge_url}/v1/embeddings", {"model": "all-minilm-l6-v2", "input": "hello"})
     # Admission (2 slots) and ModelInference (1 generation, no queue) refuse some of a burst; retry a
