@@ -4,6 +4,7 @@ examples files are refused naming the problem; cue features match the plain rege
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import textwrap
@@ -83,6 +84,23 @@ def test_reference_examples_classify_plain_prompts_and_difficulty():
     )
     assert (hard.task_type, hard.difficulty) == ("code", Difficulty.COMPLEX)
     assert 0 < simple.confidence <= 1
+
+
+def test_difficulty_cue_groups_mark_a_short_prompt_with_hard_limits_complex():
+    """Length is not difficulty: a one-line ask with an exact word count and alliteration needs a strong
+    model; the examples file's difficulty groups (hard limits, style constraints) are what see it."""
+    tasks = classifier(EXAMPLES)
+    example_set = load_examples(EXAMPLES)
+    vectors = embedder().embed_cached(
+        [e.text for e in example_set.examples], REPO_ROOT / "var" / "cache" / "router", seed_path(EXAMPLES)
+    )
+    without_groups = TaskClassifier(dataclasses.replace(example_set, difficulty_cues={}), vectors, 0.45)
+    limited = "Give me a tagline for the gym, exactly 5 words, with alliteration."
+    hard = classify(tasks, limited)
+    assert hard.difficulty is Difficulty.COMPLEX
+    assert hard.complex_probability > classify(without_groups, limited).complex_probability
+    quick = classify(tasks, "Quick question: what's a good name for our team channel?")
+    assert quick.difficulty is Difficulty.SIMPLE
 
 
 def test_the_conversation_before_the_prompt_counts():
