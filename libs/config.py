@@ -307,6 +307,14 @@ class CacheMode(StrEnum):
     SEMANTIC = "exact+semantic"
 
 
+class EmbeddingRuntime(StrEnum):
+    """What computes all-MiniLM-L6-v2's vectors on the CPU (libs/sentence_embeddings.py); CUDA is torch's."""
+
+    TORCH = "torch"
+    # The same weights exported to one ONNX graph (pooling included), checked against torch at each load.
+    ONNXRUNTIME = "onnxruntime"
+
+
 class SemanticCacheConfig(_Strict):
     # A cached question is a candidate at this cosine similarity (all-MiniLM-L6-v2) or above; the
     # false-hit guards then decide. Chosen on the dev pairs by cross-validation (tools/eval_semantic_cache).
@@ -320,11 +328,14 @@ class SemanticCacheConfig(_Strict):
     embedding_batch_max: int = Field(default=32, ge=1, le=256)
     embedding_batch_wait_ms: float = Field(default=2.0, ge=0, le=100)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # torch threads per batch (0 → torch's default), and batches computed at once, each on its own
-    # thread. Measured on the shared 2-core machine (load ~6): one worker with one thread was best
-    # (two workers: -25 %; two torch threads: several times slower, OpenMP threads spin).
+    # Threads per batch (0 → the runtime's default), and batches computed at once, each on its own
+    # thread. Measured on the shared 2-core machine (load ~6): one thread per batch was best (two torch
+    # threads: several times slower, OpenMP threads spin); two workers: -25 % with torch.
     embedding_threads: int = Field(default=1, ge=0)
     embedding_workers: int = Field(default=1, ge=1, le=16)
+    # ONNX Runtime gives torch's vectors (cosine ≥ 0.99999 on the dev prompts) for less CPU per lookup, and
+    # its forward pass holds no GIL (docs/semantic-cache.md has the figures).
+    embedding_runtime: EmbeddingRuntime = EmbeddingRuntime.ONNXRUNTIME
     # int8 linear layers on CPU: about twice the embeddings per second, vectors slightly moved (dev pairs:
     # recall 0.767 instead of 0.778, precision unchanged). Off by default so that the vectors Lookup
     # returns are the float32 model's, as the Router computes them.
@@ -334,6 +345,12 @@ class SemanticCacheConfig(_Strict):
     ivf_nprobe: int = Field(default=16, ge=1)
     # Replicas apply each other's stores from a Redis stream; this bounds how long one read blocks.
     sync_block_ms: int = Field(default=500, ge=10)
+
+    @model_validator(mode="after")
+    def _int8_is_torchs(self) -> SemanticCacheConfig:
+        if self.int8 and self.embedding_runtime is not EmbeddingRuntime.TORCH:
+            raise ValueError("int8 is an option of embedding_runtime torch (onnxruntime runs float32)")
+        return self
 
 
 class CacheConfig(_Strict):

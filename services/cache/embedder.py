@@ -38,7 +38,12 @@ def load_embedder(config: SemanticCacheConfig, weights_dir: str | None = None) -
     if config.embedding_threads:
         torch.set_num_threads(config.embedding_threads)
     model = load_embedding_model(
-        EMBEDDING_MODEL_ID, weights_dir=weights_dir, device=config.device, int8=config.int8
+        EMBEDDING_MODEL_ID,
+        weights_dir=weights_dir,
+        device=config.device,
+        int8=config.int8,
+        runtime=config.embedding_runtime,
+        threads=config.embedding_threads,
     )
     return BatchedEmbedder(model, config)
 
