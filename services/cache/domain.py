@@ -29,7 +29,7 @@ from libs.sentence_embeddings import normalise_text
 from services.cache import keys, metrics
 from services.cache.entries import EntryStore, StoredEntry
 from services.cache.guards import QuestionGuards, Veto
-from services.cache.semantic import AnswerEnd, IndexedEntry, SemanticIndex, SemanticJudge
+from services.cache.semantic import AnswerEnd, CoalescedSearch, IndexedEntry, SemanticIndex, SemanticJudge
 from services.cache.sync import IndexSync
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ class Cache:
         self._embedder = embedder
         self._entries = EntryStore(redis)
         self._index = SemanticIndex(embedder.dimensions, config.semantic)
+        self._searches = CoalescedSearch(self._index)
         self._judge = SemanticJudge(guards, config.semantic)
         self._sync = IndexSync(
             redis, self._entries, self._index_entry, self._forget, self._sweep, config.semantic.sync_block_ms
@@ -169,9 +170,8 @@ class Cache:
                 return LookupResult(None, embedding=given)
         vector = given if given is not None else await self._embedder.embed(normalised)
         partition = keys.scope_digest(query.tenant_id, query.model, query.scope)
-        verdict = self._judge.judge(
-            self._judge.profile(query.question), self._index.search(partition, vector)
-        )
+        candidates = await self._searches.search(partition, vector)
+        verdict = self._judge.judge(query.question, candidates)
         with unavailable_when_redis_fails("cache store"):
             if verdict.entry is not None:
                 response = await self._entries.response(verdict.entry.key)

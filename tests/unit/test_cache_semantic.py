@@ -7,7 +7,7 @@ from services.cache.semantic import AnswerEnd, Candidate, IndexedEntry, Semantic
 JUDGE = SemanticJudge(
     QuestionGuards(frozenset()), SemanticCacheConfig(similarity_threshold=0.6, ambiguity_margin=0.02)
 )
-ASKED = JUDGE.profile("How many legs does a spider have?")
+ASKED = "How many legs does a spider have?"
 
 
 def candidate(question: str, similarity: float, end: str = AnswerEnd.COMPLETE) -> Candidate:
