@@ -222,6 +222,8 @@ class WordModel:
     def __init__(self, texts: Sequence[str], labels: Sequence[str], classes: Sequence[str]) -> None:
         vectorizer = TfidfVectorizer(analyzer=word_grams, sublinear_tf=True, min_df=WORDS_MIN_EXAMPLES)
         model = LogisticRegression(C=WORDS_REGULARISATION_C, max_iter=5000)
+        if not any(_WORD.search(text) for text in texts):
+            raise ExamplesError("examples: no example prompt contains a word")
         model.fit(vectorizer.fit_transform(texts), labels)
         order = [list(model.classes_).index(c) for c in classes]
         self._columns = {gram: int(column) for gram, column in vectorizer.vocabulary_.items()}

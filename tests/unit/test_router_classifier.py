@@ -145,6 +145,17 @@ def test_a_bad_examples_file_is_refused_naming_the_problem(tmp_path, text, probl
         load_examples(path)
 
 
+def test_examples_without_a_single_word_are_refused():
+    example_set = load_examples(EXAMPLES)
+    wordless = [dataclasses.replace(e, text="?!") for e in example_set.examples]
+    with pytest.raises(ExamplesError, match="no example prompt contains a word"):
+        TaskClassifier(
+            dataclasses.replace(example_set, examples=tuple(wordless)),
+            np.eye(len(wordless), 384),
+            complex_threshold=0.45,
+        )
+
+
 def test_a_labelled_line_that_is_not_an_object_is_refused_naming_the_line(tmp_path):
     path, extra = tmp_path / "examples.yaml", tmp_path / "extra.jsonl"
     path.write_text(TWO_TASK_TYPES)
