@@ -44,8 +44,6 @@ DIFFICULTY_TASK_FEATURE_WEIGHT = 0.1
 DIFFICULTY_FEATURE_WEIGHT = 0.15
 REGULARISATION_C = 4.0
 WORDS_REGULARISATION_C = 30.0
-# A word or word pair counts only when this many examples contain it.
-WORDS_MIN_EXAMPLES = 1
 DIFFICULTY_REGULARISATION_C = 16.0
 # How the task type's three views are blended (they sum to 1).
 EMBEDDING_WEIGHT = 0.35
@@ -217,24 +215,27 @@ class _Linear:
 class WordModel:
     """Task type from the prompt's words and word pairs: TF-IDF (sublinear counts) and a logistic
     regression, fitted with scikit-learn and evaluated here: scikit-learn's transform and predict cost
-    about 1 ms per prompt, this costs tens of microseconds and gives the same probabilities."""
+    about 1.1 ms per prompt, this about 0.1 ms, and it gives the same probabilities."""
 
     def __init__(self, texts: Sequence[str], labels: Sequence[str], classes: Sequence[str]) -> None:
-        vectorizer = TfidfVectorizer(analyzer=word_grams, sublinear_tf=True, min_df=WORDS_MIN_EXAMPLES)
-        model = LogisticRegression(C=WORDS_REGULARISATION_C, max_iter=5000)
         if not any(_WORD.search(text) for text in texts):
             raise ExamplesError("examples: no example prompt contains a word")
+        vectorizer = TfidfVectorizer(analyzer=word_grams, sublinear_tf=True)
+        model = LogisticRegression(C=WORDS_REGULARISATION_C, max_iter=5000)
         model.fit(vectorizer.fit_transform(texts), labels)
+        weights, bias = model.coef_, model.intercept_
+        if len(model.classes_) == 2:  # one row, for the second class: a softmax over (0, row) is the same
+            weights, bias = np.vstack([np.zeros_like(weights), weights]), np.array([0.0, bias[0]])
         order = [list(model.classes_).index(c) for c in classes]
         self._columns = {gram: int(column) for gram, column in vectorizer.vocabulary_.items()}
         self._idf = vectorizer.idf_.astype(np.float64)
         # One row per vocabulary entry, one column per class (in the classifier's class order).
-        self._weights = np.ascontiguousarray(model.coef_[order].T, dtype=np.float64)
-        self._bias = model.intercept_[order].astype(np.float64)
+        self._weights = np.ascontiguousarray(weights[order].T, dtype=np.float64)
+        self._bias = bias[order].astype(np.float64)
 
     def probabilities(self, text: str) -> np.ndarray:
-        columns = self._columns
-        known = [(c, n) for g, n in Counter(word_grams(text)).items() if (c := columns.get(g)) is not None]
+        vocabulary = self._columns
+        known = [(c, n) for g, n in Counter(word_grams(text)).items() if (c := vocabulary.get(g)) is not None]
         scores = self._bias.copy()
         if known:
             columns = np.fromiter((c for c, _ in known), dtype=np.intp, count=len(known))

@@ -194,11 +194,14 @@ def test_cue_counts_match_a_plain_search_of_every_cue(tmp_path):
             assert features.difficulty_cues(text, prefix_chars) == expected, text
 
 
-def test_the_word_model_gives_scikit_learns_probabilities():
-    """The hand-evaluated TF-IDF model agrees with scikit-learn's own transform and predict_proba."""
+@pytest.mark.parametrize("task_types", [None, ("code", "translation")])
+def test_the_word_model_gives_scikit_learns_probabilities(task_types):
+    """The hand-evaluated TF-IDF model agrees with scikit-learn's own transform and predict_proba, with
+    many task types and with two (where scikit-learn keeps one row of weights)."""
     example_set = load_examples(EXAMPLES)
-    texts = [e.text for e in example_set.examples]
-    labels = [e.task_type for e in example_set.examples]
+    examples = [e for e in example_set.examples if task_types is None or e.task_type in task_types]
+    texts = [e.text for e in examples]
+    labels = [e.task_type for e in examples]
     classes = sorted(set(labels), reverse=True)  # not scikit-learn's order: the model must reorder
     words = WordModel(texts, labels, classes)
     vectorizer = TfidfVectorizer(analyzer=word_grams, sublinear_tf=True)
