@@ -84,7 +84,7 @@ def _service_config(service: str, idempotent_methods: Sequence[str]) -> str:
                         "retryableStatusCodes": ["UNAVAILABLE"],
                     },
                 }
-            ]
+            ],
         }
     )
 

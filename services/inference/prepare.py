@@ -1,13 +1,15 @@
 """python -m services.inference.prepare — converts the packaged GGUF weights once, at install time.
 
-The first load dequantises the GGUF file and writes safetensors into `inference.weights_dir`; doing it
-during `make install` keeps the first `make up` (and every test run) to a few seconds.
+The first load dequantises the GGUF file and writes safetensors into `inference.weights_dir`, and the
+SemanticCache's ONNX Runtime graph of the embedding model is exported there too; doing both during
+`make install` keeps the first `make up` (and every test run) to a few seconds.
 """
 
 import time
 
-from libs.config import REPO_ROOT, load_config_or_exit
-from services.inference.engine import load_chat_model, load_embedding_model
+from libs.config import REPO_ROOT, EmbeddingRuntime, load_config_or_exit
+from libs.sentence_embeddings import load_embedding_model
+from services.inference.engine import load_chat_model
 
 
 def main() -> None:
@@ -15,7 +17,9 @@ def main() -> None:
     weights_dir = REPO_ROOT / config.weights_dir
     started = time.perf_counter()
     chat = load_chat_model(config.chat_model, weights_dir, "cpu")
-    embedding = load_embedding_model(config.embedding_model, weights_dir, "cpu")
+    embedding = load_embedding_model(
+        config.embedding_model, weights_dir, "cpu", runtime=EmbeddingRuntime.ONNXRUNTIME
+    )
     print(
         f"models ready in {time.perf_counter() - started:.1f}s: {chat.id} and {embedding.id} "
         f"({embedding.dimensions} dims), weights in {weights_dir}"
