@@ -1,7 +1,8 @@
 """Every metric the dashboards, alerts and autoscaling use is really exported, and every dashboard
-query returns data: a live mesh gets traffic that exercises each instrument (a cache hit, an eviction
-at the entry limit, a provider that fails and falls back, admission and ModelInference refusing, a bad
-request, a stream, embeddings, a tenant projected over its budget),
+query returns data: a live mesh gets traffic that exercises each instrument (an exact and a semantic
+cache hit, a vetoed semantic candidate, an eviction at the entry limit, a provider that fails and falls
+back, admission and ModelInference refusing, a bad request, a stream, embeddings, a tenant projected
+over its budget),
 each service's Prometheus endpoint is scraped, and a real Prometheus with the deployment's rules
 scrapes the same endpoints under the deployment's job names and answers every dashboard query.
 
@@ -143,12 +144,19 @@ def _send_traffic(mesh, edge_url: str) -> None:
     chat = f"{edge_url}/v1/chat/completions"
     cached = _chat(LOCAL_MODEL, "What is the capital of France?", temperature=0)
     _expect(200, chat, cached)
-    _expect(200, chat, cached)  # the same request again: a cache hit
+    _expect(200, chat, cached)  # the same request again: a cache hit (exact layer)
+    # Reworded: a hit from the semantic layer (the pair tests/integration/test_semantic_cache_edge.py uses).
+    _expect(200, chat, _chat(LOCAL_MODEL, "Tell me France's capital city.", temperature=0))
     _expect(200, chat, _chat(LOCAL_MODEL, "What is the capital of Spain?", temperature=0))  # evicts the first
+    # A negated question near a stored one: the false-hit guards veto the candidate (a miss).
+    _expect(200, chat, _chat(LOCAL_MODEL, "Which vitamins are water-soluble?", temperature=0))
+    _expect(200, chat, _chat(LOCAL_MODEL, "Which vitamins are NOT water-soluble?", temperature=0))
     _expect(200, chat, _chat(BROKEN_MODEL, "Hello"))  # fails at its provider, falls back
     _expect(200, chat, _chat(LOCAL_MODEL, "Tell me a joke", stream=True))
     # Explicit models are planned from the Router's snapshot; "auto" asks the Router (a routing decision).
-    _expect(200, chat, _chat("auto", "Translate 'thank you' into German."))
+    # Cacheable (temperature 0), so the cache's embedding comes with it and the Router classifies the
+    # prompt whatever its own embedding's time limit (the classification histogram).
+    _expect(200, chat, _chat("auto", "Translate 'thank you' into German.", temperature=0))
     _expect(400, chat, _chat(LOCAL_MODEL, "Hi", max_tokens=-5))
     _expect(200, f"{edge_url}/v1/embeddings", {"model": "all-minilm-l6-v2", "input": "hello"})
     # Admission (2 slots) and ModelInference (1 generation, no queue) refuse some of a burst; retry a

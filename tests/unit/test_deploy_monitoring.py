@@ -89,3 +89,13 @@ def test_the_names_used_cover_rules_dashboards_and_the_adapter():
     assert any("SophiaServiceDown" in where for where in uses["up"])
     assert any(where.startswith("sophia-cost.json") for where in uses["sophia_gateway_cost_u_total"])
     assert any("prometheus-adapter" in where for where in uses["rpc_server_duration_milliseconds_count"])
+
+
+def test_a_threshold_that_drifts_from_the_config_is_reported(tmp_path):
+    assert monitoring.config_threshold_problems() == []
+    rules = monitoring.RULES[0].read_text().replace("vector(100000)", "vector(5000)")
+    assert rules != monitoring.RULES[0].read_text()
+    path = tmp_path / "rules.yml"
+    path.write_text(rules)
+    problems = monitoring.config_threshold_problems([path])
+    assert len(problems) == 1 and "sophia:cache_max_entries_per_tenant" in problems[0], problems

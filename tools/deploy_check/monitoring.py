@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from libs.config import REPO_ROOT, load_config
 from tools.deploy_check.common import DEPLOY, relative, run, tool
 from tools.deploy_check.promql import metric_names, substitute_grafana_variables
 
@@ -163,6 +164,28 @@ def prometheus_config_problems(path: Path) -> list[str]:
     return problems
 
 
+# Recording rules that restate a setting the services do not export: (section, key) in config/sophia.yaml.
+CONFIG_THRESHOLDS = {"sophia:cache_max_entries_per_tenant": ("cache", "max_entries_per_tenant")}
+CONFIG_FILE = REPO_ROOT / "config" / "sophia.yaml"
+_VECTOR = re.compile(r"^\s*vector\(\s*([0-9.e+]+)\s*\)\s*$")
+
+
+def config_threshold_problems(paths: list[Path] = RULES, config_file: Path = CONFIG_FILE) -> list[str]:
+    config = load_config(environ={"SOPHIA_CONFIG": str(config_file)})
+    rules = [rule for group in rule_groups(paths) for rule in group["rules"]]
+    records = {rule["record"]: rule["expr"] for rule in rules if "record" in rule}
+    problems = []
+    for record, (section, key) in CONFIG_THRESHOLDS.items():
+        wanted = getattr(getattr(config, section), key)
+        found = _VECTOR.match(str(records.get(record, "")))
+        if not found or float(found.group(1)) != float(wanted):
+            problems.append(
+                f"{record} must be vector({wanted}) like {section}.{key} in {relative(config_file)}, "
+                f"not {records.get(record)!r}"
+            )
+    return problems
+
+
 def check_all() -> dict[str, list[str]]:
     config_problems = []
     for path in PROMETHEUS_CONFIGS:
@@ -176,6 +199,7 @@ def check_all() -> dict[str, list[str]]:
     return {
         "Prometheus: configs": config_problems,
         "Prometheus: rules": _promtool("check", "rules", *map(str, RULES)) + undefined,
+        "Prometheus: thresholds equal config/sophia.yaml": config_threshold_problems(),
         "Prometheus: promtool unit tests": _promtool("test", "rules", *map(str, RULE_TESTS)),
         "Prometheus: every alert has a firing test": untested_alerts(),
         "Grafana: dashboards": dashboard_problems(),
