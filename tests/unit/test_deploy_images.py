@@ -123,3 +123,17 @@ def test_the_protos_stage_generates_everything_from_only_what_it_copies(tmp_path
         "deploy/envoy/edge_schema.lua",
     ):
         assert (tmp_path / generated).is_file(), generated
+
+
+def test_the_data_files_the_config_names_and_the_build_time_weights_are_checked():
+    text = images.DOCKERFILE.read_text()
+    assert images.check_data_files(text) == []
+    assert "config/router_examples.npz" in images.config_data_files()
+    without_config = text.replace("COPY config/ config/\n", "")
+    assert without_config != text
+    problems = images.check_data_files(without_config)
+    assert "image ml lacks config/flags.yaml (config/sophia.yaml reads it)" in problems, problems
+    assert "image core lacks config/router_examples.npz (config/sophia.yaml reads it)" in problems, problems
+    unprepared = text.replace("RUN python -m services.inference.prepare", "RUN true")
+    problems = images.check_data_files(unprepared)
+    assert problems == ["no weights stage runs python -m services.inference.prepare"], problems

