@@ -104,6 +104,10 @@ FAULTS = [
     ("prod", lambda m: _env(m, "mcp", "SOPHIA__MCP__PORT", "9000"), "mcp: must listen on 0.0.0.0:9000"),
     ("prod", lambda m: _env(m, "edge", "SOPHIA__MCP__HOST", "127.0.0.1"), "edge: reaches the MCP server"),
     ("prod", lambda m: _remove(m, "NetworkPolicy", "mcp"), "NetworkPolicy mcp is missing"),
+    ("prod", lambda m: _env(m, "router", "SOPHIA__ROUTING__FLAGS_FILE", "config/flags.yaml"),
+     "router: routing.flags_file 'config/flags.yaml' is the image's copy"),
+    ("prod", lambda m: _env(m, "gateway", "SOPHIA__ROUTING__FLAGS_FILE", "/etc/sophia/flags/flags.yaml"),
+     "gateway: routing.flags_file /etc/sophia/flags/flags.yaml is in no ConfigMap mounted"),
     ("dev", lambda m: _container(m, "redis").update(args=["redis-server"]), "dev redis: must run with"),
     ("dev", lambda m: _container(m, "gateway").update(image="sophia/sophia-core"), "has no tag"),
 ]  # fmt: skip

@@ -157,6 +157,8 @@ def _check_service_workload(service: str, workload: Manifest, manifests: list[Ma
     own_selector = headless.get(service)
     if own_selector is None or any(labels.get(k) != v for k, v in own_selector.items()):
         problems.append(f"{service}: no headless Service named {service} selects its pods")
+    if service in ("gateway", "router"):
+        problems += _flags_file_problems(service, config.routing.flags_file, pod, manifests)
     secrets = {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
     if f"sophia-tls-{service}" not in secrets:
         problems.append(f"{service}: does not mount its own certificate (Secret sophia-tls-{service})")
@@ -170,6 +172,25 @@ def _check_service_workload(service: str, workload: Manifest, manifests: list[Ma
             if container.get(probe, {}).get("exec", {}).get("command") != command:
                 problems.append(f"{service}: {probe} must run {' '.join(command)}")
     return problems
+
+
+def _flags_file_problems(
+    service: str, flags_file: str, pod: Manifest, manifests: list[Manifest]
+) -> list[str]:
+    """The feature flags come from a ConfigMap mounted in the pod (a relative path would read the
+    image's copy, which only a new image changes)."""
+    if not flags_file.startswith("/"):
+        return [f"{service}: routing.flags_file {flags_file!r} is the image's copy, not a mounted ConfigMap"]
+    container = pod["containers"][0]
+    volumes = {v["name"]: v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v}
+    config_maps = _named(manifests, "ConfigMap")
+    for mount in container.get("volumeMounts", []):
+        directory = mount["mountPath"].rstrip("/") + "/"
+        if mount["name"] in volumes and flags_file.startswith(directory):
+            data = config_maps.get(volumes[mount["name"]], {}).get("data", {})
+            if flags_file[len(directory) :] in data:
+                return []
+    return [f"{service}: routing.flags_file {flags_file} is in no ConfigMap mounted in its pod"]
 
 
 def _check_mcp(workload: Manifest, manifests: list[Manifest], config_file: Path) -> list[str]:
