@@ -237,14 +237,19 @@ class RoutingConfig(_Strict):
     watch_seconds: float = Field(default=1.0, ge=0)
 
 
+class GenerationSchedulerKind(StrEnum):
+    # One stepping loop advances every running generation with one forward pass per step (docs/inference.md).
+    CONTINUOUS = "continuous"
+    # A thread and a KV cache per generation: the baseline `make bench-inference` measures against.
+    THREAD_PER_REQUEST = "thread_per_request"
+
+
 class InferenceConfig(_Strict):
     chat_model: str = "smollm2-135m-instruct"
     embedding_model: str = "all-minilm-l6-v2"
     weights_dir: str = "var/models"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # continuous: one stepping loop advances every running generation with one forward pass per step
-    # (docs/inference.md); thread_per_request: a thread and a KV cache per generation, the bench's baseline.
-    scheduler: Literal["continuous", "thread_per_request"] = "continuous"
+    scheduler: GenerationSchedulerKind = GenerationSchedulerKind.CONTINUOUS
     # continuous: sequences one step advances at most.
     max_batch_size: int = Field(default=32, gt=0)
     # continuous: KV-cache tokens the running sequences may hold, counted as rows × the longest

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from libs.config import InferenceConfig
+from libs.config import GenerationSchedulerKind, InferenceConfig
 from libs.errors import ServiceError
 from services.inference import metrics
 from services.inference.batching import BatchSettings, BatchStats, ContinuousBatcher, Overloaded, Sequence
@@ -191,7 +191,7 @@ def kv_token_budget(config: InferenceConfig, device: str, bytes_per_token: int) 
 
 
 def build_scheduler(config: InferenceConfig, model: ChatModel) -> GenerationScheduler:
-    if config.scheduler == "thread_per_request":
+    if config.scheduler is GenerationSchedulerKind.THREAD_PER_REQUEST:
         return ThreadPerRequestScheduler(
             model, config.max_concurrent_generations, config.max_queued_generations
         )

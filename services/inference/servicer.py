@@ -69,7 +69,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             extra={
                 "device": chat.device,
                 "dtype": chat.dtype,
-                "scheduler": config.scheduler,
+                "scheduler": config.scheduler.value,
                 "max_running": scheduler.max_running,
                 "kv_token_budget": scheduler.kv_token_budget,
             },
