@@ -258,3 +258,45 @@ def test_the_edge_image_holds_what_its_entry_point_and_envoy_read(tmp_path):
         timeout=120,
     )
     assert validated.returncode == 0, validated.stdout + validated.stderr
+
+
+def test_the_backup_image_snapshots_verifies_and_keeps_the_newest(tmp_path):
+    """The backup image's files (laid out as its COPYs say) and its script against a real Redis: each
+    run leaves a verified snapshot, and only the newest SOPHIA_BACKUP_KEEP stay."""
+    tree = _image_tree("backup", tmp_path / "app")
+    port = free_port()
+    redis = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        for _ in range(100):
+            if subprocess.run(["redis-cli", "-u", url, "ping"], capture_output=True).returncode == 0:
+                break
+            threading.Event().wait(0.1)
+        stored = ["redis-cli", "-u", url, "set", "ledger:usage:r1", "1"]
+        subprocess.run(stored, check=True, capture_output=True)
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("SOPHIA") and k != "PYTHONPATH"}
+        environ.update(
+            PATH=f"{Path(sys.executable).parent}:{environ['PATH']}",
+            SOPHIA_REDIS_URL=url,
+            SOPHIA_BACKUP_DIR=str(tmp_path / "backups"),
+            SOPHIA_BACKUP_KEEP="1",
+        )
+        runs = []
+        for _ in range(2):
+            runs.append(
+                subprocess.run(
+                    ["sh", "deploy/docker/backup.sh"], cwd=tree, env=environ, capture_output=True, text=True
+                )
+            )
+            assert runs[-1].returncode == 0, runs[-1].stderr
+            threading.Event().wait(1.1)  # snapshot names are to the second
+    finally:
+        redis.terminate()
+        redis.wait(10)
+    assert "verify:" in runs[0].stdout and "1 ledger" in runs[0].stdout, runs[0].stdout
+    assert "removed" in runs[1].stdout, runs[1].stdout
+    kept = list((tmp_path / "backups").iterdir())
+    assert len(kept) == 1 and (kept[0] / "manifest.json").is_file()

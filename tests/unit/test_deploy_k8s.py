@@ -65,6 +65,21 @@ def _remove(manifests, kind, name):
     manifests.remove(next(m for m in manifests if m["kind"] == kind and m["metadata"]["name"] == name))
 
 
+def _cron(manifests, name="redis-backup"):
+    return next(m for m in manifests if m["kind"] == "CronJob" and m["metadata"]["name"] == name)
+
+
+def _cron_container(manifests):
+    return _cron(manifests)["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+
+
+def _backups_on_empty_dir(manifests):
+    volumes = _cron(manifests)["spec"]["jobTemplate"]["spec"]["template"]["spec"]["volumes"]
+    backups = next(v for v in volumes if v["name"] == "backups")
+    backups.pop("persistentVolumeClaim")
+    backups["emptyDir"] = {}
+
+
 FAULTS = [
     ("prod", lambda m: _container(m, "router")["securityContext"].update(readOnlyRootFilesystem=False),
      "router/router: the root filesystem must be read-only"),
@@ -108,6 +123,18 @@ FAULTS = [
      "router: routing.flags_file 'config/flags.yaml' is the image's copy"),
     ("prod", lambda m: _env(m, "gateway", "SOPHIA__ROUTING__FLAGS_FILE", "/etc/sophia/flags/flags.yaml"),
      "gateway: routing.flags_file /etc/sophia/flags/flags.yaml is in no ConfigMap mounted"),
+    ("dev", lambda m: _remove(m, "CronJob", "redis-backup"), "redis-backup: no CronJob"),
+    ("prod", lambda m: _cron(m)["spec"].update(concurrencyPolicy="Allow"),
+     "concurrencyPolicy must be Forbid"),
+    ("prod", lambda m: _cron_container(m)["securityContext"].update(readOnlyRootFilesystem=False),
+     "redis-backup/backup: the root filesystem must be read-only"),
+    ("dev", lambda m: _cron(m)["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"].pop(
+        "sophia.dev/redis-client"), "redis-backup: its pod lacks the sophia.dev/redis-client label"),
+    ("dev", _backups_on_empty_dir, "SOPHIA_BACKUP_DIR is not on a PersistentVolumeClaim"),
+    ("dev", lambda m: _cron_container(m)["env"].append({"name": "REDIS_PASSWORD", "value": "hunter2"}),
+     "redis-backup: REDIS_PASSWORD is written in the manifest"),
+    ("dev", lambda m: _cron_container(m).update(command=["python", "-m", "tools.backup", "create", "/tmp/x"]),
+     "redis-backup: must run sh /app/deploy/docker/backup.sh"),
     ("dev", lambda m: _container(m, "redis").update(args=["redis-server"]), "dev redis: must run with"),
     ("dev", lambda m: _container(m, "gateway").update(image="sophia/sophia-core"), "has no tag"),
 ]  # fmt: skip

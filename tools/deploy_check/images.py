@@ -19,7 +19,7 @@ from tools.deploy_check.common import DEPLOY, REPO_ROOT, SERVICE_IMAGES, relativ
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 DOCKERIGNORE = DEPLOY / "docker" / "Dockerfile.dockerignore"
 # The targets that are shipped (the other stages only build them).
-FINAL_TARGETS = ("core", "ml", "ml-cuda", "mcp", "edge")
+FINAL_TARGETS = ("core", "ml", "ml-cuda", "mcp", "edge", "backup")
 # Requirement files per image, on top of requirements-core.txt.
 IMAGE_REQUIREMENTS = {
     "core": ("requirements-core.txt",),

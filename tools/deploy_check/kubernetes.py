@@ -54,9 +54,15 @@ def _workloads(manifests: list[Manifest]) -> dict[str, Manifest]:
     return {m["metadata"]["name"]: m for m in manifests if m["kind"] in ("Deployment", "StatefulSet")}
 
 
-def _check_pod_security(name: str, workload: Manifest) -> list[str]:
+def _cron_pod(cron_job: Manifest) -> Manifest:
+    return cron_job["spec"]["jobTemplate"]["spec"]["template"]
+
+
+def _check_pod_security(name: str, workload: Manifest, *, probes: bool = True) -> list[str]:
+    """`probes`: servers must have readiness and liveness probes; a job's pod has none."""
     problems = []
-    pod = workload["spec"]["template"]["spec"]
+    template = workload["spec"]["template"] if "template" in workload["spec"] else _cron_pod(workload)
+    pod = template["spec"]
     security = pod.get("securityContext", {})
     if security.get("runAsNonRoot") is not True or not security.get("runAsUser"):
         problems.append(f"{name}: the pod must run as a non-root uid (runAsNonRoot, runAsUser)")
@@ -78,7 +84,7 @@ def _check_pod_security(name: str, workload: Manifest) -> list[str]:
             missing = {"cpu", "memory"} - set(resources.get(bound, {}))
             if missing:
                 problems.append(f"{where}: resources.{bound} lacks {', '.join(sorted(missing))}")
-        for probe in ("readinessProbe", "livenessProbe"):
+        for probe in ("readinessProbe", "livenessProbe") if probes else ():
             if probe not in container:
                 problems.append(f"{where}: no {probe}")
         if ":" not in container["image"]:
@@ -93,8 +99,10 @@ def _check_no_literal_secrets(manifests: list[Manifest]) -> list[str]:
         for key in config_map.get("data", {}):
             if _SECRET_NAME.search(key):
                 problems.append(f"ConfigMap/{name}: {key} looks like a secret; use a Secret")
-    for name, workload in _workloads(manifests).items():
-        for container in workload["spec"]["template"]["spec"]["containers"]:
+    pods = {name: workload["spec"]["template"]["spec"] for name, workload in _workloads(manifests).items()}
+    pods.update({name: _cron_pod(job)["spec"] for name, job in _named(manifests, "CronJob").items()})
+    for name, pod in pods.items():
+        for container in pod["containers"]:
             for variable in container.get("env", []):
                 if _SECRET_NAME.search(variable["name"]) and "value" in variable:
                     problems.append(f"{name}: {variable['name']} is written in the manifest; use a Secret")
@@ -191,6 +199,39 @@ def _flags_file_problems(
             if flags_file[len(directory) :] in data:
                 return []
     return [f"{service}: routing.flags_file {flags_file} is in no ConfigMap mounted in its pod"]
+
+
+BACKUP_COMMAND = ["sh", "/app/deploy/docker/backup.sh"]
+
+
+def _check_backup(manifests: list[Manifest], config_file: Path) -> list[str]:
+    """The backup CronJob (components/backup): secure like the services, one run at a time, the
+    backup image's script, snapshots on a PVC, a valid configuration and the right to reach Redis."""
+    cron_job = _named(manifests, "CronJob").get("redis-backup")
+    if cron_job is None:
+        return ["redis-backup: no CronJob (components/backup)"]
+    problems = _check_pod_security("redis-backup", cron_job, probes=False)
+    if cron_job["spec"].get("concurrencyPolicy") != "Forbid":
+        problems.append("redis-backup: concurrencyPolicy must be Forbid (two copies of the dataset at once)")
+    template = _cron_pod(cron_job)
+    pod = template["spec"]
+    container = pod["containers"][0]
+    if container.get("command") != BACKUP_COMMAND or "/sophia-backup:" not in container["image"]:
+        problems.append(f"redis-backup: must run {' '.join(BACKUP_COMMAND)} in the sophia-backup image")
+    if template["metadata"].get("labels", {}).get("sophia.dev/redis-client") != "true":
+        problems.append("redis-backup: its pod lacks the sophia.dev/redis-client label (Redis refuses it)")
+    environment = _environment(container, _named(manifests, "ConfigMap"))
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+              for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}  # fmt: skip
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    claim = claims.get(mounts.get(environment.get("SOPHIA_BACKUP_DIR", "/backups"), ""))
+    if claim is None or claim not in _named(manifests, "PersistentVolumeClaim"):
+        problems.append("redis-backup: SOPHIA_BACKUP_DIR is not on a PersistentVolumeClaim of the overlay")
+    try:
+        load_config(environ={**environment, "SOPHIA_CONFIG": str(config_file)})
+    except ConfigError as exc:
+        problems.append(f"redis-backup: its environment is not a valid Sophia configuration: {exc}")
+    return problems
 
 
 def _check_mcp(workload: Manifest, manifests: list[Manifest], config_file: Path) -> list[str]:
@@ -356,6 +397,7 @@ def semantic_problems(overlay: str, manifests: list[Manifest]) -> list[str]:
         else:
             problems.append("mcp: no workload")
         problems += _check_scaling(manifests, config_file)
+        problems += _check_backup(manifests, config_file)
     problems += _check_no_literal_secrets(manifests)
     problems += _check_network(manifests)
     return problems + _check_overlay_specifics(overlay, manifests)
