@@ -24,7 +24,10 @@ CIRCUIT_VALUES = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitStat
 
 
 def record_decision(plan) -> None:
-    decisions.add(1, {"decision": plan.decision.value, "task_type": plan.task_type or "none"})
+    difficulty = plan.difficulty.value if plan.difficulty else "none"
+    decisions.add(
+        1, {"decision": plan.decision.value, "task_type": plan.task_type or "none", "difficulty": difficulty}
+    )
     if plan.classify_seconds:
         classification_duration.record(plan.classify_seconds * 1000)
 

@@ -311,5 +311,10 @@ def test_every_metric_used_is_exported_and_every_dashboard_query_has_data(mesh, 
         assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
         for name in recorded:
             assert prometheus.wait_until(name, timeout=10), f"recording rule {name} has no data"
+        # Attributes a dashboard may split by: tokens per tenant, routing decisions per difficulty (the
+        # traffic's auto request is classified).
+        assert prometheus.wait_until('sophia_gateway_tokens_total{tenant!=""}', timeout=10)
+        classified = 'sophia_router_decisions_total{difficulty=~"simple|complex"}'
+        assert prometheus.wait_until(classified, timeout=10)
     finally:
         prometheus.stop()

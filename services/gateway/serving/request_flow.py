@@ -306,10 +306,10 @@ class RequestFlow:
         outcome.cost_micros = self._prices.cost_micros(
             outcome.model_id, completion.prompt_tokens, completion.completion_tokens, cached=cached
         )
-        labels = {"model": outcome.model_id, "provider": outcome.provider}
+        labels = {"model": outcome.model_id, "provider": outcome.provider, "tenant": principal.tenant_id}
         metrics.tokens.add(completion.prompt_tokens, {**labels, "direction": "input"})
         metrics.tokens.add(completion.completion_tokens, {**labels, "direction": "output"})
-        metrics.cost.add(outcome.cost_micros, {**labels, "tenant": principal.tenant_id})
+        metrics.cost.add(outcome.cost_micros, labels)
         metrics.cache_results.add(1, {"result": outcome.cache, "layer": outcome.cache_layer or "none"})
         if not cached:  # a cache hit used no provider tokens
             metrics.answer_tokens(
