@@ -206,7 +206,7 @@ def check_answers(targets: tuple[Target, ...]) -> None:
 # --- measuring -----------------------------------------------------------------------------------
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """User + system CPU time of `pid` so far (0 if it is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -240,9 +240,9 @@ def run_wrk(
     command = wrk_command(target.url, connections, seconds, script, REQUEST_TIMEOUT_SECONDS)
     body = json.dumps(target.body, separators=(",", ":"))
     environ = dict(os.environ, BENCH_BODY=body, BENCH_KEY=target.key)
-    cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     finished = subprocess.run(command, env=environ, capture_output=True, text=True)
-    cpu_used = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+    cpu_used = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
     result = re.search(r"^BENCH-RESULT (.*)$", finished.stdout, re.MULTILINE)
     if finished.returncode != 0 or result is None:
         raise BenchError(f"wrk failed ({finished.returncode}): {finished.stderr or finished.stdout}")

@@ -32,6 +32,7 @@ from services.cache.entries import EntryStore
 from services.cache.index import VectorIndex, _flat, _Partition
 from services.cache.servicer import cache_pb2_grpc, pb
 from tests.support import internal_channel, mesh_environ
+from tools.bench import cpu_seconds
 from tools.mesh import Mesh
 
 TENANT = "bench"
@@ -106,12 +107,6 @@ async def run_lookups(mesh: Mesh, concurrency: int, seconds: float) -> tuple[int
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return len(latencies), latencies
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time a process has used (Linux /proc)."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bench_service(entries: int, concurrencies: list[int], seconds: float, semantic: dict[str, str]) -> None:

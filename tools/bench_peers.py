@@ -29,9 +29,9 @@ from tools.bench import (
     BenchError,
     Measurement,
     Target,
-    _cpu_seconds,
     bench_mesh,
     check_answers,
+    cpu_seconds,
     measure,
     run_wrk,
 )
@@ -114,9 +114,9 @@ def measure_peer(peer: Peer, level: int, seconds: int, warmup: int, script: Path
     if warmup:
         run_wrk(target, level, warmup, script, {})
     pids = peer.pids()
-    before = sum(_cpu_seconds(pid) for pid in pids)
+    before = sum(cpu_seconds(pid) for pid in pids)
     measurement = run_wrk(target, level, seconds, script, {})
-    used = sum(_cpu_seconds(pid) for pid in pids) - before
+    used = sum(cpu_seconds(pid) for pid in pids) - before
     measurement.cpu_ms_per_request = {"litellm": 1000 * used / max(measurement.requests, 1)}
     return measurement
 
