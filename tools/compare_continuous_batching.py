@@ -18,11 +18,10 @@ from collections.abc import Callable
 import torch
 from transformers import GenerationConfig
 
-from libs.config import REPO_ROOT, load_config
-from services.inference.batching import BatchSettings
+from libs.config import REPO_ROOT, GenerationSchedulerKind, load_config
 from services.inference.engine import ChatModel, load_chat_model
 from services.inference.sampling import GenerationParams
-from services.inference.scheduler import ContinuousScheduler
+from services.inference.scheduler import build_scheduler
 
 QUESTIONS = (
     "What is the capital of France?", "Explain photosynthesis briefly.", "Give three uses of copper.",
@@ -35,21 +34,16 @@ MAX_TOKENS = 64
 
 
 def run_stepping_loop(model: ChatModel, prompts: list[list[int]]) -> int:
+    """The service's own scheduler, built from the reference config as `python -m services.inference`
+    builds it."""
+
     async def generate_all() -> int:
-        settings = BatchSettings(
-            max_batch_size=32,
-            kv_token_budget=32768,
-            max_waiting=64,
-            max_prefill_wait_seconds=0.1,
-            max_prefill_tokens=2048,
-            batch_invariant=True,
-        )
-        scheduler = ContinuousScheduler(model, settings)
+        config = load_config().inference.model_copy(update={"scheduler": GenerationSchedulerKind.CONTINUOUS})
+        scheduler = build_scheduler(config, model)
+        params = GenerationParams(max_tokens=MAX_TOKENS)
 
         async def one(prompt: list[int]) -> int:
-            return sum(
-                [1 async for _ in scheduler.stream(prompt, GenerationParams(max_tokens=MAX_TOKENS), None)]
-            )
+            return sum([1 async for _ in scheduler.stream(prompt, params, None)])
 
         try:
             return sum(await asyncio.gather(*(one(prompt) for prompt in prompts)))
