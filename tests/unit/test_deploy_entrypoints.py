@@ -125,42 +125,34 @@ class _Edge(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize(("status", "healthy"), [(401, True), (503, False), (200, False)])
-def test_the_edge_is_healthy_when_a_gateway_answers_behind_it(status, healthy):
-    handler = type("Edge", (_Edge,), {"status": status})
+def _http_check(service: str, port_setting: str, status: int) -> subprocess.CompletedProcess:
+    """The health check command for `service` against a local HTTP server that answers `status`."""
+    handler = type("Answer", (_Edge,), {"status": status})
     server = http.server.HTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        result = subprocess.run(
-            [sys.executable, str(HEALTHCHECK), "edge"],
-            env={"SOPHIA__EDGE__PORT": str(server.server_address[1]), "PATH": os.environ["PATH"]},
+        return subprocess.run(
+            [sys.executable, str(HEALTHCHECK), service],
+            env={port_setting: str(server.server_address[1]), "PATH": os.environ["PATH"]},
             capture_output=True,
             text=True,
             timeout=30,
         )
-        assert (result.returncode == 0) is healthy, result.stderr
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize(("status", "healthy"), [(401, True), (503, False), (200, False)])
+def test_the_edge_is_healthy_when_a_gateway_answers_behind_it(status, healthy):
+    result = _http_check("edge", "SOPHIA__EDGE__PORT", status)
+    assert (result.returncode == 0) is healthy, result.stderr
 
 
 @pytest.mark.parametrize(("status", "healthy"), [(200, True), (503, False)])
 def test_the_mcp_server_is_healthy_when_its_healthz_answers(status, healthy):
-    handler = type("Mcp", (_Edge,), {"status": status})
-    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        result = subprocess.run(
-            [sys.executable, str(HEALTHCHECK), "mcp"],
-            env={"SOPHIA__MCP__PORT": str(server.server_address[1]), "PATH": os.environ["PATH"]},
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert (result.returncode == 0) is healthy, result.stderr
-    finally:
-        server.shutdown()
+    result = _http_check("mcp", "SOPHIA__MCP__PORT", status)
+    assert (result.returncode == 0) is healthy, result.stderr
 
 
 def test_the_edge_entry_point_renders_a_config_envoy_accepts(tmp_path):
