@@ -6,15 +6,38 @@ Tests and the benchmark run their own meshes beside (never against) the one `mak
 from __future__ import annotations
 
 import os
+import random
 import socket
+from pathlib import Path
 
 from tools.mesh import SERVICES
 
+# Ports are picked below the kernel's ephemeral range. A port the kernel hands out (bind to 0) comes from
+# that range, and so does the local port of every outgoing connection: one opened between picking a port
+# and the service binding it took the port and failed the service's start (seen in CI: "Address already
+# in use" for a whole test module's mesh). Outgoing connections never use ports below the range.
+_LOWEST_PORT = 10000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port free now, outside the ephemeral range, not handed out before by this process."""
+    low, high = _ephemeral_range()
+    choices = range(_LOWEST_PORT, low) if low - _LOWEST_PORT >= 1000 else range(high + 1, 65536)
+    for _ in range(1000):
+        port = random.choice(choices)
+        if port not in _handed_out and _is_free(port):
+            _handed_out.add(port)
+            return port
+    raise RuntimeError(f"found no free port in {choices.start}-{choices.stop - 1}")
 
 
 def _is_free(port: int) -> bool:
@@ -30,7 +53,9 @@ def free_port_block(size: int) -> int:
     """The first of `size` consecutive free ports (each service serves Prometheus on base + its offset)."""
     for _ in range(100):
         first = free_port()
-        if first + size <= 65535 and all(_is_free(first + i) for i in range(size)):
+        block = range(first + 1, first + size)
+        if first + size <= 65535 and all(p not in _handed_out and _is_free(p) for p in block):
+            _handed_out.update(block)
             return first
     raise RuntimeError(f"found no {size} consecutive free ports")
 
