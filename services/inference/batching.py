@@ -493,14 +493,15 @@ class ContinuousBatcher:
             self._publish(events)
 
 
-# A sequence's answer must not depend on what shares its batch. Two measured properties of the CPU's
-# matrix products (MKL) decide the shapes; tests/unit/test_inference_batching.py checks that every logit
-# comes out bitwise the same batched and alone. Products of 1-3, 5-7 and 9-11 rows take small-matrix
-# kernels that round differently from the general one, so products are padded to 4, 8 or 12 rows (with
-# batch_invariant; it makes a lone decode step about 50 % slower on the CPU, and costs next to nothing
-# from 4 sequences on or on a GPU). And a decode step's attention rounds differently when the row's
-# length is not a multiple of 16 (a tail loop), so the dense view's length is rounded up to a multiple
-# of this granule; the padding is masked.
+# A sequence's answer must not depend on what shares its batch. Measured properties of the CPU's matrix
+# products decide the shapes; tests/unit/test_inference_batching.py checks that every logit comes out
+# bitwise the same batched and alone. With oneDNN-packed weights (packed_linear.py) a one-row product rounds
+# differently from products of two or more rows; with MKL's plain sgemm, products of 1-3, 5-7 and 9-11 rows
+# take small-matrix kernels that round differently from the general one. So products are padded to 4, 8 or
+# 12 rows, which suits both (with batch_invariant; with packed weights it costs nothing measurable, with
+# plain ones a lone decode step is about 50 % slower). And a decode step's attention rounds differently when
+# the row's length is not a multiple of 16 (a tail loop), so the dense view's length is rounded up to a
+# multiple of this granule; the padding is masked.
 _INVARIANT_ROW_COUNTS = (4, 8, 12)
 _INVARIANT_KV_GRANULE = 64
 

@@ -36,6 +36,7 @@ from transformers import (
 
 from libs.errors import ServiceError
 from libs.sentence_embeddings import dtype_name, package_dir, pick_device
+from services.inference.packed_linear import can_pack, pack_linear_layers
 from services.inference.sampling import GenerationParams, Sampler, choose_tokens
 from services.inference.text import FinishReason, GenerationEvent, TextOutput
 
@@ -138,9 +139,12 @@ class ChatModel:
         yield output.end(FinishReason.CANCELLED)
 
 
-def load_chat_model(model_id: str, weights_dir: pathlib.Path, device: str = "auto") -> ChatModel:
+def load_chat_model(
+    model_id: str, weights_dir: pathlib.Path, device: str = "auto", *, cpu_packed_weights: bool = True
+) -> ChatModel:
     """Load the chat model from its weights cache, `weights_dir / model_id` (e.g.
-    var/models/smollm2-135m-instruct), converting the packaged GGUF file into that cache on first use."""
+    var/models/smollm2-135m-instruct), converting the packaged GGUF file into that cache on first use.
+    On the CPU its linear layers are packed once for oneDNN (packed_linear.py) unless told not to."""
     if model_id != CHAT_MODEL_ID:
         raise ValueError(f"unknown chat model {model_id!r}; the only one is {CHAT_MODEL_ID!r}")
     device_name, dtype = pick_device(device)
@@ -154,9 +158,13 @@ def load_chat_model(model_id: str, weights_dir: pathlib.Path, device: str = "aut
         model, tokenizer = _convert_gguf_into_cache(cache_dir)
         source = f"GGUF file {_CHAT_GGUF_FILE}, now cached in {cache_dir}"
     model = model.to(device=device_name, dtype=dtype).eval()
+    layout = "plain"
+    if cpu_packed_weights and can_pack(device_name, dtype):
+        pack_linear_layers(model)
+        layout = "oneDNN-packed"
     logger.info(
-        "loaded chat model %s from %s in %.1fs on %s (%s)",
-        model_id, source, time.perf_counter() - started, device_name, dtype_name(dtype),
+        "loaded chat model %s from %s in %.1fs on %s (%s, %s linear layers)",
+        model_id, source, time.perf_counter() - started, device_name, dtype_name(dtype), layout,
     )  # fmt: skip
     return ChatModel(model_id, model, tokenizer, device_name, dtype)
 

@@ -16,7 +16,7 @@ def main() -> None:
     config = load_config_or_exit().inference
     weights_dir = REPO_ROOT / config.weights_dir
     started = time.perf_counter()
-    chat = load_chat_model(config.chat_model, weights_dir, "cpu")
+    chat = load_chat_model(config.chat_model, weights_dir, "cpu", cpu_packed_weights=False)
     embedding = load_embedding_model(
         config.embedding_model, weights_dir, "cpu", runtime=EmbeddingRuntime.ONNXRUNTIME
     )

@@ -48,7 +48,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def load_models(self) -> None:
         config = self._config
-        chat = await asyncio.to_thread(load_chat_model, config.chat_model, self.weights_dir, config.device)
+        chat = await asyncio.to_thread(
+            load_chat_model,
+            config.chat_model,
+            self.weights_dir,
+            config.device,
+            cpu_packed_weights=config.cpu_packed_weights,
+        )
         embedding = await asyncio.to_thread(
             load_embedding_model, config.embedding_model, self.weights_dir, config.device
         )
