@@ -156,6 +156,7 @@ def bench_model(seconds: float, int8: bool) -> None:
     variants = [("torch float32", EmbeddingRuntime.TORCH, False)]
     variants += [("torch int8", EmbeddingRuntime.TORCH, True)] if int8 else []
     variants += [("onnxruntime float32", EmbeddingRuntime.ONNXRUNTIME, False)]
+    variants += [("onnxruntime int8", EmbeddingRuntime.ONNXRUNTIME, True)] if int8 else []
     models = {
         name: load_embedding_model(
             EMBEDDING_MODEL_ID, config.inference.weights_dir, settings.device, int8=quantised,
@@ -209,7 +210,7 @@ def bench_search(sizes: list[int], repeats: int = 50) -> None:
 
 def service_settings(assignments: list[str], int8: bool) -> list[dict[str, str]]:
     """The cache.semantic settings of each service run: one run per combination of the values given."""
-    runs: list[dict[str, str]] = [{"int8": "true", "embedding_runtime": "torch"} if int8 else {}]
+    runs: list[dict[str, str]] = [{"int8": "true"} if int8 else {}]
     for assignment in assignments:
         name, _, values = assignment.partition("=")
         runs = [run | {name: value} for run in runs for value in values.split("|")]

@@ -82,11 +82,40 @@ def test_a_graph_that_does_not_reproduce_the_model_is_refused_and_removed(tmp_pa
     assert not path.exists()
 
 
-def test_int8_is_refused_with_onnxruntime():
-    with pytest.raises(ValueError, match="int8"):
-        load_embedding_model(
-            EMBEDDING_MODEL_ID, device="cpu", int8=True, runtime=EmbeddingRuntime.ONNXRUNTIME
-        )
+def test_int8_runs_a_quantised_graph_kept_beside_the_float32_one(torch_model, weights_dir):
+    int8 = load_embedding_model(
+        EMBEDDING_MODEL_ID, weights_dir, "cpu", int8=True, runtime=EmbeddingRuntime.ONNXRUNTIME, threads=1
+    )
+    assert len(list((weights_dir / "onnx").glob(f"{EMBEDDING_MODEL_ID}-*-int8.onnx"))) == 1
+    reference, reference_tokens = torch_model.embed(TEXTS)
+    vectors, tokens = int8.embed(TEXTS)
+    cosines = np.sum(np.asarray(vectors) * np.asarray(reference), axis=1)
+    assert tokens == reference_tokens
+    # Close to the float32 vectors, and not equal to them: the weights really are int8.
+    assert cosines.min() > 0.98 and cosines.min() < 1 - 1e-4
+
+
+def test_texts_of_one_call_run_in_groups_of_similar_length(onnx_model, monkeypatch):
+    widths = []
+    encoder = onnx_model._encoder
+
+    def recording(inputs):
+        widths.append(sorted({len(row) for row in inputs["input_ids"]}))
+        return encoder(inputs)
+
+    monkeypatch.setattr(onnx_model, "_encoder", recording)
+    texts = ["hi", TEXTS[3], "what is the capital of france", "hello"]
+    vectors = onnx_model.embed_array(texts)
+    # The long text has a call of its own: the short ones are not padded to its 256 tokens.
+    assert len(widths) >= 2 and [256] in widths and all(width[0] < 40 for width in widths if width != [256])
+    alone = np.vstack([encoder(sentence_embeddings._encode(onnx_model._tokenizer, threading.Lock(), [text]))
+                       for text in texts])  # fmt: skip
+    assert np.min(np.sum(vectors * alone, axis=1)) > 1 - 1e-5  # and each text keeps its place
+
+
+def test_length_groups_are_cut_where_a_text_is_much_longer_than_the_groups_shortest():
+    assert sentence_embeddings._length_groups([10, 3, 11, 30, 4, 12]) == [[1, 4], [0, 2, 5], [3]]
+    assert sentence_embeddings._length_groups([]) == []
 
 
 def test_the_encoders_take_the_tokenizers_arrays(onnx_model, torch_model):
