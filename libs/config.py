@@ -333,8 +333,11 @@ class SemanticCacheConfig(_Strict):
     # When the runner-up is a different question within this much of the best, the lookup is ambiguous.
     ambiguity_margin: float = Field(default=0.01, ge=0, le=1)
     # Micro-batching of embeddings: at most this many texts per model call, and at most this long
-    # spent filling a batch (only while busy; an idle model starts at once).
-    embedding_batch_max: int = Field(default=32, ge=1, le=256)
+    # spent filling a batch (only while busy; an idle model starts at once). Eight, not 32: ONNX Runtime's
+    # int8 graph embeds about as many texts per second one at a time as 32 at a time, and while one batch
+    # embeds, the lookups of the one before are searched and answered on the event loop; batches of 32
+    # made the two take turns (16 concurrent lookups: 397/s, p99 54 ms; batches of 8: 510/s, 51 ms).
+    embedding_batch_max: int = Field(default=8, ge=1, le=256)
     embedding_batch_wait_ms: float = Field(default=2.0, ge=0, le=100)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Threads per batch (0 → the runtime's default), and batches computed at once, each on its own
@@ -345,10 +348,11 @@ class SemanticCacheConfig(_Strict):
     # ONNX Runtime gives torch's vectors (cosine ≥ 0.99999 on the dev prompts) for less CPU per lookup, and
     # its forward pass holds no GIL (docs/semantic-cache.md has the figures).
     embedding_runtime: EmbeddingRuntime = EmbeddingRuntime.ONNXRUNTIME
-    # int8 weights on CPU (ONNX Runtime: per output channel): two to three times the embeddings per second,
-    # vectors slightly moved (docs/semantic-cache.md has the dev figures). Off by default so that the vectors
-    # Lookup returns are the float32 model's, as the Router computes them.
-    int8: bool = False
+    # int8 weights on CPU (ONNX Runtime: per output channel): 2.4x the embeddings per second, vectors
+    # slightly moved (cosine 0.994 to float32; docs/semantic-cache.md has the dev figures). On by default:
+    # float32 cannot embed 400 lookups/s on two cores. The Router's classifier, which learned from float32
+    # vectors, scores Lookup's int8 vectors as well as its own (tools/eval_router --lookup-int8).
+    int8: bool = True
     # A partition this large is searched by an IVF index (nprobe lists) instead of a flat one.
     ivf_min_entries: int = Field(default=20_000, ge=1)
     ivf_nprobe: int = Field(default=16, ge=1)

@@ -1,7 +1,7 @@
 """Benchmark of the SemanticCache: lookups through its gRPC API, and FAISS search alone.
 
     python -m tools.bench_cache [--seconds 8] [--sizes 10000,100000] [--concurrency 1,16,64]
-                                [--set 'embedding_runtime=torch|onnxruntime' --set embedding_workers=2]
+                                [--set 'int8=true|false' --set embedding_workers=2] [--service-only]
 
 For each index size, a throwaway Redis is filled with that many entries of one tenant and one scope
 (random unit vectors, written with the service's own EntryStore), the cache service is started as a
@@ -140,7 +140,7 @@ def bench_service(entries: int, concurrencies: list[int], seconds: float, semant
             mesh.stop_all()
 
 
-def bench_model(seconds: float, int8: bool) -> None:
+def bench_model(seconds: float) -> None:
     """The embedding model alone, in this process, as the service runs it (one thread), with each
     runtime: the ceiling for lookups that embed (every lookup that is not an exact hit). Texts per second
     of wall time and per second of CPU time (steadier on a shared machine)."""
@@ -153,10 +153,12 @@ def bench_model(seconds: float, int8: bool) -> None:
     settings = config.cache.semantic
     torch.set_num_threads(settings.embedding_threads or torch.get_num_threads())
     texts = [normalise_text(q.replace("{n}", str(n))) for n, q in enumerate(QUESTIONS)]
-    variants = [("torch float32", EmbeddingRuntime.TORCH, False)]
-    variants += [("torch int8", EmbeddingRuntime.TORCH, True)] if int8 else []
-    variants += [("onnxruntime float32", EmbeddingRuntime.ONNXRUNTIME, False)]
-    variants += [("onnxruntime int8", EmbeddingRuntime.ONNXRUNTIME, True)] if int8 else []
+    variants = [
+        ("torch float32", EmbeddingRuntime.TORCH, False),
+        ("torch int8", EmbeddingRuntime.TORCH, True),
+        ("onnxruntime float32", EmbeddingRuntime.ONNXRUNTIME, False),
+        ("onnxruntime int8", EmbeddingRuntime.ONNXRUNTIME, True),
+    ]
     models = {
         name: load_embedding_model(
             EMBEDDING_MODEL_ID, config.inference.weights_dir, settings.device, int8=quantised,
@@ -208,9 +210,9 @@ def bench_search(sizes: list[int], repeats: int = 50) -> None:
             del index, part
 
 
-def service_settings(assignments: list[str], int8: bool) -> list[dict[str, str]]:
+def service_settings(assignments: list[str]) -> list[dict[str, str]]:
     """The cache.semantic settings of each service run: one run per combination of the values given."""
-    runs: list[dict[str, str]] = [{"int8": "true"} if int8 else {}]
+    runs: list[dict[str, str]] = [{}]
     for assignment in assignments:
         name, _, values = assignment.partition("=")
         runs = [run | {name: value} for run in runs for value in values.split("|")]
@@ -223,7 +225,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--search-sizes", default="100000,1000000")
-    parser.add_argument("--int8", action="store_true", help="the service embeds with int8 linear layers")
+    parser.add_argument(
+        "--service-only", action="store_true", help="skip the embedding model alone and the search alone"
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="NAME=VALUE",
         help="a cache.semantic setting for the service, e.g. embedding_runtime=torch (repeatable); "
@@ -232,11 +236,13 @@ def main() -> None:
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     print(f"{os.cpu_count()} CPUs; 1-minute load average before the bench {os.getloadavg()[0]:.1f}")
-    bench_model(min(args.seconds, 3.0), args.int8)
+    if not args.service_only:
+        bench_model(min(args.seconds, 3.0))
     for size in (int(s) for s in args.sizes.split(",") if s):
-        for semantic in service_settings(args.set, args.int8):
+        for semantic in service_settings(args.set):
             bench_service(size, concurrencies, args.seconds, semantic)
-    bench_search([int(s) for s in args.search_sizes.split(",") if s])
+    if not args.service_only:
+        bench_search([int(s) for s in args.search_sizes.split(",") if s])
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from libs.config import REPO_ROOT, load_config
-from libs.sentence_embeddings import load_embedding_model, normalise_text
+from libs.sentence_embeddings import EMBEDDING_MODEL_ID, load_embedding_model, normalise_text
 from services.router.classifier import (
     ExampleSet,
     TaskClassifier,
@@ -48,10 +48,16 @@ def _subset(example_set: ExampleSet, keep: np.ndarray) -> ExampleSet:
 
 
 def predict(
-    items: list[dict], embedder: PromptEmbedder, example_set: ExampleSet, settings, seeds: Sequence[int]
+    items: list[dict],
+    embedder: PromptEmbedder,
+    example_set: ExampleSet,
+    settings,
+    seeds: Sequence[int],
+    item_embedder: PromptEmbedder | None = None,
 ) -> tuple[list[list], int]:
     """Predictions per item for each fold split (one per seed), and how many items were predicted by
-    cross-validation (the same in every split; without any, one split)."""
+    cross-validation (the same in every split; without any, one split). The items are embedded by
+    `item_embedder` when given (the examples always by `embedder`, as the Router embeds them)."""
     example_vectors = embedder.embed_cached(
         [e.text for e in example_set.examples],
         _path(settings.embedding_cache_dir),
@@ -61,7 +67,12 @@ def predict(
         conversation_parts(item["messages"]) if item.get("messages") else (item["prompt"], "")
         for item in items
     ]
-    vectors = embedder.embed_cached([prompt for prompt, _ in parts], _path(settings.embedding_cache_dir))
+    prompts = [prompt for prompt, _ in parts]
+    vectors = (
+        item_embedder.embed_prompts(prompts)
+        if item_embedder is not None
+        else embedder.embed_cached(prompts, _path(settings.embedding_cache_dir))
+    )
     example_keys = [normalise_text(e.text) for e in example_set.examples]
     key_rows = collections.defaultdict(list)
     for row, key in enumerate(example_keys):
@@ -165,6 +176,15 @@ def report(items: list[dict], predictions: list) -> None:
     )
 
 
+def _lookup_embedder(config) -> PromptEmbedder:
+    semantic = config.cache.semantic
+    model = load_embedding_model(
+        EMBEDDING_MODEL_ID, _path(config.inference.weights_dir), "cpu", int8=semantic.int8,
+        runtime=semantic.embedding_runtime, threads=semantic.embedding_threads,
+    )  # fmt: skip
+    return PromptEmbedder(model)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("items", help="labelled prompts, JSON Lines (router_dev.jsonl format)")
@@ -187,16 +207,24 @@ def main(argv: list[str] | None = None) -> int:
         help=f"cross-validate with this many different {FOLDS}-fold splits and print the mean and spread "
         "(the report and the predictions written are the first split's)",
     )
+    parser.add_argument(
+        "--lookup-vectors",
+        action="store_true",
+        help="score each item's vector as the SemanticCache's Lookup returns it (cache.semantic: runtime, "
+        "int8), which the Gateway hands to the Router; the examples stay the Router's float32 vectors",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     items = [json.loads(line) for line in pathlib.Path(args.items).read_text().splitlines() if line.strip()]
-    settings = load_config().routing.classifier
+    config = load_config()
+    settings = config.routing.classifier
     extra = [] if args.examples_only else [_path(f) for f in settings.extra_examples_files]
     example_set = load_examples(_path(settings.examples_file), extra)
-    embedder = PromptEmbedder(load_embedding_model("all-minilm-l6-v2", device="cpu"))
+    embedder = PromptEmbedder(load_embedding_model(EMBEDDING_MODEL_ID, device="cpu"))
     seeds = [FOLD_SEED + n for n in range(args.repeats)]
-    splits, cross_validated = predict(items, embedder, example_set, settings, seeds)
+    item_embedder = _lookup_embedder(config) if args.lookup_vectors else None
+    splits, cross_validated = predict(items, embedder, example_set, settings, seeds, item_embedder)
     if args.write_seed:
         texts = [e.text for e in example_set.examples]
         seed = seed_path(_path(settings.examples_file))
