@@ -27,6 +27,7 @@ from libs.errors import InvalidArgument
 from libs.redis_store import unavailable_when_redis_fails
 from libs.sentence_embeddings import normalise_text
 from services.cache import keys, metrics
+from services.cache.counters import CoalescedCounters
 from services.cache.entries import EntryStore, StoredEntry
 from services.cache.guards import QuestionGuards, Veto
 from services.cache.semantic import AnswerEnd, CoalescedSearch, IndexedEntry, SemanticIndex, SemanticJudge
@@ -126,6 +127,7 @@ class Cache:
         self._config = config
         self._embedder = embedder
         self._entries = EntryStore(redis)
+        self._counters = CoalescedCounters(redis)
         self._index = SemanticIndex(embedder.dimensions, config.semantic)
         self._searches = CoalescedSearch(self._index)
         self._judge = SemanticJudge(guards, config.semantic)
@@ -299,10 +301,7 @@ class Cache:
         return keys.entry_member(model, keys.entry_digest(tenant_id, model, scope, normalised))
 
     async def _count(self, tenant_id: str, *counters: str) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for counter in counters:
-                pipe.hincrby(keys.stats_key(tenant_id), counter, 1)
-            await pipe.execute()
+        await self._counters.add(tenant_id, *counters)
 
     def _index_entry(self, entry: StoredEntry) -> None:
         if not entry.vector:
