@@ -6,8 +6,8 @@
 For each index size, a throwaway Redis is filled with that many entries of one tenant and one scope
 (random unit vectors, written with the service's own EntryStore), the cache service is started as a
 process (mTLS, as in production) and rebuilds its index from Redis; then lookups of real questions run
-at each concurrency for a fixed time, each question embedded by the service (the embedding is the
-cost that dominates). Printed: lookups/s, p50 and p99 latency, the service's CPU time per lookup (the
+at each concurrency for a fixed time after a one-second ramp that is not timed, each question embedded
+by the service (the embedding is the cost that dominates). Printed: lookups/s, p50 and p99 latency, the service's CPU time per lookup (the
 figure that depends least on what else runs), and the index rebuild time. Last, FAISS
 search alone (`services.cache.index.VectorIndex`) at 100k and 1M vectors, flat and IVF.
 The embedding model alone is measured first: every lookup that is not an exact hit embeds its question,
@@ -39,6 +39,8 @@ TENANT = "bench"
 MODEL = "bench-model"
 SCOPE = '{"model":"bench-model"}'
 DIMENSIONS = 384
+# At each concurrency, lookups are sent for this long before any is counted.
+RAMP_SECONDS = 1.0
 QUESTIONS = [
     f"{opener} {subject}?"
     for opener in ("How do I", "What is the best way to", "Can you explain how to", "Why would I")
@@ -85,11 +87,18 @@ async def fill(redis_url: str, entries: int) -> float:
     return time.perf_counter() - started
 
 
-async def run_lookups(mesh: Mesh, concurrency: int, seconds: float) -> tuple[int, list[float]]:
+async def run_lookups(
+    mesh: Mesh, concurrency: int, seconds: float, ramp_seconds: float = 0.0
+) -> tuple[int, list[float]]:
+    """Lookups from `concurrency` clients for `ramp_seconds` (not timed: all clients start at once, and
+    the first batches queue behind each other before the load is steady), then for `seconds`. Returns
+    how many lookups were made in all, and the latencies of those started after the ramp."""
     latencies: list[float] = []
+    made = 0
     async with internal_channel(mesh, "cache") as channel:
         stub = cache_pb2_grpc.CacheServiceStub(channel)
-        deadline = time.perf_counter() + seconds
+        counted_from = time.perf_counter() + ramp_seconds
+        deadline = counted_from + seconds
         counter = iter(range(10**9))
 
         async def worker() -> None:
@@ -103,10 +112,13 @@ async def run_lookups(mesh: Mesh, concurrency: int, seconds: float) -> tuple[int
                     ),
                     timeout=30,
                 )
-                latencies.append(time.perf_counter() - started)
+                nonlocal made
+                made += 1
+                if started >= counted_from:
+                    latencies.append(time.perf_counter() - started)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return len(latencies), latencies
+    return made, latencies
 
 
 def bench_service(entries: int, concurrencies: list[int], seconds: float, semantic: dict[str, str]) -> None:
@@ -130,12 +142,12 @@ def bench_service(entries: int, concurrencies: list[int], seconds: float, semant
                   "   (1-minute load average)")  # fmt: skip
             for concurrency in concurrencies:
                 used = cpu_seconds(service.pid)
-                count, latencies = asyncio.run(run_lookups(mesh, concurrency, seconds))
+                made, latencies = asyncio.run(run_lookups(mesh, concurrency, seconds, RAMP_SECONDS))
                 used = cpu_seconds(service.pid) - used
                 p50, p99 = statistics.median(latencies) * 1000, percentile(latencies, 0.99) * 1000
                 load = os.getloadavg()[0]
-                print(f"{concurrency:>10} {count / seconds:>10.0f} {p50:>8.1f} {p99:>8.1f} "
-                      f"{used / count * 1000:>14.2f}   (load {load:.1f})")  # fmt: skip
+                print(f"{concurrency:>10} {len(latencies) / seconds:>10.0f} {p50:>8.1f} {p99:>8.1f} "
+                      f"{used / made * 1000:>14.2f}   (load {load:.1f})")  # fmt: skip
         finally:
             mesh.stop_all()
 
