@@ -7,9 +7,10 @@ For each index size, a throwaway Redis is filled with that many entries of one t
 (random unit vectors, written with the service's own EntryStore), the cache service is started as a
 process (mTLS, as in production) and rebuilds its index from Redis; then lookups of real questions run
 at each concurrency for a fixed time after a one-second ramp that is not timed, each question embedded
-by the service (the embedding is the cost that dominates). Printed: lookups/s, p50 and p99 latency, the service's CPU time per lookup (the
-figure that depends least on what else runs), and the index rebuild time. Last, FAISS
-search alone (`services.cache.index.VectorIndex`) at 100k and 1M vectors, flat and IVF.
+by the service (the embedding is the cost that dominates). Printed: lookups/s, p50 and p99 latency,
+the service's CPU time per lookup (the figure that depends least on what else runs), and the index
+rebuild time. Last, FAISS search alone (`services.cache.index.VectorIndex`) at 100k and 1M vectors,
+flat and IVF; `--service-only` skips the model alone and the search alone.
 The embedding model alone is measured first: every lookup that is not an exact hit embeds its question,
 so that throughput is the ceiling. Figures are printed, never asserted: they depend on the machine and
 on what else runs on it (the load average is printed beside them).

@@ -73,4 +73,3 @@ async def test_a_failed_write_fails_every_lookup_waiting_on_it():
     )
     assert all(isinstance(o, redis_errors.ConnectionError) for o in outcomes), outcomes
     await unreachable.aclose()
-
