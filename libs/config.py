@@ -351,7 +351,7 @@ class SemanticCacheConfig(_Strict):
     # int8 weights on CPU (ONNX Runtime: per output channel): 2.4x the embeddings per second, vectors
     # slightly moved (cosine 0.994 to float32; docs/semantic-cache.md has the dev figures). On by default:
     # float32 cannot embed 400 lookups/s on two cores. The Router's classifier, which learned from float32
-    # vectors, scores Lookup's int8 vectors as well as its own (tools/eval_router --lookup-int8).
+    # vectors, scores Lookup's int8 vectors as well as its own (tools/eval_router --lookup-vectors).
     int8: bool = True
     # A partition this large is searched by an IVF index (nprobe lists) instead of a flat one.
     ivf_min_entries: int = Field(default=20_000, ge=1)
