@@ -9,13 +9,15 @@ import asyncio
 import logging
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 
 from libs.breaker import Probe
 from libs.errors import Unavailable
@@ -57,6 +59,35 @@ async def wait_for_redis(client: Redis, url: str) -> None:
                 log.warning("waiting for redis at %s: %s", location, exc)
                 last_logged = time.monotonic()
         await asyncio.sleep(READY_POLL_SECONDS)
+
+
+ScriptCall = tuple[Sequence[str], Sequence[Any]]  # keys, args
+
+
+async def run_script_calls(client: Redis, script: AsyncScript, calls: Sequence[ScriptCall]) -> list[Any]:
+    """`script` once per (keys, args), in one pipeline: one round trip for the lot. A registered script
+    called on a pipeline makes redis-py ask SCRIPT EXISTS before every execute, a second round trip per
+    batch; here the script is loaded only when Redis answers NOSCRIPT (its first use, or after a Redis
+    restart), and only the calls that got that answer are run again, so none runs twice. Results in the
+    order of `calls`; the first error reply is raised, as `Pipeline.execute` does."""
+    results = await _evalsha_pipeline(client, script.sha, calls)
+    missing = [i for i, result in enumerate(results) if isinstance(result, redis_errors.NoScriptError)]
+    if missing:
+        await client.script_load(script.script)
+        again = await _evalsha_pipeline(client, script.sha, [calls[i] for i in missing])
+        for i, result in zip(missing, again, strict=True):
+            results[i] = result
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results
+
+
+async def _evalsha_pipeline(client: Redis, sha: str, calls: Sequence[ScriptCall]) -> list[Any]:
+    async with client.pipeline(transaction=False) as pipe:
+        for keys, args in calls:
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        return await pipe.execute(raise_on_error=False)
 
 
 def redis_ping_probe(client: Redis) -> Probe:

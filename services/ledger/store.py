@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 import grpc
 
 from libs.errors import ServiceError
-from libs.redis_store import open_redis, unavailable_when_redis_fails, wait_for_redis
+from libs.redis_store import open_redis, run_script_calls, unavailable_when_redis_fails, wait_for_redis
 from services.ledger.budget import Budget
 from services.ledger.usage import Difficulty, UsageRecord, day_key, month_key
 
@@ -138,11 +138,8 @@ class LedgerStore:
         """Each record added unless its request id is already recorded, in one round trip to Redis (each
         record's step is atomic on its own); per record, what was stored or the conflict."""
         with unavailable_when_redis_fails("ledger storage (Redis)"):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for record in records:
-                    keys, args = self._record_call(record)
-                    await self._record_script(keys=keys, args=args, client=pipe)
-                verdicts = await pipe.execute()
+            calls = [self._record_call(record) for record in records]
+            verdicts = await run_script_calls(self._redis, self._record_script, calls)
         return [_stored(record, verdict) for record, verdict in zip(records, verdicts, strict=True)]
 
     def _record_call(self, record: UsageRecord) -> tuple[list[str], list]:

@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 
 from libs.config import BreakerConfig
 from libs.errors import ResourceExhausted, Unavailable
+from libs.redis_store import run_script_calls
 
 log = logging.getLogger(__name__)
 
@@ -241,32 +242,31 @@ class HealthBook:
         if not reports:
             return 0
         s = self.settings
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for report in reports:
-                member = _member(report.target)
-                await self._record(
-                    keys=[_state_key(member), _events_key(member), TARGETS_KEY],
-                    args=[
-                        member,
-                        report.outcome.value,
-                        report.latency_ms,
-                        report.time_to_first_token_ms,
-                        report.error[:120].replace(",", ";"),
-                        int(s.window_seconds * 1000),
-                        s.min_requests,
-                        s.error_rate,
-                        s.consecutive_failures,
-                        s.probes,
-                        MAX_EVENTS,
-                        MAX_TRACKED_TARGETS,
-                    ],
-                    client=pipe,
-                )
-            try:
-                states = await pipe.execute()
-            except redis_errors.RedisError as exc:
-                self._lost(exc)
-                raise Unavailable("health store unavailable: outcomes not recorded") from exc
+        calls = []
+        for report in reports:
+            member = _member(report.target)
+            calls.append((
+                [_state_key(member), _events_key(member), TARGETS_KEY],
+                [
+                    member,
+                    report.outcome.value,
+                    report.latency_ms,
+                    report.time_to_first_token_ms,
+                    report.error[:120].replace(",", ";"),
+                    int(s.window_seconds * 1000),
+                    s.min_requests,
+                    s.error_rate,
+                    s.consecutive_failures,
+                    s.probes,
+                    MAX_EVENTS,
+                    MAX_TRACKED_TARGETS,
+                ],
+            ))  # fmt: skip
+        try:
+            states = await run_script_calls(self._redis, self._record, calls)
+        except redis_errors.RedisError as exc:
+            self._lost(exc)
+            raise Unavailable("health store unavailable: outcomes not recorded") from exc
         self._store_down = False
         refused = 0
         for report, state in zip(reports, states, strict=False):
