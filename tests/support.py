@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import contextlib
 import functools
 import shutil
+import subprocess
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
 
 from libs.config import REPO_ROOT
 from libs.tls import Identity, ca_path, cert_path, key_path, mesh_channel
@@ -22,6 +28,7 @@ __all__ = [
     "internal_blocking_channel",
     "internal_channel",
     "mesh_environ",
+    "throwaway_redis",
 ]
 
 
@@ -71,3 +78,27 @@ def grpcurl_security(mesh: Mesh, service: str, identity: str = "operator") -> li
         *("-key", str(key_path(directory, credentials.identity))),
         *("-servername", service),
     ]
+
+
+@contextlib.asynccontextmanager
+async def throwaway_redis(directory: Path, *, decode_responses: bool = True) -> AsyncIterator[Redis]:
+    """A redis-server of the test's own on a free loopback port, storing nothing on disk, and a client to
+    it once it answers."""
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)]
+    server = await asyncio.create_subprocess_exec(
+        *command, "--save", "", "--appendonly", "no", stdout=subprocess.DEVNULL
+    )
+    client = Redis(port=port, decode_responses=decode_responses)
+    try:
+        for _ in range(100):
+            try:
+                await client.ping()
+                break
+            except redis_errors.ConnectionError:
+                await asyncio.sleep(0.05)
+        yield client
+    finally:
+        await client.aclose()
+        server.terminate()
+        await asyncio.wait_for(server.wait(), 10)

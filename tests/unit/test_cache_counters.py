@@ -10,25 +10,13 @@ from redis.asyncio import Redis
 from libs.redis_store import open_redis
 from services.cache import keys
 from services.cache.counters import CoalescedCounters
-from tools.eval_semantic_cache import start_redis
+from tests.support import throwaway_redis
 
 
 @pytest.fixture
 async def redis(tmp_path):
-    process, port = start_redis(str(tmp_path))
-    client = Redis(host="127.0.0.1", port=port, decode_responses=False)
-    try:
-        for _ in range(100):
-            try:
-                await client.ping()
-                break
-            except redis_errors.ConnectionError:
-                await asyncio.sleep(0.05)
+    async with throwaway_redis(tmp_path, decode_responses=False) as client:
         yield client
-    finally:
-        await client.aclose()
-        process.terminate()
-        process.wait(timeout=10)
 
 
 async def _hincrby_calls(redis: Redis) -> int:

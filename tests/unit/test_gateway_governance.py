@@ -4,11 +4,9 @@ against a real Redis of the test's own (no gRPC)."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 
 import pytest
-import redis.asyncio as redis
 
 from libs.config import AuditConfig, AuthConfig
 from libs.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
@@ -18,7 +16,6 @@ from services.gateway.access.control import AccessControl, redis_breaker
 from services.gateway.access.key_store import KeyStore, NewKey
 from services.gateway.access.rate_limits import RateLimiter
 from services.gateway.access.roles import AdminPrincipal, Endpoint, KeyScope, Permission, Role
-from tests.support import free_port
 
 # --- roles and scopes (pure) ------------------------------------------------------------------------
 
@@ -75,37 +72,13 @@ def test_key_scopes_match_model_patterns_and_endpoints():
 
 
 @pytest.fixture
-def redis_port(tmp_path):
-    """A real Redis of the test's own, on a free port."""
-    port = free_port()
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
-    server = subprocess.Popen([*command, "--save", ""], stdout=subprocess.DEVNULL)
-    yield port
-    server.terminate()
-    server.wait(10)
-
-
-@pytest.fixture
-async def client(redis_port):
-    connection = redis.Redis(port=redis_port, decode_responses=True)
-    for _ in range(100):
-        try:
-            await connection.ping()
-            break
-        except redis.ConnectionError:
-            await asyncio.sleep(0.05)
-    yield connection
-    await connection.aclose()
-
-
-@pytest.fixture
-async def access(client):
+async def access(redis_client):
     control = AccessControl(
         KeyRing(AuthConfig(admin_key="sk-bootstrap-admin-01")),
-        KeyStore(client),
-        RateLimiter(client),
+        KeyStore(redis_client),
+        RateLimiter(redis_client),
         key_cache_seconds=0,
-        breaker=redis_breaker(client),
+        breaker=redis_breaker(redis_client),
     )
     yield control
     await control.close()
@@ -193,8 +166,8 @@ def entry(action: str, tenant: str = "acme", outcome: AuditOutcome = AuditOutcom
     return AuditEntry(time.time(), "key_admin", "admin", action, tenant, "key_x", outcome, "req-1")
 
 
-async def test_the_audit_log_reads_newest_first_with_filters_and_pages(client):
-    audit = AuditLog(client, AuditConfig())
+async def test_the_audit_log_reads_newest_first_with_filters_and_pages(redis_client):
+    audit = AuditLog(redis_client, AuditConfig())
     for i in range(7):
         await audit.record(entry("create_key" if i % 2 else "set_budget", tenant=f"t{i % 3}"))
     page, token = await audit.read(AuditQuery(page_size=3))
@@ -209,12 +182,12 @@ async def test_the_audit_log_reads_newest_first_with_filters_and_pages(client):
     assert {e.tenant_id for e in t1} == {"t1"} and len(t1) == 2
 
 
-async def test_the_audit_log_keeps_at_most_its_limit(client):
-    audit = AuditLog(client, AuditConfig(max_entries=5))
+async def test_the_audit_log_keeps_at_most_its_limit(redis_client):
+    audit = AuditLog(redis_client, AuditConfig(max_entries=5))
     for _ in range(300):
         await audit.record(entry("create_key"))
     # Trimming is approximate (whole radix-tree nodes, about 100 entries); far fewer than written remain.
-    assert await client.xlen("gateway:audit:log") < 300
+    assert await redis_client.xlen("gateway:audit:log") < 300
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 
 import pytest
-import redis.asyncio as redis
 from sophia.gateway.v1 import gateway_pb2 as pb
 
 from services.gateway.serving.idempotency import (
@@ -16,7 +14,6 @@ from services.gateway.serving.idempotency import (
     RequestStillRunning,
     fingerprint,
 )
-from tests.support import free_port
 
 
 def chat(content: str) -> pb.CreateChatCompletionRequest:
@@ -45,42 +42,6 @@ def test_a_stored_claim_answers_a_retry_refuses_another_request_and_asks_to_wait
     with pytest.raises(RequestStillRunning) as running:
         IdempotencyKeys._existing("key", "id-1", "fp", stored("running"))
     assert ("retry-after", "1") in running.value.trailers
-
-
-@pytest.fixture
-def redis_port(tmp_path):
-    """A real Redis of the test's own, on a free port."""
-    port = free_port()
-    command = [
-        "redis-server",
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        str(tmp_path),
-        "--save",
-        "",
-    ]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    try:
-        yield port
-    finally:
-        server.terminate()
-        server.wait(10)
-
-
-@pytest.fixture
-async def redis_client(redis_port):
-    client = redis.Redis(port=redis_port, decode_responses=True)
-    for _ in range(100):
-        try:
-            await client.ping()
-            break
-        except redis.ConnectionError:
-            await asyncio.sleep(0.05)
-    yield client
-    await client.aclose()
 
 
 async def test_a_running_claim_is_renewed_while_its_gateway_lives_and_lapses_when_it_dies(redis_client):
