@@ -103,6 +103,7 @@ async def run_lookups(
         counter = iter(range(10**9))
 
         async def worker() -> None:
+            nonlocal made
             while time.perf_counter() < deadline:
                 n = next(counter)
                 question = QUESTIONS[n % len(QUESTIONS)].replace("{n}", str(n))
@@ -113,7 +114,6 @@ async def run_lookups(
                     ),
                     timeout=30,
                 )
-                nonlocal made
                 made += 1
                 if started >= counted_from:
                     latencies.append(time.perf_counter() - started)

@@ -163,11 +163,11 @@ class Cache:
         with unavailable_when_redis_fails("cache store"):
             response = await self._entries.response(key)
             if response is not None:
-                await self._count(query.tenant_id, "hits_exact")
+                await self._counters.add(query.tenant_id, "hits_exact")
                 metrics.lookups.add(1, {"result": "hit", "layer": Layer.EXACT.value})
                 return LookupResult(Layer.EXACT, response, 1.0, given)
             if not query.semantic:
-                await self._count(query.tenant_id, "misses")
+                await self._counters.add(query.tenant_id, "misses")
                 metrics.lookups.add(1, {"result": "miss"})
                 return LookupResult(None, embedding=given)
         vector = given if given is not None else await self._embedder.embed(normalised)
@@ -178,13 +178,13 @@ class Cache:
             if verdict.entry is not None:
                 response = await self._entries.response(verdict.entry.key)
                 if response is not None:
-                    await self._count(query.tenant_id, "hits_semantic")
+                    await self._counters.add(query.tenant_id, "hits_semantic")
                     metrics.lookups.add(1, {"result": "hit", "layer": Layer.SEMANTIC.value})
                     metrics.semantic_similarity.record(verdict.similarity)
                     return LookupResult(Layer.SEMANTIC, response, verdict.similarity, vector)
                 self._index.remove(verdict.entry.key)  # gone from Redis (expired or evicted) meanwhile
             counters = ["misses"] + ([f"veto:{verdict.veto.value}"] if verdict.veto else [])
-            await self._count(query.tenant_id, *counters)
+            await self._counters.add(query.tenant_id, *counters)
         if verdict.veto is not None:
             metrics.vetoes.add(1, {"reason": verdict.veto.value})
         metrics.lookups.add(1, {"result": "miss"})
@@ -299,9 +299,6 @@ class Cache:
     @staticmethod
     def _member(model: str, scope: str, normalised: str, tenant_id: str) -> str:
         return keys.entry_member(model, keys.entry_digest(tenant_id, model, scope, normalised))
-
-    async def _count(self, tenant_id: str, *counters: str) -> None:
-        await self._counters.add(tenant_id, *counters)
 
     def _index_entry(self, entry: StoredEntry) -> None:
         if not entry.vector:
