@@ -63,36 +63,21 @@ Target = tuple[str, str]  # (provider, model_id)
 _RECORD = """
 local member = ARGV[1]
 if redis.call('SISMEMBER', KEYS[3], member) == 0 then
-  if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[12]) then return 'full' end
+  if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[8]) then return 'full' end
   redis.call('SADD', KEYS[3], member)
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local outcome = ARGV[2]
-redis.call('LPUSH', KEYS[2], now .. ',' .. outcome .. ',' .. ARGV[3] .. ',' .. ARGV[4])
-redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[11]) - 1)
-local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-if outcome == 'x' then return state end
-if outcome == 's' then
-  redis.call('HSET', KEYS[1], 'consecutive', 0)
-  if state == 'half_open' then
-    if redis.call('HINCRBY', KEYS[1], 'probe_successes', 1) >= tonumber(ARGV[10]) then
-      redis.call('HSET', KEYS[1], 'state', 'closed', 'since', now, 'closed_at', now)
-      return 'closed'
-    end
-  end
-  return state
-end
-redis.call('HSET', KEYS[1], 'last_error', ARGV[5], 'last_error_at', now)
-local consecutive = redis.call('HINCRBY', KEYS[1], 'consecutive', 1)
-if state == 'half_open' then
+local window, min_requests, error_rate = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local consecutive_failures, probes, max_events = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+
+local function trip()
   redis.call('HSET', KEYS[1], 'state', 'open', 'since', now, 'probes', 0, 'probe_successes', 0)
   return 'open'
 end
-if state ~= 'closed' then return state end
-local trip = consecutive >= tonumber(ARGV[9])
-if not trip then
-  local from = math.max(now - tonumber(ARGV[6]), tonumber(redis.call('HGET', KEYS[1], 'closed_at') or '0'))
+
+local function failure_rate_trips()
+  local from = math.max(now - window, tonumber(redis.call('HGET', KEYS[1], 'closed_at') or '0'))
   local total, failures = 0, 0
   for _, event in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
     local at, o = string.match(event, '^(%d+),(%a)')
@@ -101,13 +86,36 @@ if not trip then
       if o == 'f' then failures = failures + 1 end
     end
   end
-  trip = total >= tonumber(ARGV[7]) and failures / total > tonumber(ARGV[8])
+  return total >= min_requests and failures / total > error_rate
 end
-if trip then
-  redis.call('HSET', KEYS[1], 'state', 'open', 'since', now, 'probes', 0, 'probe_successes', 0)
-  return 'open'
+
+-- One outcome: appended to the window, the breaker moved; returns the state after it.
+local function apply(outcome, latency, ttft, error)
+  redis.call('LPUSH', KEYS[2], now .. ',' .. outcome .. ',' .. latency .. ',' .. ttft)
+  redis.call('LTRIM', KEYS[2], 0, max_events - 1)
+  local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
+  if outcome == 'x' then return state end
+  if outcome == 's' then
+    redis.call('HSET', KEYS[1], 'consecutive', 0)
+    if state == 'half_open' and redis.call('HINCRBY', KEYS[1], 'probe_successes', 1) >= probes then
+      redis.call('HSET', KEYS[1], 'state', 'closed', 'since', now, 'closed_at', now)
+      return 'closed'
+    end
+    return state
+  end
+  redis.call('HSET', KEYS[1], 'last_error', error, 'last_error_at', now)
+  local consecutive = redis.call('HINCRBY', KEYS[1], 'consecutive', 1)
+  if state == 'half_open' then return trip() end
+  if state ~= 'closed' then return state end
+  if consecutive >= consecutive_failures or failure_rate_trips() then return trip() end
+  return state
 end
-return state
+
+local states = {}
+for i = 9, #ARGV, 4 do
+  states[#states + 1] = apply(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
+end
+return states
 """
 
 _CLAIM_PROBE = """
@@ -238,42 +246,46 @@ class HealthBook:
         return dict(self._views)
 
     async def record(self, reports: Sequence[OutcomeReport]) -> int:
-        """Records every report (one pipeline); returns how many were recorded."""
+        """Records every report, in order (one pipeline, one script call per target); returns how many
+        were recorded."""
         if not reports:
             return 0
         s = self.settings
-        calls = []
+        # A batch holds many reports of few targets: one call per target carries all of its outcomes,
+        # which costs a fraction of a call per report here and in Redis.
+        by_target: dict[Target, list[OutcomeReport]] = {}
         for report in reports:
-            member = _member(report.target)
-            calls.append((
-                [_state_key(member), _events_key(member), TARGETS_KEY],
-                [
-                    member,
-                    report.outcome.value,
-                    report.latency_ms,
-                    report.time_to_first_token_ms,
-                    report.error[:120].replace(",", ";"),
-                    int(s.window_seconds * 1000),
-                    s.min_requests,
-                    s.error_rate,
-                    s.consecutive_failures,
-                    s.probes,
-                    MAX_EVENTS,
-                    MAX_TRACKED_TARGETS,
-                ],
-            ))  # fmt: skip
+            by_target.setdefault(report.target, []).append(report)
+        calls = []
+        for target, outcomes in by_target.items():
+            member = _member(target)
+            args = [
+                member,
+                int(s.window_seconds * 1000),
+                s.min_requests,
+                s.error_rate,
+                s.consecutive_failures,
+                s.probes,
+                MAX_EVENTS,
+                MAX_TRACKED_TARGETS,
+            ]
+            for report in outcomes:
+                error = report.error[:120].replace(",", ";")
+                args += (report.outcome.value, report.latency_ms, report.time_to_first_token_ms, error)
+            calls.append(([_state_key(member), _events_key(member), TARGETS_KEY], args))
         try:
-            states = await run_script_calls(self._redis, self._record, calls)
+            results = await run_script_calls(self._redis, self._record, calls)
         except redis_errors.RedisError as exc:
             self._lost(exc)
             raise Unavailable("health store unavailable: outcomes not recorded") from exc
         self._store_down = False
         refused = 0
-        for report, state in zip(reports, states, strict=False):
-            if state == "full":
-                refused += 1
+        for (target, outcomes), states in zip(by_target.items(), results, strict=True):
+            if states == "full":
+                refused += len(outcomes)
                 continue
-            self._note(report.target, CircuitState(state))
+            for state in states:
+                self._note(target, CircuitState(state))
         if refused:
             raise ResourceExhausted(
                 f"already tracking {MAX_TRACKED_TARGETS} targets; {refused} reports refused"
