@@ -79,6 +79,37 @@ def test_many_reports_travel_in_few_rpcs_and_all_arrive():
     assert [r.model_id for b in batches for r in b] == [f"m{n}" for n in range(600)]
 
 
+class _Slow(_Recording):
+    """A Router that takes 20 ms to answer, as one does under load."""
+
+    async def ReportOutcome(self, request, context):
+        await asyncio.sleep(0.02)
+        return await super().ReportOutcome(request, context)
+
+
+def test_under_steady_load_one_batch_goes_per_interval():
+    """Reports arriving every 2 ms for 0.6 s, 50 ms between flushes: about a dozen RPCs. Sending again as
+    soon as a flush returned would make one RPC per 20 ms answer (30), each as small as what arrived
+    during it."""
+
+    async def scenario():
+        recording = _Slow()
+        server, port = await _server(recording)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reporter = _reporter(channel, flush_seconds=0.05)
+            for n in range(300):
+                reporter.add(_entry(n))
+                await asyncio.sleep(0.002)
+            await _until(lambda: reporter.sent == 300)
+            await reporter.aclose()
+        await server.stop(0)
+        return recording.batches
+
+    batches = asyncio.run(scenario())
+    assert [r.model_id for b in batches for r in b] == [f"m{n}" for n in range(300)]
+    assert len(batches) <= 16, [len(b) for b in batches]
+
+
 def test_reports_the_router_cannot_take_are_counted_and_logged_once(caplog):
     async def scenario():
         async with grpc.aio.insecure_channel("127.0.0.1:1") as channel:

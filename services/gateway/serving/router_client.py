@@ -299,7 +299,7 @@ class OutcomeReporter:
         stub: router_pb2_grpc.RouterServiceStub,
         breaker: DependencyBreaker,
         *,
-        flush_seconds: float = 0.01,
+        flush_seconds: float = 0.05,
         batch_size: int = 256,
         max_pending: int = 10_000,
         timeout_seconds: float = 1.0,
@@ -336,8 +336,11 @@ class OutcomeReporter:
             except TimeoutError:
                 pass
             self._wake.clear()
-            while self._pending:
-                await self.flush_once()
+            # One batch per interval: sending again as soon as a flush returned would, under steady
+            # load, make every batch as small as what arrived during one RPC.
+            await self.flush_once()
+            if len(self._pending) >= self._batch_size:
+                self._wake.set()
 
     async def flush_once(self) -> None:
         batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
