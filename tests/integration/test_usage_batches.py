@@ -1,5 +1,5 @@
 """The Gateway's usage recorder against a real CostLedger and Redis: records go in batches (one
-RecordUsages call for what piled up while the previous call was on its way), a conflicting request id is
+RecordUsages call for what arrived within a few ms), a conflicting request id is
 counted under its derived id, and what the ledger did not take waits in the journal until it is back."""
 
 from __future__ import annotations
@@ -76,6 +76,27 @@ async def test_concurrent_records_go_in_few_batches_each_counted_once(mesh, tmp_
         assert await requests_recorded(stub, tenant) == 60
     assert sum(counting.batches) == 60
     assert len(counting.batches) < 60 / 4, counting.batches  # batched, not one call per record
+
+
+async def test_records_arriving_one_by_one_are_gathered_into_batches(mesh, tmp_path):
+    """A record every 2 ms for 0.2 s: a batch waits 20 ms for more after its first record, so about ten
+    calls carry the hundred. Sending each as soon as the previous call returned would make one call per
+    ledger answer (a few ms), most with one or two records."""
+    tenant = f"gathered-{uuid.uuid4().hex[:6]}"
+    async with internal_channel(mesh, "ledger") as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        counting = CountingLedger(stub)
+        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        recorder = UsageRecorder(counting, UsageJournal(tmp_path), 60.0, breaker, gather_seconds=0.02)
+        await recorder.start()
+        for i in range(100):
+            await recorder.record(usage(tenant, f"r-{i}"))
+            await asyncio.sleep(0.002)
+        await wait_until_delivered(recorder)
+        await recorder.close(5)
+        assert await requests_recorded(stub, tenant) == 100
+    assert sum(counting.batches) == 100
+    assert len(counting.batches) <= 20, counting.batches
 
 
 async def test_a_request_id_held_with_other_usage_is_counted_under_its_derived_id(mesh, tmp_path):

@@ -2,8 +2,9 @@
 
 Write-ahead: a record is in the journal (journal.py, fsync'ed) before the ledger is asked, and the
 request's answer waits for that, not for the ledger. The ledger is then asked off the response path, in
-batches: records that arrive while a batch is on its way go together in the next one (RecordUsages), so
-a busy Gateway makes one ledger call for many requests and an idle one adds no wait. What the ledger
+batches (RecordUsages): a batch goes `gather_seconds` after its first record (at once when it is full),
+so a busy Gateway makes one ledger call for many requests; the ledger learns of a record that much later,
+never the client. What the ledger
 acknowledges is marked in the journal; what it has not is sent again after a restart and periodically
 while it is down (the breaker logs one WARNING per outage and one INFO on recovery).
 
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 _meter = metrics.get_meter("sophia.gateway")
 
 RECORD_TIMEOUT_SECONDS = 2.0
+# How long a batch waits for more records after its first: at 500 requests/s, ten per call instead of the
+# three or four that arrive during one call.
+GATHER_SECONDS = 0.02
 # Records per RecordUsages call (the ledger takes up to 1000).
 MAX_BATCH = 256
 _DIFFICULTIES = {"simple": pb.DIFFICULTY_SIMPLE, "complex": pb.DIFFICULTY_COMPLEX}
@@ -95,8 +99,11 @@ class UsageRecorder:
         journal: UsageJournal,
         replay_seconds: float,
         breaker: DependencyBreaker,
+        *,
+        gather_seconds: float = GATHER_SECONDS,
     ) -> None:
         self._stub = stub
+        self._gather_seconds = gather_seconds
         self._journal = journal
         self._replay_seconds = replay_seconds
         self._breaker = breaker
@@ -151,6 +158,8 @@ class UsageRecorder:
     async def _send_queued(self) -> None:
         """Sends what is queued, a batch at a time, until nothing is left or the ledger stops answering."""
         while self._queued and self._breaker.allows():
+            if len(self._queued) < MAX_BATCH:
+                await asyncio.sleep(self._gather_seconds)
             batch = list(self._queued.values())[:MAX_BATCH]
             for entry in batch:
                 del self._queued[entry.entry_id]
