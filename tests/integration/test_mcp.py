@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sys
@@ -197,7 +198,12 @@ async def test_a_tenant_sees_only_its_own_usage(mcp_url, tenant_keys) -> None:
     (acme, acme_key), (globex, globex_key) = tenant_keys.items()
     async with over_http(mcp_url, acme_key) as client:
         result_json(await client.call_tool("embed", {"texts": ["only acme pays for this"]}))
-        acme_usage = result_json(await client.call_tool("usage_report", {}))
+        # The record reaches the ledger a few tens of ms after the answer (usage goes in batches).
+        for _ in range(100):
+            acme_usage = result_json(await client.call_tool("usage_report", {}))
+            if acme_usage["total"].get("requests"):
+                break
+            await asyncio.sleep(0.05)
         refused = await client.call_tool("usage_report", {"tenant_id": globex})
     async with over_http(mcp_url, globex_key) as client:
         globex_usage = result_json(await client.call_tool("usage_report", {}))
