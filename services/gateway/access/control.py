@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 MAX_REMEMBERED_KEYS = 10_000
 # "Last used" is kept to the minute: written once a minute per replica for the keys used meanwhile.
 LAST_USED_FLUSH_SECONDS = 60.0
+# Tokens used by keys with no request since are added to their windows this often (rate_limits.py).
+CHARGE_FLUSH_SECONDS = 0.1
 REDIS_FAILURES_TO_OPEN = 3
 _Result = TypeVar("_Result")
 
@@ -80,7 +82,7 @@ class AccessControl:
         self._recent = RecentKeys(key_cache_seconds, MAX_REMEMBERED_KEYS)
         self._breaker = breaker
         self._used: dict[str, int] = {}  # key id → Unix seconds, not yet written to Redis
-        self._flusher: asyncio.Task | None = None
+        self._flushers: list[asyncio.Task] = []
 
     async def _redis(self, what: str, command: Callable[[], Awaitable[_Result]]) -> _Result:
         """Runs a Redis-backed `command`; Unavailable at once while Redis is known to be down."""
@@ -155,17 +157,35 @@ class AccessControl:
                 trailers=(("retry-after", str(refusal.retry_after_seconds)),),
             )
 
-    async def charge(self, principal: Principal, tokens: int) -> None:
-        """Adds the tokens a finished request really used to the key's tokens-per-minute window."""
+    def charge(self, principal: Principal, tokens: int) -> None:
+        """Adds the tokens a finished request really used to the key's tokens-per-minute window: with the
+        key's next admission, or within CHARGE_FLUSH_SECONDS (see rate_limits.py)."""
         if not principal.tokens_per_minute or tokens <= 0:
             return
+        if not self._breaker.allows():
+            return  # limits are not enforced while Redis is down: nothing to keep for later
+        self._limiter.charge(principal.key_id, tokens)
+
+    async def flush_charges(self) -> None:
+        if not self._breaker.allows():
+            self._limiter.forget_charges()
+            return
         try:
-            await self._redis("rate limits", lambda: self._limiter.charge(principal.key_id, tokens))
+            await self._redis("rate limits", self._limiter.flush)
         except Unavailable:
-            log.debug("tokens not charged to %s: Redis unavailable", principal.key_id)
+            log.debug("tokens not charged: Redis unavailable")
 
     def start(self) -> None:
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_last_used_forever())
+        loop = asyncio.get_running_loop()
+        self._flushers = [
+            loop.create_task(self._flush_last_used_forever()),
+            loop.create_task(self._flush_charges_forever()),
+        ]
+
+    async def _flush_charges_forever(self) -> None:
+        while True:
+            await asyncio.sleep(CHARGE_FLUSH_SECONDS)
+            await self.flush_charges()
 
     async def _flush_last_used_forever(self) -> None:
         while True:
@@ -180,10 +200,11 @@ class AccessControl:
             self._used = {**used, **self._used}  # kept for the next flush
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        for flusher in self._flushers:
+            flusher.cancel()
+        await asyncio.gather(*self._flushers, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.flush_charges()
         with contextlib.suppress(Exception):
             await self.flush_last_used()
         await self._breaker.aclose()

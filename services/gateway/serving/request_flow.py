@@ -336,9 +336,7 @@ class RequestFlow:
             prompt_fingerprint=outcome.prompt_fingerprint,
         )
         await self._usage.record(record)  # durable before the answer is complete
-        self._background.spawn(
-            self._access.charge(principal, completion.prompt_tokens + completion.completion_tokens)
-        )
+        self._access.charge(principal, completion.prompt_tokens + completion.completion_tokens)
         if (
             cacheable
             and cache_key is not None
