@@ -108,6 +108,9 @@ class BenchError(Exception):
 # --- set-up --------------------------------------------------------------------------------------
 
 
+BENCH_KEY_LIMITS = {"requests_per_minute": 100_000_000, "tokens_per_minute": 10_000_000_000}
+
+
 def bench_config(provider_url: str) -> dict:
     """The reference config plus a paid model on the fake provider, chosen by default, and one client key."""
     config = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
@@ -127,7 +130,10 @@ def bench_config(provider_url: str) -> dict:
     # Priced like a real hosted model, so the cost accounting does its real work.
     prices = config.setdefault("ledger", {}).setdefault("prices", {})
     prices[BENCH_MODEL] = {"input_per_mtok_usd": 0.15, "output_per_mtok_usd": 0.60}
-    config["auth"]["tenants"] = {"bench": {"api_keys": [{"name": "bench", "key": CLIENT_KEY}]}}
+    # Limits the load never reaches: every request still goes through the limiter's Redis scripts (one to
+    # admit, one to charge the tokens used), as a limited key's requests do in production.
+    key = {"name": "bench", "key": CLIENT_KEY, **BENCH_KEY_LIMITS}
+    config["auth"]["tenants"] = {"bench": {"api_keys": [key]}}
     return config
 
 
