@@ -398,8 +398,14 @@ class RequestFlow:
         except BaseException:
             await self._idempotency.release(claim)
             raise
-        await self._idempotency.complete(claim, _answer(completion, outcome))
+        await self._keep_answer(claim, completion, outcome)
         return completion, outcome
+
+    async def _keep_answer(self, claim: Claim, completion: Completion, outcome: ChatOutcome) -> None:
+        """Keeps the answer for retries when the client chose the request id (nothing to keep otherwise:
+        the answer is not even converted)."""
+        if claim.held:
+            await self._idempotency.complete(claim, _answer(completion, outcome))
 
     async def _complete(
         self, principal: Principal, request: ChatRequest, request_id: str
@@ -442,7 +448,7 @@ class RequestFlow:
             whole = prepared.answer.completion
             outcome = prepared.cached_outcome()
             await self._settle(principal, prepared.cache_key, request_id, outcome, whole)
-            await self._idempotency.complete(claim, _answer(whole, outcome))
+            await self._keep_answer(claim, whole, outcome)
             return _whole_stream(whole, outcome)
         attempts: list[Attempt] = []
         try:
@@ -480,7 +486,7 @@ class RequestFlow:
             if tally.finish_reason is None:
                 await self._idempotency.release(claim)
             else:
-                await self._idempotency.complete(claim, _answer(completion, outcome))
+                await self._keep_answer(claim, completion, outcome)
 
         settled = SettledStream(rest, tally, settle)
         return ChatStream(first, settled, outcome)

@@ -19,7 +19,7 @@ import asyncio
 import contextvars
 import hashlib
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -64,6 +64,10 @@ class UsageRecord:
     planned_model_id: str = ""
     attempts: int = 0
     prompt_fingerprint: str = ""
+
+    def as_json(self) -> dict:
+        """The record as the journal keeps it (every field is a plain value: no deep copy needed)."""
+        return dict(vars(self))
 
     def to_proto(self) -> pb.RecordUsageRequest:
         occurred = Timestamp()
@@ -133,12 +137,12 @@ class UsageRecorder:
     async def record(self, record: UsageRecord) -> None:
         """Returns once the record is durable; the ledger is asked in the background."""
         try:
-            entry = await self._journal.append(asdict(record))
+            entry = await self._journal.append(record.as_json())
         except OSError as exc:
             # No durable copy: the ledger itself is the only place left, so the answer waits for it.
             log.error("usage journal not writable (%s): sending the record to the ledger directly", exc)
-            if not await self._send_batch([JournalEntry(record.request_id, asdict(record))]):
-                log.error("usage record neither journaled nor delivered", extra={"record": asdict(record)})
+            if not await self._send_batch([JournalEntry(record.request_id, record.as_json())]):
+                log.error("usage record neither journaled nor delivered", extra={"record": record.as_json()})
             return
         self._unacked[entry.entry_id] = entry
         if self._breaker.allows():
