@@ -167,6 +167,8 @@ class AccessControl:
         self._limiter.charge(principal.key_id, tokens)
 
     async def flush_charges(self) -> None:
+        if not self._limiter.has_unpaid_tokens:
+            return  # Redis not asked: an empty flush must not count as Redis answering
         if not self._breaker.allows():
             self._limiter.forget_charges()
             return

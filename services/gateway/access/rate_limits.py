@@ -106,6 +106,10 @@ class RateLimiter:
         """Notes tokens a finished request used, for the key's next `admit` or the next `flush`."""
         self._unpaid[key_id] = self._unpaid.get(key_id, 0) + tokens
 
+    @property
+    def has_unpaid_tokens(self) -> bool:
+        return bool(self._unpaid)
+
     def forget_charges(self) -> None:
         self._unpaid.clear()
 
