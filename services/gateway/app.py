@@ -23,9 +23,7 @@ from libs.redis_store import open_redis
 from services.gateway.access.admission import Admission
 from services.gateway.access.api_keys import KeyRing
 from services.gateway.access.audit import AuditLog
-from services.gateway.access.control import AccessControl, redis_breaker
-from services.gateway.access.key_store import KeyStore
-from services.gateway.access.rate_limits import RateLimiter
+from services.gateway.access.control import AccessControl
 from services.gateway.api.admin_servicer import AdminServicer
 from services.gateway.api.gateway_servicer import GatewayServicer
 from services.gateway.api.insight_servicer import InsightServicer
@@ -101,12 +99,8 @@ class GatewayApp:
         )
         # API keys and rate-limit counters, shared with the other Gateway replicas.
         self.redis = open_redis(config.redis.url, timeout_seconds=config.gateway.redis_timeout_seconds)
-        self.access = AccessControl(
-            self.keys,
-            KeyStore(self.redis),
-            RateLimiter(self.redis),
-            key_cache_seconds=config.gateway.key_cache_seconds,
-            breaker=redis_breaker(self.redis),
+        self.access = AccessControl.over_redis(
+            self.keys, self.redis, key_cache_seconds=config.gateway.key_cache_seconds
         )
         self.flow = RequestFlow.build(
             config,

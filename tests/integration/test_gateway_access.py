@@ -24,9 +24,7 @@ from libs.config import load_config
 from libs.errors import ResourceExhausted
 from libs.redis_store import open_redis
 from services.gateway.access.api_keys import KeyRing
-from services.gateway.access.control import AccessControl, redis_breaker
-from services.gateway.access.key_store import KeyStore
-from services.gateway.access.rate_limits import RateLimiter
+from services.gateway.access.control import AccessControl
 from services.gateway.domain import Principal
 from tests.support import free_port, internal_channel, mesh_environ
 from tools.mesh import Mesh
@@ -398,13 +396,7 @@ async def test_the_token_limit_refuses_once_used_tokens_are_charged_through_the_
 async def access(mesh):
     config = load_config(environ=mesh.environ)
     client = open_redis(config.redis.url, timeout_seconds=config.gateway.redis_timeout_seconds)
-    access = AccessControl(
-        KeyRing(config.auth),
-        KeyStore(client),
-        RateLimiter(client),
-        key_cache_seconds=1,
-        breaker=redis_breaker(client),
-    )
+    access = AccessControl.over_redis(KeyRing(config.auth), client, key_cache_seconds=1)
     yield access
     await access.close()
     await client.aclose()

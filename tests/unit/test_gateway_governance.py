@@ -12,9 +12,8 @@ from libs.config import AuditConfig, AuthConfig
 from libs.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 from services.gateway.access.api_keys import KeyRing
 from services.gateway.access.audit import AuditEntry, AuditLog, AuditOutcome, AuditQuery
-from services.gateway.access.control import AccessControl, redis_breaker
-from services.gateway.access.key_store import KeyStore, NewKey
-from services.gateway.access.rate_limits import RateLimiter
+from services.gateway.access.control import AccessControl
+from services.gateway.access.key_store import NewKey
 from services.gateway.access.roles import AdminPrincipal, Endpoint, KeyScope, Permission, Role
 
 # --- roles and scopes (pure) ------------------------------------------------------------------------
@@ -73,13 +72,8 @@ def test_key_scopes_match_model_patterns_and_endpoints():
 
 @pytest.fixture
 async def access(redis_client):
-    control = AccessControl(
-        KeyRing(AuthConfig(admin_key="sk-bootstrap-admin-01")),
-        KeyStore(redis_client),
-        RateLimiter(redis_client),
-        key_cache_seconds=0,
-        breaker=redis_breaker(redis_client),
-    )
+    keys = KeyRing(AuthConfig(admin_key="sk-bootstrap-admin-01"))
+    control = AccessControl.over_redis(keys, redis_client, key_cache_seconds=0)
     yield control
     await control.close()
 

@@ -11,9 +11,8 @@ from libs.config import load_config
 from libs.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from libs.redis_store import open_redis
 from services.gateway.access.api_keys import ApiKey, KeyRing
-from services.gateway.access.control import AccessControl, redis_breaker
-from services.gateway.access.key_store import KeyStore, RecentKeys, new_secret
-from services.gateway.access.rate_limits import RateLimiter
+from services.gateway.access.control import AccessControl
+from services.gateway.access.key_store import RecentKeys, new_secret
 from services.gateway.access.roles import Role
 from services.gateway.api.admin_servicer import group_by, monthly_limit_micros, parse_time, validate_new_key
 from services.gateway.domain import Principal
@@ -165,13 +164,7 @@ async def _access_without_redis(admin_key: str):
         }
     )
     client = open_redis(config.redis.url, timeout_seconds=config.gateway.redis_timeout_seconds)
-    access = AccessControl(
-        KeyRing(config.auth),
-        KeyStore(client),
-        RateLimiter(client),
-        key_cache_seconds=5,
-        breaker=redis_breaker(client),
-    )
+    access = AccessControl.over_redis(KeyRing(config.auth), client, key_cache_seconds=5)
     yield access
     await access.close()
     await client.aclose()

@@ -8,9 +8,7 @@ import pytest
 from libs.config import AuthConfig
 from libs.errors import ResourceExhausted
 from services.gateway.access.api_keys import KeyRing
-from services.gateway.access.control import AccessControl, redis_breaker
-from services.gateway.access.key_store import KeyStore
-from services.gateway.access.rate_limits import RateLimiter
+from services.gateway.access.control import AccessControl
 from services.gateway.domain import Principal
 
 KEY = Principal(tenant_id="t", key_id="key_tpm", requests_per_minute=1000, tokens_per_minute=100)
@@ -28,13 +26,7 @@ async def _window_tokens(client, key_id: str) -> int:
 
 @pytest.fixture
 async def access(redis_client):
-    access = AccessControl(
-        KeyRing(AuthConfig()),
-        KeyStore(redis_client),
-        RateLimiter(redis_client),
-        key_cache_seconds=1,
-        breaker=redis_breaker(redis_client),
-    )
+    access = AccessControl.over_redis(KeyRing(AuthConfig()), redis_client, key_cache_seconds=1)
     yield access
     await access.close()
 

@@ -84,6 +84,17 @@ class AccessControl:
         self._used: dict[str, int] = {}  # key id → Unix seconds, not yet written to Redis
         self._flushers: list[asyncio.Task] = []
 
+    @classmethod
+    def over_redis(cls, keys: KeyRing, client: Redis, *, key_cache_seconds: float) -> AccessControl:
+        """Config keys from `keys`; stored keys, limits and the breaker over `client`."""
+        return cls(
+            keys,
+            KeyStore(client),
+            RateLimiter(client),
+            key_cache_seconds=key_cache_seconds,
+            breaker=redis_breaker(client),
+        )
+
     async def _redis(self, what: str, command: Callable[[], Awaitable[_Result]]) -> _Result:
         """Runs a Redis-backed `command`; Unavailable at once while Redis is known to be down."""
         if not self._breaker.allows():
