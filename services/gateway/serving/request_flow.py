@@ -15,17 +15,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-import grpc
 from sophia.cache.v1 import cache_pb2_grpc
-from sophia.ledger.v1 import ledger_pb2 as ledger_pb
 from sophia.ledger.v1 import ledger_pb2_grpc
 
 from libs.background import Background
-from libs.breaker import UNREACHABLE, DependencyBreaker, grpc_health_probe
+from libs.breaker import DependencyBreaker, grpc_health_probe
 from libs.config import Config, ModelConfig
-from libs.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
+from libs.errors import InvalidArgument, PermissionDenied
 from libs.feature_flags import FeatureFlags
 from services.gateway import metrics
+from services.gateway.access.budgets import BudgetChecks
 from services.gateway.access.control import AccessControl
 from services.gateway.domain import (
     ChatRequest,
@@ -53,13 +52,9 @@ from services.gateway.usage.recorder import UsageRecord, UsageRecorder
 
 log = logging.getLogger(__name__)
 
-BUDGET_TIMEOUT_SECONDS = 0.3
 CACHE_SERVICE = "sophia.cache.v1.CacheService"
 CACHE_FAILURES_TO_OPEN = 3
 LEDGER_SERVICE = "sophia.ledger.v1.LedgerService"
-# A tenant found within budget is not asked about again for this long: one ledger call per tenant per
-# second instead of one per request, at the price of overshooting a hard stop by at most that second.
-BUDGET_RECHECK_SECONDS = 1.0
 DEFAULT_COMPLETION_ESTIMATE = 256
 CACHEABLE_FINISHES = ("stop", "length")
 # The Gateway's own feature flag (config/flags.yaml) for the semantic cache layer, per tenant.
@@ -157,11 +152,10 @@ class RequestFlow:
         executor: ChatExecutor,
         providers: dict[str, Provider],
         cache: ResponseCache,
-        ledger: ledger_pb2_grpc.LedgerServiceStub,
+        budgets: BudgetChecks,
         usage: UsageRecorder,
         background: Background,
         *,
-        budget_breaker: DependencyBreaker,
         idempotency: IdempotencyKeys,
         prices: LedgerPrices,
         flags: FeatureFlags,
@@ -172,14 +166,11 @@ class RequestFlow:
         self._executor = executor
         self._providers = providers
         self._cache = cache
-        self._ledger = ledger
+        self._budgets = budgets
         self._usage = usage
         self._background = background
         self._prices = prices
-        self._within_budget_until: dict[str, float] = {}
-        self._budget_used: dict[str, float | None] = {}
         self._flags = flags
-        self._budget_breaker = budget_breaker
         self._idempotency = idempotency
 
     @classmethod
@@ -197,11 +188,14 @@ class RequestFlow:
                 failure_threshold=CACHE_FAILURES_TO_OPEN,
             ),
         )
-        ledger = ledger_pb2_grpc.LedgerServiceStub(channels["ledger"])
         budget_mode = "failing open" if config.gateway.budget_fail_open else "failing closed"
-        budget_breaker = DependencyBreaker(
-            f"ledger (budgets not checked: {budget_mode})",
-            grpc_health_probe(channels["ledger"], LEDGER_SERVICE),
+        budgets = BudgetChecks(
+            ledger_pb2_grpc.LedgerServiceStub(channels["ledger"]),
+            DependencyBreaker(
+                f"ledger (budgets not checked: {budget_mode})",
+                grpc_health_probe(channels["ledger"], LEDGER_SERVICE),
+            ),
+            fail_open=config.gateway.budget_fail_open,
         )
         return cls(
             config,
@@ -210,10 +204,9 @@ class RequestFlow:
             ChatExecutor(providers),
             providers,
             cache,
-            ledger,
+            budgets,
             usage,
             background,
-            budget_breaker=budget_breaker,
             idempotency=idempotency,
             prices=prices,
             flags=flags,
@@ -222,50 +215,14 @@ class RequestFlow:
     async def close(self) -> None:
         """Stops the breakers' probes and the idempotency leases' renewal."""
         await self._cache.close()
-        await self._budget_breaker.aclose()
+        await self._budgets.close()
         await self._idempotency.close()
-
-    async def _check_budget(self, tenant_id: str) -> float | None:
-        """Refuses a tenant over a hard budget; returns how much of its budget it has used (None: no
-        budget, or the ledger could not say), for the Router to route cheaper near the limit."""
-        if self._within_budget_until.get(tenant_id, 0.0) > time.monotonic():
-            return self._budget_used.get(tenant_id)
-        if not self._budget_breaker.allows():
-            self._budget_unchecked(tenant_id)
-            return None
-        try:
-            reply = await self._ledger.CheckBudget(
-                ledger_pb.CheckBudgetRequest(tenant_id=tenant_id), timeout=BUDGET_TIMEOUT_SECONDS
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in UNREACHABLE:
-                self._budget_breaker.record_failure(exc.code().name)  # logs once per outage
-            else:
-                log.warning("budget check failed (%s)", exc.code().name)
-            self._budget_unchecked(tenant_id)
-            return None
-        self._budget_breaker.record_success()
-        if reply.allowed:
-            self._within_budget_until[tenant_id] = time.monotonic() + BUDGET_RECHECK_SECONDS
-            used = reply.spent_micros / reply.limit_micros if reply.limit_micros else None
-            self._budget_used[tenant_id] = used
-            return used
-        raise ResourceExhausted(
-            f"budget exhausted: tenant {tenant_id} has spent ${reply.spent_micros / 1e6:.2f} "
-            f"of its ${reply.limit_micros / 1e6:.2f} monthly budget"
-        )
-
-    def _budget_unchecked(self, tenant_id: str) -> None:
-        """The ledger could not answer: let the request through or refuse it, as configured."""
-        if not self._config.gateway.budget_fail_open:
-            raise Unavailable("budget could not be checked: the ledger is unavailable")
-        self._within_budget_until[tenant_id] = time.monotonic() + BUDGET_RECHECK_SECONDS
 
     async def _prepare(self, principal: Principal, request: ChatRequest, request_id: str) -> _Prepared:
         """Limits, budget and cache, in that order; the route only when the cache has no answer."""
         estimate = estimated_tokens(request)
         await self._access.admit(principal, estimate)
-        budget_used = await self._check_budget(principal.tenant_id)
+        budget_used = await self._budgets.check(principal.tenant_id)
         cache_key = self._cache.key(
             principal.tenant_id,
             request,
@@ -363,7 +320,7 @@ class RequestFlow:
                 "OpenAIEmbeddings(check_embedding_ctx_length=False))",
             )
         await self._access.admit(principal, inputs.estimated_tokens())
-        await self._check_budget(principal.tenant_id)
+        await self._budgets.check(principal.tenant_id)
         started = time.perf_counter()
         try:
             vectors, tokens = await self._providers[target.provider].embed(
