@@ -3,8 +3,8 @@
 A tenant found within budget is not asked about again for BUDGET_RECHECK_SECONDS: one ledger call per
 tenant per second instead of one per request, at the price of overshooting a hard stop by at most that
 second. When that mark lapses, the requests of the tenant in flight share one call instead of each making
-its own. When the ledger cannot answer, `gateway.budget_fail_open` decides (its breaker logs the outage
-once and spares the requests meanwhile the wait).
+its own. When the ledger cannot answer, `gateway.budget_fail_open` decides; its breaker logs an outage
+once, and while it is open no request waits for the ledger.
 """
 
 from __future__ import annotations
