@@ -90,7 +90,7 @@ local function failure_rate_trips()
 end
 
 -- One outcome: appended to the window, the breaker moved; returns the state after it.
-local function apply(outcome, latency, ttft, error)
+local function apply(outcome, latency, ttft, message)
   redis.call('LPUSH', KEYS[2], now .. ',' .. outcome .. ',' .. latency .. ',' .. ttft)
   redis.call('LTRIM', KEYS[2], 0, max_events - 1)
   local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
@@ -103,7 +103,7 @@ local function apply(outcome, latency, ttft, error)
     end
     return state
   end
-  redis.call('HSET', KEYS[1], 'last_error', error, 'last_error_at', now)
+  redis.call('HSET', KEYS[1], 'last_error', message, 'last_error_at', now)
   local consecutive = redis.call('HINCRBY', KEYS[1], 'consecutive', 1)
   if state == 'half_open' then return trip() end
   if state ~= 'closed' then return state end

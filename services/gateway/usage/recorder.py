@@ -4,9 +4,9 @@ Write-ahead: a record is in the journal (journal.py, fsync'ed) before the ledger
 request's answer waits for that, not for the ledger. The ledger is then asked off the response path, in
 batches (RecordUsages): a batch goes `gather_seconds` after its first record (at once when it is full),
 so a busy Gateway makes one ledger call for many requests; the ledger learns of a record that much later,
-never the client. What the ledger
-acknowledges is marked in the journal; what it has not is sent again after a restart and periodically
-while it is down (the breaker logs one WARNING per outage and one INFO on recovery).
+never the client. What the ledger acknowledges is marked in the journal; what it has not is sent again
+after a restart and periodically while it is down (the breaker logs one WARNING per outage and one INFO
+on recovery).
 
 The ledger binds a request id to its record: a resend of the same record is a duplicate (nothing added),
 a different record under a request id already used is a conflict. Such a record is still counted, under
