@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 MAX_REMEMBERED_KEYS = 10_000
 # "Last used" is kept to the minute: written once a minute per replica for the keys used meanwhile.
 LAST_USED_FLUSH_SECONDS = 60.0
-# Tokens used by keys with no request since are added to their windows this often (rate_limits.py).
+# Tokens used by keys with no request since are added to their windows, and the unused requests of ended
+# leases given back, this often (rate_limits.py).
 CHARGE_FLUSH_SECONDS = 0.1
 REDIS_FAILURES_TO_OPEN = 3
 _Result = TypeVar("_Result")
@@ -178,15 +179,14 @@ class AccessControl:
         self._limiter.charge(principal.key_id, tokens)
 
     async def flush_charges(self) -> None:
-        if not self._limiter.has_unpaid_tokens:
-            return  # Redis not asked: an empty flush must not count as Redis answering
-        if not self._breaker.allows():
-            self._limiter.forget_charges()
-            return
+        """Pays the limiter's debts to Redis: tokens not yet added, unused requests of ended leases."""
+        owed = self._limiter.take_owed()
+        if not owed or not self._breaker.allows():
+            return  # Redis not asked (an empty flush must not count as Redis answering), or down: dropped
         try:
-            await self._redis("rate limits", self._limiter.flush)
+            await self._redis("rate limits", lambda: self._limiter.settle(owed))
         except Unavailable:
-            log.debug("tokens not charged: Redis unavailable")
+            log.debug("rate-limit counts not settled: Redis unavailable")
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()

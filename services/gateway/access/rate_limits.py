@@ -5,16 +5,31 @@ differ still agree on which window a request falls in:
 
     gateway:ratelimit:{<key_id>}:<minute since the epoch>   hash   requests, tokens   (expires in 2 min)
 
-`admit` checks and counts a request in one script: however many replicas ask at once, no more than the
-limit are admitted in a window. `charge` notes the tokens a finished request really used; they are added
-by the key's next `admit` (in the same script call, before its check) or by `flush` (every 100 ms, for
-keys with no request meanwhile), so a request costs one Redis call, not two. The scripts get
-the key prefix (with the key id as hash tag) and append the window themselves; every key they touch
-shares the prefix's Redis Cluster slot.
+Leases: asking Redis for every request would cost a script call per request (a tenth of the Gateway's CPU
+under load). Instead a replica takes a *lease*: the admit script counts a few requests at once in the
+window and the replica admits that many itself, for at most LEASE_SECONDS. Redis' count is never below
+what the replicas admitted, so the limit holds exactly however many replicas share a key:
+- a lease is sized to the key's recent rate on this replica (LEASE_SECONDS of its requests), and never
+  more than a quarter of what is left in the window, so the last requests of a window are counted one
+  Redis call at a time and no replica sits on requests another replica needs;
+- the unused part of a lease is given back when it ends (with the key's next admission, or by the flush),
+  so requests a replica did not use are free again within LEASE_SECONDS plus one flush;
+- a lease ends with its window at the latest.
+A quiet key (under one request per lease) is counted by Redis request by request, as before leases.
+
+Tokens: `charge` notes the tokens a finished request used; they are added by the key's next call to
+Redis or by a flush (`take_owed` and `settle`, every 100 ms). A replica admits from its lease only while
+the window's tokens as Redis last reported them, plus what this replica charged since, pass the check;
+otherwise it asks Redis, which decides. Refusals always come from Redis. The scripts get the key prefix
+(with the key id as hash tag) and append the window themselves; every key they touch shares the
+prefix's Redis Cluster slot.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,18 +40,37 @@ from libs.redis_store import run_script_calls, unavailable_when_redis_fails
 WINDOW_SECONDS = 60
 # A window's counters outlive it a little, for requests charged just after it closed.
 WINDOW_EXPIRY_SECONDS = 2 * WINDOW_SECONDS
+# How long a replica admits from one lease: also how late another replica sees that it did not need it.
+LEASE_SECONDS = 0.1
+MAX_LEASE_REQUESTS = 1000
+# A lease takes at most 1/LEASE_SHARE_DIVISOR of the requests left in the window (at least one).
+LEASE_SHARE_DIVISOR = 4
 
-# KEYS: counter prefix. ARGV: requests per minute, tokens per minute, estimated tokens (limits 0 = none),
-# tokens used since the last call (charged first). Returns {0} when admitted (and counted), {1, retry_after}
-# over the request limit, {2, retry_after} over the token limit. Refused requests are not counted.
-_ADMIT_SCRIPT = f"""
-local second = tonumber(redis.call('TIME')[1])
-local window = KEYS[1] .. ':' .. math.floor(second / {WINDOW_SECONDS})
-local rpm, tpm, estimate, used = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+# Applies what a replica owes, then checks. KEYS: counter prefix. ARGV: tokens used since the last call,
+# requests given back, the window they were counted in.
+_SETTLE = f"""
+local now = redis.call('TIME')
+local second = tonumber(now[1])
+local minute = math.floor(second / {WINDOW_SECONDS})
+local window = KEYS[1] .. ':' .. minute
+local used, returned, returned_minute = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 if used > 0 then
   redis.call('HINCRBY', window, 'tokens', used)
   redis.call('EXPIRE', window, {WINDOW_EXPIRY_SECONDS})
 end
+if returned > 0 and returned_minute == minute then
+  redis.call('HINCRBY', window, 'requests', -returned)
+end
+"""
+
+# ARGV[4..]: requests per minute, tokens per minute, estimated tokens (limits 0 = none), requests wanted.
+# Returns {0, granted, window tokens, window, ms left in it} when admitted (granted ≥ 1 requests counted,
+# this one included), {1, retry_after} over the request limit, {2, retry_after} over the token limit.
+# Refused requests are not counted.
+_ADMIT_SCRIPT = (
+    _SETTLE
+    + f"""
+local rpm, tpm, estimate, wanted = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local counts = redis.call('HMGET', window, 'requests', 'tokens')
 local requests, tokens = tonumber(counts[1]) or 0, tonumber(counts[2]) or 0
 local retry_after = {WINDOW_SECONDS} - second % {WINDOW_SECONDS}
@@ -46,19 +80,17 @@ end
 if tpm > 0 and (tokens >= tpm or (tokens > 0 and tokens + estimate > tpm)) then
   return {{2, retry_after}}
 end
-redis.call('HINCRBY', window, 'requests', 1)
+local granted = wanted
+if rpm > 0 then
+  granted = math.min(wanted, math.max(1, math.floor((rpm - requests) / {LEASE_SHARE_DIVISOR})))
+end
+redis.call('HINCRBY', window, 'requests', granted)
 redis.call('EXPIRE', window, {WINDOW_EXPIRY_SECONDS})
-return {{0, 0}}
+return {{0, granted, tokens, minute, retry_after * 1000 - math.floor(tonumber(now[2]) / 1000)}}
 """
+)
 
-# KEYS: counter prefix. ARGV: tokens used.
-_CHARGE_SCRIPT = f"""
-local second = tonumber(redis.call('TIME')[1])
-local window = KEYS[1] .. ':' .. math.floor(second / {WINDOW_SECONDS})
-redis.call('HINCRBY', window, 'tokens', ARGV[1])
-redis.call('EXPIRE', window, {WINDOW_EXPIRY_SECONDS})
-return 0
-"""
+_FLUSH_SCRIPT = _SETTLE + "\nreturn 0\n"
 
 
 @dataclass(frozen=True)
@@ -69,55 +101,123 @@ class Refusal:
     retry_after_seconds: int
 
 
+@dataclass
+class _Lease:
+    """Requests Redis counted for this replica to admit itself, in one window, until `ends_at`."""
+
+    window: int  # the Redis minute they were counted in
+    unused: int
+    granted: int
+    # As Redis reported them, plus this replica's charges flushed since (those not flushed are in _unpaid).
+    window_tokens: int
+    taken_at: float  # monotonic seconds
+    ends_at: float
+
+    def wanted_next(self, now: float) -> int:
+        """LEASE_SECONDS of the key's requests at the rate this lease was used (at least one)."""
+        used = self.granted - self.unused
+        rate = used / max(now - self.taken_at, 0.001)
+        return min(MAX_LEASE_REQUESTS, max(1, math.ceil(rate * LEASE_SECONDS)))
+
+
+# key id → [tokens used, requests given back, the window they were counted in]
+Owed = dict[str, list[int]]
+
+
 def _prefix(key_id: str) -> str:
     return "gateway:ratelimit:{" + key_id + "}"
 
 
+def _tokens_allow(window_tokens: int, tokens_per_minute: int, estimated_tokens: int) -> bool:
+    """The token rule: refused once the window's tokens reach the limit, or when they plus this request's
+    estimate would pass it — except in a window with nothing charged yet, so that a request estimated
+    above the whole limit still runs once a minute instead of never."""
+    if not tokens_per_minute:
+        return True
+    if window_tokens >= tokens_per_minute:
+        return False
+    return window_tokens == 0 or window_tokens + estimated_tokens <= tokens_per_minute
+
+
 class RateLimiter:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, clock: Callable[[], float] = time.monotonic) -> None:
         self._client = client
+        self._clock = clock
         self._admit = client.register_script(_ADMIT_SCRIPT)
-        self._charge = client.register_script(_CHARGE_SCRIPT)
+        self._flush = client.register_script(_FLUSH_SCRIPT)
         self._unpaid: dict[str, int] = {}  # key id → tokens charged here, not yet added in Redis
+        self._leases: dict[str, _Lease] = {}
 
     async def admit(
         self, key_id: str, requests_per_minute: int, tokens_per_minute: int, estimated_tokens: int
     ) -> Refusal | None:
-        """Counts one request, or says why it may not run now.
-
-        Token rule: refused once the window's charged tokens reach the limit, or when they plus this
-        request's estimate would pass it — except in a window with nothing charged yet, so that a request
-        estimated above the whole limit still runs once a minute instead of never.
-        """
-        # Lost if the call fails: limits fail open while Redis is in trouble, tokens are not kept for it.
-        unpaid = self._unpaid.pop(key_id, 0)
-        with unavailable_when_redis_fails("rate limiter"):
-            verdict, retry_after = await self._admit(
-                keys=[_prefix(key_id)],
-                args=[requests_per_minute, tokens_per_minute, max(estimated_tokens, 0), unpaid],
+        """Counts one request, or says why it may not run now (the token rule: `_tokens_allow`)."""
+        now = self._clock()
+        lease = self._leases.get(key_id)
+        if (
+            lease is not None
+            and lease.unused > 0
+            and now < lease.ends_at
+            and _tokens_allow(
+                lease.window_tokens + self._unpaid.get(key_id, 0), tokens_per_minute, estimated_tokens
             )
-        if verdict == 0:
+        ):
+            lease.unused -= 1
             return None
+        return await self._admit_in_redis(
+            key_id, (requests_per_minute, tokens_per_minute, max(estimated_tokens, 0)), lease, now
+        )
+
+    async def _admit_in_redis(
+        self, key_id: str, limits: tuple[int, int, int], lease: _Lease | None, now: float
+    ) -> Refusal | None:
+        # What this replica owes goes with the call, taken out first so that no other call sends it too.
+        # Lost if the call fails: limits fail open while Redis is in trouble.
+        unpaid = self._unpaid.pop(key_id, 0)
+        returned, returned_window, wanted = 0, 0, 1
+        if lease is not None:
+            returned, returned_window, wanted = lease.unused, lease.window, lease.wanted_next(now)
+            lease.unused = 0
+        with unavailable_when_redis_fails("rate limiter"):
+            reply = await self._admit(
+                keys=[_prefix(key_id)], args=[unpaid, returned, returned_window, *limits, wanted]
+            )
+        verdict = reply[0]
         if verdict == 1:
-            return Refusal("requests", requests_per_minute, int(retry_after))
-        return Refusal("tokens", tokens_per_minute, int(retry_after))
+            return Refusal("requests", limits[0], int(reply[1]))
+        if verdict == 2:
+            return Refusal("tokens", limits[1], int(reply[1]))
+        granted, window_tokens, window, ms_left = (int(value) for value in reply[1:])
+        fresh = _Lease(
+            window, granted - 1, granted, window_tokens, now, now + min(LEASE_SECONDS, ms_left / 1000)
+        )
+        current = self._leases.get(key_id)
+        if current is not None and current.window == window:
+            fresh.unused += current.unused  # left by a lease taken while this call was on its way
+        self._leases[key_id] = fresh
+        return None
 
     def charge(self, key_id: str, tokens: int) -> None:
-        """Notes tokens a finished request used, for the key's next `admit` or the next `flush`."""
+        """Notes tokens a finished request used, for the key's next call to Redis or the next `flush`."""
         self._unpaid[key_id] = self._unpaid.get(key_id, 0) + tokens
 
-    @property
-    def has_unpaid_tokens(self) -> bool:
-        return bool(self._unpaid)
+    def take_owed(self) -> Owed:
+        """What this replica owes Redis, taken out: every key's unpaid tokens, and the unused requests of
+        the leases that have ended (forgotten here). Empty when nothing is owed."""
+        now = self._clock()
+        owed: Owed = {key_id: [tokens, 0, 0] for key_id, tokens in self._unpaid.items()}
+        self._unpaid = {}
+        for key_id, (tokens, _, _) in owed.items():
+            if key_id in self._leases:
+                self._leases[key_id].window_tokens += tokens  # still counted in the lease's check
+        for key_id in [key_id for key_id, lease in self._leases.items() if now >= lease.ends_at]:
+            lease = self._leases.pop(key_id)
+            if lease.unused:
+                owed.setdefault(key_id, [0, 0, 0])[1:] = [lease.unused, lease.window]
+        return owed
 
-    def forget_charges(self) -> None:
-        self._unpaid.clear()
-
-    async def flush(self) -> None:
-        """Adds every key's unpaid tokens in one round trip (dropped if Redis fails, as limits fail open)."""
-        if not self._unpaid:
-            return
-        unpaid, self._unpaid = self._unpaid, {}
-        calls = [([_prefix(key_id)], [tokens]) for key_id, tokens in unpaid.items()]
+    async def settle(self, owed: Owed) -> None:
+        """Pays what `take_owed` took, in one round trip (dropped if Redis fails, as limits fail open)."""
+        calls = [([_prefix(key_id)], args) for key_id, args in owed.items()]
         with unavailable_when_redis_fails("rate limiter"):
-            await run_script_calls(self._client, self._charge, calls)
+            await run_script_calls(self._client, self._flush, calls)
