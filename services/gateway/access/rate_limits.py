@@ -27,6 +27,7 @@ prefix's Redis Cluster slot.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -147,30 +148,48 @@ class RateLimiter:
         self._flush = client.register_script(_FLUSH_SCRIPT)
         self._unpaid: dict[str, int] = {}  # key id → tokens charged here, not yet added in Redis
         self._leases: dict[str, _Lease] = {}
+        self._renewals: dict[str, asyncio.Future[None]] = {}  # key id → its call to Redis under way
 
     async def admit(
         self, key_id: str, requests_per_minute: int, tokens_per_minute: int, estimated_tokens: int
     ) -> Refusal | None:
         """Counts one request, or says why it may not run now (the token rule: `_tokens_allow`)."""
+        limits = (requests_per_minute, tokens_per_minute, max(estimated_tokens, 0))
+        if self._admit_from_lease(key_id, limits):
+            return None
+        renewal = self._renewals.get(key_id)
+        if renewal is not None:
+            # Another request of this key is asking Redis for a lease: wait for it rather than ask too.
+            await asyncio.shield(renewal)
+            if self._admit_from_lease(key_id, limits):
+                return None
+        return await self._admit_in_redis(key_id, limits)
+
+    def _admit_from_lease(self, key_id: str, limits: tuple[int, int, int]) -> bool:
+        lease = self._leases.get(key_id)
+        if lease is None or lease.unused <= 0 or self._clock() >= lease.ends_at:
+            return False
+        _, tokens_per_minute, estimated_tokens = limits
+        if not _tokens_allow(
+            lease.window_tokens + self._unpaid.get(key_id, 0), tokens_per_minute, estimated_tokens
+        ):
+            return False  # Redis decides
+        lease.unused -= 1
+        return True
+
+    async def _admit_in_redis(self, key_id: str, limits: tuple[int, int, int]) -> Refusal | None:
+        renewal = asyncio.get_running_loop().create_future()
+        self._renewals.setdefault(key_id, renewal)
+        try:
+            return await self._call_admit_script(key_id, limits)
+        finally:
+            if self._renewals.get(key_id) is renewal:
+                del self._renewals[key_id]
+            renewal.set_result(None)
+
+    async def _call_admit_script(self, key_id: str, limits: tuple[int, int, int]) -> Refusal | None:
         now = self._clock()
         lease = self._leases.get(key_id)
-        if (
-            lease is not None
-            and lease.unused > 0
-            and now < lease.ends_at
-            and _tokens_allow(
-                lease.window_tokens + self._unpaid.get(key_id, 0), tokens_per_minute, estimated_tokens
-            )
-        ):
-            lease.unused -= 1
-            return None
-        return await self._admit_in_redis(
-            key_id, (requests_per_minute, tokens_per_minute, max(estimated_tokens, 0)), lease, now
-        )
-
-    async def _admit_in_redis(
-        self, key_id: str, limits: tuple[int, int, int], lease: _Lease | None, now: float
-    ) -> Refusal | None:
         # What this replica owes goes with the call, taken out first so that no other call sends it too.
         # Lost if the call fails: limits fail open while Redis is in trouble.
         unpaid = self._unpaid.pop(key_id, 0)
