@@ -7,10 +7,12 @@ Trace context crosses every gRPC hop in the metadata (W3C `traceparent`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
@@ -23,14 +25,19 @@ from libs.config import Telemetry
 
 log = logging.getLogger(__name__)
 
+TRACEPARENT_HEADER = "traceparent"  # W3C trace context
+_tracing = False  # spans are recorded and exported (setup_telemetry with an OTLP endpoint)
+
 # Offsets from telemetry.prometheus_base_port, so that five processes on one host never collide.
 PROMETHEUS_PORT_OFFSETS = {"gateway": 0, "router": 1, "cache": 2, "ledger": 3, "inference": 4}
 
 
 def setup_telemetry(component: str, settings: Telemetry) -> None:
+    global _tracing
+    _tracing = bool(settings.otlp_endpoint)
     resource = Resource.create({"service.name": f"sophia-{component}", "service.namespace": "sophia"})
-    # Without an exporter nothing would ever read a span: record none (trace context still propagates,
-    # unsampled), which saves every RPC of every service the cost of building and ending its spans.
+    # Without an exporter nothing would ever read a span: the servers make none (libs/server.py passes the
+    # caller's trace context on instead), which saves every RPC of every service a span's cost.
     sampler = ALWAYS_ON if settings.otlp_endpoint else ALWAYS_OFF
     tracer_provider = TracerProvider(resource=resource, sampler=sampler)
     readers: list[MetricReader] = []
@@ -55,6 +62,20 @@ def setup_telemetry(component: str, settings: Telemetry) -> None:
         log.info("prometheus metrics on %s:%d/metrics", host, port)
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
+
+
+def tracing_enabled() -> bool:
+    return _tracing
+
+
+@contextlib.contextmanager
+def attached_context(context: otel_context.Context) -> Iterator[None]:
+    """`context` is the current OpenTelemetry context within the block."""
+    token = otel_context.attach(context)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 def shutdown_telemetry() -> None:
