@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from opentelemetry import metrics
 
+from libs.telemetry import SummedCounter
+
 _meter = metrics.get_meter("sophia.gateway")
 
 # Bucket boundaries the GenAI conventions recommend.
 _DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
 _TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216]
 
-tokens = _meter.create_counter("sophia.gateway.tokens", unit="{token}", description="Tokens served")
-cost = _meter.create_counter("sophia.gateway.cost", unit="u$", description="Provider cost in micro-dollars")
-cache_results = _meter.create_counter("sophia.gateway.cache", description="Cache lookups by result")
+# Added to for every answer: summed in-process, read at collection (libs.telemetry.SummedCounter).
+tokens = SummedCounter(_meter, "sophia.gateway.tokens", unit="{token}", description="Tokens served")
+cost = SummedCounter(_meter, "sophia.gateway.cost", unit="u$", description="Provider cost in micro-dollars")
+cache_results = SummedCounter(_meter, "sophia.gateway.cache", description="Cache lookups by result")
 provider_errors = _meter.create_counter(
     "sophia.gateway.provider.errors", description="Failed provider attempts"
 )

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from libs.errors import ResourceExhausted, Unavailable
-from services.gateway.access.admission import Admission, retry_trailers
+from services.gateway.access.admission import Admission, _observe_inflight, retry_trailers
 
 
 def admission(max_inflight: int = 4, share: float = 0.5, retry_after_ms: int = 250) -> Admission:
@@ -124,3 +124,16 @@ def test_retry_after_is_whole_seconds_rounded_up_and_never_zero():
 def test_nonsensical_limits_are_refused(max_inflight, share):
     with pytest.raises(ValueError):
         admission(max_inflight=max_inflight, share=share)
+
+
+def test_the_inflight_gauge_reads_the_slots_held_when_collected():
+    def observed() -> float:
+        (observation,) = _observe_inflight(None)
+        return observation.value
+
+    before = observed()
+    gate = admission(max_inflight=4, share=1.0)
+    first, _second = gate.admit("a"), gate.admit("b")
+    assert observed() == before + 2
+    first.release()
+    assert observed() == before + 1

@@ -1,4 +1,4 @@
-"""The shared runtime: config validation, deadlines, log redaction."""
+"""The shared runtime: config validation, deadlines, log redaction, metrics."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import json
 import logging
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from libs import deadline
 from libs.background import Background
 from libs.config import ConfigError, load_config
 from libs.errors import DeadlineExceeded
 from libs.logs import JsonFormatter, redact, register_secret, request_id_var
+from libs.telemetry import SummedCounter
 
 
 def test_reference_config_loads_with_no_environment():
@@ -123,3 +126,25 @@ async def test_background_work_outlives_the_request_deadline():
         deadline.reset(token)
     await asyncio.sleep(0)
     assert seen == [None]
+
+
+def test_a_summed_counter_is_collected_as_a_cumulative_monotonic_sum_per_attribute_set():
+    reader = InMemoryMetricReader()
+    counter = SummedCounter(MeterProvider(metric_readers=[reader]).get_meter("t"), "t.tokens", unit="{token}")
+
+    def collected() -> tuple[bool, dict[tuple, float]]:
+        (metric,) = reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics
+        points = {tuple(sorted(p.attributes.items())): p.value for p in metric.data.data_points}
+        return metric.data.is_monotonic, points
+
+    counter.add(3, {"model": "a", "direction": "input"})
+    counter.add(4, {"model": "a", "direction": "input"})
+    counter.add(5, {"model": "b", "direction": "input"})
+    assert collected() == (
+        True,
+        {(("direction", "input"), ("model", "a")): 7, (("direction", "input"), ("model", "b")): 5},
+    )
+    counter.add(1, {"model": "b", "direction": "input"})
+    assert (
+        collected()[1][(("direction", "input"), ("model", "b"))] == 6
+    )  # cumulative, not since the last read

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import math
+import weakref
 from collections import Counter
 from types import TracebackType
 
@@ -29,8 +30,17 @@ RETRY_AFTER_MS = "retry-after-ms"
 RETRY_AFTER = "retry-after"
 
 _meter = metrics.get_meter("sophia.gateway")
-_inflight = _meter.create_up_down_counter(
-    "sophia.gateway.inflight", description="Requests holding an admission slot"
+# Every Admission of the process; the in-flight gauge is read from them when metrics are collected, so
+# taking and releasing a slot costs no metric measurement.
+_admissions: weakref.WeakSet[Admission] = weakref.WeakSet()
+
+
+def _observe_inflight(_options: metrics.CallbackOptions) -> list[metrics.Observation]:
+    return [metrics.Observation(sum(admission.inflight for admission in list(_admissions)))]
+
+
+_meter.create_observable_up_down_counter(
+    "sophia.gateway.inflight", callbacks=[_observe_inflight], description="Requests holding an admission slot"
 )
 _refused = _meter.create_counter(
     "sophia.gateway.admission.refused", description="Requests refused at once by admission control"
@@ -87,6 +97,7 @@ class Admission:
         self.retry_after_ms = retry_after_ms
         self._inflight = 0
         self._per_tenant: Counter[str] = Counter()
+        _admissions.add(self)
 
     @property
     def inflight(self) -> int:
@@ -112,13 +123,11 @@ class Admission:
             )
         self._inflight += 1
         self._per_tenant[tenant_id] += 1
-        _inflight.add(1)
         return Slot(self, tenant_id)
 
     def _release(self, tenant_id: str) -> None:
         self._inflight -= 1
         self._per_tenant[tenant_id] -= 1
-        _inflight.add(-1)
         if not self._per_tenant[tenant_id]:
             # Tenants come and go: keep the counter to the ones with requests in flight.
             del self._per_tenant[tenant_id]
