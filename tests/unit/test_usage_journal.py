@@ -57,13 +57,27 @@ async def test_concurrent_appends_share_one_fsync(tmp_path, monkeypatch):
     assert len(UsageJournal(tmp_path).recover()) == 201
 
 
+async def test_a_batch_of_acks_is_one_write(tmp_path, monkeypatch):
+    journal = UsageJournal(tmp_path)
+    journal.recover()
+    entries = await asyncio.gather(*(journal.append(usage(f"r{i}")) for i in range(50)))
+    writes = []
+    real_write = os.write
+    monkeypatch.setattr(
+        journal_module.os, "write", lambda fd, data: (writes.append(fd), real_write(fd, data))[1]
+    )
+    journal.ack(*(entry.entry_id for entry in entries[:40]))
+    assert len(writes) == 1
+    await journal.close()
+    assert {e.entry_id for e in UsageJournal(tmp_path).recover()} == {e.entry_id for e in entries[40:]}
+
+
 async def test_fully_acknowledged_segments_are_deleted(tmp_path):
     journal = UsageJournal(tmp_path, segment_max_bytes=1)  # every write starts a new segment
     journal.recover()
     entries = [await journal.append(usage(f"r{i}")) for i in range(5)]
     assert journal.segment_count() == 5
-    for entry in entries[:-1]:
-        journal.ack(entry.entry_id)
+    journal.ack(*(entry.entry_id for entry in entries[:-1]))
     assert journal.segment_count() == 1  # only the segment still being written is kept
     assert len(list(tmp_path.glob("usage-*.jsonl"))) == 1
     await journal.close()

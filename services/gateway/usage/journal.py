@@ -195,15 +195,18 @@ class UsageJournal:
 
     # --- acknowledging -------------------------------------------------------------------------------
 
-    def ack(self, entry_id: str) -> None:
-        """The ledger holds the entry's record; it is not sent again, not even after a restart."""
-        sequence = self._segment_of.pop(entry_id, None)
-        if sequence is None:
-            return
-        segment = self._segments[sequence]
-        segment.unacked.discard(entry_id)
-        os.write(segment.fd, _line({"ack": entry_id}))
-        self._delete_if_done(sequence)
+    def ack(self, *entry_ids: str) -> None:
+        """The ledger holds these entries' records; they are not sent again, not even after a restart.
+        One write per segment for all of them (a batch's acks are one syscall, not one each)."""
+        lines: dict[int, list[bytes]] = {}
+        for entry_id in entry_ids:
+            sequence = self._segment_of.pop(entry_id, None)
+            if sequence is not None:
+                self._segments[sequence].unacked.discard(entry_id)
+                lines.setdefault(sequence, []).append(_line({"ack": entry_id}))
+        for sequence, acks in lines.items():
+            os.write(self._segments[sequence].fd, b"".join(acks))
+            self._delete_if_done(sequence)
 
     def _forget(self, entry_id: str) -> None:
         sequence = self._segment_of.pop(entry_id, None)

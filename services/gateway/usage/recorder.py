@@ -195,6 +195,7 @@ class UsageRecorder:
                 log.warning("usage records not delivered (%s); they wait in the journal", exc.code().name)
             return False
         retry: list[JournalEntry] = []
+        held: list[JournalEntry] = []
         for entry, result in zip(batch, reply.results, strict=True):
             if result.status == pb.RECORD_STATUS_CONFLICT and entry.entry_id not in self._conflicted:
                 record = UsageRecord(**entry.record)
@@ -209,13 +210,14 @@ class UsageRecorder:
                 continue
             if result.status == pb.RECORD_STATUS_INVALID:
                 log.error("ledger rejected usage record: %s", result.error, extra={"record": entry.record})
-            self._acknowledge(entry)
+            held.append(entry)
+        self._acknowledge(held)
         return await self._send_batch(retry) if retry else True
 
-    def _acknowledge(self, entry: JournalEntry) -> None:
-        if self._unacked.pop(entry.entry_id, None) is not None:
-            self._journal.ack(entry.entry_id)
-        self._conflicted.discard(entry.entry_id)
+    def _acknowledge(self, entries: list[JournalEntry]) -> None:
+        acked = [entry.entry_id for entry in entries if self._unacked.pop(entry.entry_id, None) is not None]
+        self._journal.ack(*acked)
+        self._conflicted.difference_update(entry.entry_id for entry in entries)
 
     async def replay_once(self) -> int:
         """Sends unacknowledged records oldest first while the ledger takes them; returns how many it took."""
