@@ -12,7 +12,7 @@ from sophia.gateway.v1 import gateway_pb2 as pb
 from libs.errors import InvalidArgument
 from services.gateway.api import translate
 from services.gateway.api.gateway_servicer import cache_control, header_value
-from services.gateway.serving.response_cache import prompt_fingerprint
+from services.gateway.serving.response_cache import CacheKey, prompt_fingerprint, split_request
 
 
 def params(**body) -> pb.ChatCompletionParams:
@@ -91,6 +91,13 @@ def test_the_prompt_fingerprint_depends_on_what_shapes_the_answer_only():
     other = params(temperature=0, messages=[{"role": "user", "content": "hi!"}])
     assert prompt_fingerprint(base) != prompt_fingerprint(translate.chat_request(other))
     assert "hi" not in prompt_fingerprint(base) and len(prompt_fingerprint(base)) == 64
+
+
+def test_the_prompt_fingerprint_taken_from_the_cache_key_is_the_requests_own():
+    request = translate.chat_request(params(temperature=0))
+    scope, question, _ = split_request(request)
+    key = CacheKey("t", request.model, scope, question, semantic=True)
+    assert prompt_fingerprint(request, key) == prompt_fingerprint(request)
 
 
 def _embeddings_request(body: dict) -> pb.CreateEmbeddingsRequest:

@@ -230,7 +230,7 @@ class RequestFlow:
             store=request.store_in_cache,
         )
         found = await self._cache.lookup(cache_key)
-        fingerprint = prompt_fingerprint(request)
+        fingerprint = prompt_fingerprint(request, cache_key)
         if found.answer is not None:
             return _Prepared(cache_key, found, [], prompt_fingerprint=fingerprint)
         plan = await self._routing.plan(

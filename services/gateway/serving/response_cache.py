@@ -123,11 +123,11 @@ def split_request(request: ChatRequest) -> tuple[str, str, bool]:
     return _canonical(scope), last.content or last.role, last_is_question
 
 
-def prompt_fingerprint(request: ChatRequest) -> str:
+def prompt_fingerprint(request: ChatRequest, key: CacheKey | None = None) -> str:
     """A digest of everything that determines the answer (model, conversation, sampling, tools): the ledger
     counts repeated prompts with it without ever holding a prompt. Computed for every request, cached or
-    not: what repeats is a cache opportunity."""
-    scope, question, _ = split_request(request)
+    not: what repeats is a cache opportunity. From `key` when the request has one (the same split)."""
+    scope, question = (key.scope, key.question) if key is not None else split_request(request)[:2]
     return hashlib.sha256(f"{scope}\n{question}".encode()).hexdigest()
 
 
