@@ -212,7 +212,9 @@ class RateLimiter:
         )
         current = self._leases.get(key_id)
         if current is not None and current.window == window:
-            fresh.unused += current.unused  # left by a lease taken while this call was on its way
+            # Left by a lease taken while this call was on its way: still counted in Redis, still usable.
+            fresh.unused += current.unused
+            fresh.granted += current.unused
         self._leases[key_id] = fresh
         return None
 
