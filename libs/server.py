@@ -127,10 +127,18 @@ class _Observed(grpc.aio.ServerInterceptor):
             )
         return handler
 
-    def _span(self, method: str, metadata, attributes: dict) -> contextlib.AbstractContextManager:
+    def _span(
+        self, method: str, metadata, request_id: str, time_remaining: float | None
+    ) -> contextlib.AbstractContextManager:
         """The RPC's server span; without tracing (no exporter) only the caller's trace context, so that
         it still reaches the services this RPC calls, at none of the cost of a span."""
         if self._tracing:
+            attributes = {"rpc.system": "grpc", "rpc.method": method}
+            if request_id:
+                attributes[REQUEST_ID_ATTRIBUTE] = request_id
+            if time_remaining is not None:
+                # The caller's deadline as it arrived: shows in a trace whether each hop passed it on.
+                attributes[DEADLINE_ATTRIBUTE] = round(time_remaining, 3)
             return self._tracer.start_as_current_span(
                 method.lstrip("/"),
                 context=extract_context(metadata),
@@ -151,15 +159,9 @@ class _Observed(grpc.aio.ServerInterceptor):
         request_token = request_id_var.set(request_id)
         time_remaining = context.time_remaining()
         deadline_token = deadline.start(time_remaining)
-        attributes = {"rpc.system": "grpc", "rpc.method": method}
-        if request_id:
-            attributes[REQUEST_ID_ATTRIBUTE] = request_id
-        if time_remaining is not None:
-            # The caller's deadline as it arrived: shows in a trace whether each hop passed it on.
-            attributes[DEADLINE_ATTRIBUTE] = round(time_remaining, 3)
         code = grpc.StatusCode.OK
         try:
-            with self._span(method, metadata, attributes):
+            with self._span(method, metadata, request_id, time_remaining):
                 try:
                     _refuse_undecodable(request)
                     return await handle(request, context)
