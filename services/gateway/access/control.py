@@ -171,7 +171,7 @@ class AccessControl:
 
     def charge(self, principal: Principal, tokens: int) -> None:
         """Adds the tokens a finished request really used to the key's tokens-per-minute window: with the
-        key's next admission, or within CHARGE_FLUSH_SECONDS (see rate_limits.py)."""
+        key's next call to Redis, or within CHARGE_FLUSH_SECONDS (see rate_limits.py)."""
         if not principal.tokens_per_minute or tokens <= 0:
             return
         if not self._breaker.allows():

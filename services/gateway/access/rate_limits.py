@@ -12,7 +12,7 @@ what the replicas admitted, so the limit holds exactly however many replicas sha
 - a lease is sized to the key's recent rate on this replica (LEASE_SECONDS of its requests), and never
   more than a quarter of what is left in the window, so the last requests of a window are counted one
   Redis call at a time and no replica sits on requests another replica needs;
-- the unused part of a lease is given back when it ends (with the key's next admission, or by the flush),
+- the unused part of a lease is given back when it ends (with the key's next call to Redis, or by the flush),
   so requests a replica did not use are free again within LEASE_SECONDS plus one flush;
 - a lease ends with its window at the latest.
 A quiet key (under one request per lease) is counted by Redis request by request, as before leases.
@@ -178,13 +178,13 @@ class RateLimiter:
         return True
 
     async def _admit_in_redis(self, key_id: str, limits: tuple[int, int, int]) -> Refusal | None:
-        renewal = asyncio.get_running_loop().create_future()
-        self._renewals.setdefault(key_id, renewal)
+        if key_id in self._renewals:  # a waiter that found no room in the lease the renewal brought
+            return await self._call_admit_script(key_id, limits)
+        renewal = self._renewals[key_id] = asyncio.get_running_loop().create_future()
         try:
             return await self._call_admit_script(key_id, limits)
         finally:
-            if self._renewals.get(key_id) is renewal:
-                del self._renewals[key_id]
+            del self._renewals[key_id]
             renewal.set_result(None)
 
     async def _call_admit_script(self, key_id: str, limits: tuple[int, int, int]) -> Refusal | None:
@@ -219,7 +219,7 @@ class RateLimiter:
         return None
 
     def charge(self, key_id: str, tokens: int) -> None:
-        """Notes tokens a finished request used, for the key's next call to Redis or the next `flush`."""
+        """Notes tokens a finished request used, for the key's next call to Redis or the next flush."""
         self._unpaid[key_id] = self._unpaid.get(key_id, 0) + tokens
 
     def take_owed(self) -> Owed:

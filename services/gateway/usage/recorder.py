@@ -195,7 +195,7 @@ class UsageRecorder:
                 log.warning("usage records not delivered (%s); they wait in the journal", exc.code().name)
             return False
         retry: list[JournalEntry] = []
-        held: list[JournalEntry] = []
+        answered: list[JournalEntry] = []  # for good: held, a duplicate, or refused as invalid
         for entry, result in zip(batch, reply.results, strict=True):
             if result.status == pb.RECORD_STATUS_CONFLICT and entry.entry_id not in self._conflicted:
                 record = UsageRecord(**entry.record)
@@ -210,8 +210,8 @@ class UsageRecorder:
                 continue
             if result.status == pb.RECORD_STATUS_INVALID:
                 log.error("ledger rejected usage record: %s", result.error, extra={"record": entry.record})
-            held.append(entry)
-        self._acknowledge(held)
+            answered.append(entry)
+        self._acknowledge(answered)
         return await self._send_batch(retry) if retry else True
 
     def _acknowledge(self, entries: list[JournalEntry]) -> None:
