@@ -72,6 +72,5 @@ def setup_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # HTTP client libraries may log request URLs at INFO; keep them quiet so provider URLs never leak.
-    for noisy in ("httpx", "aiohttp"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # httpx (tests, tools) logs request URLs at INFO; keep it quiet so provider URLs never leak.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
