@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
+import time
 from dataclasses import asdict
 
 import pytest
@@ -55,6 +57,31 @@ async def test_concurrent_appends_share_one_fsync(tmp_path, monkeypatch):
     assert 1 <= len(fsyncs) <= 2
     await journal.close()
     assert len(UsageJournal(tmp_path).recover()) == 201
+
+
+async def test_writes_run_on_the_loop_until_one_is_slow_then_in_a_thread(tmp_path, monkeypatch):
+    threads = []
+    real_fsync = os.fsync
+    slow = {"seconds": 0.0}
+
+    def fsync(fd):
+        threads.append(threading.get_ident())
+        time.sleep(slow["seconds"])
+        real_fsync(fd)
+
+    journal = UsageJournal(tmp_path)
+    journal.recover()
+    await journal.append(usage("warm-up"))  # creates the segment (a file and a folder fsync)
+    monkeypatch.setattr(journal_module.os, "fsync", fsync)
+    loop_thread = threading.get_ident()
+    await journal.append(usage("fast"))
+    slow["seconds"] = journal_module.SLOW_WRITE_SECONDS * 2
+    await journal.append(usage("slow"))  # still on the loop: nothing had been slow before it
+    slow["seconds"] = 0.0
+    await journal.append(usage("after"))
+    assert threads[:2] == [loop_thread, loop_thread] and threads[2] != loop_thread
+    await journal.close()
+    assert len(UsageJournal(tmp_path).recover()) == 4
 
 
 async def test_a_batch_of_acks_is_one_write(tmp_path, monkeypatch):
