@@ -47,7 +47,12 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   end
   return {1, redis.call('HGET', KEYS[1], 'cost_micros'), 0}
 end
-redis.call('HSET', KEYS[1], 'fingerprint', ARGV[4], unpack(ARGV, 6))
+local fields = {'fingerprint', ARGV[4]}
+for name, value in pairs(cjson.decode(ARGV[6])) do
+  fields[#fields + 1] = name
+  fields[#fields + 1] = value
+end
+redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 local spent = redis.call('INCRBY', KEYS[3], ARGV[3])
 redis.call('INCRBY', KEYS[4], ARGV[3])
@@ -168,13 +173,15 @@ class LedgerStore:
             _key(tenant, "spend", month_key(record.occurred_at)),
             _key(tenant, "spend-day", day_key(record.occurred_at)),
         ]
+        # The hash's fields as one JSON object of strings (decoded by the script): packing them as
+        # thirty arguments was a third of the ledger's CPU per record.
         args = [
             record.request_id,
             occurred,
             record.cost_micros,
             record_fingerprint(record),
             DAY_SPEND_TTL_SECONDS,
-            *_flatten(fields),
+            json.dumps({name: str(value) for name, value in fields.items()}),
         ]
         return keys, args
 
@@ -243,10 +250,6 @@ class LedgerStore:
             for request_id, fields in zip(batch, rows, strict=True):
                 if fields:
                     yield _record_from_hash(request_id, fields)
-
-
-def _flatten(fields: dict[str, object]) -> list[object]:
-    return [item for pair in fields.items() for item in pair]
 
 
 def _record_from_hash(request_id: str, fields: dict[str, str]) -> UsageRecord:
