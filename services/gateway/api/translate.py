@@ -29,7 +29,10 @@ MAX_TOKEN_ID = 2**31 - 1
 
 def _value(value: struct_pb2.Value) -> Any:
     """A google.protobuf.Value as plain Python; None when unset or JSON null."""
-    if value.WhichOneof("kind") in (None, "null_value"):
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":  # most message contents: MessageToDict costs ten times as much
+        return value.string_value
+    if kind in (None, "null_value"):
         return None
     return json_format.MessageToDict(value)
 
