@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import ssl
 import zlib
 from collections.abc import Awaitable, Callable
 
 import pytest
 
+from libs.tls import Identity, ca_path, cert_path, key_path
 from services.gateway.providers.http_client import (
     ConnectFailed,
     ConnectionDropped,
@@ -16,6 +18,7 @@ from services.gateway.providers.http_client import (
     MalformedResponse,
 )
 from tests.support import free_port
+from tools import certs
 
 Reply = Callable[[bytes, asyncio.StreamWriter], Awaitable[bool]]  # request head → keep the connection?
 
@@ -23,8 +26,9 @@ Reply = Callable[[bytes, asyncio.StreamWriter], Awaitable[bool]]  # request head
 class ScriptedServer:
     """Reads each request (head and Content-Length body) and lets `reply` write raw bytes back."""
 
-    def __init__(self, reply: Reply) -> None:
+    def __init__(self, reply: Reply, tls: ssl.SSLContext | None = None) -> None:
         self.reply = reply
+        self.tls = tls
         self.connections = 0
         self.requests: list[bytes] = []
         self.url = ""
@@ -32,8 +36,9 @@ class ScriptedServer:
         self._writers: list[asyncio.StreamWriter] = []
 
     async def __aenter__(self) -> ScriptedServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1"
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+        scheme = "https" if self.tls else "http"
+        self.url = f"{scheme}://localhost:{self._server.sockets[0].getsockname()[1]}/v1"
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -92,7 +97,7 @@ async def test_the_request_names_host_path_and_length_and_the_connection_is_kept
 
     first = server.requests[0].decode()
     port = server.url.split(":")[2].split("/")[0]
-    assert first.startswith("POST /v1/chat HTTP/1.1\r\nHost: 127.0.0.1:" + port + "\r\n")
+    assert first.startswith("POST /v1/chat HTTP/1.1\r\nHost: localhost:" + port + "\r\n")
     assert "content-type: application/json\r\nContent-Length: 7\r\n\r\n" in first and first.endswith(
         '{"q":2}'
     )
@@ -301,3 +306,22 @@ async def test_refused_connections_and_line_breaks_in_headers_fail_before_sendin
     assert client._slots._value == 2
     with pytest.raises(ValueError):
         HttpPool("ftp://example.com", max_connections=1, keepalive_seconds=1)
+
+
+async def test_https_verifies_the_provider_against_the_trusted_cas(tmp_path, monkeypatch):
+    certs.generate(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert_path(tmp_path, Identity.GATEWAY), key_path(tmp_path, Identity.GATEWAY))
+
+    async def reply(head, writer):
+        writer.write(ok(b"secret"))
+        return True
+
+    async with ScriptedServer(reply, tls) as server:
+        untrusting = pool(server)  # the system's CAs only: our test CA is not among them
+        with pytest.raises(ConnectFailed):
+            await post(untrusting)
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca_path(tmp_path)))  # as an operator adds a private CA
+        client = pool(server)
+        assert await post(client) == (200, b"secret")
+        await client.close()
