@@ -87,9 +87,14 @@ class GatewayApp:
         self.ledger = ledger_pb2_grpc.LedgerServiceStub(self._channels["ledger"])
         self.cache = cache_pb2_grpc.CacheServiceStub(self._channels["cache"])
         self.prices = LedgerPrices(self.ledger, PriceTable(config.ledger.prices))
+        self.admission = Admission(
+            max_inflight=config.gateway.max_inflight_requests,
+            max_tenant_share=config.gateway.max_tenant_share,
+            retry_after_ms=config.gateway.overload_retry_after_ms,
+        )
         self.usage = UsageRecorder(
             self.ledger,
-            UsageJournal(REPO_ROOT / config.gateway.outbox_dir),
+            UsageJournal(REPO_ROOT / config.gateway.outbox_dir, in_flight=lambda: self.admission.inflight),
             config.gateway.outbox_replay_seconds,
             DependencyBreaker(
                 # The breaker's one WARNING per outage says where the records wait meanwhile.
@@ -114,12 +119,7 @@ class GatewayApp:
             self.prices,
             self.flags,
         )
-        admission = Admission(
-            max_inflight=config.gateway.max_inflight_requests,
-            max_tenant_share=config.gateway.max_tenant_share,
-            retry_after_ms=config.gateway.overload_retry_after_ms,
-        )
-        return GatewayServicer(config, self.access, self.routing, self.flow, admission)
+        return GatewayServicer(config, self.access, self.routing, self.flow, self.admission)
 
     def admin(self) -> AdminServicer:
         """AdminService, on the channels `open()` made (call it after `open()`)."""

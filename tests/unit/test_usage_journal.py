@@ -84,6 +84,61 @@ async def test_writes_run_on_the_loop_until_one_is_slow_then_in_a_thread(tmp_pat
     assert len(UsageJournal(tmp_path).recover()) == 4
 
 
+def record_fsyncs(monkeypatch) -> list[int]:
+    """The thread of each fsync of a record write from now on."""
+    threads = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(
+        journal_module.os, "fsync", lambda fd: (threads.append(threading.get_ident()), real_fsync(fd))
+    )
+    return threads
+
+
+async def test_alone_in_flight_a_record_is_written_at_once_on_the_loop(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "COMMIT_DELAY_SECONDS", 30.0)
+    journal = UsageJournal(tmp_path, in_flight=lambda: 1)
+    journal.recover()
+    await journal.append(usage("warm-up"))
+    threads = record_fsyncs(monkeypatch)
+    async with asyncio.timeout(5):  # would wait the 30 s delay if it gathered
+        await journal.append(usage("alone"))
+    assert threads == [threading.get_ident()]
+    await journal.close()
+
+
+async def test_with_others_in_flight_records_gather_into_one_write_in_a_worker_thread(tmp_path, monkeypatch):
+    journal = UsageJournal(tmp_path, in_flight=lambda: 10)
+    journal.recover()
+    await journal.append(usage("warm-up"))
+    threads = record_fsyncs(monkeypatch)
+
+    async def later(i: int) -> None:
+        await asyncio.sleep(i * journal_module.COMMIT_DELAY_SECONDS / 4)  # within the first one's delay
+        await journal.append(usage(f"r{i}"))
+
+    await asyncio.gather(*(later(i) for i in range(3)))
+    assert len(threads) == 1 and threads[0] != threading.get_ident()
+    await journal.close()
+    assert len(UsageJournal(tmp_path).recover()) == 4
+
+
+async def test_the_write_goes_once_every_request_in_flight_has_its_record_pending(tmp_path, monkeypatch):
+    journal = UsageJournal(tmp_path, in_flight=lambda: 3)
+    journal.recover()
+    await journal.append(usage("warm-up"))
+    monkeypatch.setattr(journal_module, "COMMIT_DELAY_SECONDS", 30.0)
+    threads = record_fsyncs(monkeypatch)
+
+    async def later(i: int) -> None:
+        await asyncio.sleep(i * 0.01)  # the first write is gathering when the others come
+        await journal.append(usage(f"r{i}"))
+
+    async with asyncio.timeout(5):  # not the 30 s delay: nobody else is left to wait for
+        await asyncio.gather(*(later(i) for i in range(3)))
+    assert len(threads) == 1
+    await journal.close()
+
+
 async def test_a_batch_of_acks_is_one_write(tmp_path, monkeypatch):
     journal = UsageJournal(tmp_path)
     journal.recover()
