@@ -346,7 +346,7 @@ class HttpPool:
             _, connection = await loop.create_connection(
                 lambda: _Connection(self), self._host, self._port, ssl=self._ssl
             )
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # refused, unreachable, a TLS handshake or certificate refused
             raise ConnectFailed("could not connect") from exc
         self._open.add(connection)
         return connection

@@ -14,8 +14,9 @@ has in flight (`in_flight`, its admission count):
   * other requests too: the write first waits up to COMMIT_DELAY_SECONDS for their records (less once
     every request in flight has one pending), then runs in a worker thread while the loop serves on.
     At 900 requests/s one fsync per request had kept the Gateway's thread blocked a fifth of its time;
-    gathered, a write carries several records (measured under `make bench` at 64 connections: 0.2 ms
-    less CPU per request in all, a fifth more requests/s), for a few ms more latency under load.
+    gathered, a write carries several records (measured under `make bench` at 64 connections against
+    writing every record on the loop: 0.2–0.4 ms less CPU per request in all, a fifth to a third more
+    requests/s), for a few ms more latency under load.
 A write on the loop that takes longer than SLOW_WRITE_SECONDS (a disk in trouble) sends the next
 SLOW_DISK_SECONDS of writes to a worker thread too, so a slow disk delays only the requests waiting on it.
 
@@ -230,7 +231,7 @@ class UsageJournal:
 
     def _prepare_write(self, entries: list[JournalEntry]) -> _Segment:
         """Picks the segment and books the entries into it, on the event loop's thread: acks touch the
-        same bookkeeping, and only the write itself runs in a worker thread."""
+        same bookkeeping, and only the write itself may run in a worker thread."""
         segment, sequence = self._segment_for_writing()
         for entry in entries:
             segment.unacked.add(entry.entry_id)
