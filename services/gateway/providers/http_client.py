@@ -187,7 +187,7 @@ class _Connection(asyncio.Protocol):
         if response is None:
             return
         if reusable and not self.closed and self._keep_alive:
-            self._resume()
+            self.resume_reading()
             self._pool.put_back(self)
         else:
             self.close()
@@ -201,9 +201,6 @@ class _Connection(asyncio.Protocol):
             self._pool.forget(self)
 
     def resume_reading(self) -> None:
-        self._resume()
-
-    def _resume(self) -> None:
         if self._paused and self._transport is not None and not self.closed:
             self._paused = False
             self._transport.resume_reading()
