@@ -325,3 +325,29 @@ async def test_https_verifies_the_provider_against_the_trusted_cas(tmp_path, mon
         client = pool(server)
         assert await post(client) == (200, b"secret")
         await client.close()
+
+
+async def test_a_response_released_twice_leaves_the_next_request_on_its_connection_alone():
+    gate = asyncio.Event()
+
+    async def reply(head, writer):
+        if b"second" in head:
+            await gate.wait()
+        writer.write(ok(b"x"))
+        return True
+
+    async with ScriptedServer(reply) as server:
+        client = pool(server, max_connections=1)
+        first = await client.post("/chat", b"{}", {})
+        assert await first.read() == b"x"
+        first.release()
+        waiting = asyncio.create_task(client.post("/chat", b"{}", {"x-mode": "second"}))
+        await asyncio.sleep(0.05)
+        first.close()  # stale: must not close the connection the second request is waiting on
+        gate.set()
+        async with asyncio.timeout(5):  # the connection closed under it would leave it waiting
+            second = await waiting
+        assert await second.read() == b"x"
+        second.release()
+        await client.close()
+    assert server.connections == 1

@@ -91,10 +91,10 @@ class HttpResponse:
             await self._more()
 
     def release(self) -> None:
-        self._connection.finish(reusable=self._complete and self._error is None)
+        self._connection.finish(self, reusable=self._complete and self._error is None)
 
     def close(self) -> None:
-        self._connection.finish(reusable=False)
+        self._connection.finish(self, reusable=False)
 
     async def _more(self) -> None:
         if self._error is not None:
@@ -170,22 +170,26 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
 
     async def request(self, head: bytes, body: bytes) -> HttpResponse:
-        loop = asyncio.get_running_loop()
-        self._response = HttpResponse(self)
-        self._headers_arrived = loop.create_future()
+        response = self._response = HttpResponse(self)
+        self._headers_arrived = asyncio.get_running_loop().create_future()
         self._keep_alive = False
-        if self.closed or self._transport is None:
-            raise ConnectionDropped("the connection closed before the request was sent")
-        self._transport.write(head + body)
-        await self._headers_arrived
-        return self._response
+        try:
+            if self.closed or self._transport is None:
+                raise ConnectionDropped("the connection closed before the request was sent")
+            self._transport.write(head + body)
+            await self._headers_arrived
+        except BaseException:
+            self.finish(response, reusable=False)  # the answer to this request could still arrive on it
+            raise
+        return response
 
-    def finish(self, *, reusable: bool) -> None:
-        """The response is done with: back to the pool when it was read to the end of a kept-alive
-        message, else closed (what is left of it would be read as the next response)."""
-        response, self._response = self._response, None
-        if response is None:
+    def finish(self, response: HttpResponse, *, reusable: bool) -> None:
+        """`response` is done with: back to the pool when it was read to the end of a kept-alive
+        message, else closed (what is left of it would be read as the next response). A response
+        finished before (released, then closed) is ignored: the connection may carry another by now."""
+        if response is not self._response:
             return
+        self._response = None
         if reusable and not self.closed and self._keep_alive:
             self.resume_reading()
             self._pool.put_back(self)
@@ -317,11 +321,7 @@ class HttpPool:
         except BaseException:
             self._slots.release()
             raise
-        try:
-            return await connection.request(head, body)
-        except BaseException:
-            connection.finish(reusable=False)  # the answer to this request could still arrive on it
-            raise
+        return await connection.request(head, body)
 
     def _head(self, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:
         lines = [f"POST {self._path}{path} HTTP/1.1", f"Host: {self._authority}"]
