@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import threading
@@ -46,12 +47,14 @@ async def test_one_request_id_for_two_tenants_and_unsafe_characters_never_collid
 
 async def test_concurrent_appends_share_one_fsync(tmp_path, monkeypatch):
     fsyncs = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(journal_module.os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
-    journal = UsageJournal(tmp_path)
+    real_fsync = os.fdatasync
+    monkeypatch.setattr(journal_module.os, "fdatasync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+    in_flight = {"requests": 1}
+    journal = UsageJournal(tmp_path, in_flight=lambda: in_flight["requests"])
     journal.recover()
     await journal.append(usage("warm-up"))  # creates the segment (a file and a folder fsync)
     fsyncs.clear()
+    in_flight["requests"] = 200
     await asyncio.gather(*(journal.append(usage(f"r{i}")) for i in range(200)))
     # The first append starts a write; the 199 that arrive meanwhile go together in the next one.
     assert 1 <= len(fsyncs) <= 2
@@ -61,7 +64,7 @@ async def test_concurrent_appends_share_one_fsync(tmp_path, monkeypatch):
 
 async def test_writes_run_on_the_loop_until_one_is_slow_then_in_a_thread(tmp_path, monkeypatch):
     threads = []
-    real_fsync = os.fsync
+    real_fsync = os.fdatasync
     slow = {"seconds": 0.0}
 
     def fsync(fd):
@@ -72,7 +75,7 @@ async def test_writes_run_on_the_loop_until_one_is_slow_then_in_a_thread(tmp_pat
     journal = UsageJournal(tmp_path)
     journal.recover()
     await journal.append(usage("warm-up"))  # creates the segment (a file and a folder fsync)
-    monkeypatch.setattr(journal_module.os, "fsync", fsync)
+    monkeypatch.setattr(journal_module.os, "fdatasync", fsync)
     loop_thread = threading.get_ident()
     await journal.append(usage("fast"))
     slow["seconds"] = journal_module.SLOW_WRITE_SECONDS * 2
@@ -87,22 +90,26 @@ async def test_writes_run_on_the_loop_until_one_is_slow_then_in_a_thread(tmp_pat
 def record_fsyncs(monkeypatch) -> list[int]:
     """The thread of each fsync of a record write from now on."""
     threads = []
-    real_fsync = os.fsync
+    real_fsync = os.fdatasync
     monkeypatch.setattr(
-        journal_module.os, "fsync", lambda fd: (threads.append(threading.get_ident()), real_fsync(fd))
+        journal_module.os, "fdatasync", lambda fd: (threads.append(threading.get_ident()), real_fsync(fd))
     )
     return threads
 
 
-async def test_alone_in_flight_a_record_is_written_at_once_on_the_loop(tmp_path, monkeypatch):
+async def test_alone_in_flight_a_record_is_written_at_once_in_the_callers_task(tmp_path, monkeypatch):
     monkeypatch.setattr(journal_module, "COMMIT_DELAY_SECONDS", 30.0)
     journal = UsageJournal(tmp_path, in_flight=lambda: 1)
     journal.recover()
     await journal.append(usage("warm-up"))
-    threads = record_fsyncs(monkeypatch)
+    tasks = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(
+        journal_module.os, "fdatasync", lambda fd: (tasks.append(asyncio.current_task()), real_fdatasync(fd))
+    )
     async with asyncio.timeout(5):  # would wait the 30 s delay if it gathered
         await journal.append(usage("alone"))
-    assert threads == [threading.get_ident()]
+    assert tasks == [asyncio.current_task()]  # on the loop, with no writer task to hand over to
     await journal.close()
 
 
@@ -144,9 +151,11 @@ async def test_a_batch_of_acks_is_one_write(tmp_path, monkeypatch):
     journal.recover()
     entries = await asyncio.gather(*(journal.append(usage(f"r{i}")) for i in range(50)))
     writes = []
-    real_write = os.write
+    real_pwrite = os.pwrite
     monkeypatch.setattr(
-        journal_module.os, "write", lambda fd, data: (writes.append(fd), real_write(fd, data))[1]
+        journal_module.os,
+        "pwrite",
+        lambda fd, data, offset: (writes.append(fd), real_pwrite(fd, data, offset))[1],
     )
     journal.ack(*(entry.entry_id for entry in entries[:40]))
     assert len(writes) == 1
@@ -178,6 +187,54 @@ async def test_a_torn_last_line_is_skipped_and_appends_go_to_a_new_segment(tmp_p
     reopened.ack(kept.entry_id)
     await reopened.close()
     assert [e.entry_id for e in UsageJournal(tmp_path).recover()] == [later.entry_id]
+
+
+async def test_a_segment_is_allocated_ahead_and_written_from_its_start(tmp_path):
+    journal = UsageJournal(tmp_path, segment_max_bytes=64 * 1024)
+    journal.recover()
+    first = await journal.append(usage("a"))
+    await journal.append(usage("b"))
+    await journal.close()
+    (segment,) = tmp_path.glob("usage-*.jsonl")
+    assert segment.stat().st_size == 64 * 1024  # zeros after the lines: no write changes the size
+    reopened = UsageJournal(tmp_path, segment_max_bytes=64 * 1024)
+    assert [e.record["request_id"] for e in reopened.recover()] == ["a", "b"]
+    reopened.ack(first.entry_id)  # goes after the last line, not after the allocated zeros
+    await reopened.close()
+    assert segment.stat().st_size == 64 * 1024
+    assert [e.record["request_id"] for e in UsageJournal(tmp_path).recover()] == ["b"]
+
+
+async def test_a_file_system_that_cannot_allocate_ahead_grows_the_segment_instead(tmp_path, monkeypatch):
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    monkeypatch.setattr(journal_module.os, "posix_fallocate", unsupported)
+    journal = UsageJournal(tmp_path)
+    journal.recover()
+    await journal.append(usage("a"))
+    await journal.close()
+    (segment,) = tmp_path.glob("usage-*.jsonl")
+    assert segment.read_bytes().endswith(b"\n") and b"\0" not in segment.read_bytes()
+    assert [e.record["request_id"] for e in UsageJournal(tmp_path).recover()] == ["a"]
+
+
+async def test_lines_after_a_torn_write_are_still_read_and_acks_start_a_line_of_their_own(tmp_path):
+    journal = UsageJournal(tmp_path)
+    journal.recover()
+    first = await journal.append(usage("a"))
+    await journal.append(usage("b"))
+    await journal.close()
+    (segment,) = tmp_path.glob("usage-*.jsonl")
+    lines = segment.read_bytes().rstrip(b"\0").splitlines(keepends=True)
+    # A crash left the first line's write cut short and zeros where the rest of it would be, while the
+    # line after it reached the disk; then one more torn write at the end.
+    segment.write_bytes(lines[0] + b'{"entry": "torn", "rec' + b"\0" * 100 + lines[1] + b'{"entry": "x')
+    reopened = UsageJournal(tmp_path)
+    assert [e.record["request_id"] for e in reopened.recover()] == ["a", "b"]
+    reopened.ack(first.entry_id)
+    await reopened.close()
+    assert [e.record["request_id"] for e in UsageJournal(tmp_path).recover()] == ["b"]
 
 
 async def test_records_of_the_old_one_file_per_record_outbox_are_adopted(tmp_path):
