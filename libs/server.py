@@ -82,6 +82,23 @@ def _refuse_undecodable(request) -> None:
         raise InvalidArgument("request", f"not a valid {request.type_name}")
 
 
+class GenericHandlersOnly:
+    """The server as the generated `add_*Servicer_to_server` functions see it. They add each service both
+    as a generic handler and as "registered methods"; only the generic handler is kept. grpc.aio's serving
+    loop keeps one pending call per registered method and waits on all of them for every RPC that arrives
+    (`asyncio.wait`: about 14 µs more per RPC at 25 methods than at one, measured); the generic handler
+    finds the same method with one dictionary lookup."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: dict) -> None:
+        """Not passed on: the same handlers came as a generic handler (see the class docstring)."""
+
+
 class _Observed(grpc.aio.ServerInterceptor):
     """Traces, times and logs each RPC and maps ServiceError (and any bug) to a proper status.
 
@@ -320,7 +337,7 @@ async def _serve(
     component: str,
     endpoint: Endpoint,
     config: Config,
-    register: Callable[[grpc.aio.Server], Iterable[str]],
+    register: Callable[[GenericHandlersOnly], Iterable[str]],
     start: Callable[[], Awaitable[None]] | None,
     stop: Callable[[], Awaitable[None]] | None,
     credentials: MeshCredentials | None,
@@ -343,9 +360,9 @@ async def _serve(
         ],
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
-    service_names = list(register(server))
+    service_names = list(register(GenericHandlersOnly(server)))
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, GenericHandlersOnly(server))
     enable_reflection(server, [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -397,7 +414,7 @@ async def _serve(
 def run_service(
     component: str,
     config: Config,
-    register: Callable[[grpc.aio.Server], Iterable[str]],
+    register: Callable[[GenericHandlersOnly], Iterable[str]],
     *,
     start: Callable[[], Awaitable[None]] | None = None,
     stop: Callable[[], Awaitable[None]] | None = None,
