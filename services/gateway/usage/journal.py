@@ -209,7 +209,7 @@ class UsageJournal:
     # --- appending -----------------------------------------------------------------------------------
 
     async def append(self, record: dict[str, Any]) -> JournalEntry:
-        """Returns once the record is on disk (fsync'ed), in the same write as whatever else was pending."""
+        """Returns once the record is on disk (fdatasync'ed), in one write with whatever else was pending."""
         entry = JournalEntry(uuid.uuid4().hex, record)
         if self._writer is None and self._in_flight() <= 1:
             # Alone in flight: written now, with no task or future to hand the write over.
