@@ -7,7 +7,7 @@ Segment files of JSON lines in one folder, each written from its start onwards:
 
 A segment is allocated at its full size when it is made (zeros after the last line), so a record's write
 changes no file size and its fdatasync has no metadata to commit: measured on this machine's ext4 under
-`make bench` load, 90–100 µs instead of 135–165 µs for an append and fsync (p50), and a third less CPU.
+`make bench` load, 90–130 µs instead of 135–165 µs for an append and fsync (p50), 25–35 % less CPU.
 A file system that cannot allocate ahead just grows the file as before.
 
 Group commit: appends that arrive while a write is on its way wait for the next one, so one write and
