@@ -25,7 +25,7 @@ has in flight (`in_flight`, its admission count):
 A write on the loop that takes longer than SLOW_WRITE_SECONDS (a disk in trouble) sends the next
 SLOW_DISK_SECONDS of writes to a worker thread too, so a slow disk delays only the requests waiting on it.
 
-An ack line goes to the segment of its record without an fsync: a lost ack only makes a restart send
+An ack line goes to the segment of its record without a sync: a lost ack only makes a restart send
 the record again, which the ledger answers as a duplicate. A segment whose records are all acknowledged
 is deleted once writing has moved on to the next one.
 

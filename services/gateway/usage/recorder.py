@@ -1,6 +1,6 @@
 """Usage records for the CostLedger, never lost and never counted twice.
 
-Write-ahead: a record is in the journal (journal.py, fsync'ed) before the ledger is asked, and the
+Write-ahead: a record is in the journal (journal.py, synced to disk) before the ledger is asked, and the
 request's answer waits for that, not for the ledger. The ledger is then asked off the response path, in
 batches (RecordUsages): a batch goes `gather_seconds` after its first record (at once when it is full),
 so a busy Gateway makes one ledger call for many requests; the ledger learns of a record that much later,
