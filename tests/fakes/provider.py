@@ -13,6 +13,7 @@ by the `x-fake-fault` header or by `fault=<spec>` inside the last user message:
     hang_midstream    send half the answer (a stream's events, or a body's bytes), then nothing more
     drop_midstream    send half the answer, then drop the connection
     malformed         answer 200 with a body that is not the provider's format
+    gzip_bomb         answer 200 with a gzip body of ~130 KB that expands to 128 MiB of zeros
 
 In-process:   `with FakeProvider() as fake: ... fake.openai_base_url ... fake.requests`
 As a process: `python -m tests.fakes.provider --port N` (prints "listening on http://host:port").
@@ -23,11 +24,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import functools
 import itertools
 import json
 import re
 import signal
 import threading
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +53,17 @@ from tests.fakes.wire import (
 FAULT_HEADER = "x-fake-fault"
 MODELS = ("fake-gpt", "fake-claude", "fake-embedding")
 _FAULT_IN_TEXT = re.compile(r"\bfault=([a-z_]+(?::[0-9.]+)?)")
-_FAULT_KINDS = {"status", "latency", "chunk_latency", "hang", "hang_midstream", "drop_midstream", "malformed"}
+_FAULT_KINDS = {
+    "status",
+    "latency",
+    "chunk_latency",
+    "hang",
+    "hang_midstream",
+    "drop_midstream",
+    "malformed",
+    "gzip_bomb",
+}
+_BOMB_BYTES = 128 * 1024 * 1024
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests"}
 _MAX_HEAD_BYTES = 1 << 20
 
@@ -102,6 +115,11 @@ class _Exchange:
 
     async def send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
         self.writer.write(self._head(status, content_type, f"Content-Length: {len(body)}\r\n") + body)
+        await self.writer.drain()
+
+    async def send_gzip(self, compressed: bytes) -> None:
+        extra = f"Content-Encoding: gzip\r\nContent-Length: {len(compressed)}\r\n"
+        self.writer.write(self._head(200, "application/json", extra) + compressed)
         await self.writer.drain()
 
     async def send_partial(self, body: bytes) -> None:
@@ -391,6 +409,8 @@ class FakeProvider:
         kind = fault.kind if fault is not None else ""
         if kind == "malformed":
             await exchange.send(200, b"<html>this is not JSON</html>")
+        elif kind == "gzip_bomb":
+            await exchange.send_gzip(_gzip_bomb())
         elif kind in ("drop_midstream", "hang_midstream"):
             await exchange.send_partial(payload)
             if kind == "drop_midstream":
@@ -428,6 +448,14 @@ class FakeProvider:
                 await exchange.wait_for_client_to_leave()
                 return
         await exchange.end_stream()
+
+
+@functools.cache
+def _gzip_bomb() -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16 +: a gzip header
+    zeros = bytes(1024 * 1024)
+    parts = [compressor.compress(zeros) for _ in range(_BOMB_BYTES // len(zeros))]
+    return b"".join(parts) + compressor.flush()
 
 
 async def _read_request(

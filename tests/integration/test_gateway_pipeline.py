@@ -72,6 +72,14 @@ def test_a_stream_falls_back_before_its_first_token(pipeline):
     assert text == HELLO[0]["content"]
 
 
+def test_a_provider_body_past_the_limit_fails_the_call_and_the_gateway_goes_on(edge):
+    """A gzip body that expands to 128 MiB of zeros: refused at 64 MiB instead of held whole."""
+    reply = chat(edge, "good-gpt", messages=[{"role": "user", "content": "fault=gzip_bomb"}], cache=False)
+    assert reply.status_code == 503, reply.text
+    assert "malformed response (body larger than 64 MiB)" in reply.json()["error"]["message"]
+    assert chat(edge, "good-gpt", cache=False).status_code == 200
+
+
 def test_a_bad_request_is_not_retried_elsewhere(edge):
     reply = chat(edge, "fail400-gpt", cache=False)
     assert reply.status_code == 400

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import ssl
+import tracemalloc
 import zlib
 from collections.abc import Awaitable, Callable
 
@@ -12,6 +13,7 @@ import pytest
 
 from libs.tls import Identity, ca_path, cert_path, key_path
 from services.gateway.providers.http_client import (
+    BodyTooLarge,
     ConnectFailed,
     ConnectionDropped,
     HttpPool,
@@ -73,7 +75,7 @@ def ok(body: bytes, *extra: str) -> bytes:
 
 
 def pool(server: ScriptedServer, **options) -> HttpPool:
-    return HttpPool(server.url, max_connections=options.get("max_connections", 8), keepalive_seconds=30)
+    return HttpPool(server.url, keepalive_seconds=30, **{"max_connections": 8, **options})
 
 
 async def post(client: HttpPool, body: bytes = b"{}") -> tuple[int, bytes]:
@@ -202,6 +204,51 @@ async def test_a_corrupt_gzip_body_and_bytes_after_the_answer_are_refused():
         assert client._idle == []
         await client.close()
     assert server.connections == 2
+
+
+async def test_a_body_past_the_limit_is_refused_however_well_it_compresses():
+    limit = 1024 * 1024
+    answers = [
+        ok(gzip.compress(bytes(16 * limit)), "Content-Encoding: gzip"),  # 16 KB that expand to 16 MiB
+        ok(b"a" * (limit + 1)),
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"b" * (limit + 1),  # read until close
+        ok(gzip.compress(b"c" * limit), "Content-Encoding: gzip"),  # the limit exactly
+    ]
+
+    async def reply(head, writer):
+        answer = answers.pop(0)
+        writer.write(answer)
+        return b"Connection: close" not in answer
+
+    async with ScriptedServer(reply) as server:
+        client = pool(server, max_body_bytes=limit)
+        for _ in range(3):
+            with pytest.raises(BodyTooLarge, match=f"more than {limit} unread bytes"):
+                await post(client)
+        assert await post(client) == (200, b"c" * limit)
+        await client.close()
+    assert server.connections == 4  # a refused body's connection is not used again
+
+
+async def test_a_decompression_bomb_is_never_expanded_past_the_limit():
+    limit = 1024 * 1024
+    bomb = gzip.compress(bytes(64 * limit))  # 64 KB
+
+    async def reply(head, writer):
+        writer.write(ok(bomb, "Content-Encoding: gzip"))
+        return True
+
+    async with ScriptedServer(reply) as server:
+        client = pool(server, max_body_bytes=limit)
+        tracemalloc.start()
+        try:
+            with pytest.raises(BodyTooLarge):
+                await post(client)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        await client.close()
+    assert peak < 8 * limit, f"{peak} bytes held at once for a limit of {limit}"
 
 
 async def test_a_line_longer_than_allowed_is_refused():

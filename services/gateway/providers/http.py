@@ -25,6 +25,8 @@ from libs.errors import DeadlineExceeded
 from libs.logs import redact
 from services.gateway.providers.base import ProviderError
 from services.gateway.providers.http_client import (
+    MAX_BODY_BYTES,
+    BodyTooLarge,
     ConnectFailed,
     ConnectionDropped,
     HttpError,
@@ -116,6 +118,8 @@ def transport_error(provider: str, exc: HttpError | ValueError) -> ProviderError
     """Classifies a failure below HTTP; the exception's own text is not used, it may hold addresses."""
     if isinstance(exc, ConnectFailed):
         return ProviderError(f"could not connect to provider {provider}", retryable=True, kind="connect")
+    if isinstance(exc, BodyTooLarge):
+        return bad_response_error(provider, f"body larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB")
     if isinstance(exc, (MalformedResponse, ValueError)):
         # A malformed status line or headers, a line too long: the provider is misbehaving.
         return bad_response_error(provider, "unreadable HTTP response")

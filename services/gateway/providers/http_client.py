@@ -2,8 +2,10 @@
 
 Responses are parsed by httptools (llhttp, the parser Node.js uses, in C); the rest is the few things a
 provider call needs: a pool of keep-alive connections (TLS for https), at most `max_connections` requests at
-once, gzip/deflate bodies, a body read whole or line by line (server-sent events), and reading paused
-while a slow consumer has more than `HIGH_WATER_BYTES` unread. No redirects, cookies or proxies: a
+once, gzip/deflate bodies, a body read whole or line by line (server-sent events), reading paused while a
+slow consumer has more than `HIGH_WATER_BYTES` unread, and a response refused once it holds more than
+`max_body_bytes` unread (decompressed), so that a runaway body or a decompression bomb fails the call
+instead of filling the Gateway's memory. No redirects, cookies or proxies: a
 provider is one fixed base URL. Deadlines are the caller's (`asyncio.timeout` around each step); a
 response abandoned before its end closes its connection instead of returning it to the pool.
 
@@ -24,6 +26,10 @@ import httptools
 
 # Unread body bytes past which the socket is not read until the consumer catches up.
 HIGH_WATER_BYTES = 256 * 1024
+# Unread body bytes (decompressed) past which a response is refused: the largest real answers (256
+# embeddings of 3,072 dimensions in JSON, ~16 MB) fit four times over; a body that compresses 1,000 to 1
+# (a gzip of zeros) is stopped after 64 KiB of it, when it has cost 64 MiB and a fifth of a second.
+MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 _ENCODINGS = {"gzip", "x-gzip", "deflate"}
 
@@ -40,6 +46,10 @@ class MalformedResponse(HttpError):
     pass
 
 
+class BodyTooLarge(MalformedResponse):
+    pass
+
+
 class ConnectionDropped(HttpError):
     pass
 
@@ -51,8 +61,9 @@ class HttpResponse:
     otherwise; `close` always closes it.
     """
 
-    def __init__(self, connection: _Connection) -> None:
+    def __init__(self, connection: _Connection, max_body_bytes: int) -> None:
         self._connection = connection
+        self._max_body_bytes = max_body_bytes
         self.status = 0
         self.headers: dict[str, str] = {}
         self._header_bytes = 0
@@ -130,15 +141,26 @@ class HttpResponse:
     def _body(self, data: bytes) -> None:
         if self._decoder is not None:
             try:
-                data = self._decoder.decompress(data)
+                # At most one byte past the room left: a bomb is never expanded further than the limit.
+                data = self._decoder.decompress(data, self._max_body_bytes - len(self._buffer) + 1)
             except zlib.error:
                 raise MalformedResponse("the body does not decompress") from None
+        self._take(data)
+
+    def _take(self, data: bytes) -> None:
+        if len(self._buffer) + len(data) > self._max_body_bytes:
+            raise BodyTooLarge(f"the body holds more than {self._max_body_bytes} unread bytes")
         self._buffer += data
         self._wake()
 
     def _end(self) -> None:
+        """The body is complete: its length reached, its last chunk read, or its connection closed."""
         if self._decoder is not None:
-            self._buffer += self._decoder.flush()
+            try:
+                self._take(self._decoder.flush())
+            except BodyTooLarge as error:
+                self._fail(error)
+                return
         self._complete = True
         self._wake()
 
@@ -170,7 +192,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
 
     async def request(self, head: bytes, body: bytes) -> HttpResponse:
-        response = self._response = HttpResponse(self)
+        response = self._response = HttpResponse(self, self._pool.max_body_bytes)
         self._headers_arrived = asyncio.get_running_loop().create_future()
         self._keep_alive = False
         try:
@@ -296,7 +318,14 @@ class HttpPool:
     """Keep-alive connections to one base URL (http or https); at most `max_connections` requests at once,
     the rest wait their turn. Idle connections are kept `keepalive_seconds`, the latest used first."""
 
-    def __init__(self, base_url: str, *, max_connections: int, keepalive_seconds: float) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        max_connections: int,
+        keepalive_seconds: float,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in {"http", "https"} or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -309,6 +338,7 @@ class HttpPool:
         self._authority = name if default_port else f"{name}:{self._port}"
         self._slots = asyncio.Semaphore(max_connections)
         self._keepalive = keepalive_seconds
+        self.max_body_bytes = max_body_bytes
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
 
