@@ -17,7 +17,9 @@ The probe only says the dependency answers health checks; a service whose own ba
 cache whose Redis is gone) may still fail real calls. So an outage ends, with its INFO line, only once
 a real call succeeded (`record_success()`) or, for callers that do not report successes, once the
 breaker stayed closed for `settle_seconds`. A failure before that re-opens the breaker as part of the
-same outage, silently: one WARNING and one INFO per outage, however often it flaps.
+same outage, silently: one WARNING and one INFO per outage, however often it flaps. So `settle_seconds`
+must be longer than the longest call its callers make: a call let through right after the probe may fail
+only at its timeout.
 
 Usage:
 

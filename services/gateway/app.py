@@ -14,7 +14,6 @@ from sophia.ledger.v1 import ledger_pb2_grpc
 from sophia.router.v1 import router_pb2_grpc
 
 from libs.background import Background
-from libs.breaker import DependencyBreaker, grpc_health_probe
 from libs.clients import open_channel
 from libs.config import REPO_ROOT, Config
 from libs.feature_flags import FeatureFlags
@@ -33,7 +32,7 @@ from services.gateway.serving.request_flow import RequestFlow
 from services.gateway.serving.router_client import Routing
 from services.gateway.usage.journal import UsageJournal
 from services.gateway.usage.prices import LedgerPrices
-from services.gateway.usage.recorder import UsageRecorder
+from services.gateway.usage.recorder import UsageRecorder, ledger_breaker
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +95,7 @@ class GatewayApp:
             self.ledger,
             UsageJournal(REPO_ROOT / config.gateway.outbox_dir, in_flight=lambda: self.admission.inflight),
             config.gateway.outbox_replay_seconds,
-            DependencyBreaker(
-                # The breaker's one WARNING per outage says where the records wait meanwhile.
-                "ledger (usage records spooled to the outbox)",
-                grpc_health_probe(self._channels["ledger"], "sophia.ledger.v1.LedgerService"),
-            ),
+            ledger_breaker(self._channels["ledger"]),
         )
         # API keys and rate-limit counters, shared with the other Gateway replicas.
         self.redis = open_redis(config.redis.url, timeout_seconds=config.gateway.redis_timeout_seconds)

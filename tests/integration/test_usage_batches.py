@@ -5,6 +5,8 @@ counted under its derived id, and what the ledger did not take waits in the jour
 from __future__ import annotations
 
 import asyncio
+import logging
+import signal
 import time
 import uuid
 
@@ -14,7 +16,13 @@ from sophia.ledger.v1 import ledger_pb2_grpc
 
 from libs.breaker import DependencyBreaker, grpc_health_probe
 from services.gateway.usage.journal import UsageJournal
-from services.gateway.usage.recorder import UsageRecord, UsageRecorder, derived_request_id
+from services.gateway.usage.recorder import (
+    RECORD_TIMEOUT_SECONDS,
+    UsageRecord,
+    UsageRecorder,
+    derived_request_id,
+    ledger_breaker,
+)
 from tests.support import internal_channel, mesh_environ
 from tools.mesh import Mesh
 
@@ -139,3 +147,36 @@ async def test_records_wait_while_the_ledger_is_down_and_arrive_once_when_it_is_
         await recorder.replay_once()  # nothing left: sending again must not count anything twice
         await recorder.close(5)
         assert await requests_recorded(stub, tenant) == 20
+
+
+async def test_a_ledger_hung_on_its_redis_is_one_outage_however_long_it_lasts(mesh, tmp_path, caplog):
+    """The ledger answers health checks while its Redis hangs, so the breaker's probe closes it and each
+    call let through fails only at its timeout: the outage must stay one (one WARNING, one INFO)."""
+    caplog.set_level(logging.INFO, logger="libs.breaker")
+    tenant = f"hung-{uuid.uuid4().hex[:6]}"
+    redis = mesh.processes["redis"]
+    async with internal_channel(mesh, "ledger") as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, ledger_breaker(channel))
+        await recorder.start()
+        redis.send_signal(signal.SIGSTOP)
+        try:
+            await recorder.record(usage(tenant, "h-0"))
+            recorded = 1
+            # Requests keep coming (each asks the breaker) through two calls that time out and longer.
+            for i in range(1, int(2.5 * RECORD_TIMEOUT_SECONDS / 0.02)):
+                await asyncio.sleep(0.02)
+                if i % 10 == 0:
+                    await recorder.record(usage(tenant, f"h-{i}"))
+                    recorded += 1
+        finally:
+            redis.send_signal(signal.SIGCONT)
+        for _ in range(100):  # what arrived while the breaker was open waits for the replay
+            if await recorder.replay_once() or recorder.pending() == 0:
+                break
+            await asyncio.sleep(0.1)
+        await wait_until_delivered(recorder)
+        await recorder.close(5)
+        assert await requests_recorded(stub, tenant) == recorded
+    lines = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert [level for level, _ in lines if level in ("WARNING", "INFO")] == ["WARNING", "INFO"], lines

@@ -48,13 +48,12 @@ from services.gateway.serving.response_cache import (
 )
 from services.gateway.serving.router_client import Plan, Routing
 from services.gateway.usage.prices import LedgerPrices
-from services.gateway.usage.recorder import UsageRecord, UsageRecorder
+from services.gateway.usage.recorder import LEDGER_SERVICE, UsageRecord, UsageRecorder
 
 log = logging.getLogger(__name__)
 
 CACHE_SERVICE = "sophia.cache.v1.CacheService"
 CACHE_FAILURES_TO_OPEN = 3
-LEDGER_SERVICE = "sophia.ledger.v1.LedgerService"
 DEFAULT_COMPLETION_ESTIMATE = 256
 CACHEABLE_FINISHES = ("stop", "length")
 # The Gateway's own feature flag (config/flags.yaml) for the semantic cache layer, per tenant.

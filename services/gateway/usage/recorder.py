@@ -28,12 +28,13 @@ from sophia.ledger.v1 import ledger_pb2 as pb
 from sophia.ledger.v1 import ledger_pb2_grpc
 
 from libs import deadline
-from libs.breaker import UNREACHABLE, DependencyBreaker
+from libs.breaker import SETTLE_SECONDS, UNREACHABLE, DependencyBreaker, grpc_health_probe
 from services.gateway.usage.journal import JournalEntry, UsageJournal
 
 log = logging.getLogger(__name__)
 _meter = metrics.get_meter("sophia.gateway")
 
+LEDGER_SERVICE = "sophia.ledger.v1.LedgerService"
 RECORD_TIMEOUT_SECONDS = 2.0
 # How long a batch waits for more records after its first: at 500 requests/s, ten per call instead of the
 # three or four that arrive during one call.
@@ -44,6 +45,20 @@ _DIFFICULTIES = {"simple": pb.DIFFICULTY_SIMPLE, "complex": pb.DIFFICULTY_COMPLE
 # The ledger's request ids are at most 128 characters; a derived id keeps a readable prefix of the original.
 MAX_REQUEST_ID_CHARS = 128
 DERIVED_SUFFIX_CHARS = 20
+
+
+def ledger_breaker(channel: grpc.aio.Channel) -> DependencyBreaker:
+    """The breaker over the ledger for usage records; its one WARNING per outage says where they wait.
+
+    The ledger answers health checks while its own Redis hangs, so the probe may close the breaker while
+    real calls still fail, each only at its timeout. An outage ends with a delivered batch, or after the
+    breaker stayed closed for longer than a call may take: a call let through right after the probe
+    fails before the outage could be declared over, and the outage stays one (one WARNING, one INFO)."""
+    return DependencyBreaker(
+        "ledger (usage records spooled to the outbox)",
+        grpc_health_probe(channel, LEDGER_SERVICE),
+        settle_seconds=RECORD_TIMEOUT_SECONDS + SETTLE_SECONDS,
+    )
 
 
 @dataclass(frozen=True)
@@ -194,6 +209,7 @@ class UsageRecorder:
             else:
                 log.warning("usage records not delivered (%s); they wait in the journal", exc.code().name)
             return False
+        self._breaker.record_success()
         retry: list[JournalEntry] = []
         answered: list[JournalEntry] = []  # for good: held, a duplicate, or refused as invalid
         for entry, result in zip(batch, reply.results, strict=True):
