@@ -13,7 +13,7 @@ by the `x-fake-fault` header or by `fault=<spec>` inside the last user message:
     hang_midstream    send half the answer (a stream's events, or a body's bytes), then nothing more
     drop_midstream    send half the answer, then drop the connection
     malformed         answer 200 with a body that is not the provider's format
-    gzip_bomb         answer 200 with a gzip body of ~130 KB that expands to 128 MiB of zeros
+    gzip_bomb         answer 200 with a gzip body of ~130 KB that expands to 128 MiB of zeros (not streams)
 
 In-process:   `with FakeProvider() as fake: ... fake.openai_base_url ... fake.requests`
 As a process: `python -m tests.fakes.provider --port N` (prints "listening on http://host:port").

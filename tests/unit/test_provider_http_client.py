@@ -75,7 +75,7 @@ def ok(body: bytes, *extra: str) -> bytes:
 
 
 def pool(server: ScriptedServer, **options) -> HttpPool:
-    return HttpPool(server.url, keepalive_seconds=30, **{"max_connections": 8, **options})
+    return HttpPool(server.url, keepalive_seconds=30, **({"max_connections": 8} | options))
 
 
 async def post(client: HttpPool, body: bytes = b"{}") -> tuple[int, bytes]:
