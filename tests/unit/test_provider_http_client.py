@@ -150,6 +150,50 @@ async def test_gzip_and_deflate_bodies_are_decompressed_and_chunked_ones_joined(
     assert server.connections == 1
 
 
+async def test_gzip_members_one_after_another_are_all_decoded_and_trailing_bytes_ignored():
+    members = gzip.compress(b'{"first":') + gzip.compress(b'"member",') + gzip.compress(b'"last":true}')
+    answers = [
+        ok(members, "Content-Encoding: gzip"),
+        # Bytes after a whole member that are not another member: ignored, as gzip(1) and urllib3 do.
+        ok(gzip.compress(b'{"whole":true}') + b"\0\0\0\0", "Content-Encoding: gzip"),
+    ]
+
+    async def reply(head, writer):
+        body = answers.pop(0)
+        for i in range(0, len(body), 7):  # members split across reads
+            writer.write(body[i : i + 7])
+            await writer.drain()
+        return True
+
+    async with ScriptedServer(reply) as server:
+        client = pool(server)
+        assert await post(client) == (200, b'{"first":"member","last":true}')
+        assert await post(client) == (200, b'{"whole":true}')
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [gzip.compress(b'{"cut":"inside its stream"}')[:-6], zlib.compress(b'{"cut":"inside its stream"}')[:-3]],
+    ids=["gzip", "deflate"],
+)
+async def test_a_compressed_body_cut_inside_its_stream_is_refused(body):
+    encoding = "gzip" if body[:2] == b"\x1f\x8b" else "deflate"
+    answers = [ok(body, f"Content-Encoding: {encoding}"), ok(b"", f"Content-Encoding: {encoding}")]
+
+    async def reply(head, writer):
+        writer.write(answers.pop(0))
+        return True
+
+    async with ScriptedServer(reply) as server:
+        client = pool(server)
+        # HTTP framed the body whole (its Content-Length arrived); the compressed stream inside did not end.
+        with pytest.raises(MalformedResponse, match="ends before its end"):
+            await post(client)
+        assert await post(client) == (200, b"")  # an empty body is not a cut one
+        await client.close()
+
+
 async def test_an_informational_response_is_skipped():
     async def reply(head, writer):
         writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + ok(b"real"))

@@ -54,6 +54,48 @@ class ConnectionDropped(HttpError):
     pass
 
 
+class _Decompressor:
+    """A gzip or zlib ("deflate") body, expanded at most `room` bytes at a time.
+
+    gzip lets members follow one another (RFC 1952), each with its own header and checksum: all are
+    decoded. Bytes after a whole member that are not another one are ignored, as gzip(1) and urllib3 do. A
+    body whose compressed stream stops before its end is refused at the end of the body.
+    """
+
+    def __init__(self) -> None:
+        self._stream = _stream()
+        self._members = 0  # whole streams decoded
+        self._partial = False  # the current stream has input but not its end yet
+        self._ignoring = False
+
+    def decompress(self, data: bytes, room: int) -> bytes:
+        decoded = b""
+        while data and not self._ignoring:
+            try:
+                decoded += self._stream.decompress(data, room - len(decoded))
+            except zlib.error:
+                if not self._members:
+                    raise MalformedResponse("the body does not decompress") from None
+                self._ignoring = True
+                break
+            self._partial = not self._stream.eof
+            if self._partial or len(decoded) >= room:
+                break
+            self._members += 1
+            data = self._stream.unused_data
+            self._stream = _stream()
+        return decoded
+
+    def finish(self) -> None:
+        if self._partial:
+            raise MalformedResponse("the compressed body ends before its end")
+
+
+def _stream() -> zlib._Decompress:
+    # 32 + MAX_WBITS: a gzip or a zlib header, whichever the stream has.
+    return zlib.decompressobj(32 + zlib.MAX_WBITS)
+
+
 class HttpResponse:
     """A response whose status and headers have arrived; its body is read with `read` or `readline`.
 
@@ -68,7 +110,7 @@ class HttpResponse:
         self.headers: dict[str, str] = {}
         self._header_bytes = 0
         self._buffer = bytearray()
-        self._decoder: zlib._Decompress | None = None
+        self._decoder: _Decompressor | None = None
         self._complete = False  # the whole body has arrived
         self._error: HttpError | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -133,18 +175,14 @@ class HttpResponse:
         self.status = status
         encoding = self.headers.get("content-encoding", "identity").strip().lower()
         if encoding in _ENCODINGS:
-            # 32 + MAX_WBITS: a gzip or a zlib header, whichever the body has.
-            self._decoder = zlib.decompressobj(32 + zlib.MAX_WBITS)
+            self._decoder = _Decompressor()
         elif encoding not in {"", "identity"}:
             raise MalformedResponse("unsupported content-encoding")
 
     def _body(self, data: bytes) -> None:
         if self._decoder is not None:
-            try:
-                # At most one byte past the room left: a bomb is never expanded further than the limit.
-                data = self._decoder.decompress(data, self._max_body_bytes - len(self._buffer) + 1)
-            except zlib.error:
-                raise MalformedResponse("the body does not decompress") from None
+            # At most one byte past the room left: a bomb is never expanded further than the limit.
+            data = self._decoder.decompress(data, self._max_body_bytes - len(self._buffer) + 1)
         self._take(data)
 
     def _take(self, data: bytes) -> None:
@@ -157,8 +195,8 @@ class HttpResponse:
         """The body is complete: its length reached, its last chunk read, or its connection closed."""
         if self._decoder is not None:
             try:
-                self._take(self._decoder.flush())
-            except BodyTooLarge as error:
+                self._decoder.finish()
+            except MalformedResponse as error:
                 self._fail(error)
                 return
         self._complete = True
