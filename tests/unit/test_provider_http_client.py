@@ -173,12 +173,14 @@ async def test_gzip_members_one_after_another_are_all_decoded_and_trailing_bytes
 
 
 @pytest.mark.parametrize(
-    "body",
-    [gzip.compress(b'{"cut":"inside its stream"}')[:-6], zlib.compress(b'{"cut":"inside its stream"}')[:-3]],
+    ("encoding", "body"),
+    [
+        ("gzip", gzip.compress(b'{"cut":"inside its stream"}')[:-6]),
+        ("deflate", zlib.compress(b'{"cut":"inside its stream"}')[:-3]),
+    ],
     ids=["gzip", "deflate"],
 )
-async def test_a_compressed_body_cut_inside_its_stream_is_refused(body):
-    encoding = "gzip" if body[:2] == b"\x1f\x8b" else "deflate"
+async def test_a_compressed_body_cut_inside_its_stream_is_refused(encoding, body):
     answers = [ok(body, f"Content-Encoding: {encoding}"), ok(b"", f"Content-Encoding: {encoding}")]
 
     async def reply(head, writer):
@@ -188,7 +190,7 @@ async def test_a_compressed_body_cut_inside_its_stream_is_refused(body):
     async with ScriptedServer(reply) as server:
         client = pool(server)
         # HTTP framed the body whole (its Content-Length arrived); the compressed stream inside did not end.
-        with pytest.raises(MalformedResponse, match="ends before its end"):
+        with pytest.raises(MalformedResponse, match="stops before the end of its stream"):
             await post(client)
         assert await post(client) == (200, b"")  # an empty body is not a cut one
         await client.close()

@@ -88,7 +88,7 @@ class _Decompressor:
 
     def finish(self) -> None:
         if self._partial:
-            raise MalformedResponse("the compressed body ends before its end")
+            raise MalformedResponse("the compressed body stops before the end of its stream")
 
 
 def _stream() -> zlib._Decompress:
