@@ -172,6 +172,27 @@ async def test_gzip_members_one_after_another_are_all_decoded_and_trailing_bytes
         await client.close()
 
 
+async def test_a_compressed_body_that_decodes_to_nothing_is_still_bounded():
+    limit = 4096
+    answers = [
+        ok(gzip.compress(b"{}") + b"\0" * limit, "Content-Encoding: gzip"),  # ignored bytes after a member
+        ok(gzip.compress(b"") * 300, "Content-Encoding: gzip"),  # 300 empty members, ~6 KB
+        ok(gzip.compress(b"{}") * 100, "Content-Encoding: gzip"),  # 100 members within the limit
+    ]
+
+    async def reply(head, writer):
+        writer.write(answers.pop(0))
+        return True
+
+    async with ScriptedServer(reply) as server:
+        client = pool(server, max_body_bytes=limit)
+        for _ in range(2):
+            with pytest.raises(BodyTooLarge, match="compressed body is larger than 4096 bytes"):
+                await post(client)
+        assert await post(client) == (200, b"{}" * 100)
+        await client.close()
+
+
 @pytest.mark.parametrize(
     ("encoding", "body"),
     [
