@@ -191,9 +191,6 @@ class HttpResponse:
         if self._decoder is not None:
             # At most one byte past the room left: a bomb is never expanded further than the limit.
             data = self._decoder.decompress(data, self._max_body_bytes - len(self._buffer) + 1)
-        self._take(data)
-
-    def _take(self, data: bytes) -> None:
         if len(self._buffer) + len(data) > self._max_body_bytes:
             raise BodyTooLarge(f"the body holds more than {self._max_body_bytes} unread bytes")
         self._buffer += data
