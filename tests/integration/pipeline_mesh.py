@@ -17,6 +17,8 @@ from tools.mesh import Mesh
 
 CANARY_KEY = "sk-canary-5f1d2c9e8a7b6c5d4e3f2a1b"
 DEV_KEY = "sk-pipeline-dev-key-01"
+# A dev key that may use only fail500-gpt, whose fallback (good-gpt) it may not use.
+SCOPED_KEY = "sk-pipeline-scoped-key-01"
 BUDGET_KEY = "sk-pipeline-budget-key-01"
 ADMIN_KEY = "sk-pipeline-admin-key-01"
 # name → fault of the fake provider process behind it ("" = healthy)
@@ -88,7 +90,12 @@ def _config(ports: dict[str, int], outbox: Path) -> dict:
         "auth": {
             "admin_key": ADMIN_KEY,
             "tenants": {
-                "dev": {"api_keys": [{"name": "dev", "key": DEV_KEY}]},
+                "dev": {
+                    "api_keys": [
+                        {"name": "dev", "key": DEV_KEY},
+                        {"name": "scoped", "key": SCOPED_KEY, "models": ["fail500-gpt"]},
+                    ]
+                },
                 "budgeted": {"api_keys": [{"name": "main", "key": BUDGET_KEY}]},
             },
         },

@@ -16,6 +16,7 @@ from tests.integration.pipeline_mesh import (
     BUDGET_KEY,
     CANARY_KEY,
     DEV_KEY,
+    SCOPED_KEY,
     start_pipeline_mesh,
     stop_pipeline_mesh,
 )
@@ -61,6 +62,13 @@ def test_retryable_failures_fall_back_to_the_next_target(edge, failing):
     assert reply.headers["x-sophia-provider"] == "good"
     assert reply.headers["x-sophia-attempts"] == "2"
     assert reply.json()["choices"][0]["message"]["content"] == HELLO[0]["content"]
+
+
+def test_a_fallback_outside_the_keys_models_is_not_tried(edge):
+    reply = chat(edge, "fail500-gpt", cache=False, headers={"Authorization": f"Bearer {SCOPED_KEY}"})
+    assert reply.status_code != 200, reply.headers.get("x-sophia-model")
+    assert reply.json()["error"]["code"] == "UNAVAILABLE", reply.text  # the only allowed model failed
+    assert chat(edge, "fail500-gpt", cache=False).headers["x-sophia-model"] == "good-gpt"  # others may
 
 
 def test_a_stream_falls_back_before_its_first_token(pipeline):

@@ -58,7 +58,6 @@ DEFAULT_COMPLETION_ESTIMATE = 256
 CACHEABLE_FINISHES = ("stop", "length")
 # The Gateway's own feature flag (config/flags.yaml) for the semantic cache layer, per tenant.
 SEMANTIC_CACHING = "semantic_caching"
-AUTO_MODEL = "auto"
 
 
 def estimated_tokens(request: ChatRequest) -> int:
@@ -241,7 +240,9 @@ class RequestFlow:
             budget_used_fraction=budget_used,
         )
         targets = self._executor.usable_targets(plan, request)
-        if request.model == AUTO_MODEL and principal.scope.models:
+        if principal.scope.models:
+            # An explicit model's fallbacks too: a key limited to some models is never served (and
+            # billed) by another one.
             targets = _within_scope(principal, targets)
         return _Prepared(cache_key, found, targets, plan, fingerprint)
 
@@ -486,13 +487,13 @@ def _whole_stream(whole: Completion, outcome: ChatOutcome) -> ChatStream:
 
 
 def _within_scope(principal: Principal, targets: list[Target]) -> list[Target]:
-    """An automatic plan cut to the models the key may use; PERMISSION_DENIED when none is left."""
+    """A plan cut to the models the key may use; PERMISSION_DENIED when none is left."""
     allowed = [target for target in targets if principal.scope.allows_model(target.model_id)]
     if not allowed:
         planned = ", ".join(target.model_id for target in targets)
         raise PermissionDenied(
             f"key {principal.key_id} may use only the models {', '.join(principal.scope.models)}; "
-            f"the automatic plan has {planned}"
+            f"the plan has {planned}"
         )
     return allowed
 
