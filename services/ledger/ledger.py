@@ -120,6 +120,7 @@ class Ledger:
             planned_model_id=event.planned_model_id,
             attempts=event.attempts,
             prompt_fingerprint=event.prompt_fingerprint,
+            call_id=event.call_id,
         )
 
     async def _alert_new_thresholds(

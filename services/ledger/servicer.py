@@ -77,6 +77,7 @@ def _event(request: pb.RecordUsageRequest) -> UsageEvent:
         planned_model_id=request.planned_model_id,
         attempts=request.attempts,
         prompt_fingerprint=request.prompt_fingerprint,
+        call_id=request.call_id,
     )
 
 

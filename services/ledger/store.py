@@ -61,7 +61,7 @@ return {0, ARGV[3], spent}
 """
 # Fields added after the first records were written: absent from older hashes, and left out of the
 # fingerprint when empty so that a record replayed from an older journal still matches itself.
-_ROUTING_FIELDS = ("task_type", "difficulty", "planned_model_id", "attempts", "prompt_fingerprint")
+_LATER_FIELDS = ("task_type", "difficulty", "planned_model_id", "attempts", "prompt_fingerprint", "call_id")
 
 
 class RecordConflict(ServiceError):
@@ -82,7 +82,7 @@ def record_fingerprint(record: UsageRecord) -> str:
         record.output_tokens,
         record.cached,
     ]
-    for name in _ROUTING_FIELDS:
+    for name in _LATER_FIELDS:
         value = getattr(record, name)
         if value:
             document.append([name, value])
@@ -166,6 +166,7 @@ class LedgerStore:
             "planned_model_id": record.planned_model_id,
             "attempts": record.attempts,
             "prompt_fingerprint": record.prompt_fingerprint,
+            "call_id": record.call_id,
         }
         keys = [
             _key(tenant, "usage", record.request_id),
@@ -269,4 +270,5 @@ def _record_from_hash(request_id: str, fields: dict[str, str]) -> UsageRecord:
         planned_model_id=fields.get("planned_model_id", ""),
         attempts=int(fields.get("attempts", 0)),
         prompt_fingerprint=fields.get("prompt_fingerprint", ""),
+        call_id=fields.get("call_id", ""),
     )

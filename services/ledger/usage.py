@@ -20,6 +20,7 @@ EARLIEST_USAGE = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_CLOCK_SKEW = timedelta(days=1)
 MAX_TASK_TYPE_LENGTH = 64
 MAX_FINGERPRINT_LENGTH = 128
+MAX_CALL_ID_LENGTH = 64
 MAX_ATTEMPTS = 100
 # The group key of records the Router did not classify (no task type or difficulty reported).
 UNCLASSIFIED = "(unclassified)"
@@ -52,6 +53,7 @@ class UsageEvent:
     planned_model_id: str = ""
     attempts: int = 0
     prompt_fingerprint: str = ""
+    call_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class UsageRecord:
     planned_model_id: str = ""
     attempts: int = 0
     prompt_fingerprint: str = ""
+    call_id: str = ""
 
     @property
     def fell_back(self) -> bool:
@@ -143,6 +146,8 @@ def _validate_routing_context(event: UsageEvent) -> None:
         raise InvalidArgument("attempts", f"must be between 0 and {MAX_ATTEMPTS}")
     if len(event.prompt_fingerprint) > MAX_FINGERPRINT_LENGTH:
         raise InvalidArgument("prompt_fingerprint", f"must be at most {MAX_FINGERPRINT_LENGTH} characters")
+    if len(event.call_id) > MAX_CALL_ID_LENGTH:
+        raise InvalidArgument("call_id", f"must be at most {MAX_CALL_ID_LENGTH} characters")
 
 
 def month_key(moment: datetime) -> str:

@@ -243,6 +243,7 @@ INVALID = [
     ("RecordUsage", _usage("t", task_type="t" * 65), "task_type"),
     ("RecordUsage", _usage("t", prompt_fingerprint="f" * 129), "prompt_fingerprint"),
     ("RecordUsage", _usage("t", planned_model_id="m" * 257), "planned_model_id"),
+    ("RecordUsage", _usage("t", call_id="c" * 65), "call_id"),
     ("GetRecommendations", pb.GetRecommendationsRequest(), "tenant_id"),
     ("GetRecommendations", pb.GetRecommendationsRequest(tenant_id="a{b}"), "tenant_id"),
 ]

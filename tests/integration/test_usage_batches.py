@@ -124,6 +124,47 @@ async def test_a_request_id_held_with_other_usage_is_counted_under_its_derived_i
     assert derived_request_id("shared-id", "x").startswith("shared-id~")
 
 
+async def test_two_calls_with_equal_usage_under_one_request_id_are_both_counted(mesh, tmp_path):
+    """A client's reused x-request-id (an embedding, a retried cut stream) with the same token counts is
+    a second provider call, not a resend of the first: it is counted under its derived id."""
+    tenant = f"reused-{uuid.uuid4().hex[:6]}"
+    async with internal_channel(mesh, "ledger") as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
+        await recorder.start()
+        await recorder.record(usage(tenant, "reused-id"))
+        await wait_until_delivered(recorder)
+        await recorder.record(usage(tenant, "reused-id"))
+        await wait_until_delivered(recorder)
+        await recorder.close(5)
+        report = await stub.GetUsageReport(pb.GetUsageReportRequest(tenant_id=tenant), timeout=10)
+    assert (report.total.requests, report.total.input_tokens) == (2, 20)
+
+
+async def test_a_record_whose_caller_is_cancelled_during_its_write_still_reaches_the_ledger(mesh, tmp_path):
+    """A client gone while its record waits in the group commit: the record is on disk and is sent in
+    this run (not only after a restart), and its segment is not kept for it."""
+    tenant = f"cancelled-{uuid.uuid4().hex[:6]}"
+    in_flight = {"requests": 3}  # others in flight: the write gathers, in the journal's writer task
+    async with internal_channel(mesh, "ledger") as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        journal = UsageJournal(tmp_path, in_flight=lambda: in_flight["requests"])
+        recorder = UsageRecorder(stub, journal, 60.0, breaker)
+        await recorder.start()
+        writing = asyncio.create_task(recorder.record(usage(tenant, "gone")))
+        await asyncio.sleep(0)  # pending in the group commit
+        writing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await writing
+        in_flight["requests"] = 1
+        await recorder.record(usage(tenant, "next"))
+        await wait_until_delivered(recorder)
+        assert await requests_recorded(stub, tenant) == 2  # the replay (every 60 s) had no part in it
+        await recorder.close(5)
+
+
 async def test_records_wait_while_the_ledger_is_down_and_arrive_once_when_it_is_back(mesh, tmp_path):
     tenant = f"outage-{uuid.uuid4().hex[:6]}"
     async with internal_channel(mesh, "ledger") as channel:

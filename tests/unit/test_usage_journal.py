@@ -247,6 +247,12 @@ async def test_records_of_the_old_one_file_per_record_outbox_are_adopted(tmp_pat
     assert [e.record for e in UsageJournal(tmp_path).recover()] == [usage("req:1")]
 
 
+def test_a_journaled_record_with_a_field_this_version_does_not_know_is_still_read():
+    document = {**usage("r"), "call_id": "c1", "added_by_a_newer_version": 7}
+    record = UsageRecord.from_json(document)
+    assert (record.request_id, record.call_id, record.input_tokens) == ("r", "c1", 1)
+
+
 def test_derived_request_ids_are_stable_distinct_and_short_enough():
     first = derived_request_id("client-id", "entry-1")
     assert first == derived_request_id("client-id", "entry-1")

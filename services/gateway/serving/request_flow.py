@@ -292,8 +292,9 @@ class RequestFlow:
             attempts=outcome.attempts,
             prompt_fingerprint=outcome.prompt_fingerprint,
         )
-        await self._usage.record(record)  # durable before the answer is complete
+        # Charged first: a client that goes away while its record is written has still used the tokens.
         self._access.charge(principal, completion.prompt_tokens + completion.completion_tokens)
+        await self._usage.record(record)  # durable before the answer is complete
         if (
             cacheable
             and cache_key is not None

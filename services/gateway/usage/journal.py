@@ -86,6 +86,15 @@ class _Segment:
 
 
 @dataclass(frozen=True)
+class _Pending:
+    """An append waiting for the next write."""
+
+    entry: JournalEntry
+    written: asyncio.Future[None]
+    on_durable: Callable[[JournalEntry], None] | None
+
+
+@dataclass(frozen=True)
 class _Write:
     fd: int
     data: bytes
@@ -143,7 +152,7 @@ class UsageJournal:
         self._segment_of: dict[str, int] = {}  # entry id → sequence of the segment holding it
         self._current: int | None = None  # the segment appends go to
         self._next_sequence = 1
-        self._pending: list[tuple[JournalEntry, asyncio.Future[None]]] = []
+        self._pending: list[_Pending] = []
         self._writer: asyncio.Task | None = None
         self._gathering: asyncio.Future[None] | None = None  # set when every request in flight appended
         self._threaded_until = 0.0  # writes go to a worker thread until then (after a slow one)
@@ -208,15 +217,27 @@ class UsageJournal:
 
     # --- appending -----------------------------------------------------------------------------------
 
-    async def append(self, record: dict[str, Any]) -> JournalEntry:
-        """Returns once the record is on disk (fdatasync'ed), in one write with whatever else was pending."""
-        entry = JournalEntry(uuid.uuid4().hex, record)
-        if self._writer is None and self._in_flight() <= 1:
-            # Alone in flight: written now, with no task or future to hand the write over.
-            await self._write_batch([entry], in_thread=False)
+    async def append(
+        self,
+        record: dict[str, Any],
+        on_durable: Callable[[JournalEntry], None] | None = None,
+        *,
+        entry_id: str | None = None,
+    ) -> JournalEntry:
+        """Returns once the record is on disk (fdatasync'ed), in one write with whatever else was pending.
+        `on_durable(entry)` runs the moment it is, in the task that wrote it: a caller cancelled while it
+        waits (a client gone mid-request) still has its record handed on, not left on disk unknown to the
+        recorder until the next start. `entry_id`: the caller's (unique) id for the entry, else a new one."""
+        entry = JournalEntry(entry_id or uuid.uuid4().hex, record)
+        if self._writer is None and self._in_flight() <= 1 and not self._disk_is_slow():
+            # Alone in flight: written now, with no task or future to hand the write over, and nothing
+            # awaited before on_durable (nothing to cancel half-way).
+            self._write_now([entry])
+            if on_durable is not None:
+                on_durable(entry)
             return entry
         written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((entry, written))
+        self._pending.append(_Pending(entry, written, on_durable))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_pending())
         elif self._gathering is not None and len(self._pending) >= self._in_flight():
@@ -232,15 +253,20 @@ class UsageJournal:
                     await self._gather()
                 batch, self._pending = self._pending, []
                 try:
-                    await self._write_batch([entry for entry, _ in batch], in_thread=busy)
+                    entries = [pending.entry for pending in batch]
+                    if busy or self._disk_is_slow():
+                        await self._write_in_thread(entries)
+                    else:
+                        self._write_now(entries)
                 except OSError as exc:
-                    for _, written in batch:
-                        if not written.done():
-                            written.set_exception(exc)
+                    for pending in batch:
+                        if not pending.written.done():
+                            pending.written.set_exception(exc)
                     continue
-                for _, written in batch:
-                    if not written.done():
-                        written.set_result(None)
+                for pending in batch:
+                    if pending.on_durable is not None:
+                        pending.on_durable(pending.entry)
+                    _set_once(pending.written)
         finally:
             self._writer = None
 
@@ -255,22 +281,19 @@ class UsageJournal:
             timer.cancel()
             self._gathering = None
 
-    async def _write_batch(self, entries: list[JournalEntry], *, in_thread: bool) -> None:
-        """Writes `entries` durably; on OSError none of them is booked and the error is raised."""
+    def _disk_is_slow(self) -> bool:
+        return time.monotonic() < self._threaded_until
+
+    def _write_now(self, entries: list[JournalEntry]) -> None:
+        """Writes `entries` durably on the loop's thread; on OSError none of them is booked and the error
+        is raised. A write slower than SLOW_WRITE_SECONDS sends the next writes to a worker thread."""
         try:
             write = self._prepare_write(entries)
-            await self._write(write, in_thread=in_thread)
+            started = time.monotonic()
+            self._write_durably(write)
         except OSError:
-            for entry in entries:
-                self._forget(entry.entry_id)
+            self._forget(*entries)
             raise
-
-    async def _write(self, write: _Write, *, in_thread: bool) -> None:
-        if in_thread or time.monotonic() < self._threaded_until:
-            await asyncio.to_thread(self._write_durably, write)
-            return
-        started = time.monotonic()
-        self._write_durably(write)
         took = time.monotonic() - started
         if took > SLOW_WRITE_SECONDS:
             self._threaded_until = time.monotonic() + SLOW_DISK_SECONDS
@@ -279,6 +302,14 @@ class UsageJournal:
                 took * 1000,
                 SLOW_DISK_SECONDS,
             )
+
+    async def _write_in_thread(self, entries: list[JournalEntry]) -> None:
+        """Writes `entries` durably from a worker thread; on OSError none of them is booked."""
+        try:
+            await asyncio.to_thread(self._write_durably, self._prepare_write(entries))
+        except OSError:
+            self._forget(*entries)
+            raise
 
     def _prepare_write(self, entries: list[JournalEntry]) -> _Write:
         """Picks the segment, books the entries and their bytes into it, on the event loop's thread: acks
@@ -329,10 +360,11 @@ class UsageJournal:
             _write_all(segment.fd, data, segment.reserve(len(data)))
             self._delete_if_done(sequence)
 
-    def _forget(self, entry_id: str) -> None:
-        sequence = self._segment_of.pop(entry_id, None)
-        if sequence is not None:
-            self._segments[sequence].unacked.discard(entry_id)
+    def _forget(self, *entries: JournalEntry) -> None:
+        for entry in entries:
+            sequence = self._segment_of.pop(entry.entry_id, None)
+            if sequence is not None:
+                self._segments[sequence].unacked.discard(entry.entry_id)
 
     def _delete_if_done(self, sequence: int) -> None:
         segment = self._segments.get(sequence)

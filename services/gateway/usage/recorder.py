@@ -19,7 +19,8 @@ import asyncio
 import contextvars
 import hashlib
 import logging
-from dataclasses import dataclass, replace
+import uuid
+from dataclasses import dataclass, fields, replace
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -79,6 +80,16 @@ class UsageRecord:
     planned_model_id: str = ""
     attempts: int = 0
     prompt_fingerprint: str = ""
+    # This call's own name for the ledger, set by the recorder: its journal entry's id, the same on every
+    # resend. Empty in records journaled before it existed (the ledger then compares them as before).
+    call_id: str = ""
+
+    @classmethod
+    def from_json(cls, document: dict) -> UsageRecord:
+        """A journaled record; fields this version does not know (written by a newer one) are left out, so
+        that one such record cannot stop the replay of every other."""
+        known = {name: value for name, value in document.items() if name in _RECORD_FIELDS}
+        return cls(**known)
 
     def as_json(self) -> dict:
         """The record as the journal keeps it (every field is a plain value: no deep copy needed)."""
@@ -102,7 +113,11 @@ class UsageRecord:
             planned_model_id=self.planned_model_id,
             attempts=self.attempts,
             prompt_fingerprint=self.prompt_fingerprint,
+            call_id=self.call_id,
         )
+
+
+_RECORD_FIELDS = frozenset(field.name for field in fields(UsageRecord))
 
 
 def derived_request_id(request_id: str, unique: str) -> str:
@@ -150,15 +165,28 @@ class UsageRecorder:
         self._replay = asyncio.create_task(self._replay_forever())
 
     async def record(self, record: UsageRecord) -> None:
-        """Returns once the record is durable; the ledger is asked in the background."""
+        """Returns once the record is durable; the ledger is asked in the background. The record is handed
+        on (kept until the ledger holds it) even when the caller is cancelled while it is written."""
+        # One id names the journal entry and, for the ledger, this call: stable across resends, and
+        # different from any other call's, so a reused request id never merges two calls into one record.
+        call_id = uuid.uuid4().hex
+        document = record.as_json()
+        document["call_id"] = call_id
         try:
-            entry = await self._journal.append(record.as_json())
+            await self._journal.append(document, self._track, entry_id=call_id)
         except OSError as exc:
             # No durable copy: the ledger itself is the only place left, so the answer waits for it.
             log.error("usage journal not writable (%s): sending the record to the ledger directly", exc)
-            if not await self._send_batch([JournalEntry(record.request_id, record.as_json())]):
-                log.error("usage record neither journaled nor delivered", extra={"record": record.as_json()})
-            return
+            entry = JournalEntry(call_id, document)
+            if not await self._send_batch([entry]):
+                # Kept in memory and sent again by the replay: lost only if this process ends first.
+                self._unacked[call_id] = entry
+                log.error(
+                    "usage record neither journaled nor delivered; kept in memory", extra={"record": document}
+                )
+
+    def _track(self, entry: JournalEntry) -> None:
+        """A record now durable: sent in the next batch, and again by the replay until the ledger holds it."""
         self._unacked[entry.entry_id] = entry
         if self._breaker.allows():
             self._enqueue([entry])
@@ -191,7 +219,7 @@ class UsageRecorder:
                 return  # left unacknowledged: the replay sends them again
 
     def _record_of(self, entry: JournalEntry) -> UsageRecord:
-        record = UsageRecord(**entry.record)
+        record = UsageRecord.from_json(entry.record)
         if entry.entry_id in self._conflicted:
             return replace(record, request_id=derived_request_id(record.request_id, entry.entry_id))
         return record
@@ -214,7 +242,7 @@ class UsageRecorder:
         answered: list[JournalEntry] = []  # for good: held, a duplicate, or refused as invalid
         for entry, result in zip(batch, reply.results, strict=True):
             if result.status == pb.RECORD_STATUS_CONFLICT and entry.entry_id not in self._conflicted:
-                record = UsageRecord(**entry.record)
+                record = UsageRecord.from_json(entry.record)
                 derived = derived_request_id(record.request_id, entry.entry_id)
                 log.warning(
                     "request id %s already recorded with other usage; recording as %s",
