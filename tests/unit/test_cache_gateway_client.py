@@ -56,6 +56,13 @@ def test_anything_but_the_question_changes_the_scope(other):
     assert split_request(other)[0] != split_request(request(SYSTEM, USER))[0]
 
 
+def test_an_automatic_plans_preference_and_task_type_change_its_scope_an_explicit_models_do_not():
+    auto = request(SYSTEM, USER, model="auto")
+    for routing in ({"model_preference": "quality"}, {"task_type": "code"}):
+        assert split_request(request(SYSTEM, USER, model="auto", **routing))[0] != split_request(auto)[0]
+        assert split_request(request(SYSTEM, USER, **routing))[0] == split_request(request(SYSTEM, USER))[0]
+
+
 def test_a_tool_result_is_never_a_question():
     scope, _question, is_question = split_request(request(USER, Message("tool", "42", tool_call_id="c1")))
     assert not is_question and '"last"' in scope

@@ -43,6 +43,7 @@ from services.gateway.serving.response_cache import (
     CachedAnswer,
     CacheKey,
     CacheLookup,
+    CacheStatus,
     ResponseCache,
     prompt_fingerprint,
 )
@@ -230,7 +231,10 @@ class RequestFlow:
         found = await self._cache.lookup(cache_key)
         fingerprint = prompt_fingerprint(request, cache_key)
         if found.answer is not None:
-            return _Prepared(cache_key, found, [], prompt_fingerprint=fingerprint)
+            if principal.scope.allows_model(found.answer.model_id):
+                return _Prepared(cache_key, found, [], prompt_fingerprint=fingerprint)
+            # Another key of the tenant got it from a model this key may not use: a miss for this one.
+            found = CacheLookup(CacheStatus.MISS, embedding=found.embedding)
         plan = await self._routing.plan(
             request,
             principal.tenant_id,

@@ -44,6 +44,8 @@ _SAMPLING_FIELDS = (
     "logit_bias",
 )  # fmt: skip
 _TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+# The model id of a request the Router plans (its model_preference and task_type pick the models).
+AUTOMATIC = "auto"
 # How models word a refusal at the start of an answer; such answers are never served to other wordings.
 _REFUSAL = re.compile(
     r"^\W*(?:i'?m sorry|i am sorry|sorry|unfortunately|i apologi[sz]e)?[,.!\s]*(?:but\s+)?"
@@ -117,6 +119,9 @@ def split_request(request: ChatRequest) -> tuple[str, str, bool]:
         "history": history,
         **{name: getattr(request, name) for name in (*_SAMPLING_FIELDS, *_TOOL_FIELDS)},
     }
+    if request.model == AUTOMATIC:
+        # The Router plans by these too: a request that asks for quality must not get a cheap model's answer.
+        scope["routing"] = [request.task_type, request.model_preference]
     if not last_is_question:
         # A tool result or an assistant prefill: only an identical message may match, so it joins the scope.
         scope["last"] = dataclasses.asdict(last)
