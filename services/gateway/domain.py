@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +45,16 @@ class ChatRequest:
     store_in_cache: bool = True
     task_type: str = ""
     model_preference: str = ""
+
+    def estimated_prompt_tokens(self) -> int:
+        """Everything the provider reads as prompt: the messages, and the tool schemas, tool choice and
+        response format it is sent beside them (a provider counts those as input tokens too)."""
+        return (
+            estimated_prompt_tokens(self.messages)
+            + _estimated_json_tokens(self.tools)
+            + _estimated_json_tokens(self.tool_choice)
+            + _estimated_json_tokens(self.response_format)
+        )
 
 
 @dataclass(frozen=True)
@@ -84,7 +97,7 @@ class EmbeddingInputs:
         return len(self.texts) or len(self.token_arrays)
 
     def estimated_tokens(self) -> int:
-        return sum(map(estimated_text_tokens, self.texts)) + sum(map(len, self.token_arrays))
+        return estimated_input_tokens(self.texts or self.token_arrays)
 
     def provider_input(self) -> list[str] | list[list[int]]:
         """The OpenAI wire form: a list of strings or a list of token arrays."""
@@ -103,20 +116,71 @@ class Principal:
 
 
 # Token counts where no tokenizer counted (admission estimates, a stream cut off before the provider's
-# usage arrived): English runs about four characters a token, code and other scripts fewer, so three
-# errs towards charging a little more, never less. Each message adds a few tokens of framing (role,
-# separators) on top of its text.
+# usage arrived, an answer that came without usage): English runs about four characters a token, code
+# and other scripts fewer, so three errs towards charging a little more, never less. Each message adds a
+# few tokens of framing (role, separators) on top of its text.
 ESTIMATE_CHARS_PER_TOKEN = 3
 MESSAGE_FRAMING_TOKENS = 4
 
 
+def _estimated_chars_tokens(chars: int) -> int:
+    return -(-chars // ESTIMATE_CHARS_PER_TOKEN)
+
+
 def estimated_text_tokens(text: str) -> int:
     """A conservative token count of `text`: never 0 for text that is not empty."""
-    return -(-len(text) // ESTIMATE_CHARS_PER_TOKEN)
+    return _estimated_chars_tokens(len(text))
+
+
+def _estimated_json_tokens(value: Any) -> int:
+    """Structured prompt parts (tool schemas, tool calls, a response format) reach the model as JSON, so
+    they are estimated as the JSON text they are sent as."""
+    return estimated_text_tokens(json.dumps(value)) if value else 0
+
+
+def _estimated_message_tokens(message: Message) -> int:
+    return (
+        MESSAGE_FRAMING_TOKENS
+        + estimated_text_tokens(message.content)
+        + estimated_text_tokens(message.name)
+        + estimated_text_tokens(message.tool_call_id)
+        + _estimated_json_tokens(message.tool_calls)
+    )
 
 
 def estimated_prompt_tokens(messages: tuple[Message, ...]) -> int:
-    return sum(MESSAGE_FRAMING_TOKENS + estimated_text_tokens(m.content) for m in messages)
+    """The messages alone; `ChatRequest.estimated_prompt_tokens` adds what travels beside them."""
+    return sum(map(_estimated_message_tokens, messages))
+
+
+def estimated_input_tokens(inputs: Sequence[str] | Sequence[Sequence[int]]) -> int:
+    """Embedding inputs: texts estimated, token arrays counted exactly."""
+    return sum(estimated_text_tokens(i) if isinstance(i, str) else len(i) for i in inputs)
+
+
+def _generated_chars(call: dict[str, Any]) -> int:
+    """The characters of a tool call (or of a streamed fragment of one) that the model generated."""
+    function = call.get("function") or {}
+    return len(str(function.get("name") or "")) + len(str(function.get("arguments") or ""))
+
+
+def _estimated_answer_tokens(text: str, tool_call_chars: int) -> int:
+    return estimated_text_tokens(text) + _estimated_chars_tokens(tool_call_chars)
+
+
+def with_estimated_usage(completion: Completion, request: ChatRequest) -> Completion:
+    """`completion` with the counts its provider left out (absent, null or 0) estimated, as a cut
+    stream's are. A 0 counts as left out: no prompt is 0 tokens, nor is an answer with content, and an
+    empty answer's estimate is 0 anyway, so a 0 the provider meant is kept."""
+    if completion.prompt_tokens and completion.completion_tokens:
+        return completion
+    tool_call_chars = sum(map(_generated_chars, completion.tool_calls))
+    answer_estimate = _estimated_answer_tokens(completion.text, tool_call_chars)
+    return dataclasses.replace(
+        completion,
+        prompt_tokens=completion.prompt_tokens or request.estimated_prompt_tokens(),
+        completion_tokens=completion.completion_tokens or answer_estimate,
+    )
 
 
 @dataclass
@@ -137,11 +201,7 @@ class StreamTally:
 
     def add(self, chunk: CompletionChunk) -> None:
         self.text.append(chunk.text)
-        for call in chunk.tool_calls:
-            function = call.get("function") or {}
-            self.tool_call_chars += len(str(function.get("name") or "")) + len(
-                str(function.get("arguments") or "")
-            )
+        self.tool_call_chars += sum(map(_generated_chars, chunk.tool_calls))
         self.prompt_tokens = max(self.prompt_tokens, chunk.prompt_tokens)
         self.completion_tokens = max(self.completion_tokens, chunk.completion_tokens)
         self.finish_reason = chunk.finish_reason or self.finish_reason
@@ -152,11 +212,9 @@ class StreamTally:
 
     def completion(self) -> Completion:
         text = "".join(self.text)
-        tool_call_estimate = -(-self.tool_call_chars // ESTIMATE_CHARS_PER_TOKEN)
-        delivered_estimate = estimated_text_tokens(text) + tool_call_estimate
         return Completion(
             text=text,
             finish_reason=self.finish_reason or "cancelled",
             prompt_tokens=self.prompt_tokens or self.prompt_estimate,
-            completion_tokens=self.completion_tokens or delivered_estimate,
+            completion_tokens=self.completion_tokens or _estimated_answer_tokens(text, self.tool_call_chars),
         )

@@ -14,6 +14,7 @@ by the `x-fake-fault` header or by `fault=<spec>` inside the last user message:
     drop_midstream    send half the answer, then drop the connection
     malformed         answer 200 with a body that is not the provider's format
     gzip_bomb         answer 200 with a gzip body of ~130 KB that expands to 128 MiB of zeros (not streams)
+    no_usage          answer without `usage`, as some compatible servers do (not streams)
 
 In-process:   `with FakeProvider() as fake: ... fake.openai_base_url ... fake.requests`
 As a process: `python -m tests.fakes.provider --port N` (prints "listening on http://host:port").
@@ -62,6 +63,7 @@ _FAULT_KINDS = {
     "drop_midstream",
     "malformed",
     "gzip_bomb",
+    "no_usage",
 }
 _BOMB_BYTES = 128 * 1024 * 1024
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests"}
@@ -388,7 +390,7 @@ class FakeProvider:
             "model": model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
-        await self._send_unary(exchange, dumps(payload), fault)
+        await self._send_unary(exchange, dumps(_usage_kept(payload, fault)), fault)
 
     async def _answer_unary(
         self,
@@ -403,7 +405,7 @@ class FakeProvider:
         payload = (
             anthropic_message(body, reply, number) if anthropic else openai_completion(body, reply, number)
         )
-        await self._send_unary(exchange, dumps(payload), fault)
+        await self._send_unary(exchange, dumps(_usage_kept(payload, fault)), fault)
 
     async def _send_unary(self, exchange: _Exchange, payload: bytes, fault: Fault | None) -> None:
         kind = fault.kind if fault is not None else ""
@@ -448,6 +450,13 @@ class FakeProvider:
                 await exchange.wait_for_client_to_leave()
                 return
         await exchange.end_stream()
+
+
+def _usage_kept(payload: dict[str, Any], fault: Fault | None) -> dict[str, Any]:
+    """`payload` as sent: without its usage under the no_usage fault."""
+    if fault is not None and fault.kind == "no_usage":
+        return {key: value for key, value in payload.items() if key != "usage"}
+    return payload
 
 
 @functools.cache

@@ -125,6 +125,19 @@ async def test_a_stream_the_client_leaves_early_is_billed_for_what_it_delivered(
     assert charged_tokens(pipeline, key_id) == row.input_tokens + row.output_tokens
 
 
+async def test_a_cut_streams_prompt_estimate_counts_what_is_sent_beside_the_messages(pipeline):
+    tenant, _key_id, secret = new_tenant_key(pipeline)
+    schema = {"type": "object", "description": "d" * 6_000, "properties": {"answer": {"type": "string"}}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    content = f"fault=chunk_latency:0.4 {LONG_PROMPT}"
+    await asyncio.to_thread(
+        read_a_few_chunks_then_leave, pipeline, secret, "good-gpt", content, response_format=response_format
+    )
+    report = await wait_for_requests(pipeline, tenant, 1)
+    # The schema reaches the model as prompt: billed as its JSON (about 3 characters a token) on top.
+    assert report.total.input_tokens >= (len(content) + len(json.dumps(response_format))) // 3
+
+
 async def test_embeddings_with_dimensions_the_model_cannot_honour_are_refused_unbilled(pipeline):
     tenant, _, secret = new_tenant_key(pipeline)
     headers = {"Authorization": f"Bearer {secret}"}

@@ -31,7 +31,7 @@ from libs.pricing import MICROS_PER_USD, token_cost_micros
 from services.gateway.access.control import AccessControl
 from services.gateway.access.roles import Role
 from services.gateway.api import translate
-from services.gateway.domain import Principal, estimated_prompt_tokens
+from services.gateway.domain import Principal
 from services.gateway.serving.request_flow import DEFAULT_COMPLETION_ESTIMATE
 from services.gateway.serving.router_client import Routing
 
@@ -230,7 +230,7 @@ class InsightServicer(insight_pb2_grpc.InsightServiceServicer):
         principal = await self._tenant(context)
         chat = translate.chat_request(request.params)
         self._routing.check_model(chat.model, "chat")
-        prompt_tokens = estimated_prompt_tokens(chat.messages)
+        prompt_tokens = chat.estimated_prompt_tokens()
         completion_tokens = chat.max_tokens or DEFAULT_COMPLETION_ESTIMATE
         plan = await self._routing.plan(
             chat, principal.tenant_id, request_id_var.get(), prompt_tokens + completion_tokens

@@ -7,7 +7,14 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Message, Target
+from services.gateway.domain import (
+    ChatRequest,
+    Completion,
+    CompletionChunk,
+    Message,
+    Target,
+    with_estimated_usage,
+)
 from services.gateway.providers.base import ProviderError
 from services.gateway.providers.http import HttpProvider
 
@@ -169,9 +176,10 @@ class _StreamState:
     def chunk(self, payload: dict[str, Any]) -> CompletionChunk | None:
         kind = payload.get("type")
         if kind == "message_start":
+            # Its output_tokens is a placeholder (1 or so), not the answer's count: only message_delta's
+            # is, and without one the answer is billed for the text it delivered.
             usage = payload["message"].get("usage") or {}
             self.prompt_tokens = int(usage.get("input_tokens") or 0)
-            self.completion_tokens = int(usage.get("output_tokens") or 0)
         elif kind == "content_block_start":
             block = payload["content_block"]
             if block["type"] == "text" and block.get("text"):
@@ -193,7 +201,7 @@ class _StreamState:
         elif kind == "message_delta":
             self.stop_reason = _finish_reason((payload.get("delta") or {}).get("stop_reason"))
             usage = payload.get("usage") or {}
-            if "output_tokens" in usage:
+            if usage.get("output_tokens"):
                 self.completion_tokens = int(usage["output_tokens"])
             if usage.get("input_tokens"):
                 self.prompt_tokens = int(usage["input_tokens"])
@@ -229,7 +237,8 @@ class AnthropicProvider(HttpProvider):
     async def complete(self, target: Target, request: ChatRequest) -> Completion:
         payload = await self._post_json("/v1/messages", messages_body(target, request, stream=False))
         with self._reading("unexpected message shape"):
-            return _completion(payload)
+            completion = _completion(payload)
+        return with_estimated_usage(completion, request)
 
     async def stream(self, target: Target, request: ChatRequest) -> AsyncIterator[CompletionChunk]:
         state = _StreamState()

@@ -12,7 +12,14 @@ from sophia.inference.v1 import inference_pb2_grpc
 from libs.clients import open_channel
 from libs.config import ClientSettings
 from libs.errors import ServiceError
-from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Target
+from services.gateway.domain import (
+    ChatRequest,
+    Completion,
+    CompletionChunk,
+    Target,
+    estimated_input_tokens,
+    with_estimated_usage,
+)
 from services.gateway.providers.base import ProviderError
 
 # What ModelInference answers when the Gateway forwards a bad request are the caller's errors; anything
@@ -110,12 +117,14 @@ class LocalProvider:
                     options=self._options(request),
                 )
             )
-        return Completion(
+        # Unset counts read as 0 in proto3: a ModelInference that sent none is billed for estimates.
+        completion = Completion(
             text=reply.text,
             finish_reason=_FINISH_REASONS.get(reply.finish_reason, "stop"),
             prompt_tokens=reply.prompt_tokens,
             completion_tokens=reply.completion_tokens,
         )
+        return with_estimated_usage(completion, request)
 
     async def stream(self, target: Target, request: ChatRequest) -> AsyncIterator[CompletionChunk]:
         call = None
@@ -146,7 +155,8 @@ class LocalProvider:
         # Local models return their native size only; the Gateway refuses any other before calling.
         with _as_provider_errors():
             reply = await self._stub.Embed(pb.EmbedRequest(model=target.provider_model, inputs=inputs))
-        return [list(vector.values) for vector in reply.embeddings], reply.prompt_tokens
+        vectors = [list(vector.values) for vector in reply.embeddings]
+        return vectors, reply.prompt_tokens or estimated_input_tokens(inputs)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -6,7 +6,15 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Message, Target
+from services.gateway.domain import (
+    ChatRequest,
+    Completion,
+    CompletionChunk,
+    Message,
+    Target,
+    estimated_input_tokens,
+    with_estimated_usage,
+)
 from services.gateway.providers.base import ProviderError
 from services.gateway.providers.http import HttpProvider
 
@@ -101,7 +109,8 @@ class OpenAICompatibleProvider(HttpProvider):
     async def complete(self, target: Target, request: ChatRequest) -> Completion:
         payload = await self._post_json("/chat/completions", chat_body(target, request, stream=False))
         with self._reading("unexpected completion shape"):
-            return _completion(payload)
+            completion = _completion(payload)
+        return with_estimated_usage(completion, request)
 
     async def stream(self, target: Target, request: ChatRequest) -> AsyncIterator[CompletionChunk]:
         finish_reason: str | None = None
@@ -154,6 +163,8 @@ class OpenAICompatibleProvider(HttpProvider):
             rows = sorted(payload["data"], key=lambda row: int(row.get("index", 0)))
             vectors = [[float(x) for x in row["embedding"]] for row in rows]
             prompt_tokens = int((payload.get("usage") or {}).get("prompt_tokens") or 0)
+        # An answer without usage (or with 0 for inputs that are not empty) is billed for an estimate.
+        prompt_tokens = prompt_tokens or estimated_input_tokens(inputs)
         if len(vectors) != len(inputs):
             raise ProviderError(
                 f"provider {self.name} returned {len(vectors)} embeddings for {len(inputs)} inputs",

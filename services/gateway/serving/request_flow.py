@@ -34,7 +34,6 @@ from services.gateway.domain import (
     Principal,
     StreamTally,
     Target,
-    estimated_prompt_tokens,
 )
 from services.gateway.providers.base import Provider, ProviderError
 from services.gateway.serving.fallback import Attempt, ChatExecutor, provider_failure
@@ -63,7 +62,7 @@ SEMANTIC_CACHING = "semantic_caching"
 
 def estimated_tokens(request: ChatRequest) -> int:
     """For limits and for skipping models whose context window is too small."""
-    return estimated_prompt_tokens(request.messages) + (request.max_tokens or DEFAULT_COMPLETION_ESTIMATE)
+    return request.estimated_prompt_tokens() + (request.max_tokens or DEFAULT_COMPLETION_ESTIMATE)
 
 
 def provider_dimensions(model_id: str, model: ModelConfig, requested: int | None) -> int | None:
@@ -420,7 +419,7 @@ class RequestFlow:
             self._routing.report([a for a in attempts if a.outcome != "success"], self._background)
         streamed = attempts[-1]
         outcome = prepared.outcome(served.target, len(served.attempts))
-        tally = StreamTally(prompt_estimate=estimated_prompt_tokens(request.messages))
+        tally = StreamTally(prompt_estimate=request.estimated_prompt_tokens())
         tally.add(first)
 
         async def settle() -> None:
