@@ -27,6 +27,8 @@ VERSION = project_version()
 # A route reason names the rule and the models skipped; a header keeps the first part of a long one.
 MAX_ROUTE_REASON_CHARS = 256
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# gRPC fails the whole call, answer and all, on a metadata value with any other character.
+_NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]+")
 
 
 def _metadata(context) -> tuple[tuple[str, str | bytes], ...]:
@@ -52,8 +54,9 @@ def cache_control(metadata) -> set[str]:
 
 
 def header_value(text: str, limit: int = MAX_ROUTE_REASON_CHARS) -> str:
-    """Metadata values are printable ASCII: arrows become "->", anything else non-ASCII goes."""
-    ascii_text = text.replace("→", "->").encode("ascii", "ignore").decode()
+    """Metadata values are printable ASCII: arrows become "->", anything else (non-ASCII, control
+    characters) goes."""
+    ascii_text = _NOT_PRINTABLE_ASCII.sub("", text.replace("→", "->"))
     return ascii_text if len(ascii_text) <= limit else ascii_text[: limit - 1] + "~"
 
 
@@ -101,10 +104,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     @staticmethod
     def _response_headers(request_id: str, outcome: ChatOutcome) -> tuple[tuple[str, str], ...]:
+        # Every text from the client, the Router or the config goes through header_value (the request id
+        # was checked in _begin): sent after the answer was billed and kept for retries, a value gRPC
+        # refuses would turn that answer into an INTERNAL error.
         headers = [
             ("x-request-id", request_id),
-            ("x-sophia-provider", outcome.provider),
-            ("x-sophia-model", outcome.model_id),
+            ("x-sophia-provider", header_value(outcome.provider)),
+            ("x-sophia-model", header_value(outcome.model_id)),
             ("x-sophia-attempts", str(outcome.attempts)),
             ("x-sophia-cache", outcome.cache),
             ("x-sophia-cost-usd", f"{outcome.cost_micros / 1e6:.6f}"),
@@ -114,9 +120,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if outcome.cache_layer == "semantic":
                 headers.append(("x-sophia-cache-similarity", f"{outcome.cache_similarity:.4f}"))
         if outcome.task_type:
-            headers.append(("x-sophia-task-type", outcome.task_type))
+            headers.append(("x-sophia-task-type", header_value(outcome.task_type)))
         if outcome.difficulty:
-            headers.append(("x-sophia-difficulty", outcome.difficulty))
+            headers.append(("x-sophia-difficulty", header_value(outcome.difficulty)))
         if outcome.route_reason:
             headers.append(("x-sophia-route-reason", header_value(outcome.route_reason)))
         return tuple(headers)

@@ -7,6 +7,7 @@ Every refusal names the field the way the client wrote it (e.g. `messages[2].rol
 from __future__ import annotations
 
 import base64
+import re
 import struct
 from typing import Any
 
@@ -25,6 +26,12 @@ MAX_MESSAGES = 2048
 MAX_STOP_SEQUENCES = 4
 MAX_EMBEDDING_INPUTS = 256
 MAX_TOKEN_ID = 2**31 - 1
+# A client's task type goes into the usage record, which the cost ledger refuses past 64 characters
+# (services/ledger/usage.py), and back out in the x-sophia-task-type header: refused here, before anything
+# is answered, instead of answered and never billed. The characters are those of labels like the
+# classifier's task types ("summarization", "data_analysis").
+MAX_TASK_TYPE_CHARS = 64
+_TASK_TYPE = re.compile(rf"[A-Za-z0-9._:\-]{{1,{MAX_TASK_TYPE_CHARS}}}")
 
 
 def _value(value: struct_pb2.Value) -> Any:
@@ -213,6 +220,12 @@ def chat_request(
         _in_range(f"logit_bias[{token}]", bias, -100, 100)
     if params.model_preference and params.model_preference not in PREFERENCES:
         raise InvalidArgument("model_preference", f"must be one of {', '.join(PREFERENCES)}")
+    if params.task_type and not _TASK_TYPE.fullmatch(params.task_type):
+        raise InvalidArgument(
+            "task_type",
+            f"must be at most {MAX_TASK_TYPE_CHARS} characters of A-Z a-z 0-9 . _ : -; "
+            f"got {shown(params.task_type)}",
+        )
     response_format = None
     if params.HasField("response_format"):
         if params.response_format.type not in RESPONSE_FORMATS:

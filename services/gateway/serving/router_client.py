@@ -25,14 +25,15 @@ from sophia.router.v1 import router_pb2_grpc
 from libs.breaker import UNREACHABLE, DependencyBreaker, grpc_health_probe
 from libs.clients import open_channel
 from libs.config import Config
-from libs.errors import FailedPrecondition, InvalidArgument, NotFound, shown
+from libs.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError, field_violations, shown
 from libs.feature_flags import FeatureFlags
 from libs.routing_rules import AUTO, RouteQuery, RoutingRules
 from services.gateway.domain import ChatRequest, Target
 
 log = logging.getLogger(__name__)
 
-# The Router's own verdicts on the request are final; anything else means "Router unavailable".
+# The Router's own verdicts on the request are final (INVALID_ARGUMENT too, see _router_verdict); anything
+# else means "Router unavailable".
 _ROUTER_VERDICTS = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
@@ -70,6 +71,20 @@ class Plan:
     task_type: str = ""
     difficulty: str = ""
     confidence: float = 0.0
+
+
+def _router_verdict(exc: grpc.aio.AioRpcError) -> ServiceError | None:
+    """The client's error when the Router refused the request, None when the Router could not answer.
+
+    An INVALID_ARGUMENT is the client's request refused (e.g. its task_type): a 400 naming the field the
+    Router named, not a local plan that would skip the tenant's flags and budget-aware routing."""
+    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        violations = field_violations(exc)
+        if violations:
+            return InvalidArgument(*violations[0])
+        return InvalidArgument("request", exc.details() or "refused by the router")
+    verdict = _ROUTER_VERDICTS.get(exc.code())
+    return verdict(exc.details()) if verdict is not None else None
 
 
 def conversation(request: ChatRequest) -> tuple[str, str]:
@@ -159,9 +174,9 @@ class Routing:
                 timeout=ROUTE_TIMEOUT_SECONDS,
             )
         except grpc.aio.AioRpcError as exc:
-            verdict = _ROUTER_VERDICTS.get(exc.code())
+            verdict = _router_verdict(exc)
             if verdict is not None:
-                raise verdict(exc.details()) from None
+                raise verdict from None
             if exc.code() in UNREACHABLE:
                 self._breaker.record_failure(exc.code().name)  # logs once per outage
             else:
