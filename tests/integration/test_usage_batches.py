@@ -165,6 +165,27 @@ async def test_a_record_whose_caller_is_cancelled_during_its_write_still_reaches
         await recorder.close(5)
 
 
+async def test_a_streams_stand_in_is_never_sent_and_its_own_record_replaces_it(mesh, tmp_path):
+    tenant = f"stand-in-{uuid.uuid4().hex[:6]}"
+    async with internal_channel(mesh, "ledger") as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
+        await recorder.start()
+        call_id = await recorder.hold(usage(tenant, "streamed", tokens=1))
+        await asyncio.sleep(0.1)  # a batch would have gone by now
+        assert await requests_recorded(stub, tenant) == 0
+        await recorder.record(usage(tenant, "streamed", tokens=9), call_id)
+        await wait_until_delivered(recorder)
+        await recorder.close(5)
+        restarted = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
+        await restarted.start()
+        assert restarted.pending() == 0  # neither the stand-in nor the record waits any more
+        await restarted.close(5)
+        report = await stub.GetUsageReport(pb.GetUsageReportRequest(tenant_id=tenant), timeout=10)
+    assert (report.total.requests, report.total.input_tokens) == (1, 9)
+
+
 async def test_records_wait_while_the_ledger_is_down_and_arrive_once_when_it_is_back(mesh, tmp_path):
     tenant = f"outage-{uuid.uuid4().hex[:6]}"
     async with internal_channel(mesh, "ledger") as channel:

@@ -142,3 +142,33 @@ async def test_a_gateway_killed_while_the_ledger_hangs_loses_no_usage(pipeline):
     finally:
         os.kill(ledger.pid, signal.SIGCONT)
     assert_every_answer_counted_once(load, await wait_for_the_ledger_to_hold(pipeline, load))
+
+
+async def test_a_gateway_killed_mid_stream_still_bills_the_stream(pipeline):
+    """A stream's stand-in record is on disk before its first chunk goes out: a Gateway killed while it
+    streams bills, once back, the prompt and what had been delivered by then."""
+    request_id = f"killed-stream-{uuid.uuid4().hex}"
+    content = "fault=chunk_latency:0.4 " + " ".join(f"word{i}" for i in range(40))
+    body = {"model": "good-gpt", "messages": [{"role": "user", "content": content}], "stream": True}
+
+    def read_the_first_chunk_then_kill_the_gateway() -> None:
+        headers = {"Authorization": f"Bearer {DEV_KEY}", "x-request-id": request_id}
+        with httpx.Client(base_url=pipeline.edge, headers=headers, timeout=30) as client:
+            with client.stream("POST", "/v1/chat/completions", json={**body, "cache": False}) as response:
+                assert response.status_code == 200
+                assert any(line.startswith("data: {") for line in response.iter_lines())
+                gateway = pipeline.mesh.processes.pop("gateway")
+                gateway.kill()  # kill -9 while the provider still streams
+                gateway.wait()
+
+    await asyncio.to_thread(read_the_first_chunk_then_kill_the_gateway)
+    pipeline.mesh.start("gateway")  # the same outbox journal
+    await asyncio.to_thread(pipeline.mesh.wait_ready, ["gateway"], 60)
+    for _ in range(120):
+        records = ledger_records(pipeline)
+        if request_id in records:
+            break
+        await asyncio.sleep(0.25)
+    assert request_id in records, "the killed stream was never billed"
+    input_tokens, _output_tokens = records[request_id]
+    assert input_tokens >= len(content) // 3  # the prompt, estimated as a cut stream's is

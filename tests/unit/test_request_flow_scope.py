@@ -63,7 +63,7 @@ class Usage:
     def __init__(self) -> None:
         self.records = []
 
-    async def record(self, record) -> None:
+    async def record(self, record, call_id=None) -> None:
         self.records.append(record)
 
 

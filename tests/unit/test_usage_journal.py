@@ -247,6 +247,47 @@ async def test_records_of_the_old_one_file_per_record_outbox_are_adopted(tmp_pat
     assert [e.record for e in UsageJournal(tmp_path).recover()] == [usage("req:1")]
 
 
+async def test_an_entry_written_again_is_recovered_as_its_last_line(tmp_path):
+    journal = UsageJournal(tmp_path)
+    journal.recover()
+    await journal.append(usage("stream", tokens=1), entry_id="call-1")  # a stream's stand-in
+    await journal.append(usage("other"))
+    await journal.append(usage("stream", tokens=9), entry_id="call-1")  # its own record
+    await journal.close()
+    recovered = {e.entry_id: e.record for e in UsageJournal(tmp_path).recover() if e.entry_id == "call-1"}
+    assert recovered == {"call-1": usage("stream", tokens=9)}
+
+
+async def test_an_entry_replaced_in_a_later_segment_frees_the_earlier_and_its_ack_ends_both(tmp_path):
+    journal = UsageJournal(tmp_path, segment_max_bytes=300)  # about one record per segment
+    journal.recover()
+    await journal.append(usage("stream", tokens=1), entry_id="call-1")
+    others = [await journal.append(usage(f"r{i}")) for i in range(3)]
+    journal.ack(*(entry.entry_id for entry in others))
+    assert journal.segment_count() >= 2  # the stand-in's segment is still needed
+    await journal.append(usage("stream", tokens=9), entry_id="call-1")
+    assert journal.segment_count() == 1  # the replacement is durable: nothing else holds the old segments
+    await journal.close()
+    reopened = UsageJournal(tmp_path)
+    assert [(e.entry_id, e.record) for e in reopened.recover()] == [("call-1", usage("stream", tokens=9))]
+    reopened.ack("call-1")
+    await reopened.close()
+    assert UsageJournal(tmp_path).recover() == []  # not the stand-in either: it would be billed twice
+
+
+async def test_an_acked_replacement_ends_its_stand_in_in_a_segment_kept_for_another_entry(tmp_path):
+    journal = UsageJournal(tmp_path, segment_max_bytes=300)
+    journal.recover()
+    await journal.append(usage("stream", tokens=1), entry_id="call-1")
+    waiting = await journal.append(usage("waiting"))  # keeps the stand-in's segment
+    for i in range(2):
+        journal.ack((await journal.append(usage(f"r{i}"))).entry_id)
+    await journal.append(usage("stream", tokens=9), entry_id="call-1")
+    journal.ack("call-1")
+    await journal.close()
+    assert [e.entry_id for e in UsageJournal(tmp_path).recover()] == [waiting.entry_id]
+
+
 def test_a_journaled_record_with_a_field_this_version_does_not_know_is_still_read():
     document = {**usage("r"), "call_id": "c1", "added_by_a_newer_version": 7}
     record = UsageRecord.from_json(document)

@@ -259,6 +259,7 @@ class RequestFlow:
         *,
         cacheable: bool = True,
         operation: str = "chat",
+        call_id: str | None = None,
     ) -> None:
         """Prices the answer (for the response header) and makes its usage record durable; the ledger,
         the tokens-per-minute charge and the cache store follow in the background."""
@@ -279,25 +280,10 @@ class RequestFlow:
                 completion.completion_tokens,
                 operation,
             )
-        record = UsageRecord(
-            request_id=request_id,
-            tenant_id=principal.tenant_id,
-            api_key_id=principal.key_id,
-            model_id=outcome.model_id,
-            provider=outcome.provider,
-            input_tokens=completion.prompt_tokens,
-            output_tokens=completion.completion_tokens,
-            cached=cached,
-            occurred_at=time.time(),
-            task_type=outcome.task_type,
-            difficulty=outcome.difficulty,
-            planned_model_id=outcome.planned_model_id,
-            attempts=outcome.attempts,
-            prompt_fingerprint=outcome.prompt_fingerprint,
-        )
+        record = usage_record(principal, request_id, outcome, completion)
         # Charged first: a client that goes away while its record is written has still used the tokens.
         self._access.charge(principal, completion.prompt_tokens + completion.completion_tokens)
-        await self._usage.record(record)  # durable before the answer is complete
+        await self._usage.record(record, call_id)  # durable before the answer is complete
         if (
             cacheable
             and cache_key is not None
@@ -421,6 +407,9 @@ class RequestFlow:
         outcome = prepared.outcome(served.target, len(served.attempts))
         tally = StreamTally(prompt_estimate=request.estimated_prompt_tokens())
         tally.add(first)
+        # On disk before the first chunk goes out, replaced by the stream's own record when it settles: a
+        # Gateway killed mid-stream still bills what the stream had delivered by then.
+        call_id = await self._usage.hold(usage_record(principal, request_id, outcome, tally.completion()))
 
         async def settle() -> None:
             failure = settled.failure if isinstance(settled.failure, ProviderError) else None
@@ -441,7 +430,13 @@ class RequestFlow:
             completion = tally.completion()
             cacheable = not tally.saw_tool_calls
             await self._settle(
-                principal, prepared.cache_key, request_id, outcome, completion, cacheable=cacheable
+                principal,
+                prepared.cache_key,
+                request_id,
+                outcome,
+                completion,
+                cacheable=cacheable,
+                call_id=call_id,
             )
             # Only a whole answer can be replayed; a stream cut short frees its key for a real retry.
             if tally.finish_reason is None:
@@ -451,6 +446,27 @@ class RequestFlow:
 
         settled = SettledStream(rest, tally, settle)
         return ChatStream(first, settled, outcome)
+
+
+def usage_record(
+    principal: Principal, request_id: str, outcome: ChatOutcome, completion: Completion
+) -> UsageRecord:
+    return UsageRecord(
+        request_id=request_id,
+        tenant_id=principal.tenant_id,
+        api_key_id=principal.key_id,
+        model_id=outcome.model_id,
+        provider=outcome.provider,
+        input_tokens=completion.prompt_tokens,
+        output_tokens=completion.completion_tokens,
+        cached=outcome.cache == "hit",
+        occurred_at=time.time(),
+        task_type=outcome.task_type,
+        difficulty=outcome.difficulty,
+        planned_model_id=outcome.planned_model_id,
+        attempts=outcome.attempts,
+        prompt_fingerprint=outcome.prompt_fingerprint,
+    )
 
 
 def _answer(completion: Completion, outcome: ChatOutcome) -> dict:

@@ -29,6 +29,11 @@ An ack line goes to the segment of its record without a sync: a lost ack only ma
 the record again, which the ledger answers as a duplicate. A segment whose records are all acknowledged
 is deleted once writing has moved on to the next one.
 
+An entry may be written again under its id: a stream's stand-in record (on disk before its first chunk
+goes out, never sent to the ledger) is replaced by the stream's own record when it settles. A restart
+takes each entry's last record line, in whichever segment, unless an ack follows it; the stand-in's
+segment is kept until the replacement is durable.
+
 Entries are named by a fresh id, never by the request id, so two tenants using one request id, or ids
 that differ only in characters a file name cannot hold, can never overwrite each other.
 """
@@ -99,6 +104,8 @@ class _Write:
     fd: int
     data: bytes
     offset: int
+    # Entries it writes again (a stream's record replacing its stand-in): id and the segment held before.
+    replaced: tuple[tuple[str, int], ...] = ()
 
 
 def _segment_name(sequence: int) -> str:
@@ -161,44 +168,48 @@ class UsageJournal:
     # --- start-up ------------------------------------------------------------------------------------
 
     def recover(self) -> list[JournalEntry]:
-        """The entries an earlier run left unacknowledged, oldest first. Call once, before any append."""
-        entries: list[JournalEntry] = []
+        """The entries an earlier run left unacknowledged, oldest first, each as its last record line
+        wrote it (in any segment). Call once, before any append."""
+        latest: dict[str, tuple[int, dict[str, Any]]] = {}  # entry id → (segment, its last record)
         for path in sorted(self.folder.glob(_SEGMENT_GLOB)):
             sequence = int(path.stem.removeprefix("usage-"))
             self._next_sequence = max(self._next_sequence, sequence + 1)
-            found, written = self._read_segment(path)
-            if not found:
-                path.unlink(missing_ok=True)
-                continue
-            segment = _Segment(path, os.open(path, os.O_WRONLY), len(written))
-            if not written.endswith(b"\n"):  # a torn last line: what follows starts a line of its own
+            written = self._read_segment(path, sequence, latest)
+            self._segments[sequence] = _Segment(path, os.open(path, os.O_WRONLY), len(written))
+            if written and not written.endswith(b"\n"):  # a torn last line: what follows starts its own
+                segment = self._segments[sequence]
                 _write_all(segment.fd, b"\n", segment.reserve(1))
-            segment.unacked = set(found)
-            self._segments[sequence] = segment
-            for entry_id, record in found.items():
-                self._segment_of[entry_id] = sequence
-                entries.append(JournalEntry(entry_id, record))
+        for entry_id, (sequence, _) in latest.items():
+            self._segments[sequence].unacked.add(entry_id)
+            self._segment_of[entry_id] = sequence
+        for sequence in [number for number, segment in self._segments.items() if not segment.unacked]:
+            segment = self._segments.pop(sequence)
+            os.close(segment.fd)
+            segment.path.unlink(missing_ok=True)
+        oldest_first = sorted(latest.items(), key=lambda item: item[1][0])
+        entries = [JournalEntry(entry_id, record) for entry_id, (_, record) in oldest_first]
         entries.extend(self._adopt_legacy_files())
         return entries
 
-    def _read_segment(self, path: Path) -> tuple[dict[str, dict[str, Any]], bytes]:
-        """The unacknowledged records of one segment, in order, and what was written of it; a torn line
-        is skipped."""
+    def _read_segment(
+        self, path: Path, sequence: int, latest: dict[str, tuple[int, dict[str, Any]]]
+    ) -> bytes:
+        """Reads one segment's lines into `latest` (a record line replaces an earlier one of its entry, an
+        ack removes it); returns what was written of the segment. A torn line is skipped."""
         data = path.read_bytes().rstrip(b"\0")
-        records: dict[str, dict[str, Any]] = {}
         for number, raw in enumerate(_LINE_ENDS.split(data), start=1):
             if not raw:
                 continue
             try:
                 document = json.loads(raw)
                 if "ack" in document:
-                    records.pop(document["ack"], None)
+                    latest.pop(document["ack"], None)
                 else:
-                    records[document["entry"]] = dict(document["record"])
+                    latest[document["entry"]] = (sequence, dict(document["record"]))
             except (ValueError, TypeError, KeyError):
                 # Only a write cut off by a crash ends this way: its request never got its answer.
                 log.warning("unreadable line %d of usage journal %s skipped", number, path.name)
-        return records, data
+        return data
 
     def _adopt_legacy_files(self) -> list[JournalEntry]:
         """Moves records of the one-file-per-record outbox into the journal, then removes the files."""
@@ -210,7 +221,7 @@ class UsageJournal:
             except (OSError, ValueError, TypeError):
                 log.error("unreadable outbox entry %s left in place", path.name)
         if entries:
-            self._write_durably(self._prepare_write(entries))
+            self._write_durably(self._book(entries))
             for path in legacy:
                 path.unlink(missing_ok=True)
         return entries
@@ -285,15 +296,16 @@ class UsageJournal:
         return time.monotonic() < self._threaded_until
 
     def _write_now(self, entries: list[JournalEntry]) -> None:
-        """Writes `entries` durably on the loop's thread; on OSError none of them is booked and the error
-        is raised. A write slower than SLOW_WRITE_SECONDS sends the next writes to a worker thread."""
+        """Writes `entries` durably on the loop's thread; on OSError they are booked as before it and the
+        error is raised. A write slower than SLOW_WRITE_SECONDS sends the next writes to a worker thread."""
+        write = self._book(entries)
+        started = time.monotonic()
         try:
-            write = self._prepare_write(entries)
-            started = time.monotonic()
             self._write_durably(write)
         except OSError:
-            self._forget(*entries)
+            self._unbook(entries, write)
             raise
+        self._written(write)
         took = time.monotonic() - started
         if took > SLOW_WRITE_SECONDS:
             self._threaded_until = time.monotonic() + SLOW_DISK_SECONDS
@@ -304,22 +316,49 @@ class UsageJournal:
             )
 
     async def _write_in_thread(self, entries: list[JournalEntry]) -> None:
-        """Writes `entries` durably from a worker thread; on OSError none of them is booked."""
+        """Writes `entries` durably from a worker thread; on OSError they are booked as before it."""
+        write = self._book(entries)
         try:
-            await asyncio.to_thread(self._write_durably, self._prepare_write(entries))
+            await asyncio.to_thread(self._write_durably, write)
         except OSError:
-            self._forget(*entries)
+            self._unbook(entries, write)
             raise
+        self._written(write)
 
-    def _prepare_write(self, entries: list[JournalEntry]) -> _Write:
+    def _book(self, entries: list[JournalEntry]) -> _Write:
         """Picks the segment, books the entries and their bytes into it, on the event loop's thread: acks
-        touch the same bookkeeping, and only the write itself may run in a worker thread."""
+        touch the same bookkeeping, and only the write itself may run in a worker thread. An entry booked
+        before (a stream's stand-in record) is booked here now; its earlier line is superseded once this
+        write is durable (see _written)."""
         segment, sequence = self._segment_for_writing()
+        replaced = []
         for entry in entries:
+            previous = self._segment_of.get(entry.entry_id)
+            if previous is not None:
+                replaced.append((entry.entry_id, previous))
             segment.unacked.add(entry.entry_id)
             self._segment_of[entry.entry_id] = sequence
         data = b"".join(_line({"entry": e.entry_id, "record": e.record}) for e in entries)
-        return _Write(segment.fd, data, segment.reserve(len(data)))
+        return _Write(segment.fd, data, segment.reserve(len(data)), tuple(replaced))
+
+    def _written(self, write: _Write) -> None:
+        """A write is durable: a segment that held an earlier line of one of its entries no longer needs to
+        be kept for it (a restart reads the last line of an entry, wherever it is)."""
+        for entry_id, previous in write.replaced:
+            if self._segment_of.get(entry_id) != previous and previous in self._segments:
+                self._segments[previous].unacked.discard(entry_id)
+                self._delete_if_done(previous)
+
+    def _unbook(self, entries: list[JournalEntry], write: _Write) -> None:
+        """A write failed: its entries are booked as before it (a replaced one where its earlier line is)."""
+        replaced = dict(write.replaced)
+        for entry in entries:
+            sequence = self._segment_of.pop(entry.entry_id, None)
+            earlier = replaced.get(entry.entry_id)
+            if sequence is not None and sequence != earlier:
+                self._segments[sequence].unacked.discard(entry.entry_id)
+            if earlier is not None:
+                self._segment_of[entry.entry_id] = earlier
 
     @staticmethod
     def _write_durably(write: _Write) -> None:
@@ -359,12 +398,6 @@ class UsageJournal:
             data = b"".join(acks)
             _write_all(segment.fd, data, segment.reserve(len(data)))
             self._delete_if_done(sequence)
-
-    def _forget(self, *entries: JournalEntry) -> None:
-        for entry in entries:
-            sequence = self._segment_of.pop(entry.entry_id, None)
-            if sequence is not None:
-                self._segments[sequence].unacked.discard(entry.entry_id)
 
     def _delete_if_done(self, sequence: int) -> None:
         segment = self._segments.get(sequence)

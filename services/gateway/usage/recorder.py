@@ -120,6 +120,12 @@ class UsageRecord:
 _RECORD_FIELDS = frozenset(field.name for field in fields(UsageRecord))
 
 
+def _document(record: UsageRecord, call_id: str) -> dict:
+    document = record.as_json()
+    document["call_id"] = call_id
+    return document
+
+
 def derived_request_id(request_id: str, unique: str) -> str:
     """A request id of its own for a record that may not use `request_id`, the same for the same `unique`."""
     digest = hashlib.sha256(f"{request_id}\n{unique}".encode()).hexdigest()[: DERIVED_SUFFIX_CHARS - 1]
@@ -164,14 +170,25 @@ class UsageRecorder:
             log.info("%d usage records from an earlier run wait for the ledger", len(recovered))
         self._replay = asyncio.create_task(self._replay_forever())
 
-    async def record(self, record: UsageRecord) -> None:
+    async def hold(self, record: UsageRecord) -> str:
+        """Journals `record` for a call still under way (a stream, before its first chunk goes out): never
+        sent to the ledger from this run, but replayed after a restart if the process ends before
+        `record(..., call_id)` replaces it. Returns that call id."""
+        call_id = uuid.uuid4().hex
+        try:
+            await self._journal.append(_document(record, call_id), entry_id=call_id)
+        except OSError as exc:
+            log.error("usage journal not writable (%s): a stream goes on without its stand-in record", exc)
+        return call_id
+
+    async def record(self, record: UsageRecord, call_id: str | None = None) -> None:
         """Returns once the record is durable; the ledger is asked in the background. The record is handed
-        on (kept until the ledger holds it) even when the caller is cancelled while it is written."""
+        on (kept until the ledger holds it) even when the caller is cancelled while it is written.
+        `call_id`: the one `hold` gave, whose stand-in this record replaces."""
         # One id names the journal entry and, for the ledger, this call: stable across resends, and
         # different from any other call's, so a reused request id never merges two calls into one record.
-        call_id = uuid.uuid4().hex
-        document = record.as_json()
-        document["call_id"] = call_id
+        call_id = call_id or uuid.uuid4().hex
+        document = _document(record, call_id)
         try:
             await self._journal.append(document, self._track, entry_id=call_id)
         except OSError as exc:
