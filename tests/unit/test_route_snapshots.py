@@ -3,12 +3,14 @@ whenever a circuit is not closed, the snapshot is stale, or nothing is left."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from sophia.router.v1 import router_pb2 as pb
 
 from libs.feature_flags import FeatureFlags
 from services.gateway.domain import ChatRequest, Message
+from services.gateway.serving import router_client
 from services.gateway.serving.router_client import RouteSnapshots
 
 
@@ -58,3 +60,38 @@ def test_nothing_left_unknown_model_or_stale_snapshot_ask_the_router():
     watcher._fresh_until = time.monotonic() - 1
     assert watcher.plan(ask(), "t", 1) is None
     assert watcher.plan(ChatRequest(model="other", messages=(Message("user", "x"),)), "t", 1) is None
+
+
+class FlakyRouter:
+    """WatchRoutes that ends at once, then fails with an error of no gRPC kind, then sends a snapshot."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+
+    async def _streams(self):
+        self.opened += 1
+        if self.opened == 2:
+            raise ValueError("a snapshot this Gateway cannot read")
+        if self.opened == 3:
+            chain = pb.ExplicitChain(model_id="big", chain=["big"])
+            yield pb.WatchRoutesResponse(chains=[chain], targets=[traits("big")])
+            await asyncio.sleep(3600)
+
+    def WatchRoutes(self, request):
+        return self._streams()
+
+
+async def test_the_watch_outlives_a_failed_stream_and_does_not_reopen_in_a_tight_loop(monkeypatch):
+    monkeypatch.setattr(router_client, "SNAPSHOT_RETRY_SECONDS", 0.05)
+    router = FlakyRouter()
+    watcher = RouteSnapshots(stub=router, flags=FeatureFlags(None))
+    started = time.monotonic()
+    watcher.start()
+    for _ in range(100):
+        if watcher.plan(ask(), "t", 1) is not None:
+            break
+        await asyncio.sleep(0.01)
+    watcher._task.cancel()
+    assert [t.model_id for t in watcher.plan(ask(), "t", 1).targets] == ["big"]
+    assert router.opened == 3
+    assert time.monotonic() - started >= 2 * 0.05  # the empty and the failed stream each waited

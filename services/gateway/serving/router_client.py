@@ -426,6 +426,7 @@ class RouteSnapshots:
 
     async def _watch_forever(self) -> None:
         while True:
+            opened = time.monotonic()
             try:
                 # The stream ends at the call's deadline (the client default); it is simply reopened.
                 async for snapshot in self._stub.WatchRoutes(pb.WatchRoutesRequest()):
@@ -433,7 +434,12 @@ class RouteSnapshots:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
                     log.debug("route snapshots interrupted: %s", exc.code().name)
-                    await asyncio.sleep(SNAPSHOT_RETRY_SECONDS)
+            except Exception:
+                # The watch must outlive anything: without it every explicit-model request asks the Router.
+                log.exception("route snapshots: the stream failed; reopened")
+            # Not in a tight loop when a stream ends at once (a Router draining, or failing every stream).
+            if time.monotonic() - opened < SNAPSHOT_RETRY_SECONDS:
+                await asyncio.sleep(SNAPSHOT_RETRY_SECONDS)
 
     def _take(self, snapshot: pb.WatchRoutesResponse) -> None:
         self._chains = {chain.model_id: tuple(chain.chain) for chain in snapshot.chains}
