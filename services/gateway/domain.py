@@ -120,6 +120,8 @@ class Principal:
 # and other scripts fewer, so three errs towards charging a little more, never less. Each message adds a
 # few tokens of framing (role, separators) on top of its text.
 ESTIMATE_CHARS_PER_TOKEN = 3
+# The finish reason of an answer that did not finish: a stream cut short, or one its model stopped early.
+CUT_SHORT = "cancelled"
 MESSAGE_FRAMING_TOKENS = 4
 
 
@@ -214,7 +216,7 @@ class StreamTally:
         text = "".join(self.text)
         return Completion(
             text=text,
-            finish_reason=self.finish_reason or "cancelled",
+            finish_reason=self.finish_reason or CUT_SHORT,
             prompt_tokens=self.prompt_tokens or self.prompt_estimate,
             completion_tokens=self.completion_tokens or _estimated_answer_tokens(text, self.tool_call_chars),
         )

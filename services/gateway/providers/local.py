@@ -13,6 +13,7 @@ from libs.clients import open_channel
 from libs.config import ClientSettings
 from libs.errors import ServiceError
 from services.gateway.domain import (
+    CUT_SHORT,
     ChatRequest,
     Completion,
     CompletionChunk,
@@ -28,7 +29,7 @@ _CALLER_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 _FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_CANCELLED: "cancelled",
+    pb.FINISH_REASON_CANCELLED: CUT_SHORT,
 }
 DEFAULT_MAX_TOKENS = 256
 

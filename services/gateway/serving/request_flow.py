@@ -27,6 +27,7 @@ from services.gateway import metrics
 from services.gateway.access.budgets import BudgetChecks
 from services.gateway.access.control import AccessControl
 from services.gateway.domain import (
+    CUT_SHORT,
     ChatRequest,
     Completion,
     CompletionChunk,
@@ -438,8 +439,9 @@ class RequestFlow:
                 cacheable=cacheable,
                 call_id=call_id,
             )
-            # Only a whole answer can be replayed; a stream cut short frees its key for a real retry.
-            if tally.finish_reason is None:
+            # Only a whole answer can be replayed; a stream cut short (here, or by the model's server)
+            # frees its key for a real retry.
+            if completion.finish_reason == CUT_SHORT:
                 await self._idempotency.release(claim)
             else:
                 await self._keep_answer(claim, completion, outcome)

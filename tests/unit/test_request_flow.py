@@ -1,14 +1,16 @@
-"""A key limited to some models is served only by them: by the plan, its fallbacks and the cache.
+"""The request flow's own decisions: a key limited to some models is served only by them (by the plan, its
+fallbacks and the cache); only a whole streamed answer is kept for idempotent retries.
 
 RequestFlow runs for real with its collaborators replaced by small in-process stand-ins (the provider,
 the Router's plan, the cache's lookup), which the mesh tests cover for real."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from services.gateway.access.roles import KeyScope
-from services.gateway.domain import ChatRequest, Completion, Message, Principal, Target
+from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Message, Principal, Target
 from services.gateway.serving.fallback import ChatExecutor
 from services.gateway.serving.idempotency import Claim
 from services.gateway.serving.request_flow import RequestFlow
@@ -20,20 +22,32 @@ QUESTION = ChatRequest(model="auto", messages=(Message("user", "What is the capi
 
 
 class Provider:
+    def __init__(self, last_finish: str = "stop") -> None:
+        self._last_finish = last_finish
+
     def unsupported(self, request) -> None:
         return None
 
     async def complete(self, target, request) -> Completion:
         return Completion(f"fresh from {target.model_id}", "stop", 3, 2)
 
+    async def stream(self, target, request):
+        yield CompletionChunk(text="Hel")
+        yield CompletionChunk(text="lo", finish_reason=self._last_finish)
+
 
 class Cache:
-    """Holds the answer another key of the tenant got from "big"."""
+    """Holds the answer another key of the tenant got from "big" (or nothing)."""
+
+    def __init__(self, holds_an_answer: bool = True) -> None:
+        self._holds_an_answer = holds_an_answer
 
     def key(self, tenant_id, request, *, semantic_allowed, store):
         return None
 
     async def lookup(self, key) -> CacheLookup:
+        if not self._holds_an_answer:
+            return CacheLookup(CacheStatus.MISS)
         answer = CachedAnswer("big", "p", Completion("cached from big", "stop", 3, 2))
         return CacheLookup(CacheStatus.HIT, CacheLayer.EXACT, 1.0, answer)
 
@@ -43,6 +57,9 @@ class Routing:
         return Plan((SMALL,), "auto: small")
 
     def report(self, attempts, background) -> None:
+        pass
+
+    def report_stream_end(self, *args, **kwargs) -> None:
         pass
 
 
@@ -63,31 +80,45 @@ class Usage:
     def __init__(self) -> None:
         self.records = []
 
+    async def hold(self, record) -> str:
+        return "call-1"
+
     async def record(self, record, call_id=None) -> None:
         self.records.append(record)
 
 
+@dataclass
 class Idempotency:
+    """Claims every client-chosen request id; notes which were released and which kept an answer."""
+
+    released: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
     async def claim(self, tenant_id, request_id, fingerprint) -> Claim:
-        return Claim(request_id, "", request_id, held=False)
+        return Claim(request_id, fingerprint or "", request_id, held=fingerprint is not None)
 
     async def release(self, claim) -> None:
-        pass
+        self.released.append(claim.key)
+
+    async def complete(self, claim, answer) -> None:
+        self.kept.append(claim.key)
 
 
-def flow(usage: Usage) -> RequestFlow:
-    providers = {"p": Provider()}
+def flow(
+    usage: Usage, provider: Provider | None = None, cache: Cache | None = None, idempotency=None
+) -> RequestFlow:
+    providers = {"p": provider or Provider()}
     return RequestFlow(
         None,
         Access(),
         Routing(),
         ChatExecutor(providers),
         providers,
-        Cache(),
+        cache or Cache(),
         Budgets(),
         usage,
         SimpleNamespace(spawn=lambda coroutine: coroutine.close()),
-        idempotency=Idempotency(),
+        idempotency=idempotency or Idempotency(),
         prices=SimpleNamespace(cost_micros=lambda *args, **kwargs: 0),
         flags=SimpleNamespace(enabled=lambda *args: False),
     )
@@ -104,3 +135,24 @@ async def test_a_cached_answer_from_a_model_the_key_may_not_use_is_a_miss_for_th
 async def test_a_key_without_limits_gets_the_cached_answer():
     _completion, outcome = await flow(Usage()).complete(Principal("acme", "key_any"), QUESTION, "r2")
     assert (outcome.model_id, outcome.cache) == ("big", "hit")
+
+
+async def stream_to_its_end(provider: Provider, idempotency: Idempotency) -> None:
+    chat = ChatRequest(model="small", messages=QUESTION.messages)
+    stream = await flow(Usage(), provider, Cache(holds_an_answer=False), idempotency).stream(
+        Principal("acme", "key_any"), chat, "client-id", fingerprint="fp"
+    )
+    async for _chunk in stream.rest:
+        pass
+
+
+async def test_a_whole_streamed_answer_is_kept_for_retries():
+    idempotency = Idempotency()
+    await stream_to_its_end(Provider(last_finish="stop"), idempotency)
+    assert (idempotency.kept, idempotency.released) == (["client-id"], [])
+
+
+async def test_a_stream_its_model_server_cancelled_frees_its_request_id_for_a_real_retry():
+    idempotency = Idempotency()
+    await stream_to_its_end(Provider(last_finish="cancelled"), idempotency)  # ModelInference's CANCELLED
+    assert (idempotency.kept, idempotency.released) == ([], ["client-id"])
