@@ -186,6 +186,23 @@ async def test_a_streams_stand_in_is_never_sent_and_its_own_record_replaces_it(m
     assert (report.total.requests, report.total.input_tokens) == (1, 9)
 
 
+async def test_a_journal_entry_this_gateway_cannot_read_does_not_hold_up_the_others(mesh, tmp_path):
+    tenant = f"unreadable-{uuid.uuid4().hex[:6]}"
+    journal = UsageJournal(tmp_path)
+    journal.recover()
+    await journal.append({"request_id": "half", "tenant_id": tenant})  # not a record this version wrote
+    await journal.append({**usage(tenant, "whole").as_json(), "added_by_a_newer_version": 1})
+    await journal.close()
+    async with internal_channel(mesh, "ledger") as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        recorder = UsageRecorder(stub, UsageJournal(tmp_path), 0.05, breaker)
+        await recorder.start()
+        await wait_until_delivered(recorder)
+        await recorder.close(5)
+        assert await requests_recorded(stub, tenant) == 1
+
+
 async def test_records_wait_while_the_ledger_is_down_and_arrive_once_when_it_is_back(mesh, tmp_path):
     tenant = f"outage-{uuid.uuid4().hex[:6]}"
     async with internal_channel(mesh, "ledger") as channel:

@@ -288,6 +288,24 @@ async def test_an_acked_replacement_ends_its_stand_in_in_a_segment_kept_for_anot
     assert [e.entry_id for e in UsageJournal(tmp_path).recover()] == [waiting.entry_id]
 
 
+async def test_a_write_that_fails_with_any_error_fails_its_appends_instead_of_leaving_them_waiting(
+    tmp_path, monkeypatch
+):
+    journal = UsageJournal(tmp_path, in_flight=lambda: 3)  # others in flight: written in a worker thread
+    journal.recover()
+
+    async def refused(*args, **kwargs):
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    monkeypatch.setattr(journal_module.asyncio, "to_thread", refused)
+    async with asyncio.timeout(5):
+        with pytest.raises(RuntimeError):
+            await journal.append(usage("late"))
+    monkeypatch.undo()
+    await journal.close()
+    assert UsageJournal(tmp_path).recover() == []  # not booked: nothing was written
+
+
 def test_a_journaled_record_with_a_field_this_version_does_not_know_is_still_read():
     document = {**usage("r"), "call_id": "c1", "added_by_a_newer_version": 7}
     record = UsageRecord.from_json(document)

@@ -269,7 +269,7 @@ class UsageJournal:
                         await self._write_in_thread(entries)
                     else:
                         self._write_now(entries)
-                except OSError as exc:
+                except Exception as exc:  # OSError, or a worker thread refused at shutdown: no caller hangs
                     for pending in batch:
                         if not pending.written.done():
                             pending.written.set_exception(exc)
@@ -316,11 +316,11 @@ class UsageJournal:
             )
 
     async def _write_in_thread(self, entries: list[JournalEntry]) -> None:
-        """Writes `entries` durably from a worker thread; on OSError they are booked as before it."""
+        """Writes `entries` durably from a worker thread; on an error they are booked as before it."""
         write = self._book(entries)
         try:
             await asyncio.to_thread(self._write_durably, write)
-        except OSError:
+        except Exception:
             self._unbook(entries, write)
             raise
         self._written(write)

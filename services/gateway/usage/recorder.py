@@ -165,6 +165,13 @@ class UsageRecorder:
         """Takes up what an earlier run left unacknowledged, and replays from now on."""
         recovered = await asyncio.to_thread(self._journal.recover)
         for entry in recovered:
+            try:
+                UsageRecord.from_json(entry.record).to_proto()
+            except (TypeError, ValueError) as exc:
+                # Not one this Gateway wrote (fields missing or of the wrong kind): left in the journal for
+                # an operator, rather than failing every batch it would join.
+                log.error("usage journal entry %s unreadable (%s): left in the journal", entry.entry_id, exc)
+                continue
             self._unacked[entry.entry_id] = entry
         if recovered:
             log.info("%d usage records from an earlier run wait for the ledger", len(recovered))
