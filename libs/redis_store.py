@@ -1,5 +1,6 @@
 """Redis, the same way for every service: connect with short timeouts, wait for it at start-up, and
-turn its failures into UNAVAILABLE (never an internal error, never a hang). `redis_ping_probe` lets a
+turn its failures into UNAVAILABLE (never an internal error, never a hang). A burst of commands waits for
+a pooled connection rather than fail as if Redis were down. `redis_ping_probe` lets a
 `libs.breaker.DependencyBreaker` tell when a Redis that went away is back.
 """
 
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -25,12 +26,19 @@ from libs.errors import Unavailable
 log = logging.getLogger(__name__)
 
 READY_POLL_SECONDS = 0.5
+# Connections per client (redis-py's default pool size).
+MAX_CONNECTIONS = 100
 WAITING_LOG_EVERY_SECONDS = 10.0
 
 
 def open_redis(url: str, *, timeout_seconds: float, decode_responses: bool = True) -> Redis:
-    return Redis.from_url(
+    # More commands at once than connections is this process' own load, not Redis failing: a command
+    # waits for a free connection (at most one timeout) instead of failing at once as a pool that
+    # raises MaxConnectionsError would, which callers would take for Redis being down.
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=timeout_seconds,
         decode_responses=decode_responses,
         socket_timeout=timeout_seconds,
         socket_connect_timeout=timeout_seconds,
@@ -38,6 +46,7 @@ def open_redis(url: str, *, timeout_seconds: float, decode_responses: bool = Tru
         # restart; timeouts are not retried, so a hung Redis costs one socket timeout, not several.
         retry=Retry(NoBackoff(), retries=1, supported_errors=(redis_errors.ConnectionError,)),
     )
+    return Redis.from_pool(pool)
 
 
 def redis_location(url: str) -> str:

@@ -14,11 +14,21 @@ what the replicas admitted, so the limit holds exactly however many replicas sha
   Redis call at a time and no replica sits on requests another replica needs;
 - the unused part of a lease is given back when it ends (with the key's next call to Redis, or by the flush),
   so requests a replica did not use are free again within LEASE_SECONDS plus one flush;
-- a lease ends with its window at the latest.
+- a lease ends with its window at the latest;
+- a replica makes one call to Redis per key at a time: the requests that find the lease used up wait
+  for the call under way and admit from the lease it brings, which it asks big enough for them too; those
+  it cannot hold wait for the next call. A burst on one key thus costs a few calls, not one per request
+  (which would take every pooled connection, and a pool that fails looks like Redis being down: limits
+  off for every key). A waiter takes the call's refusal if it was for the request limit (the window was
+  full while it waited); when the call fails, the waiters try once more together, and fail with the
+  second failure (limits fail open, as for any failed call);
+- a lease's unused requests go back only to a window that still counts them, never below zero (after a
+  Redis restart or failover the window may be gone: a negative count would admit more than the limit).
 A quiet key (under one request per lease) is counted by Redis request by request, as before leases.
 
 Tokens: `charge` notes the tokens a finished request used; they are added by the key's next call to
-Redis or by a flush (`take_owed` and `settle`, every 100 ms). A replica admits from its lease only while
+Redis or by a flush (`take_owed` and `settle`, every 100 ms); a call that fails or is cancelled keeps
+them owed (counted twice at worst, never lost). A replica admits from its lease only while
 the window's tokens as Redis last reported them, plus what this replica charged since, pass the check;
 otherwise it asks Redis, which decides. Refusals always come from Redis. The scripts get the key prefix
 (with the key id as hash tag) and append the window themselves; every key they touch shares the
@@ -36,6 +46,7 @@ from typing import Literal
 
 import redis.asyncio as redis
 
+from libs.errors import Unavailable
 from libs.redis_store import run_script_calls, unavailable_when_redis_fails
 
 WINDOW_SECONDS = 60
@@ -60,7 +71,12 @@ if used > 0 then
   redis.call('EXPIRE', window, {WINDOW_EXPIRY_SECONDS})
 end
 if returned > 0 and returned_minute == minute then
-  redis.call('HINCRBY', window, 'requests', -returned)
+  -- Only to a window that still counts requests, never below zero: after a Redis restart or failover the
+  -- window may be gone or younger than the lease, and a negative count (with no expiry) would admit more.
+  local requests = tonumber(redis.call('HGET', window, 'requests'))
+  if requests then
+    redis.call('HINCRBY', window, 'requests', -math.min(returned, requests))
+  end
 end
 """
 
@@ -100,6 +116,11 @@ class Refusal:
     limit: int
     # Whole seconds until the current window closes (1–60).
     retry_after_seconds: int
+
+
+# What a renewal means for the requests that waited for it: Redis' refusal, Redis' failure, or None: try
+# the lease (again).
+_Outcome = Refusal | Unavailable | None
 
 
 @dataclass
@@ -148,7 +169,9 @@ class RateLimiter:
         self._flush = client.register_script(_FLUSH_SCRIPT)
         self._unpaid: dict[str, int] = {}  # key id → tokens charged here, not yet added in Redis
         self._leases: dict[str, _Lease] = {}
-        self._renewals: dict[str, asyncio.Future[None]] = {}  # key id → its call to Redis under way
+        # key id → its one call to Redis under way, resolved with what it means for the requests waiting
+        self._renewals: dict[str, asyncio.Future[_Outcome]] = {}
+        self._waiting: dict[str, int] = {}  # key id → requests waiting for its renewal (absent: none)
 
     async def admit(
         self, key_id: str, requests_per_minute: int, tokens_per_minute: int, estimated_tokens: int
@@ -157,13 +180,23 @@ class RateLimiter:
         limits = (requests_per_minute, tokens_per_minute, max(estimated_tokens, 0))
         if self._admit_from_lease(key_id, limits):
             return None
-        renewal = self._renewals.get(key_id)
-        if renewal is not None:
-            # Another request of this key is asking Redis for a lease: wait for it rather than ask too.
-            await asyncio.shield(renewal)
+        # One call to Redis per key at a time: a burst that finds the lease used up waits for the renewal
+        # under way (however many it takes) rather than ask too, so it costs a call or two, not one per
+        # request, and cannot take every connection to Redis.
+        failed_before = False
+        while (renewal := self._renewals.get(key_id)) is not None:
+            outcome = await self._wait_for(key_id, renewal)
             if self._admit_from_lease(key_id, limits):
                 return None
-        return await self._admit_in_redis(key_id, limits)
+            if isinstance(outcome, Unavailable):
+                # One failed call may be one slow command: the waiters try once more, all on one call. A
+                # second failure is theirs too (limits fail open), so a hung Redis costs two timeouts.
+                if failed_before:
+                    raise Unavailable(outcome.message) from outcome.__cause__
+                failed_before = True
+            elif isinstance(outcome, Refusal) and outcome.unit == "requests" and outcome.limit == limits[0]:
+                return outcome  # the window was full while this request waited: Redis would say the same
+        return await self._renew(key_id, limits)
 
     def _admit_from_lease(self, key_id: str, limits: tuple[int, int, int]) -> bool:
         lease = self._leases.get(key_id)
@@ -177,45 +210,61 @@ class RateLimiter:
         lease.unused -= 1
         return True
 
-    async def _admit_in_redis(self, key_id: str, limits: tuple[int, int, int]) -> Refusal | None:
-        if key_id in self._renewals:  # a waiter that found no room in the lease the renewal brought
-            return await self._call_admit_script(key_id, limits)
-        renewal = self._renewals[key_id] = asyncio.get_running_loop().create_future()
+    async def _wait_for(self, key_id: str, renewal: asyncio.Future[_Outcome]) -> _Outcome:
+        """The renewal's outcome; while it runs, this request counts in the lease the next one asks for."""
+        self._waiting[key_id] = self._waiting.get(key_id, 0) + 1
         try:
-            return await self._call_admit_script(key_id, limits)
+            return await asyncio.shield(renewal)
+        finally:
+            self._waiting[key_id] -= 1
+            if not self._waiting[key_id]:
+                del self._waiting[key_id]
+
+    async def _renew(self, key_id: str, limits: tuple[int, int, int]) -> Refusal | None:
+        renewal = self._renewals[key_id] = asyncio.get_running_loop().create_future()
+        outcome: _Outcome = None  # when cancelled: the waiters try again
+        try:
+            outcome = await self._call_admit_script(key_id, limits)
+            return outcome
+        except Unavailable as exc:
+            outcome = exc
+            raise
         finally:
             del self._renewals[key_id]
-            renewal.set_result(None)
+            renewal.set_result(outcome)
 
     async def _call_admit_script(self, key_id: str, limits: tuple[int, int, int]) -> Refusal | None:
         now = self._clock()
         lease = self._leases.get(key_id)
         # What this replica owes goes with the call, taken out first so that no other call sends it too.
-        # Lost if the call fails: limits fail open while Redis is in trouble.
         unpaid = self._unpaid.pop(key_id, 0)
         returned, returned_window, wanted = 0, 0, 1
         if lease is not None:
             returned, returned_window, wanted = lease.unused, lease.window, lease.wanted_next(now)
             lease.unused = 0
-        with unavailable_when_redis_fails("rate limiter"):
-            reply = await self._admit(
-                keys=[_prefix(key_id)], args=[unpaid, returned, returned_window, *limits, wanted]
-            )
+        # Enough for the requests waiting for this call too, so that they need no call of their own.
+        wanted = min(MAX_LEASE_REQUESTS, max(wanted, 1 + self._waiting.get(key_id, 0)))
+        try:
+            with unavailable_when_redis_fails("rate limiter"):
+                reply = await self._admit(
+                    keys=[_prefix(key_id)], args=[unpaid, returned, returned_window, *limits, wanted]
+                )
+        except BaseException:
+            # Owed still, unless Redis added them before the call failed or was cancelled: counting tokens
+            # twice refuses a little early, losing them would admit past the limit. Requests given back
+            # are not taken back: a lease Redis no longer counts would admit past the limit.
+            if unpaid:
+                self.charge(key_id, unpaid)
+            raise
         verdict = reply[0]
         if verdict == 1:
             return Refusal("requests", limits[0], int(reply[1]))
         if verdict == 2:
             return Refusal("tokens", limits[1], int(reply[1]))
         granted, window_tokens, window, ms_left = (int(value) for value in reply[1:])
-        fresh = _Lease(
+        self._leases[key_id] = _Lease(
             window, granted - 1, granted, window_tokens, now, now + min(LEASE_SECONDS, ms_left / 1000)
         )
-        current = self._leases.get(key_id)
-        if current is not None and current.window == window:
-            # Left by a lease taken while this call was on its way: still counted in Redis, still usable.
-            fresh.unused += current.unused
-            fresh.granted += current.unused
-        self._leases[key_id] = fresh
         return None
 
     def charge(self, key_id: str, tokens: int) -> None:
