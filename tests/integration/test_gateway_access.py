@@ -405,15 +405,13 @@ async def access(mesh):
 async def test_token_limit_counts_charged_tokens_and_the_estimate(mesh, access):
     wait_for_window_room(mesh, 10)
     key = Principal("acme", f"key_tpm_{uuid.uuid4().hex[:8]}", tokens_per_minute=100)
-    await access.admit(key, 10)
-    access.charge(key, 95)
+    access.charge(key, 95, await access.admit(key, 10))
     # 95 used + 10 estimated would pass 100.
     with pytest.raises(ResourceExhausted) as caught:
         await access.admit(key, 10)
     assert caught.value.message == f"rate limit exceeded: 100 tokens per minute for key {key.key_id}"
     assert dict(caught.value.trailers)["retry-after"].isdigit()
-    await access.admit(key, 5)
-    access.charge(key, 5)
+    access.charge(key, 5, await access.admit(key, 5))
     # The limit is reached: nothing more, however small.
     with pytest.raises(ResourceExhausted):
         await access.admit(key, 0)
@@ -422,8 +420,7 @@ async def test_token_limit_counts_charged_tokens_and_the_estimate(mesh, access):
 async def test_an_empty_window_admits_a_request_estimated_above_the_whole_limit(mesh, access):
     wait_for_window_room(mesh, 10)
     key = Principal("acme", f"key_big_{uuid.uuid4().hex[:8]}", tokens_per_minute=50)
-    await access.admit(key, 5000)
-    access.charge(key, 1)
+    access.charge(key, 1, await access.admit(key, 5000))
     with pytest.raises(ResourceExhausted):
         await access.admit(key, 5000)
 

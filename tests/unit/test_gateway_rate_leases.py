@@ -141,14 +141,14 @@ async def test_leases_taken_at_the_same_time_keep_every_unused_request(access, c
 
 
 async def test_tokens_charged_here_ride_on_the_next_call_to_redis(access, redis_client):
-    await access.admit(KEY, 10)
-    access.charge(KEY, 95)
+    hold = await access.admit(KEY, 10)
+    access.charge(KEY, 95, hold)
     # 95 charged here + 10 estimated would pass 100: the replica asks Redis, and the tokens go with it.
     with pytest.raises(ResourceExhausted, match="100 tokens per minute"):
         await access.admit(KEY, 10)
     assert (await _window(redis_client, KEY.key_id))["tokens"] == 95
-    await access.admit(KEY, 5)
-    access.charge(KEY, 5)
+    hold = await access.admit(KEY, 5)
+    access.charge(KEY, 5, hold)
     with pytest.raises(ResourceExhausted):
         await access.admit(KEY, 0)
     assert (await _window(redis_client, KEY.key_id))["tokens"] == 100

@@ -36,8 +36,8 @@ class ScriptCalls:
     under way at once."""
 
     def __init__(self, limiter: RateLimiter) -> None:
-        self._script = limiter._admit
-        limiter._admit = self
+        self._script = limiter._admit_script
+        limiter._admit_script = self
         self.calls = self.under_way = self.most_at_once = 0
 
     async def __call__(self, **kwargs):
@@ -257,3 +257,32 @@ async def test_the_requests_waiting_for_a_hung_redis_fail_with_the_second_call(r
     key = Principal(tenant_id="t", key_id="key_hung", requests_per_minute=1000)
     script = await _burst_while_redis_pauses(redis_client, clock, key, pause_ms=1500)
     assert (script.calls, script.most_at_once) == (2, 1)
+
+
+async def test_requests_arriving_together_cannot_all_pass_the_token_check(replica, redis_client):
+    """Tokens are charged when a request ends: before, every request of a burst passed the check while
+    nothing had been charged yet. Now a running request's estimate counts until its charge."""
+    await _in_one_window(redis_client)
+    key = Principal(tenant_id="t", key_id="key_tokens", requests_per_minute=1000, tokens_per_minute=1000)
+
+    async def attempt():
+        try:
+            return await replica.access.admit(key, 600)
+        except ResourceExhausted:
+            return None
+
+    holds = [hold for hold in await asyncio.gather(*(attempt() for _ in range(5))) if hold is not None]
+    assert len(holds) == 1  # 600 running + 600 more would pass 1000
+    assert await replica.admitted(key, 0)  # a request that uses no tokens still runs
+    assert not await replica.admitted(key, 600)
+    holds[0].end()  # the running request failed: its estimate no longer counts
+    assert await replica.admitted(key, 600)
+
+
+async def test_a_charge_ends_the_hold_and_counts_what_was_used_instead(replica, redis_client):
+    await _in_one_window(redis_client)
+    key = Principal(tenant_id="t", key_id="key_charged", requests_per_minute=1000, tokens_per_minute=1000)
+    hold = await replica.access.admit(key, 900)
+    assert not await replica.admitted(key, 200)  # 900 running
+    replica.access.charge(key, 100, hold)
+    assert await replica.admitted(key, 200)  # 100 used + 200: within 1000

@@ -9,8 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+import pytest
+
+from libs.errors import ServiceError
+from services.gateway.access.rate_limits import TokenHold
 from services.gateway.access.roles import KeyScope
 from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Message, Principal, Target
+from services.gateway.providers.base import ProviderError
 from services.gateway.serving.fallback import ChatExecutor
 from services.gateway.serving.idempotency import Claim
 from services.gateway.serving.request_flow import RequestFlow
@@ -22,13 +27,16 @@ QUESTION = ChatRequest(model="auto", messages=(Message("user", "What is the capi
 
 
 class Provider:
-    def __init__(self, last_finish: str = "stop") -> None:
+    def __init__(self, last_finish: str = "stop", fails: bool = False) -> None:
         self._last_finish = last_finish
+        self._fails = fails
 
     def unsupported(self, request) -> None:
         return None
 
     async def complete(self, target, request) -> Completion:
+        if self._fails:
+            raise ProviderError("HTTP 400", retryable=False, kind="http_400")
         return Completion(f"fresh from {target.model_id}", "stop", 3, 2)
 
     async def stream(self, target, request):
@@ -63,12 +71,29 @@ class Routing:
         pass
 
 
-class Access:
-    async def admit(self, principal, estimate) -> None:
-        pass
+class Limiter:
+    """Notes the estimates released by TokenHold.end."""
 
-    def charge(self, principal, tokens) -> None:
-        pass
+    def __init__(self) -> None:
+        self.released: list[int] = []
+
+    def release(self, key_id: str, tokens: int) -> None:
+        self.released.append(tokens)
+
+
+class Access:
+    """Holds every admitted request's estimate on a Limiter; notes the charges."""
+
+    def __init__(self) -> None:
+        self.limiter = Limiter()
+        self.charged: list[int] = []
+
+    async def admit(self, principal, estimate) -> TokenHold:
+        return TokenHold(self.limiter, principal.key_id, estimate)
+
+    def charge(self, principal, tokens, hold) -> None:
+        hold.end()
+        self.charged.append(tokens)
 
 
 class Budgets:
@@ -105,12 +130,12 @@ class Idempotency:
 
 
 def flow(
-    usage: Usage, provider: Provider | None = None, cache: Cache | None = None, idempotency=None
+    usage: Usage, provider: Provider | None = None, cache: Cache | None = None, idempotency=None, access=None
 ) -> RequestFlow:
     providers = {"p": provider or Provider()}
     return RequestFlow(
         None,
-        Access(),
+        access or Access(),
         Routing(),
         ChatExecutor(providers),
         providers,
@@ -156,3 +181,16 @@ async def test_a_stream_its_model_server_cancelled_frees_its_request_id_for_a_re
     idempotency = Idempotency()
     await stream_to_its_end(Provider(last_finish="cancelled"), idempotency)  # ModelInference's CANCELLED
     assert (idempotency.kept, idempotency.released) == ([], ["client-id"])
+
+
+async def test_a_request_that_fails_ends_its_token_hold_and_one_that_is_answered_is_charged():
+    access = Access()
+    chat = ChatRequest(model="small", messages=QUESTION.messages)
+    who = Principal("acme", "key_any")
+    with pytest.raises(ServiceError):
+        await flow(Usage(), Provider(fails=True), Cache(holds_an_answer=False), access=access).complete(
+            who, chat, "r4"
+        )
+    assert (len(access.limiter.released), access.charged) == (1, [])  # its estimate no longer counts
+    await flow(Usage(), Provider(), Cache(holds_an_answer=False), access=access).complete(who, chat, "r5")
+    assert (len(access.limiter.released), access.charged) == (2, [5])

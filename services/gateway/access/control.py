@@ -41,7 +41,7 @@ from libs.errors import (
 from libs.redis_store import redis_ping_probe
 from services.gateway.access.api_keys import ApiKey, KeyRing, bearer_token, key_digest
 from services.gateway.access.key_store import SECRET_PREFIX, KeyStore, NewKey, RecentKeys
-from services.gateway.access.rate_limits import RateLimiter
+from services.gateway.access.rate_limits import NO_HOLD, RateLimiter, TokenHold
 from services.gateway.access.roles import AdminPrincipal
 from services.gateway.domain import Principal
 
@@ -152,26 +152,30 @@ class AccessControl:
             raise PermissionDenied(f"key {key.key_id} is a tenant key; the admin API needs an admin key")
         return key.admin
 
-    async def admit(self, principal: Principal, estimated_tokens: int) -> None:
-        """Counts one request against the key's limits; raises ResourceExhausted when over them."""
+    async def admit(self, principal: Principal, estimated_tokens: int) -> TokenHold:
+        """Counts one request against the key's limits; raises ResourceExhausted when over them. The hold
+        is ended by `charge`, or by the caller when the request fails before it."""
         rpm, tpm = principal.requests_per_minute, principal.tokens_per_minute
         if not rpm and not tpm:
-            return
+            return NO_HOLD
         try:
-            refusal = await self._redis(
+            verdict = await self._redis(
                 "rate limits", lambda: self._limiter.admit(principal.key_id, rpm, tpm, estimated_tokens)
             )
         except Unavailable:
-            return  # fail open; the breaker logged the outage
-        if refusal is not None:
-            raise ResourceExhausted(
-                f"rate limit exceeded: {refusal.limit} {refusal.unit} per minute for key {principal.key_id}",
-                trailers=(("retry-after", str(refusal.retry_after_seconds)),),
-            )
+            return NO_HOLD  # fail open; the breaker logged the outage
+        if isinstance(verdict, TokenHold):
+            return verdict
+        raise ResourceExhausted(
+            f"rate limit exceeded: {verdict.limit} {verdict.unit} per minute for key {principal.key_id}",
+            trailers=(("retry-after", str(verdict.retry_after_seconds)),),
+        )
 
-    def charge(self, principal: Principal, tokens: int) -> None:
+    def charge(self, principal: Principal, tokens: int, hold: TokenHold = NO_HOLD) -> None:
         """Adds the tokens a finished request really used to the key's tokens-per-minute window: with the
-        key's next call to Redis, or within CHARGE_FLUSH_SECONDS (see rate_limits.py)."""
+        key's next call to Redis, or within CHARGE_FLUSH_SECONDS (see rate_limits.py); its estimate no
+        longer counts."""
+        hold.end()
         if not principal.tokens_per_minute or tokens <= 0:
             return
         if not self._breaker.allows():

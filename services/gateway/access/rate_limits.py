@@ -28,8 +28,11 @@ A quiet key (under one request per lease) is counted by Redis request by request
 
 Tokens: `charge` notes the tokens a finished request used; they are added by the key's next call to
 Redis or by a flush (`take_owed` and `settle`, every 100 ms); a call that fails or is cancelled keeps
-them owed (counted twice at worst, never lost). A replica admits from its lease only while
-the window's tokens as Redis last reported them, plus what this replica charged since, pass the check;
+them owed (counted twice at worst, never lost). Until then a request's estimate counts as used on its
+replica (a `TokenHold`, ended by the charge or when the request fails), so requests arriving together
+cannot all pass a check that only finished requests had been counted in. A replica admits from its lease
+only while the window's tokens as Redis last reported them, plus what this replica charged since and the
+estimates of the key's requests it has running, pass the check (Redis checks them too);
 otherwise it asks Redis, which decides. Refusals always come from Redis. The scripts get the key prefix
 (with the key id as hash tag) and append the window themselves; every key they touch shares the
 prefix's Redis Cluster slot.
@@ -80,7 +83,8 @@ if returned > 0 and returned_minute == minute then
 end
 """
 
-# ARGV[4..]: requests per minute, tokens per minute, estimated tokens (limits 0 = none), requests wanted.
+# ARGV[4..]: requests per minute, tokens per minute, estimated tokens (limits 0 = none), requests wanted,
+# tokens of the requests this replica has running (checked as if charged, not counted).
 # Returns {0, granted, window tokens, window, ms left in it} when admitted (granted ≥ 1 requests counted,
 # this one included), {1, retry_after} over the request limit, {2, retry_after} over the token limit.
 # Refused requests are not counted.
@@ -88,13 +92,15 @@ _ADMIT_SCRIPT = (
     _SETTLE
     + f"""
 local rpm, tpm, estimate, wanted = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local running = tonumber(ARGV[8])
 local counts = redis.call('HMGET', window, 'requests', 'tokens')
 local requests, tokens = tonumber(counts[1]) or 0, tonumber(counts[2]) or 0
 local retry_after = {WINDOW_SECONDS} - second % {WINDOW_SECONDS}
 if rpm > 0 and requests >= rpm then
   return {{1, retry_after}}
 end
-if tpm > 0 and (tokens >= tpm or (tokens > 0 and tokens + estimate > tpm)) then
+local seen = tokens + running
+if tpm > 0 and (seen >= tpm or (seen > 0 and seen + estimate > tpm)) then
   return {{2, retry_after}}
 end
 local granted = wanted
@@ -151,9 +157,10 @@ def _prefix(key_id: str) -> str:
 
 
 def _tokens_allow(window_tokens: int, tokens_per_minute: int, estimated_tokens: int) -> bool:
-    """The token rule: refused once the window's tokens reach the limit, or when they plus this request's
-    estimate would pass it — except in a window with nothing charged yet, so that a request estimated
-    above the whole limit still runs once a minute instead of never."""
+    """The token rule: refused once the window's tokens (with the estimates of the key's requests still
+    running here) reach the limit, or when they plus this request's estimate would pass it — except when
+    nothing is charged or running yet, so that a request estimated above the whole limit still runs once a
+    minute instead of never (one at a time, not as many as arrive together)."""
     if not tokens_per_minute:
         return True
     if window_tokens >= tokens_per_minute:
@@ -161,23 +168,62 @@ def _tokens_allow(window_tokens: int, tokens_per_minute: int, estimated_tokens: 
     return window_tokens == 0 or window_tokens + estimated_tokens <= tokens_per_minute
 
 
+@dataclass(eq=False)  # one request's hold: compared (and hashed) by identity
+class TokenHold:
+    """A running request's estimated tokens, counted against its key's tokens per minute on this replica
+    until `end` (at its charge, or when it fails): ending it twice is harmless."""
+
+    limiter: RateLimiter | None
+    key_id: str = ""
+    tokens: int = 0
+
+    def end(self) -> None:
+        if self.limiter is not None:
+            self.limiter.release(self.key_id, self.tokens)
+            self.limiter = None
+
+
+# Nothing held: no tokens-per-minute limit, or limits not enforced (Redis unavailable).
+NO_HOLD = TokenHold(None)
+
+
 class RateLimiter:
     def __init__(self, client: redis.Redis, clock: Callable[[], float] = time.monotonic) -> None:
         self._client = client
         self._clock = clock
-        self._admit = client.register_script(_ADMIT_SCRIPT)
+        self._admit_script = client.register_script(_ADMIT_SCRIPT)
         self._flush = client.register_script(_FLUSH_SCRIPT)
         self._unpaid: dict[str, int] = {}  # key id → tokens charged here, not yet added in Redis
         self._leases: dict[str, _Lease] = {}
         # key id → its one call to Redis under way, resolved with what it means for the requests waiting
         self._renewals: dict[str, asyncio.Future[_Outcome]] = {}
         self._waiting: dict[str, int] = {}  # key id → requests waiting for its renewal (absent: none)
+        # key id → the estimated tokens of its requests admitted here and not yet charged or released
+        self._running: dict[str, int] = {}
 
     async def admit(
         self, key_id: str, requests_per_minute: int, tokens_per_minute: int, estimated_tokens: int
-    ) -> Refusal | None:
-        """Counts one request, or says why it may not run now (the token rule: `_tokens_allow`)."""
+    ) -> Refusal | TokenHold:
+        """Counts one request, or says why it may not run now (the token rule: `_tokens_allow`). Admitted
+        under a tokens-per-minute limit, its estimate counts as used here until the hold's `end`."""
         limits = (requests_per_minute, tokens_per_minute, max(estimated_tokens, 0))
+        refusal = await self._admit(key_id, limits)
+        if refusal is not None:
+            return refusal
+        if not tokens_per_minute or not limits[2]:
+            return NO_HOLD
+        self._running[key_id] = self._running.get(key_id, 0) + limits[2]
+        return TokenHold(self, key_id, limits[2])
+
+    def release(self, key_id: str, estimated_tokens: int) -> None:
+        """A request admitted with `estimated_tokens` has ended: they no longer count as running."""
+        left = self._running.get(key_id, 0) - max(estimated_tokens, 0)
+        if left > 0:
+            self._running[key_id] = left
+        else:
+            self._running.pop(key_id, None)
+
+    async def _admit(self, key_id: str, limits: tuple[int, int, int]) -> Refusal | None:
         if self._admit_from_lease(key_id, limits):
             return None
         # One call to Redis per key at a time: a burst that finds the lease used up waits for the renewal
@@ -203,9 +249,8 @@ class RateLimiter:
         if lease is None or lease.unused <= 0 or self._clock() >= lease.ends_at:
             return False
         _, tokens_per_minute, estimated_tokens = limits
-        if not _tokens_allow(
-            lease.window_tokens + self._unpaid.get(key_id, 0), tokens_per_minute, estimated_tokens
-        ):
+        seen = lease.window_tokens + self._unpaid.get(key_id, 0) + self._running.get(key_id, 0)
+        if not _tokens_allow(seen, tokens_per_minute, estimated_tokens):
             return False  # Redis decides
         lease.unused -= 1
         return True
@@ -246,8 +291,10 @@ class RateLimiter:
         wanted = min(MAX_LEASE_REQUESTS, max(wanted, 1 + self._waiting.get(key_id, 0)))
         try:
             with unavailable_when_redis_fails("rate limiter"):
-                reply = await self._admit(
-                    keys=[_prefix(key_id)], args=[unpaid, returned, returned_window, *limits, wanted]
+                running = self._running.get(key_id, 0)
+                reply = await self._admit_script(
+                    keys=[_prefix(key_id)],
+                    args=[unpaid, returned, returned_window, *limits, wanted, running],
                 )
         except BaseException:
             # Owed still, unless Redis added them before the call failed or was cancelled: counting tokens

@@ -26,6 +26,7 @@ from libs.feature_flags import FeatureFlags
 from services.gateway import metrics
 from services.gateway.access.budgets import BudgetChecks
 from services.gateway.access.control import AccessControl
+from services.gateway.access.rate_limits import NO_HOLD, TokenHold
 from services.gateway.domain import (
     CUT_SHORT,
     ChatRequest,
@@ -107,6 +108,8 @@ class _Prepared:
     targets: list[Target]  # the route, when there was no hit
     plan: Plan | None = None
     prompt_fingerprint: str = ""
+    # The request's estimate held against its key's tokens per minute, ended by its charge or its failure.
+    hold: TokenHold = NO_HOLD
 
     @property
     def answer(self) -> CachedAnswer | None:
@@ -218,9 +221,21 @@ class RequestFlow:
         await self._idempotency.close()
 
     async def _prepare(self, principal: Principal, request: ChatRequest, request_id: str) -> _Prepared:
-        """Limits, budget and cache, in that order; the route only when the cache has no answer."""
+        """Limits, budget and cache, in that order; the route only when the cache has no answer. The
+        caller ends the prepared request's token hold if it fails before the charge."""
         estimate = estimated_tokens(request)
-        await self._access.admit(principal, estimate)
+        hold = await self._access.admit(principal, estimate)
+        try:
+            prepared = await self._budget_cache_route(principal, request, request_id, estimate)
+        except BaseException:
+            hold.end()
+            raise
+        prepared.hold = hold
+        return prepared
+
+    async def _budget_cache_route(
+        self, principal: Principal, request: ChatRequest, request_id: str, estimate: int
+    ) -> _Prepared:
         budget_used = await self._budgets.check(principal.tenant_id)
         cache_key = self._cache.key(
             principal.tenant_id,
@@ -261,6 +276,7 @@ class RequestFlow:
         cacheable: bool = True,
         operation: str = "chat",
         call_id: str | None = None,
+        hold: TokenHold = NO_HOLD,
     ) -> None:
         """Prices the answer (for the response header) and makes its usage record durable; the ledger,
         the tokens-per-minute charge and the cache store follow in the background."""
@@ -283,7 +299,7 @@ class RequestFlow:
             )
         record = usage_record(principal, request_id, outcome, completion)
         # Charged first: a client that goes away while its record is written has still used the tokens.
-        self._access.charge(principal, completion.prompt_tokens + completion.completion_tokens)
+        self._access.charge(principal, completion.prompt_tokens + completion.completion_tokens, hold)
         await self._usage.record(record, call_id)  # durable before the answer is complete
         if (
             cacheable
@@ -310,12 +326,34 @@ class RequestFlow:
                 f"{target.model_id} embeds text, not token ids; send strings (LangChain: "
                 "OpenAIEmbeddings(check_embedding_ctx_length=False))",
             )
-        await self._access.admit(principal, inputs.estimated_tokens())
-        await self._budgets.check(principal.tenant_id)
+        hold = await self._access.admit(principal, inputs.estimated_tokens())
+        try:
+            await self._budgets.check(principal.tenant_id)
+            vectors, tokens = await self._embed(target, inputs, passed_dimensions)
+            outcome = ChatOutcome(target.model_id, target.provider, 1, "bypass")
+            usage = Completion(text="", finish_reason="stop", prompt_tokens=tokens, completion_tokens=0)
+            await self._settle(
+                principal,
+                None,
+                request_id,
+                outcome,
+                usage,
+                cacheable=False,
+                operation="embeddings",
+                hold=hold,
+            )
+        except BaseException:
+            hold.end()
+            raise
+        return vectors, tokens, outcome
+
+    async def _embed(
+        self, target: Target, inputs: EmbeddingInputs, dimensions: int | None
+    ) -> tuple[list[list[float]], int]:
         started = time.perf_counter()
         try:
             vectors, tokens = await self._providers[target.provider].embed(
-                target, inputs.provider_input(), passed_dimensions
+                target, inputs.provider_input(), dimensions
             )
         except ProviderError as error:
             elapsed = time.perf_counter() - started
@@ -323,12 +361,7 @@ class RequestFlow:
             raise provider_failure(error, []) from None
         elapsed = time.perf_counter() - started
         metrics.provider_call(target.provider, target.model_id, elapsed, operation="embeddings")
-        outcome = ChatOutcome(target.model_id, target.provider, 1, "bypass")
-        usage = Completion(text="", finish_reason="stop", prompt_tokens=tokens, completion_tokens=0)
-        await self._settle(
-            principal, None, request_id, outcome, usage, cacheable=False, operation="embeddings"
-        )
-        return vectors, tokens, outcome
+        return vectors, tokens
 
     async def complete(
         self,
@@ -359,17 +392,29 @@ class RequestFlow:
         self, principal: Principal, request: ChatRequest, request_id: str
     ) -> tuple[Completion, ChatOutcome]:
         prepared = await self._prepare(principal, request, request_id)
+        try:
+            return await self._answer(principal, request, request_id, prepared)
+        except BaseException:
+            prepared.hold.end()  # failed before its charge (which ends it too)
+            raise
+
+    async def _answer(
+        self, principal: Principal, request: ChatRequest, request_id: str, prepared: _Prepared
+    ) -> tuple[Completion, ChatOutcome]:
         if prepared.answer is not None:
             outcome = prepared.cached_outcome()
-            await self._settle(principal, prepared.cache_key, request_id, outcome, prepared.answer.completion)
-            return prepared.answer.completion, outcome
+            completion = prepared.answer.completion
+            await self._settle(
+                principal, prepared.cache_key, request_id, outcome, completion, hold=prepared.hold
+            )
+            return completion, outcome
         attempts: list[Attempt] = []
         try:
             completion, served = await self._executor.complete(prepared.targets, request, attempts)
         finally:
             self._routing.report(attempts, self._background)
         outcome = prepared.outcome(served.target, len(served.attempts))
-        await self._settle(principal, prepared.cache_key, request_id, outcome, completion)
+        await self._settle(principal, prepared.cache_key, request_id, outcome, completion, hold=prepared.hold)
         return completion, outcome
 
     async def stream(
@@ -390,12 +435,21 @@ class RequestFlow:
             raise
 
     async def _stream(self, principal: Principal, request: ChatRequest, claim: Claim) -> ChatStream:
+        prepared = await self._prepare(principal, request, claim.record_request_id)
+        try:
+            return await self._start_stream(principal, request, claim, prepared)
+        except BaseException:
+            prepared.hold.end()  # failed before the stream began (its settlement ends it otherwise)
+            raise
+
+    async def _start_stream(
+        self, principal: Principal, request: ChatRequest, claim: Claim, prepared: _Prepared
+    ) -> ChatStream:
         request_id = claim.record_request_id
-        prepared = await self._prepare(principal, request, request_id)
         if prepared.answer is not None:
             whole = prepared.answer.completion
             outcome = prepared.cached_outcome()
-            await self._settle(principal, prepared.cache_key, request_id, outcome, whole)
+            await self._settle(principal, prepared.cache_key, request_id, outcome, whole, hold=prepared.hold)
             await self._keep_answer(claim, whole, outcome)
             return _whole_stream(whole, outcome)
         attempts: list[Attempt] = []
@@ -438,6 +492,7 @@ class RequestFlow:
                 completion,
                 cacheable=cacheable,
                 call_id=call_id,
+                hold=prepared.hold,
             )
             # Only a whole answer can be replayed; a stream cut short (here, or by the model's server)
             # frees its key for a real retry.
