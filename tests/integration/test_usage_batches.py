@@ -172,7 +172,7 @@ async def test_a_streams_stand_in_is_never_sent_and_its_own_record_replaces_it(m
         breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
         recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
         await recorder.start()
-        call_id = await recorder.hold(usage(tenant, "streamed", tokens=1))
+        call_id = await recorder.stand_in(usage(tenant, "streamed", tokens=1))
         await asyncio.sleep(0.1)  # a batch would have gone by now
         assert await requests_recorded(stub, tenant) == 0
         await recorder.record(usage(tenant, "streamed", tokens=9), call_id)

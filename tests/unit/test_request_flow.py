@@ -105,7 +105,7 @@ class Usage:
     def __init__(self) -> None:
         self.records = []
 
-    async def hold(self, record) -> str:
+    async def stand_in(self, record) -> str:
         return "call-1"
 
     async def record(self, record, call_id=None) -> None:

@@ -3,9 +3,10 @@
 A tenant found within budget is not asked about again for BUDGET_RECHECK_SECONDS: one ledger call per
 tenant per second instead of one per request. A hard stop is checked against spend the ledger holds: it
 can be overshot by the requests admitted in that second and by those still running when it is reached
-(their cost lands when they end, a batch later), never by requests admitted after. When that mark lapses, the requests of the tenant in flight share one call instead of each making
-its own. When the ledger cannot answer, `gateway.budget_fail_open` decides; its breaker logs an outage
-once, and while it is open no request waits for the ledger.
+(their cost lands when they end, a batch later), never by requests admitted after. When that mark
+lapses, the requests of the tenant in flight share one call instead of each making its own. When the
+ledger cannot answer, `gateway.budget_fail_open` decides; its breaker logs an outage once, and while it
+is open no request waits for the ledger.
 """
 
 from __future__ import annotations

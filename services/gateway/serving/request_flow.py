@@ -393,12 +393,12 @@ class RequestFlow:
     ) -> tuple[Completion, ChatOutcome]:
         prepared = await self._prepare(principal, request, request_id)
         try:
-            return await self._answer(principal, request, request_id, prepared)
+            return await self._serve(principal, request, request_id, prepared)
         except BaseException:
             prepared.hold.end()  # failed before its charge (which ends it too)
             raise
 
-    async def _answer(
+    async def _serve(
         self, principal: Principal, request: ChatRequest, request_id: str, prepared: _Prepared
     ) -> tuple[Completion, ChatOutcome]:
         if prepared.answer is not None:
@@ -464,7 +464,7 @@ class RequestFlow:
         tally.add(first)
         # On disk before the first chunk goes out, replaced by the stream's own record when it settles: a
         # Gateway killed mid-stream still bills what the stream had delivered by then.
-        call_id = await self._usage.hold(usage_record(principal, request_id, outcome, tally.completion()))
+        call_id = await self._usage.stand_in(usage_record(principal, request_id, outcome, tally.completion()))
 
         async def settle() -> None:
             failure = settled.failure if isinstance(settled.failure, ProviderError) else None

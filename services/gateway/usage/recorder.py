@@ -177,7 +177,7 @@ class UsageRecorder:
             log.info("%d usage records from an earlier run wait for the ledger", len(recovered))
         self._replay = asyncio.create_task(self._replay_forever())
 
-    async def hold(self, record: UsageRecord) -> str:
+    async def stand_in(self, record: UsageRecord) -> str:
         """Journals `record` for a call still under way (a stream, before its first chunk goes out): never
         sent to the ledger from this run, but replayed after a restart if the process ends before
         `record(..., call_id)` replaces it. Returns that call id."""
@@ -191,7 +191,7 @@ class UsageRecorder:
     async def record(self, record: UsageRecord, call_id: str | None = None) -> None:
         """Returns once the record is durable; the ledger is asked in the background. The record is handed
         on (kept until the ledger holds it) even when the caller is cancelled while it is written.
-        `call_id`: the one `hold` gave, whose stand-in this record replaces."""
+        `call_id`: the one `stand_in` gave, whose stand-in this record replaces."""
         # One id names the journal entry and, for the ledger, this call: stable across resends, and
         # different from any other call's, so a reused request id never merges two calls into one record.
         call_id = call_id or uuid.uuid4().hex
