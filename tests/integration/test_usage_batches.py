@@ -5,6 +5,7 @@ counted under its derived id, and what the ledger did not take waits in the jour
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import time
@@ -15,6 +16,7 @@ from sophia.ledger.v1 import ledger_pb2 as pb
 from sophia.ledger.v1 import ledger_pb2_grpc
 
 from libs.breaker import DependencyBreaker, grpc_health_probe
+from services.gateway.usage import journal as journal_module
 from services.gateway.usage.journal import UsageJournal
 from services.gateway.usage.recorder import (
     RECORD_TIMEOUT_SECONDS,
@@ -181,6 +183,33 @@ async def test_a_streams_stand_in_is_never_sent_and_its_own_record_replaces_it(m
         restarted = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
         await restarted.start()
         assert restarted.pending() == 0  # neither the stand-in nor the record waits any more
+        await restarted.close(5)
+        report = await stub.GetUsageReport(pb.GetUsageReportRequest(tenant_id=tenant), timeout=10)
+    assert (report.total.requests, report.total.input_tokens) == (1, 9)
+
+
+async def test_with_the_journal_failing_a_record_goes_to_the_ledger_directly_and_ends_its_stand_in(
+    mesh, tmp_path, monkeypatch
+):
+    tenant = f"disk-{uuid.uuid4().hex[:6]}"
+    async with internal_channel(mesh, "ledger") as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
+        await recorder.start()
+        call_id = await recorder.stand_in(usage(tenant, "streamed", tokens=1))
+
+        def disk_error(*args):
+            raise OSError(errno.EIO, "I/O error")
+
+        monkeypatch.setattr(journal_module.os, "fdatasync", disk_error)
+        await recorder.record(usage(tenant, "streamed", tokens=9), call_id)
+        monkeypatch.undo()
+        assert recorder.pending() == 0  # the ledger took it at once
+        await recorder.close(5)
+        restarted = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
+        await restarted.start()
+        assert restarted.pending() == 0  # the stand-in was ended with it: nothing to bill twice
         await restarted.close(5)
         report = await stub.GetUsageReport(pb.GetUsageReportRequest(tenant_id=tenant), timeout=10)
     assert (report.total.requests, report.total.input_tokens) == (1, 9)

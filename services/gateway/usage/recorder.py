@@ -201,10 +201,10 @@ class UsageRecorder:
         except OSError as exc:
             # No durable copy: the ledger itself is the only place left, so the answer waits for it.
             log.error("usage journal not writable (%s): sending the record to the ledger directly", exc)
-            entry = JournalEntry(call_id, document)
+            # Unacknowledged until the ledger holds it, in memory only: the replay sends it again, and its
+            # acknowledgement also ends a stream's stand-in for it in the journal.
+            entry = self._unacked[call_id] = JournalEntry(call_id, document)
             if not await self._send_batch([entry]):
-                # Kept in memory and sent again by the replay: lost only if this process ends first.
-                self._unacked[call_id] = entry
                 log.error(
                     "usage record neither journaled nor delivered; kept in memory", extra={"record": document}
                 )
