@@ -55,6 +55,10 @@ class CountingLedger:
         return await self._stub.RecordUsages(request, **kwargs)
 
 
+def probed_breaker(channel) -> DependencyBreaker:
+    return DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+
+
 def usage(tenant: str, request_id: str, tokens: int = 10) -> UsageRecord:
     return UsageRecord(request_id, tenant, "key_1", "model-a", "openai", tokens, tokens, False, time.time())
 
@@ -77,7 +81,7 @@ async def test_concurrent_records_go_in_few_batches_each_counted_once(mesh, tmp_
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         counting = CountingLedger(stub)
-        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        breaker = probed_breaker(channel)
         recorder = UsageRecorder(counting, UsageJournal(tmp_path), 60.0, breaker)
         await recorder.start()
         await asyncio.gather(*(recorder.record(usage(tenant, f"r-{i}")) for i in range(60)))
@@ -96,7 +100,7 @@ async def test_records_arriving_one_by_one_are_gathered_into_batches(mesh, tmp_p
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         counting = CountingLedger(stub)
-        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        breaker = probed_breaker(channel)
         recorder = UsageRecorder(counting, UsageJournal(tmp_path), 60.0, breaker, gather_seconds=0.02)
         await recorder.start()
         for i in range(100):
@@ -114,7 +118,7 @@ async def test_a_request_id_held_with_other_usage_is_counted_under_its_derived_i
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         await stub.RecordUsage(usage(tenant, "shared-id", tokens=1).to_proto(), timeout=10)
-        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        breaker = probed_breaker(channel)
         recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
         await recorder.start()
         await recorder.record(usage(tenant, "shared-id", tokens=99))
@@ -132,7 +136,7 @@ async def test_two_calls_with_equal_usage_under_one_request_id_are_both_counted(
     tenant = f"reused-{uuid.uuid4().hex[:6]}"
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        breaker = probed_breaker(channel)
         recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
         await recorder.start()
         await recorder.record(usage(tenant, "reused-id"))
@@ -151,7 +155,7 @@ async def test_a_record_whose_caller_is_cancelled_during_its_write_still_reaches
     in_flight = {"requests": 3}  # others in flight: the write gathers, in the journal's writer task
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        breaker = probed_breaker(channel)
         journal = UsageJournal(tmp_path, in_flight=lambda: in_flight["requests"])
         recorder = UsageRecorder(stub, journal, 60.0, breaker)
         await recorder.start()
@@ -171,7 +175,7 @@ async def test_a_streams_stand_in_is_never_sent_and_its_own_record_replaces_it(m
     tenant = f"stand-in-{uuid.uuid4().hex[:6]}"
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        breaker = probed_breaker(channel)
         recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
         await recorder.start()
         call_id = await recorder.stand_in(usage(tenant, "streamed", tokens=1))
@@ -194,7 +198,7 @@ async def test_with_the_journal_failing_a_record_goes_to_the_ledger_directly_and
     tenant = f"disk-{uuid.uuid4().hex[:6]}"
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        breaker = probed_breaker(channel)
         recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
         await recorder.start()
         call_id = await recorder.stand_in(usage(tenant, "streamed", tokens=1))
@@ -224,7 +228,7 @@ async def test_a_journal_entry_this_gateway_cannot_read_does_not_hold_up_the_oth
     await journal.close()
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        breaker = probed_breaker(channel)
         recorder = UsageRecorder(stub, UsageJournal(tmp_path), 0.05, breaker)
         await recorder.start()
         await wait_until_delivered(recorder)
@@ -236,7 +240,7 @@ async def test_records_wait_while_the_ledger_is_down_and_arrive_once_when_it_is_
     tenant = f"outage-{uuid.uuid4().hex[:6]}"
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+        breaker = probed_breaker(channel)
         recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
         await recorder.start()
         mesh.stop("ledger")
