@@ -306,6 +306,42 @@ async def test_a_write_that_fails_with_any_error_fails_its_appends_instead_of_le
     assert UsageJournal(tmp_path).recover() == []  # not booked: nothing was written
 
 
+async def test_a_stand_in_in_a_kept_segment_stays_ended_once_its_replacements_segment_is_gone(tmp_path):
+    journal = UsageJournal(tmp_path, segment_max_bytes=300)
+    journal.recover()
+    await journal.append(usage("stream", tokens=1), entry_id="call-1")
+    await journal.append(usage("other stream", tokens=1), entry_id="call-2")  # keeps the segment
+    for i in range(2):
+        journal.ack((await journal.append(usage(f"r{i}"))).entry_id)
+    await journal.append(usage("stream", tokens=9), entry_id="call-1")  # in a later segment
+    journal.ack("call-1")
+    for i in range(3):  # writing moves on: the replacement's segment is deleted
+        journal.ack((await journal.append(usage(f"s{i}"))).entry_id)
+    await journal.close()
+    assert [e.entry_id for e in UsageJournal(tmp_path).recover()] == ["call-2"]
+
+
+async def test_a_restart_ends_a_replaced_line_in_a_segment_it_keeps(tmp_path, monkeypatch):
+    journal = UsageJournal(tmp_path, segment_max_bytes=300)
+    journal.recover()
+    monkeypatch.setattr(UsageJournal, "_end_earlier_line", lambda *args: None)  # a crash before it ran
+    await journal.append(usage("stream", tokens=1), entry_id="call-1")
+    await journal.append(usage("other stream", tokens=1), entry_id="call-2")
+    for i in range(2):
+        journal.ack((await journal.append(usage(f"r{i}"))).entry_id)
+    await journal.append(usage("stream", tokens=9), entry_id="call-1")
+    await journal.close()
+    monkeypatch.undo()
+    restarted = UsageJournal(tmp_path)
+    recovered = {e.entry_id: e.record["input_tokens"] for e in restarted.recover()}
+    assert recovered == {"call-1": 9, "call-2": 1}  # call-1 as its last line
+    restarted.ack("call-1")
+    for i in range(3):
+        restarted.ack((await restarted.append(usage(f"s{i}"))).entry_id)
+    await restarted.close()
+    assert [e.entry_id for e in UsageJournal(tmp_path).recover()] == ["call-2"]
+
+
 def test_a_journaled_record_with_a_field_this_version_does_not_know_is_still_read():
     document = {**usage("r"), "call_id": "c1", "added_by_a_newer_version": 7}
     record = UsageRecord.from_json(document)

@@ -31,8 +31,9 @@ is deleted once writing has moved on to the next one.
 
 An entry may be written again under its id: a stream's stand-in record (on disk before its first chunk
 goes out, never sent to the ledger) is replaced by the stream's own record when it settles. A restart
-takes each entry's last record line, in whichever segment, unless an ack follows it; the stand-in's
-segment is kept until the replacement is durable.
+takes each entry's last record line, in whichever segment, unless an ack follows it. Once the
+replacement is durable, a synced ack line in the stand-in's segment (when that is another one) ends the
+stand-in there: that segment may be kept for other entries after the replacement's is gone.
 
 Entries are named by a fresh id, never by the request id, so two tenants using one request id, or ids
 that differ only in characters a file name cannot hold, can never overwrite each other.
@@ -171,10 +172,11 @@ class UsageJournal:
         """The entries an earlier run left unacknowledged, oldest first, each as its last record line
         wrote it (in any segment). Call once, before any append."""
         latest: dict[str, tuple[int, dict[str, Any]]] = {}  # entry id → (segment, its last record)
+        earlier: list[tuple[str, int]] = []  # record lines of an entry that a later segment wrote again
         for path in sorted(self.folder.glob(_SEGMENT_GLOB)):
             sequence = int(path.stem.removeprefix("usage-"))
             self._next_sequence = max(self._next_sequence, sequence + 1)
-            written = self._read_segment(path, sequence, latest)
+            written = self._read_segment(path, sequence, latest, earlier)
             self._segments[sequence] = _Segment(path, os.open(path, os.O_WRONLY), len(written))
             if written and not written.endswith(b"\n"):  # a torn last line: what follows starts its own
                 segment = self._segments[sequence]
@@ -186,16 +188,24 @@ class UsageJournal:
             segment = self._segments.pop(sequence)
             os.close(segment.fd)
             segment.path.unlink(missing_ok=True)
+        for entry_id, sequence in earlier:
+            if sequence in self._segments:  # kept for another entry: ended there (see _end_earlier_line)
+                self._end_earlier_line(entry_id, sequence)
         oldest_first = sorted(latest.items(), key=lambda item: item[1][0])
         entries = [JournalEntry(entry_id, record) for entry_id, (_, record) in oldest_first]
         entries.extend(self._adopt_legacy_files())
         return entries
 
     def _read_segment(
-        self, path: Path, sequence: int, latest: dict[str, tuple[int, dict[str, Any]]]
+        self,
+        path: Path,
+        sequence: int,
+        latest: dict[str, tuple[int, dict[str, Any]]],
+        earlier: list[tuple[str, int]],
     ) -> bytes:
         """Reads one segment's lines into `latest` (a record line replaces an earlier one of its entry, an
-        ack removes it); returns what was written of the segment. A torn line is skipped."""
+        ack removes it; a replaced line of another segment goes to `earlier`); returns what was written of
+        the segment. A torn line is skipped."""
         data = path.read_bytes().rstrip(b"\0")
         for number, raw in enumerate(_LINE_ENDS.split(data), start=1):
             if not raw:
@@ -205,7 +215,10 @@ class UsageJournal:
                 if "ack" in document:
                     latest.pop(document["ack"], None)
                 else:
-                    latest[document["entry"]] = (sequence, dict(document["record"]))
+                    entry_id = document["entry"]
+                    if entry_id in latest and latest[entry_id][0] != sequence:
+                        earlier.append((entry_id, latest[entry_id][0]))
+                    latest[entry_id] = (sequence, dict(document["record"]))
             except (ValueError, TypeError, KeyError):
                 # Only a write cut off by a crash ends this way: its request never got its answer.
                 log.warning("unreadable line %d of usage journal %s skipped", number, path.name)
@@ -342,12 +355,27 @@ class UsageJournal:
         return _Write(segment.fd, data, segment.reserve(len(data)), tuple(replaced))
 
     def _written(self, write: _Write) -> None:
-        """A write is durable: a segment that held an earlier line of one of its entries no longer needs to
-        be kept for it (a restart reads the last line of an entry, wherever it is)."""
+        """A write is durable: an earlier line of one of its entries in another segment is ended there."""
         for entry_id, previous in write.replaced:
             if self._segment_of.get(entry_id) != previous and previous in self._segments:
-                self._segments[previous].unacked.discard(entry_id)
-                self._delete_if_done(previous)
+                self._end_earlier_line(entry_id, previous)
+
+    def _end_earlier_line(self, entry_id: str, sequence: int) -> None:
+        """An ack line after an entry's earlier line in segment `sequence`, synced: that segment may outlive
+        the one holding the entry's last line (kept for another entry), and a restart must not take the
+        earlier line up again once the last one is acknowledged and gone. The segment is then not kept
+        for this entry."""
+        segment = self._segments[sequence]
+        segment.unacked.discard(entry_id)
+        line = _line({"ack": entry_id})
+        try:
+            _write_all(segment.fd, line, segment.reserve(len(line)))
+            os.fdatasync(segment.fd)
+        except OSError as exc:
+            log.error(
+                "usage journal: entry %s's earlier line not ended (%s); a restart may send it", entry_id, exc
+            )
+        self._delete_if_done(sequence)
 
     def _unbook(self, entries: list[JournalEntry], write: _Write) -> None:
         """A write failed: its entries are booked as before it (a replaced one where its earlier line is)."""
