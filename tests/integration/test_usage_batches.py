@@ -24,6 +24,7 @@ from services.gateway.usage.recorder import (
     UsageRecorder,
     derived_request_id,
     ledger_breaker,
+    new_call_id,
 )
 from tests.support import internal_channel, mesh_environ
 from tools.mesh import Mesh
@@ -178,7 +179,8 @@ async def test_a_streams_stand_in_is_never_sent_and_its_own_record_replaces_it(m
         breaker = probed_breaker(channel)
         recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
         await recorder.start()
-        call_id = await recorder.stand_in(usage(tenant, "streamed", tokens=1))
+        call_id = new_call_id()
+        await recorder.stand_in(usage(tenant, "streamed", tokens=1), call_id)
         await asyncio.sleep(0.1)  # a batch would have gone by now
         assert await requests_recorded(stub, tenant) == 0
         await recorder.record(usage(tenant, "streamed", tokens=9), call_id)
@@ -201,7 +203,8 @@ async def test_with_the_journal_failing_a_record_goes_to_the_ledger_directly_and
         breaker = probed_breaker(channel)
         recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
         await recorder.start()
-        call_id = await recorder.stand_in(usage(tenant, "streamed", tokens=1))
+        call_id = new_call_id()
+        await recorder.stand_in(usage(tenant, "streamed", tokens=1), call_id)
 
         def disk_error(*args):
             raise OSError(errno.EIO, "I/O error")

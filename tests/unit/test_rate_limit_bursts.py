@@ -163,6 +163,16 @@ async def test_a_burst_over_the_request_limit_costs_one_call_to_redis(replica, r
     assert script.calls == 1
 
 
+async def test_a_burst_over_the_token_limit_costs_one_call_to_redis(replica, redis_client):
+    key = Principal(tenant_id="t", key_id="key_tokens_full", requests_per_minute=1000, tokens_per_minute=1000)
+    await _in_one_window(redis_client)
+    running = await replica.access.admit(key, 900)  # 900 tokens running: no room for 500 more
+    script = ScriptCalls(replica.limiter)
+    admitted = await asyncio.gather(*(replica.admitted(key, 500) for _ in range(50)))
+    assert (sum(admitted), script.calls) == (0, 1)
+    running.end()
+
+
 async def test_a_lease_given_back_after_redis_lost_its_window_does_not_make_room(redis_client, clock):
     first, second = Replica(redis_client, clock), Replica(redis_client, clock)
     key = Principal(tenant_id="t", key_id="key_restart", requests_per_minute=1000)

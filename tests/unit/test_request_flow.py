@@ -6,6 +6,7 @@ the Router's plan, the cache's lookup), which the mesh tests cover for real."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -30,6 +31,7 @@ class Provider:
     def __init__(self, last_finish: str = "stop", fails: bool = False) -> None:
         self._last_finish = last_finish
         self._fails = fails
+        self.closed = False
 
     def unsupported(self, request) -> None:
         return None
@@ -40,8 +42,11 @@ class Provider:
         return Completion(f"fresh from {target.model_id}", "stop", 3, 2)
 
     async def stream(self, target, request):
-        yield CompletionChunk(text="Hel")
-        yield CompletionChunk(text="lo", finish_reason=self._last_finish)
+        try:
+            yield CompletionChunk(text="Hel")
+            yield CompletionChunk(text="lo", finish_reason=self._last_finish)
+        finally:
+            self.closed = True
 
 
 class Cache:
@@ -104,12 +109,28 @@ class Budgets:
 class Usage:
     def __init__(self) -> None:
         self.records = []
+        self.call_ids = []
+        self.stand_ins = []
 
-    async def stand_in(self, record) -> str:
-        return "call-1"
+    async def stand_in(self, record, call_id) -> None:
+        self.stand_ins.append(call_id)
 
     async def record(self, record, call_id=None) -> None:
         self.records.append(record)
+        self.call_ids.append(call_id)
+
+
+class UsageWaitingOnTheJournal(Usage):
+    """Its stand-in write never completes (a group commit the client does not wait out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = asyncio.Event()
+
+    async def stand_in(self, record, call_id) -> None:
+        await super().stand_in(record, call_id)
+        self.writing.set()
+        await asyncio.Event().wait()
 
 
 @dataclass
@@ -162,9 +183,9 @@ async def test_a_key_without_limits_gets_the_cached_answer():
     assert (outcome.model_id, outcome.cache) == ("big", "hit")
 
 
-async def stream_to_its_end(provider: Provider, idempotency: Idempotency) -> None:
+async def stream_to_its_end(provider: Provider, idempotency: Idempotency, access=None) -> None:
     chat = ChatRequest(model="small", messages=QUESTION.messages)
-    stream = await flow(Usage(), provider, Cache(holds_an_answer=False), idempotency).stream(
+    stream = await flow(Usage(), provider, Cache(holds_an_answer=False), idempotency, access).stream(
         Principal("acme", "key_any"), chat, "client-id", fingerprint="fp"
     )
     async for _chunk in stream.rest:
@@ -194,3 +215,25 @@ async def test_a_request_that_fails_ends_its_token_hold_and_one_that_is_answered
     assert (len(access.limiter.released), access.charged) == (1, [])  # its estimate no longer counts
     await flow(Usage(), Provider(), Cache(holds_an_answer=False), access=access).complete(who, chat, "r5")
     assert (len(access.limiter.released), access.charged) == (2, [5])
+
+
+async def test_a_stream_ends_its_token_hold_when_it_is_settled():
+    access = Access()
+    await stream_to_its_end(Provider(), Idempotency(), access)
+    assert (len(access.limiter.released), len(access.charged)) == (1, 1)
+
+
+async def test_a_stream_whose_client_leaves_while_its_stand_in_is_written_is_settled_at_once():
+    usage, access, provider = UsageWaitingOnTheJournal(), Access(), Provider()
+    chat = ChatRequest(model="small", messages=QUESTION.messages)
+    starting = asyncio.create_task(
+        flow(usage, provider, Cache(holds_an_answer=False), access=access).stream(
+            Principal("acme", "key_any"), chat, "r6"
+        )
+    )
+    await usage.writing.wait()
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert usage.call_ids == usage.stand_ins  # its own record replaces the stand-in
+    assert (len(access.limiter.released), len(access.charged), provider.closed) == (1, 1, True)

@@ -122,6 +122,17 @@ class Refusal:
     limit: int
     # Whole seconds until the current window closes (1–60).
     retry_after_seconds: int
+    # The refused request's estimate (a tokens refusal): one as large is refused too.
+    estimated_tokens: int = 0
+
+    def refuses(self, limits: tuple[int, int, int]) -> bool:
+        """Whether Redis would refuse a request with these limits (requests/min, tokens/min, estimate) as
+        well, in the same moment: the same request limit, or the same token limit for an estimate at
+        least as large."""
+        requests_per_minute, tokens_per_minute, estimated_tokens = limits
+        if self.unit == "requests":
+            return self.limit == requests_per_minute
+        return self.limit == tokens_per_minute and estimated_tokens >= self.estimated_tokens
 
 
 # What a renewal means for the requests that waited for it: Redis' refusal, Redis' failure, or None: try
@@ -240,8 +251,8 @@ class RateLimiter:
                 if failed_before:
                     raise Unavailable(outcome.message) from outcome.__cause__
                 failed_before = True
-            elif isinstance(outcome, Refusal) and outcome.unit == "requests" and outcome.limit == limits[0]:
-                return outcome  # the window was full while this request waited: Redis would say the same
+            elif isinstance(outcome, Refusal) and outcome.refuses(limits):
+                return outcome  # the window filled while this request waited: Redis would say the same
         return await self._renew(key_id, limits)
 
     def _admit_from_lease(self, key_id: str, limits: tuple[int, int, int]) -> bool:
@@ -307,7 +318,7 @@ class RateLimiter:
         if verdict == 1:
             return Refusal("requests", limits[0], int(reply[1]))
         if verdict == 2:
-            return Refusal("tokens", limits[1], int(reply[1]))
+            return Refusal("tokens", limits[1], int(reply[1]), limits[2])
         granted, window_tokens, window, ms_left = (int(value) for value in reply[1:])
         self._leases[key_id] = _Lease(
             window, granted - 1, granted, window_tokens, now, now + min(LEASE_SECONDS, ms_left / 1000)

@@ -50,7 +50,7 @@ from services.gateway.serving.response_cache import (
 )
 from services.gateway.serving.router_client import Plan, Routing
 from services.gateway.usage.prices import LedgerPrices
-from services.gateway.usage.recorder import LEDGER_SERVICE, UsageRecord, UsageRecorder
+from services.gateway.usage.recorder import LEDGER_SERVICE, UsageRecord, UsageRecorder, new_call_id
 
 log = logging.getLogger(__name__)
 
@@ -462,9 +462,7 @@ class RequestFlow:
         outcome = prepared.outcome(served.target, len(served.attempts))
         tally = StreamTally(prompt_estimate=request.estimated_prompt_tokens())
         tally.add(first)
-        # On disk before the first chunk goes out, replaced by the stream's own record when it settles: a
-        # Gateway killed mid-stream still bills what the stream had delivered by then.
-        call_id = await self._usage.stand_in(usage_record(principal, request_id, outcome, tally.completion()))
+        call_id = new_call_id()
 
         async def settle() -> None:
             failure = settled.failure if isinstance(settled.failure, ProviderError) else None
@@ -502,6 +500,14 @@ class RequestFlow:
                 await self._keep_answer(claim, completion, outcome)
 
         settled = SettledStream(rest, tally, settle)
+        # On disk before the first chunk goes out, replaced by the stream's own record (the same call id)
+        # when it settles: a Gateway killed mid-stream still bills what the stream had delivered by then.
+        stand_in = usage_record(principal, request_id, outcome, tally.completion())
+        try:
+            await self._usage.stand_in(stand_in, call_id)
+        except BaseException:
+            await settled.aclose()  # a client gone meanwhile: settled (its stand-in replaced) and closed
+            raise
         return ChatStream(first, settled, outcome)
 
 

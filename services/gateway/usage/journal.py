@@ -288,9 +288,13 @@ class UsageJournal:
                             pending.written.set_exception(exc)
                     continue
                 for pending in batch:
+                    _set_once(pending.written)  # its caller resumes after the callbacks below have run
+                for pending in batch:
                     if pending.on_durable is not None:
-                        pending.on_durable(pending.entry)
-                    _set_once(pending.written)
+                        try:
+                            pending.on_durable(pending.entry)
+                        except Exception:
+                            log.exception("usage journal: an entry's hand-on failed")
         finally:
             self._writer = None
 

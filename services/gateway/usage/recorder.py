@@ -120,6 +120,11 @@ class UsageRecord:
 _RECORD_FIELDS = frozenset(field.name for field in fields(UsageRecord))
 
 
+def new_call_id() -> str:
+    """A call's id: its record's journal entry, and its name for the ledger (see `UsageRecord.call_id`)."""
+    return uuid.uuid4().hex
+
+
 def _document(record: UsageRecord, call_id: str) -> dict:
     document = record.as_json()
     document["call_id"] = call_id
@@ -177,24 +182,22 @@ class UsageRecorder:
             log.info("%d usage records from an earlier run wait for the ledger", len(recovered))
         self._replay = asyncio.create_task(self._replay_forever())
 
-    async def stand_in(self, record: UsageRecord) -> str:
+    async def stand_in(self, record: UsageRecord, call_id: str) -> None:
         """Journals `record` for a call still under way (a stream, before its first chunk goes out): never
         sent to the ledger from this run, but replayed after a restart if the process ends before
-        `record(..., call_id)` replaces it. Returns that call id."""
-        call_id = uuid.uuid4().hex
+        `record(..., call_id)` replaces it."""
         try:
             await self._journal.append(_document(record, call_id), entry_id=call_id)
         except OSError as exc:
             log.error("usage journal not writable (%s): a stream goes on without its stand-in record", exc)
-        return call_id
 
     async def record(self, record: UsageRecord, call_id: str | None = None) -> None:
         """Returns once the record is durable; the ledger is asked in the background. The record is handed
         on (kept until the ledger holds it) even when the caller is cancelled while it is written.
-        `call_id`: the one `stand_in` gave, whose stand-in this record replaces."""
+        `call_id`: the one given to `stand_in`, whose stand-in this record replaces."""
         # One id names the journal entry and, for the ledger, this call: stable across resends, and
         # different from any other call's, so a reused request id never merges two calls into one record.
-        call_id = call_id or uuid.uuid4().hex
+        call_id = call_id or new_call_id()
         document = _document(record, call_id)
         try:
             await self._journal.append(document, self._track, entry_id=call_id)
@@ -204,7 +207,12 @@ class UsageRecorder:
             # Unacknowledged until the ledger holds it, in memory only: the replay sends it again, and its
             # acknowledgement also ends a stream's stand-in for it in the journal.
             entry = self._unacked[call_id] = JournalEntry(call_id, document)
-            if not await self._send_batch([entry]):
+            self._sending.add(call_id)  # not sent by the replay meanwhile
+            try:
+                delivered = await self._send_batch([entry])
+            finally:
+                self._sending.discard(call_id)
+            if not delivered:
                 log.error(
                     "usage record neither journaled nor delivered; kept in memory", extra={"record": document}
                 )
