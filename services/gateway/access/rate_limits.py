@@ -19,9 +19,10 @@ what the replicas admitted, so the limit holds exactly however many replicas sha
   for the call under way and admit from the lease it brings, which it asks big enough for them too; those
   it cannot hold wait for the next call. A burst on one key thus costs a few calls, not one per request
   (which would take every pooled connection, and a pool that fails looks like Redis being down: limits
-  off for every key). A waiter takes the call's refusal if it was for the request limit (the window was
-  full while it waited); when the call fails, the waiters try once more together, and fail with the
-  second failure (limits fail open, as for any failed call);
+  off for every key). A waiter takes the call's refusal if Redis would refuse it too (`Refusal.refuses`:
+  the request limit, or the token limit for an estimate at least as large); when the call fails, the
+  waiters try once more together, and fail with the second failure (limits fail open, as for any failed
+  call);
 - a lease's unused requests go back only to a window that still counts them, never below zero (after a
   Redis restart or failover the window may be gone: a negative count would admit more than the limit).
 A quiet key (under one request per lease) is counted by Redis request by request, as before leases.
