@@ -29,6 +29,7 @@ from sophia.cache.v1 import cache_pb2_grpc
 
 from libs.breaker import UNREACHABLE, DependencyBreaker
 from libs.config import CacheConfig, CacheMode
+from libs.routing_rules import AUTO
 from services.gateway.domain import ChatRequest, Completion
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,6 @@ _SAMPLING_FIELDS = (
     "logit_bias",
 )  # fmt: skip
 _TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
-# The model id of a request the Router plans (its model_preference and task_type pick the models).
-AUTOMATIC = "auto"
 # How models word a refusal at the start of an answer; such answers are never served to other wordings.
 _REFUSAL = re.compile(
     r"^\W*(?:i'?m sorry|i am sorry|sorry|unfortunately|i apologi[sz]e)?[,.!\s]*(?:but\s+)?"
@@ -119,7 +118,7 @@ def split_request(request: ChatRequest) -> tuple[str, str, bool]:
         "history": history,
         **{name: getattr(request, name) for name in (*_SAMPLING_FIELDS, *_TOOL_FIELDS)},
     }
-    if request.model == AUTOMATIC:
+    if request.model == AUTO:  # planned by the Router, whose model_preference and task_type pick models
         # The Router plans by these too: a request that asks for quality must not get a cheap model's answer.
         scope["routing"] = [request.task_type, request.model_preference]
     if not last_is_question:
