@@ -62,11 +62,6 @@ CACHEABLE_FINISHES = ("stop", "length")
 SEMANTIC_CACHING = "semantic_caching"
 
 
-def estimated_tokens(request: ChatRequest) -> int:
-    """For limits and for skipping models whose context window is too small."""
-    return request.estimated_prompt_tokens() + (request.max_tokens or DEFAULT_COMPLETION_ESTIMATE)
-
-
 def provider_dimensions(model_id: str, model: ModelConfig, requested: int | None) -> int | None:
     """The `dimensions` to pass the provider (None: the model's own size), or InvalidArgument when the
     model cannot return vectors of the requested size; checked before the call, so it is never billed."""
@@ -110,6 +105,7 @@ class _Prepared:
     prompt_fingerprint: str = ""
     # The request's estimate held against its key's tokens per minute, ended by its charge or its failure.
     hold: TokenHold = NO_HOLD
+    prompt_estimate: int = 0  # tokens, for a stream cut before its usage arrives
 
     @property
     def answer(self) -> CachedAnswer | None:
@@ -223,14 +219,16 @@ class RequestFlow:
     async def _prepare(self, principal: Principal, request: ChatRequest, request_id: str) -> _Prepared:
         """Limits, budget and cache, in that order; the route only when the cache has no answer. The
         caller ends the prepared request's token hold if it fails before the charge."""
-        estimate = estimated_tokens(request)
+        # For limits and for skipping models whose context window is too small; a cut stream's prompt.
+        prompt_estimate = request.estimated_prompt_tokens()
+        estimate = prompt_estimate + (request.max_tokens or DEFAULT_COMPLETION_ESTIMATE)
         hold = await self._access.admit(principal, estimate)
         try:
             prepared = await self._budget_cache_route(principal, request, request_id, estimate)
         except BaseException:
             hold.end()
             raise
-        prepared.hold = hold
+        prepared.hold, prepared.prompt_estimate = hold, prompt_estimate
         return prepared
 
     async def _budget_cache_route(
@@ -460,7 +458,7 @@ class RequestFlow:
             self._routing.report([a for a in attempts if a.outcome != "success"], self._background)
         streamed = attempts[-1]
         outcome = prepared.outcome(served.target, len(served.attempts))
-        tally = StreamTally(prompt_estimate=request.estimated_prompt_tokens())
+        tally = StreamTally(prompt_estimate=prepared.prompt_estimate)
         tally.add(first)
         call_id = new_call_id()
 
