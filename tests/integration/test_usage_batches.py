@@ -56,8 +56,14 @@ class CountingLedger:
         return await self._stub.RecordUsages(request, **kwargs)
 
 
-def probed_breaker(channel) -> DependencyBreaker:
-    return DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+async def started_recorder(
+    stub, channel, journal: UsageJournal, replay_seconds: float = 60.0, **options
+) -> UsageRecorder:
+    """A recorder over `journal`, started, its breaker probing the ledger's health on `channel`."""
+    breaker = DependencyBreaker("ledger", grpc_health_probe(channel, "sophia.ledger.v1.LedgerService"))
+    recorder = UsageRecorder(stub, journal, replay_seconds, breaker, **options)
+    await recorder.start()
+    return recorder
 
 
 def usage(tenant: str, request_id: str, tokens: int = 10) -> UsageRecord:
@@ -82,9 +88,7 @@ async def test_concurrent_records_go_in_few_batches_each_counted_once(mesh, tmp_
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         counting = CountingLedger(stub)
-        breaker = probed_breaker(channel)
-        recorder = UsageRecorder(counting, UsageJournal(tmp_path), 60.0, breaker)
-        await recorder.start()
+        recorder = await started_recorder(counting, channel, UsageJournal(tmp_path))
         await asyncio.gather(*(recorder.record(usage(tenant, f"r-{i}")) for i in range(60)))
         await wait_until_delivered(recorder)
         await recorder.close(5)
@@ -101,9 +105,7 @@ async def test_records_arriving_one_by_one_are_gathered_into_batches(mesh, tmp_p
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         counting = CountingLedger(stub)
-        breaker = probed_breaker(channel)
-        recorder = UsageRecorder(counting, UsageJournal(tmp_path), 60.0, breaker, gather_seconds=0.02)
-        await recorder.start()
+        recorder = await started_recorder(counting, channel, UsageJournal(tmp_path), gather_seconds=0.02)
         for i in range(100):
             await recorder.record(usage(tenant, f"r-{i}"))
             await asyncio.sleep(0.002)
@@ -119,9 +121,7 @@ async def test_a_request_id_held_with_other_usage_is_counted_under_its_derived_i
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         await stub.RecordUsage(usage(tenant, "shared-id", tokens=1).to_proto(), timeout=10)
-        breaker = probed_breaker(channel)
-        recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
-        await recorder.start()
+        recorder = await started_recorder(stub, channel, UsageJournal(tmp_path))
         await recorder.record(usage(tenant, "shared-id", tokens=99))
         await wait_until_delivered(recorder)
         await recorder.close(5)
@@ -137,9 +137,7 @@ async def test_two_calls_with_equal_usage_under_one_request_id_are_both_counted(
     tenant = f"reused-{uuid.uuid4().hex[:6]}"
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        breaker = probed_breaker(channel)
-        recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
-        await recorder.start()
+        recorder = await started_recorder(stub, channel, UsageJournal(tmp_path))
         await recorder.record(usage(tenant, "reused-id"))
         await wait_until_delivered(recorder)
         await recorder.record(usage(tenant, "reused-id"))
@@ -156,10 +154,8 @@ async def test_a_record_whose_caller_is_cancelled_during_its_write_still_reaches
     in_flight = {"requests": 3}  # others in flight: the write gathers, in the journal's writer task
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        breaker = probed_breaker(channel)
         journal = UsageJournal(tmp_path, in_flight=lambda: in_flight["requests"])
-        recorder = UsageRecorder(stub, journal, 60.0, breaker)
-        await recorder.start()
+        recorder = await started_recorder(stub, channel, journal)
         writing = asyncio.create_task(recorder.record(usage(tenant, "gone")))
         await asyncio.sleep(0)  # pending in the group commit
         writing.cancel()
@@ -176,9 +172,7 @@ async def test_a_streams_stand_in_is_never_sent_and_its_own_record_replaces_it(m
     tenant = f"stand-in-{uuid.uuid4().hex[:6]}"
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        breaker = probed_breaker(channel)
-        recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
-        await recorder.start()
+        recorder = await started_recorder(stub, channel, UsageJournal(tmp_path))
         call_id = new_call_id()
         await recorder.stand_in(usage(tenant, "streamed", tokens=1), call_id)
         await asyncio.sleep(0.1)  # a batch would have gone by now
@@ -186,8 +180,7 @@ async def test_a_streams_stand_in_is_never_sent_and_its_own_record_replaces_it(m
         await recorder.record(usage(tenant, "streamed", tokens=9), call_id)
         await wait_until_delivered(recorder)
         await recorder.close(5)
-        restarted = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
-        await restarted.start()
+        restarted = await started_recorder(stub, channel, UsageJournal(tmp_path))
         assert restarted.pending() == 0  # neither the stand-in nor the record waits any more
         await restarted.close(5)
         report = await stub.GetUsageReport(pb.GetUsageReportRequest(tenant_id=tenant), timeout=10)
@@ -200,9 +193,7 @@ async def test_with_the_journal_failing_a_record_goes_to_the_ledger_directly_and
     tenant = f"disk-{uuid.uuid4().hex[:6]}"
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        breaker = probed_breaker(channel)
-        recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
-        await recorder.start()
+        recorder = await started_recorder(stub, channel, UsageJournal(tmp_path))
         call_id = new_call_id()
         await recorder.stand_in(usage(tenant, "streamed", tokens=1), call_id)
 
@@ -214,8 +205,7 @@ async def test_with_the_journal_failing_a_record_goes_to_the_ledger_directly_and
         monkeypatch.undo()
         assert recorder.pending() == 0  # the ledger took it at once
         await recorder.close(5)
-        restarted = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
-        await restarted.start()
+        restarted = await started_recorder(stub, channel, UsageJournal(tmp_path))
         assert restarted.pending() == 0  # the stand-in was ended with it: nothing to bill twice
         await restarted.close(5)
         report = await stub.GetUsageReport(pb.GetUsageReportRequest(tenant_id=tenant), timeout=10)
@@ -231,9 +221,7 @@ async def test_a_journal_entry_this_gateway_cannot_read_does_not_hold_up_the_oth
     await journal.close()
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        breaker = probed_breaker(channel)
-        recorder = UsageRecorder(stub, UsageJournal(tmp_path), 0.05, breaker)
-        await recorder.start()
+        recorder = await started_recorder(stub, channel, UsageJournal(tmp_path), 0.05)
         await wait_until_delivered(recorder)
         await recorder.close(5)
         assert await requests_recorded(stub, tenant) == 1
@@ -243,9 +231,7 @@ async def test_records_wait_while_the_ledger_is_down_and_arrive_once_when_it_is_
     tenant = f"outage-{uuid.uuid4().hex[:6]}"
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        breaker = probed_breaker(channel)
-        recorder = UsageRecorder(stub, UsageJournal(tmp_path), 60.0, breaker)
-        await recorder.start()
+        recorder = await started_recorder(stub, channel, UsageJournal(tmp_path))
         mesh.stop("ledger")
         try:
             await asyncio.gather(*(recorder.record(usage(tenant, f"d-{i}")) for i in range(20)))
