@@ -13,6 +13,7 @@ import os
 import pathlib
 import re
 import tomllib
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -108,6 +109,17 @@ class TenantConfig(_Strict):
     api_keys: list[ApiKeyConfig] = []
 
 
+# What a tenant id may be, everywhere it is named (config, admin API, ledger): it becomes part of Redis keys
+# and usage records, so a name the ledger or the admin API would refuse must not get past start-up.
+TENANT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _check_tenant_ids(names: Iterable[str], where: str) -> None:
+    for name in names:
+        if not TENANT_ID.fullmatch(name):
+            raise ValueError(f"{where}: tenant id {name!r} must be 1 to 64 characters of A-Z a-z 0-9 _ . -")
+
+
 class AdminKeyConfig(_Strict):
     name: str
     key: str = Field(min_length=8)
@@ -115,6 +127,12 @@ class AdminKeyConfig(_Strict):
     role: Literal["admin", "operator", "viewer"]
     # The tenants an operator or viewer acts on; empty → all.
     tenants: list[str] = []
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_ids(cls, tenants: list[str]) -> list[str]:
+        _check_tenant_ids(tenants, "tenants")
+        return tenants
 
 
 class AuditConfig(_Strict):
@@ -133,6 +151,12 @@ class AuthConfig(_Strict):
     audit: AuditConfig = AuditConfig()
     # A rotated key's old secret keeps working this long unless the rotation says otherwise.
     default_rotation_grace_seconds: int = Field(default=24 * 3600, ge=0)
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_ids(cls, tenants: dict[str, TenantConfig]) -> dict[str, TenantConfig]:
+        _check_tenant_ids(tenants, "auth.tenants")
+        return tenants
 
 
 class ProviderConfig(_Strict):

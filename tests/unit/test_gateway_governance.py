@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import pytest
+from sophia.gateway.v1 import admin_pb2
 
 from libs.config import AuditConfig, AuthConfig
 from libs.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
@@ -15,6 +16,8 @@ from services.gateway.access.audit import AuditEntry, AuditLog, AuditOutcome, Au
 from services.gateway.access.control import AccessControl
 from services.gateway.access.key_store import NewKey
 from services.gateway.access.roles import AdminPrincipal, Endpoint, KeyScope, Permission, Role
+from services.gateway.api.admin_actions import MAX_FIELD_CHARS, REFUSAL_BURST, AdminActions
+from services.gateway.api.admin_servicer import new_key
 
 # --- roles and scopes (pure) ------------------------------------------------------------------------
 
@@ -115,6 +118,38 @@ async def test_revoking_a_rotated_key_stops_every_secret(access):
         await access.rotate_key(key.key_id, 0)
 
 
+async def _refused_within(replica: AccessControl, secret: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            await replica.authenticate(bearer(secret))
+        except Unauthenticated:
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("change", ["rotate", "revoke"])
+async def test_a_rotation_or_revocation_stops_the_secret_on_every_replica_at_once(redis_client, change):
+    """Another replica remembers the secret for a minute; the announcement drops it there too."""
+    keys = KeyRing(AuthConfig())
+    here, there = (AccessControl.over_redis(keys, redis_client, key_cache_seconds=60) for _ in range(2))
+    for replica in (here, there):
+        replica.start()
+    try:
+        key, old = await here.create_key(NewKey("acme", "backend"))
+        await asyncio.sleep(0.2)  # both subscribed
+        assert (await there.authenticate(bearer(old))).key_id == key.key_id  # now remembered there
+        if change == "rotate":
+            await here.rotate_key(key.key_id, grace_seconds=0)
+        else:
+            await here.revoke_key(key.key_id)
+        assert await _refused_within(there, old, seconds=2.0)
+    finally:
+        for replica in (here, there):
+            await replica.close()
+
+
 async def test_an_expired_key_is_refused(access):
     _, secret = await access.create_key(NewKey("acme", "short-lived", expires_at=int(time.time()) + 1))
     await access.authenticate(bearer(secret))
@@ -197,3 +232,80 @@ def test_bad_audit_queries_name_the_field(query, field):
     with pytest.raises(InvalidArgument) as caught:
         AuditQuery(**query)
     assert caught.value.field == field
+
+
+# --- audited admin actions ---------------------------------------------------------------------------
+
+
+class _Call:
+    """What AdminActions reads of a gRPC call: its metadata."""
+
+    def __init__(self, secret: str) -> None:
+        self._metadata = tuple(bearer(secret))
+
+    def invocation_metadata(self):
+        return self._metadata
+
+
+@pytest.fixture
+async def audited(access, redis_client):
+    audit = AuditLog(redis_client, AuditConfig())
+    return AdminActions(access, audit), audit
+
+
+async def _attempt(actions: AdminActions, secret: str, action: str = "reload_config", **where) -> None:
+    with pytest.raises((Unauthenticated, PermissionDenied)):
+        async with actions.begin(_Call(secret), action, **where) as step:
+            await step.admin()
+
+
+async def test_attempts_without_a_valid_key_are_recorded_at_a_bounded_rate(audited):
+    actions, audit = audited
+    for _ in range(REFUSAL_BURST + 70):
+        await _attempt(actions, "sk-sophia-not-a-key")
+    entries, _ = await audit.read(AuditQuery(page_size=500))
+    assert REFUSAL_BURST <= len(entries) <= REFUSAL_BURST + 2  # the burst, and what refilled meanwhile
+    await asyncio.sleep(1.1)
+    await _attempt(actions, "sk-sophia-not-a-key")
+    newest, _ = await audit.read(AuditQuery(page_size=1))
+    assert newest[0].outcome is AuditOutcome.DENIED
+    assert "unrecorded attempts without a valid admin key" in newest[0].detail
+
+
+async def test_audited_text_from_the_caller_is_cut(audited):
+    actions, audit = audited
+    await _attempt(
+        actions, "sk-sophia-not-a-key", "create_key", tenant_id="t" * 100_000, target="k" * 100_000
+    )
+    (found,), _ = await audit.read(AuditQuery(page_size=1))
+    assert len(found.tenant_id) <= MAX_FIELD_CHARS and len(found.target) <= MAX_FIELD_CHARS
+
+
+async def test_an_action_that_fails_unexpectedly_is_audited_as_failed(audited):
+    actions, audit = audited
+    with pytest.raises(ZeroDivisionError):
+        async with actions.begin(_Call("sk-bootstrap-admin-01"), "create_key") as step:
+            await step.admin()
+            _ = 1 / 0
+    (found,), _ = await audit.read(AuditQuery(page_size=1))
+    assert (found.action, found.outcome) == ("create_key", AuditOutcome.FAILED)
+    assert "ZeroDivisionError" in found.detail
+
+
+async def test_a_scoped_key_asking_for_every_tenant_is_refused_on_record(audited, access):
+    actions, audit = audited
+    _, secret = await access.create_key(NewKey("", "ops", role=Role.OPERATOR, tenants=("acme",)))
+    with pytest.raises(PermissionDenied):
+        async with actions.begin(_Call(secret), "read_audit", audit_success=False) as step:
+            await step.admin()
+            await step.require_all_tenants(Permission.READ_AUDIT)
+    (found,), _ = await audit.read(AuditQuery(page_size=1))
+    assert (found.action, found.outcome, found.role) == ("read_audit", AuditOutcome.DENIED, "operator")
+
+
+def test_a_key_cannot_expire_past_what_a_timestamp_holds():
+    request = admin_pb2.CreateApiKeyRequest(tenant_id="acme")
+    request.expires_at.seconds = 253_402_300_800  # 10000-01-01: stored, it broke every listing
+    with pytest.raises(InvalidArgument) as caught:
+        new_key(request, time.time())
+    assert caught.value.field == "expires_at"

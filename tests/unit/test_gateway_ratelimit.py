@@ -126,9 +126,10 @@ def test_rfc3339_times_parse_with_their_offset():
         assert caught.value.field == "end_time"
 
 
-def test_group_by_accepts_the_three_groupings_only():
+def test_group_by_accepts_the_ledgers_groupings_only():
+    """The admin API groups as the tenant's own usage report does (the MCP tool offers both)."""
     assert {group_by(v) for v in ("", "model")} == {group_by("model")}
-    assert len({group_by(v) for v in ("model", "provider", "day")}) == 3
+    assert len({group_by(v) for v in ("model", "provider", "day", "task_type", "difficulty")}) == 5
     with pytest.raises(InvalidArgument, match="group_by"):
         group_by("week")
 

@@ -49,6 +49,9 @@ def test_environment_interpolation_and_overrides():
         ({"SOPHIA__ROUTING__DEFAULT_EMBEDDING_MODEL": "smollm2-135m-instruct"}, "default_embedding_model"),
         ({"SOPHIA__MODELS__X__PROVIDER": "missing"}, "models.x.provider"),
         ({"SOPHIA__PROVIDERS__P__TYPE": "openai"}, "base_url"),
+        # A tenant id the ledger and the admin API refuse would be served and never billed.
+        ({"SOPHIA__AUTH__TENANTS__ACME:PROD__API_KEYS": "[]"}, "auth.tenants"),
+        ({"SOPHIA__AUTH__TENANTS__TEAM{EU}__API_KEYS": "[]"}, "auth.tenants"),
     ],
 )
 def test_config_errors_name_the_key(environ, named):

@@ -53,6 +53,8 @@ LAST_USED_FLUSH_SECONDS = 60.0
 # Tokens used by keys with no request since are added to their windows, and the unused requests of ended
 # leases given back, this often (rate_limits.py).
 CHARGE_FLUSH_SECONDS = 0.1
+# How soon a replica that lost its subscription to key changes tries again.
+CHANGES_RESUBSCRIBE_SECONDS = 1.0
 REDIS_FAILURES_TO_OPEN = 3
 _Result = TypeVar("_Result")
 
@@ -197,7 +199,23 @@ class AccessControl:
         self._flushers = [
             loop.create_task(self._flush_last_used_forever()),
             loop.create_task(self._flush_charges_forever()),
+            loop.create_task(self._forget_changed_keys_forever()),
         ]
+
+    async def _forget_changed_keys_forever(self) -> None:
+        """Drops a key rotated or revoked by any replica the moment it is announced. While not subscribed
+        (Redis down) nothing is heard: once subscribed again everything remembered is dropped, and until
+        then an entry lasts at most `key_cache_seconds`, as it would without the announcements."""
+        while True:
+            try:
+                async for key_id in self._store.watch_changes():
+                    if key_id is None:
+                        self._recent.clear()
+                    else:
+                        self._recent.forget(key_id)
+            except Exception as exc:  # Redis gone: the cache's own expiry bounds what is missed
+                log.debug("key change announcements interrupted (%s); subscribing again", exc)
+            await asyncio.sleep(CHANGES_RESUBSCRIBE_SECONDS)
 
     async def _flush_charges_forever(self) -> None:
         while True:

@@ -22,7 +22,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as redis
@@ -38,6 +38,7 @@ KEY_ID_PREFIX = "key_"
 _TAG = "gateway:{apikeys}"
 _KEY_PREFIX = f"{_TAG}:key:"
 _DIGEST_PREFIX = f"{_TAG}:digest:"
+CHANGES_CHANNEL = f"{_TAG}:changed"
 _LAST_USED = f"{_TAG}:last-used"
 
 # Claims the key id and writes the record and the secret's digest in one step.
@@ -149,6 +150,9 @@ def _pairs(flat: list[str]) -> dict[str, str]:
 
 
 class KeyStore:
+    """Stored keys in Redis. A rotation or revocation is also announced on CHANGES_CHANNEL, so that every
+    Gateway replica drops what it remembers of that key at once (see `AccessControl`)."""
+
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
         self._create = client.register_script(_CREATE_SCRIPT)
@@ -222,13 +226,31 @@ class KeyStore:
                 keys=[_KEY_PREFIX + key_id, _DIGEST_PREFIX + key_digest(secret), _DIGEST_PREFIX],
                 args=[key_id, key_digest(secret), old_valid_until, now],
             )
+            if flat:
+                await self._redis.publish(CHANGES_CHANNEL, key_id)
         return (_from_hash(_pairs(flat)), secret) if flat else None
 
     async def revoke(self, key_id: str) -> ApiKey | None:
         """The revoked key (revoking twice is harmless), or None when no key has this id."""
         with unavailable_when_redis_fails("key store"):
             flat = await self._revoke(keys=[_KEY_PREFIX + key_id])
+            if flat:
+                await self._redis.publish(CHANGES_CHANNEL, key_id)
         return _from_hash(_pairs(flat)) if flat else None
+
+    async def watch_changes(self) -> AsyncIterator[str | None]:
+        """The ids of keys rotated or revoked from now on, by any replica; None first, once subscribed: what
+        was announced before is unknown. Ends with an error when the connection does."""
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(CHANGES_CHANNEL)
+            yield None
+            while True:
+                message = await pubsub.get_message(timeout=None)
+                if message is not None and message["type"] == "message":
+                    yield message["data"]
+        finally:
+            await pubsub.aclose()
 
     async def mark_used(self, used: dict[str, int]) -> None:
         """Records when keys were last used (key id → Unix seconds), in one command."""
@@ -289,9 +311,12 @@ class RecentKeys:
             self._entries.popitem(last=False)
 
     def forget(self, key_id: str) -> None:
-        """Drops a revoked or rotated key at once (on this replica; the others when their entry expires)."""
+        """Drops a revoked or rotated key at once."""
         for digest in [d for d, entry in self._entries.items() if entry.key.key_id == key_id]:
             del self._entries[digest]
+
+    def clear(self) -> None:
+        self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -24,6 +24,7 @@ from sophia.gateway.v1 import admin_pb2_grpc
 from sophia.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from sophia.router.v1 import router_pb2, router_pb2_grpc
 
+from libs.config import TENANT_ID
 from libs.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable, field_violations
 from libs.feature_flags import FeatureFlags, FlagError
 from libs.pricing import MICROS_PER_USD, usd_to_micros
@@ -36,27 +37,23 @@ from services.gateway.api.admin_actions import AdminActions
 from services.gateway.api.insight_servicer import (
     DEPENDENCY_TIMEOUT_SECONDS,
     dependency_failure,
+    group_by,
     ledger_recommendations,
     recommendation_fields,
 )
 
 log = logging.getLogger(__name__)
 
-TENANT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_KEY_NAME_LENGTH = 128
 MAX_KEY_ID_LENGTH = 128
 MAX_MODEL_ID_LENGTH = 256
 MAX_MONTHLY_LIMIT_USD = 1_000_000_000
 # RFC 3339 date-time (the ISO 8601 profile with a mandatory offset); fromisoformat does the rest.
 RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
-GROUP_BY = {
-    "": ledger_pb2.GROUP_BY_MODEL,
-    "model": ledger_pb2.GROUP_BY_MODEL,
-    "provider": ledger_pb2.GROUP_BY_PROVIDER,
-    "day": ledger_pb2.GROUP_BY_DAY,
-}
 LEDGER_TIMEOUT_SECONDS = 10.0
 INT32_MAX = 2**31 - 1
+# The last second a protobuf Timestamp may hold (9999-12-31T23:59:59Z).
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
 
 
 def validate_tenant_id(tenant_id: str, field: str = "tenant_id") -> None:
@@ -97,13 +94,6 @@ def parse_time(field: str, value: str) -> Timestamp | None:
     except (ValueError, OverflowError):
         raise InvalidArgument(field, "is not a valid date and time") from None
     return timestamp
-
-
-def group_by(value: str) -> int:
-    try:
-        return GROUP_BY[value]
-    except KeyError:
-        raise InvalidArgument("group_by", 'must be "model", "provider" or "day"') from None
 
 
 def _ledger_failure(exc: grpc.aio.AioRpcError) -> ServiceError:
@@ -191,6 +181,8 @@ def new_key(request: pb.CreateApiKeyRequest, now: float) -> NewKey:
         expires_at = request.expires_at.seconds
         if expires_at <= now:
             raise InvalidArgument("expires_at", "must be in the future")
+        if expires_at > MAX_TIMESTAMP_SECONDS or not 0 <= request.expires_at.nanos < 10**9:
+            raise InvalidArgument("expires_at", "must be a valid time no later than 9999-12-31T23:59:59Z")
     return NewKey(
         tenant_id=request.tenant_id,
         name=request.name,
@@ -411,7 +403,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             if request.tenant_id:
                 await action.require(Permission.READ_AUDIT, request.tenant_id)
             elif admin.tenants:
-                admin.require_all_tenants(Permission.READ_AUDIT)
+                await action.require_all_tenants(Permission.READ_AUDIT)
             else:
                 await action.require(Permission.READ_AUDIT)
             entries, token = await self._audit.read(query)
