@@ -429,7 +429,8 @@ async def test_a_hung_provider_fails_at_the_callers_deadline(provider, fake, str
 
     elapsed = time.monotonic() - started
     assert 0.2 < elapsed < 0.6  # the fake would hang forever
-    assert (error.kind, error.status, error.retryable) == ("timeout", "DEADLINE_EXCEEDED", True)
+    # The caller's own deadline: not held against the provider, and no other target is worth trying.
+    assert (error.kind, error.status, error.retryable) == ("deadline", "DEADLINE_EXCEEDED", False)
 
 
 async def test_a_stream_that_stalls_midway_fails_at_the_callers_deadline(provider, fake):
@@ -444,7 +445,7 @@ async def test_a_stream_that_stalls_midway_fails_at_the_callers_deadline(provide
 
     assert time.monotonic() - started < 0.6
     assert chunks and chunks[0].text
-    assert error is not None and error.kind == "timeout" and error.retryable
+    assert error is not None and error.kind == "deadline" and not error.retryable
 
 
 async def test_the_configured_timeout_caps_a_call_without_a_deadline(fake, key):
@@ -459,6 +460,18 @@ async def test_the_configured_timeout_caps_a_call_without_a_deadline(fake, key):
     assert caught.value.kind == "timeout"
 
 
+async def test_the_providers_own_limit_is_held_against_it_under_a_longer_deadline(fake, key):
+    provider = make("openai", fake.openai_base_url, timeout_seconds=0.2)
+    token = deadline.start(5.0)
+    try:
+        with pytest.raises(ProviderError) as caught:
+            await provider.complete(TARGET, ask("fault=latency:2"))
+    finally:
+        deadline.reset(token)
+        await provider.close()
+    assert (caught.value.kind, caught.value.retryable) == ("timeout", True)
+
+
 async def test_a_passed_deadline_sends_nothing(provider, fake):
     before = len(fake.requests)
     token = deadline.start(0.01)
@@ -468,7 +481,7 @@ async def test_a_passed_deadline_sends_nothing(provider, fake):
             await provider.complete(TARGET, ask("too late"))
     finally:
         deadline.reset(token)
-    assert caught.value.kind == "timeout"
+    assert caught.value.kind == "deadline"
     assert len(fake.requests) == before
 
 

@@ -158,6 +158,8 @@ def test_a_full_queue_drops_and_counts_the_excess():
         ("timeout", True, pb.OUTCOME_TIMEOUT),
         ("http_503", True, pb.OUTCOME_RETRYABLE_ERROR),
         ("http_400", False, pb.OUTCOME_FATAL_ERROR),
+        # The caller's own deadline: no verdict on the target (the Router counts it as not a failure).
+        ("deadline", False, pb.OUTCOME_FATAL_ERROR),
     ],
 )
 def test_attempts_become_reports_with_their_times(outcome, retryable, expected):

@@ -38,6 +38,8 @@ from services.gateway.providers.keys import ProviderKey, ProviderKeys
 
 # Time kept back from the caller's deadline so the Gateway can still answer after a provider times out.
 DEADLINE_MARGIN_SECONDS = 0.05
+# The ProviderError kind of a call cut by the caller's own deadline (see deadline_error).
+CALLER_DEADLINE = "deadline"
 MAX_PROVIDER_MESSAGE_CHARS = 200
 # How long a finished stream's trailing bytes are awaited to keep its connection; past that it is closed.
 DRAIN_SECONDS = 1.0
@@ -106,11 +108,24 @@ def status_error(provider: str, status_code: int, body: bytes, secrets: Iterable
 
 
 def timeout_error(provider: str) -> ProviderError:
+    """The provider took longer than its own time limit (`timeout_seconds`): held against it."""
     return ProviderError(
         f"provider {provider} did not answer within the deadline",
         retryable=True,
         status="DEADLINE_EXCEEDED",
         kind="timeout",
+    )
+
+
+def deadline_error(provider: str) -> ProviderError:
+    """The caller's own deadline ran out while `provider` was answering. Not held against the provider: a
+    client that sets a short deadline must not open a breaker that moves every tenant to a pricier model
+    (the Router is told it was no verdict on the target), and no other target is tried, the time is up."""
+    return ProviderError(
+        f"the request's deadline passed while provider {provider} was answering",
+        retryable=False,
+        status="DEADLINE_EXCEEDED",
+        kind=CALLER_DEADLINE,
     )
 
 
@@ -201,7 +216,7 @@ class HttpProvider:
             async with asyncio.timeout(timeout):
                 return await self._client().post(path, body, headers)
         except TimeoutError:
-            raise timeout_error(self.name) from None
+            raise self._expired() from None
         except (HttpError, ValueError) as exc:
             raise transport_error(self.name, exc) from None
 
@@ -244,7 +259,15 @@ class HttpProvider:
         try:
             return deadline.outbound_timeout(margin=DEADLINE_MARGIN_SECONDS, cap=self._config.timeout_seconds)
         except DeadlineExceeded:
-            raise timeout_error(self.name) from None
+            raise deadline_error(self.name) from None
+
+    def _expired(self) -> ProviderError:
+        """A step ran out of time: was it the caller's deadline (its timeout is the caller's remaining time
+        less the margin, so about the margin is left now) or the provider's own limit?"""
+        left = deadline.remaining()
+        if left is not None and left <= 2 * DEADLINE_MARGIN_SECONDS:
+            return deadline_error(self.name)
+        return timeout_error(self.name)
 
     async def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         response = await self._respond(path, body)
@@ -252,7 +275,7 @@ class HttpProvider:
             async with asyncio.timeout(self._timeout()):
                 content = await response.read()
         except TimeoutError:
-            raise timeout_error(self.name) from None
+            raise self._expired() from None
         except (HttpError, ValueError) as exc:
             raise transport_error(self.name, exc) from None
         finally:
@@ -286,7 +309,7 @@ class HttpProvider:
                     async with asyncio.timeout(self._timeout()):
                         raw = await response.readline(MAX_SSE_LINE_BYTES)
                 except TimeoutError:
-                    raise timeout_error(self.name) from None
+                    raise self._expired() from None
                 except (HttpError, ValueError) as exc:
                     raise transport_error(self.name, exc) from None
                 if not raw:
