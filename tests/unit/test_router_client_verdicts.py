@@ -10,7 +10,7 @@ from sophia.router.v1 import router_pb2_grpc
 
 from libs import tls
 from libs.config import REPO_ROOT, load_config
-from libs.errors import InvalidArgument
+from libs.errors import FailedPrecondition, InvalidArgument
 from libs.feature_flags import FeatureFlags
 from libs.server import _Observed
 from services.gateway.domain import ChatRequest, Message
@@ -59,3 +59,23 @@ async def test_a_request_the_router_refuses_is_refused_naming_the_field(routing)
         await routing.plan(ask("x" * 129), "acme", "r-2", 10)
     assert raised.value.field == "task_type"
     assert "at most 128 characters" in raised.value.problem
+
+
+def test_a_model_flagged_off_for_the_tenant_is_not_planned_while_the_router_is_away(tmp_path):
+    """The Router leaves such a model out; planning locally (Router down) must too."""
+    path = tmp_path / "flags.yaml"
+    path.write_text("models:\n  smollm2-135m-instruct: {rollout_percentage: 0}\n")
+    config = load_config(REPO_ROOT / "config" / "sophia.yaml", environ={})
+    request = ChatRequest(model="smollm2-135m-instruct", messages=(Message("user", "hi"),))
+    adopted = tls._own_credentials, tls._own_identity_adopted
+    tls.adopt(None)  # a plaintext development mesh: this process presents no certificate
+    try:
+        routing = Routing(config, FeatureFlags(path))
+        with pytest.raises(FailedPrecondition, match="enabled for this tenant"):
+            routing.local_plan(request, "acme", 10)
+        path.write_text("models:\n  smollm2-135m-instruct: {rollout_percentage: 100}\n")
+        routing = Routing(config, FeatureFlags(path))
+        planned = routing.local_plan(request, "acme", 10).targets
+    finally:
+        tls._own_credentials, tls._own_identity_adopted = adopted
+    assert [t.model_id for t in planned] == ["smollm2-135m-instruct"]

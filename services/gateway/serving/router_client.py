@@ -110,6 +110,7 @@ class Routing:
             "router (routing by the configured rules)", grpc_health_probe(self._channel, ROUTER_SERVICE)
         )
         self._rules = RoutingRules(config)
+        self._flags = flags
         self.reporter = OutcomeReporter(self._stub, self._breaker)
         self.snapshots = RouteSnapshots(self._stub, flags)
         self._health: HealthSummary | None = None
@@ -125,10 +126,19 @@ class Routing:
         if configured.kind != kind:
             raise InvalidArgument("model", f"{shown(model)} is a {configured.kind} model, not a {kind} model")
 
-    def local_plan(self, request: ChatRequest, estimated_tokens: int) -> Plan:
-        """The plan of the configured chains, computed here because the Router could not answer."""
+    def local_plan(self, request: ChatRequest, tenant_id: str, estimated_tokens: int) -> Plan:
+        """The plan of the configured chains, computed here because the Router could not answer; a model
+        whose flag is off for the tenant is left out here as the Router leaves it out."""
         plan = self._rules.route(RouteQuery(model=request.model, estimated_tokens=estimated_tokens))
-        targets = tuple(Target(t.model_id, t.provider, t.provider_model) for t in plan.targets)
+        targets = tuple(
+            Target(t.model_id, t.provider, t.provider_model)
+            for t in plan.targets
+            if self._flags.model_enabled(t.model_id, tenant_id)
+        )
+        if not targets:
+            raise FailedPrecondition(
+                f"model {shown(request.model)}: no model of its chain is enabled for this tenant"
+            )
         return Plan(targets, f"{plan.reason} (router unavailable)", request.task_type)
 
     async def plan(
@@ -145,7 +155,7 @@ class Routing:
         """`embedding`: the cache lookup's vector of the normalised last user message, so the Router does
         not embed it again; `budget_used_fraction`: spent / limit from CheckBudget, when known."""
         if not self._breaker.allows():
-            return self.local_plan(request, estimated_tokens)
+            return self.local_plan(request, tenant_id, estimated_tokens)
         if request.model != AUTO:
             snapshot_plan = self.snapshots.plan(request, tenant_id, estimated_tokens)
             if snapshot_plan is not None:
@@ -181,11 +191,11 @@ class Routing:
                 self._breaker.record_failure(exc.code().name)  # logs once per outage
             else:
                 log.warning("router failed (%s); routing by the configured rules", exc.code().name)
-            return self.local_plan(request, estimated_tokens)
+            return self.local_plan(request, tenant_id, estimated_tokens)
         self._breaker.record_success()
         targets = tuple(Target(t.model_id, t.provider, t.provider_model) for t in reply.targets)
         if not targets:
-            return self.local_plan(request, estimated_tokens)
+            return self.local_plan(request, tenant_id, estimated_tokens)
         return Plan(
             targets, reply.reason, reply.task_type, _DIFFICULTIES.get(reply.difficulty, ""), reply.confidence
         )
