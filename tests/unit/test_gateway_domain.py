@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import struct
 
 import pytest
@@ -12,6 +13,7 @@ from sophia.gateway.v1 import gateway_pb2 as pb
 from libs.errors import InvalidArgument
 from services.gateway.api import translate
 from services.gateway.api.gateway_servicer import cache_control, header_value
+from services.gateway.domain import ChatRequest, Message
 from services.gateway.serving.response_cache import CacheKey, prompt_fingerprint, split_request
 
 
@@ -98,6 +100,16 @@ def test_the_prompt_fingerprint_taken_from_the_cache_key_is_the_requests_own():
     scope, question, _ = split_request(request)
     key = CacheKey("t", request.model, scope, question, semantic=True)
     assert prompt_fingerprint(request, key) == prompt_fingerprint(request)
+
+
+def test_who_asks_is_part_of_the_cached_question():
+    """ "What is my name?" asked by alice must not be answered from what bob was told."""
+    alice, bob = (
+        ChatRequest(model="m", messages=(Message("user", "What is my name?", name=who),), temperature=0)
+        for who in ("alice", "bob")
+    )
+    assert split_request(alice)[0] != split_request(bob)[0]
+    assert split_request(alice) == split_request(dataclasses.replace(alice))
 
 
 def _embeddings_request(body: dict) -> pb.CreateEmbeddingsRequest:

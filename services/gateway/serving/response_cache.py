@@ -124,6 +124,8 @@ def split_request(request: ChatRequest) -> tuple[str, str, bool]:
     if not last_is_question:
         # A tool result or an assistant prefill: only an identical message may match, so it joins the scope.
         scope["last"] = dataclasses.asdict(last)
+    elif last.name:  # who asks is part of the question ("What is my name?" asked by alice, then by bob)
+        scope["asker"] = last.name
     return _canonical(scope), last.content or last.role, last_is_question
 
 
