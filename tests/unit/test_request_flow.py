@@ -20,7 +20,13 @@ from services.gateway.providers.base import ProviderError
 from services.gateway.serving.fallback import ChatExecutor
 from services.gateway.serving.idempotency import Claim
 from services.gateway.serving.request_flow import RequestFlow
-from services.gateway.serving.response_cache import CachedAnswer, CacheLayer, CacheLookup, CacheStatus
+from services.gateway.serving.response_cache import (
+    CachedAnswer,
+    CacheKey,
+    CacheLayer,
+    CacheLookup,
+    CacheStatus,
+)
 from services.gateway.serving.router_client import Plan
 
 SMALL = Target("small", "p", "small")
@@ -150,8 +156,38 @@ class Idempotency:
         self.kept.append(claim.key)
 
 
+class SlowProvider(Provider):
+    """Answers once `go` is set (a provider still generating when the client leaves)."""
+
+    def __init__(self, completion: Completion | None = None) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+        self.asked = asyncio.Event()
+        self._completion = completion or Completion("late answer", "stop", 7, 5)
+
+    async def complete(self, target, request) -> Completion:
+        self.asked.set()
+        await self.go.wait()
+        return self._completion
+
+
+class Background:
+    """Runs what the flow hands off, as the Gateway's background tasks do."""
+
+    def __init__(self) -> None:
+        self.tasks: list[asyncio.Task] = []
+
+    def spawn(self, coroutine) -> None:
+        self.tasks.append(asyncio.get_running_loop().create_task(coroutine))
+
+
 def flow(
-    usage: Usage, provider: Provider | None = None, cache: Cache | None = None, idempotency=None, access=None
+    usage: Usage,
+    provider: Provider | None = None,
+    cache: Cache | None = None,
+    idempotency=None,
+    access=None,
+    background=None,
 ) -> RequestFlow:
     providers = {"p": provider or Provider()}
     return RequestFlow(
@@ -163,7 +199,7 @@ def flow(
         cache or Cache(),
         Budgets(),
         usage,
-        SimpleNamespace(spawn=lambda coroutine: coroutine.close()),
+        background or SimpleNamespace(spawn=lambda coroutine: coroutine.close()),
         idempotency=idempotency or Idempotency(),
         prices=SimpleNamespace(cost_micros=lambda *args, **kwargs: 0),
         flags=SimpleNamespace(enabled=lambda *args: False),
@@ -237,3 +273,52 @@ async def test_a_stream_whose_client_leaves_while_its_stand_in_is_written_is_set
         await starting
     assert usage.call_ids == usage.stand_ins  # its own record replaces the stand-in
     assert (len(access.limiter.released), len(access.charged), provider.closed) == (1, 1, True)
+
+
+async def test_a_client_that_leaves_before_the_answer_is_still_billed_for_it():
+    """The provider bills a call whose client went away: its answer is awaited and recorded anyway."""
+    usage, access, provider, background = Usage(), Access(), SlowProvider(), Background()
+    chat = ChatRequest(model="small", messages=QUESTION.messages)
+    asking = asyncio.create_task(
+        flow(usage, provider, Cache(holds_an_answer=False), access=access, background=background).complete(
+            Principal("acme", "key_any"), chat, "r7"
+        )
+    )
+    await provider.asked.wait()
+    asking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asking
+    assert usage.records == []
+    provider.go.set()
+    await asyncio.gather(*background.tasks)
+    assert [(r.request_id, r.input_tokens, r.output_tokens) for r in usage.records] == [("r7", 7, 5)]
+    assert access.charged == [12]
+
+
+class StoringCache(Cache):
+    """A miss with a key, noting what the flow stores."""
+
+    def __init__(self) -> None:
+        super().__init__(holds_an_answer=False)
+        self.stored: list[CachedAnswer] = []
+
+    def key(self, tenant_id, request, *, semantic_allowed, store):
+        return CacheKey(tenant_id, request.model, "scope", "question", semantic=False)
+
+    async def store(self, key, answer) -> None:
+        self.stored.append(answer)
+
+
+@pytest.mark.parametrize(
+    ("tool_calls", "stored"),
+    [((), 1), (({"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}},), 0)],
+)
+async def test_an_answer_with_tool_calls_is_never_cached_whatever_its_finish(tool_calls, stored):
+    """Some providers end tool calls with "stop"; replayed, their call ids would answer another request."""
+    cache, background = StoringCache(), Background()
+    provider = SlowProvider(Completion("", "stop", 3, 2, tool_calls))
+    provider.go.set()
+    chat = ChatRequest(model="small", messages=QUESTION.messages)
+    await flow(Usage(), provider, cache, background=background).complete(Principal("acme", "k"), chat, "r8")
+    await asyncio.gather(*background.tasks)
+    assert len(cache.stored) == stored

@@ -21,7 +21,7 @@ from sophia.ledger.v1 import ledger_pb2_grpc
 from libs.background import Background
 from libs.breaker import DependencyBreaker, grpc_health_probe
 from libs.config import Config, ModelConfig
-from libs.errors import InvalidArgument, PermissionDenied
+from libs.errors import InvalidArgument, PermissionDenied, ServiceError
 from libs.feature_flags import FeatureFlags
 from services.gateway import metrics
 from services.gateway.access.budgets import BudgetChecks
@@ -38,7 +38,7 @@ from services.gateway.domain import (
     Target,
 )
 from services.gateway.providers.base import Provider, ProviderError
-from services.gateway.serving.fallback import Attempt, ChatExecutor, provider_failure
+from services.gateway.serving.fallback import Attempt, ChatExecutor, Served, provider_failure
 from services.gateway.serving.idempotency import Claim, IdempotencyKeys
 from services.gateway.serving.response_cache import (
     CachedAnswer,
@@ -304,6 +304,8 @@ class RequestFlow:
             and cache_key is not None
             and outcome.cache == "miss"
             and completion.finish_reason in CACHEABLE_FINISHES
+            # Tool calls carry ids the client answers by; some providers end them with "stop".
+            and not completion.tool_calls
         ):
             answer = CachedAnswer(outcome.model_id, outcome.provider, completion)
             self._background.spawn(self._cache.store(cache_key, answer))
@@ -407,13 +409,40 @@ class RequestFlow:
             )
             return completion, outcome
         attempts: list[Attempt] = []
+        answering = asyncio.ensure_future(self._executor.complete(prepared.targets, request, attempts))
         try:
-            completion, served = await self._executor.complete(prepared.targets, request, attempts)
-        finally:
+            completion, served = await asyncio.shield(answering)
+        except asyncio.CancelledError:
+            # The client went away while a provider answers: the provider bills that call all the same, so
+            # its answer is awaited (within the request's deadline) and recorded and charged like any other.
+            self._background.spawn(self._settle_unheard(principal, request_id, prepared, answering, attempts))
+            raise
+        except BaseException:
             self._routing.report(attempts, self._background)
+            raise
+        self._routing.report(attempts, self._background)
         outcome = prepared.outcome(served.target, len(served.attempts))
         await self._settle(principal, prepared.cache_key, request_id, outcome, completion, hold=prepared.hold)
         return completion, outcome
+
+    async def _settle_unheard(
+        self,
+        principal: Principal,
+        request_id: str,
+        prepared: _Prepared,
+        answering: asyncio.Future[tuple[Completion, Served]],
+        attempts: list[Attempt],
+    ) -> None:
+        """Records the answer to a request whose client left before it came (nothing when none came)."""
+        try:
+            completion, served = await answering
+        except ServiceError:
+            return  # no provider answered: nothing was used
+        finally:
+            self._routing.report(attempts, self._background)
+        outcome = prepared.outcome(served.target, len(served.attempts))
+        hold = prepared.hold
+        await self._settle(principal, None, request_id, outcome, completion, cacheable=False, hold=hold)
 
     async def stream(
         self,
