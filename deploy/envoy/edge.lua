@@ -3,13 +3,15 @@
 -- Request path:
 --   * drops every client-sent x-envoy-* header (Envoy sanitizes only some of them);
 --   * a grpc-timeout header that is not gRPC's format (1-8 digits, then one of H M S m u n) → 400;
---   * bodies of transcoded routes (table in edge_schema.lua, generated from the descriptor set): answers
---     400 for a JSON member the proto does not declare (the transcoder would drop it silently), for
+--   * bodies of transcoded routes (table in edge_schema.lua, generated from the descriptor set; a path
+--     with one trailing slash is the same route, as for the transcoder): answers 400 for a JSON member
+--     the proto does not declare (the transcoder would drop it silently) unless its value is null, for
 --     JSON nested deeper than MAX_JSON_DEPTH, and for an object or array as the value of a map whose
 --     values are scalars (the transcoder would fail on both with a 500);
 --   * POST /v1/chat/completions: when the TOP-LEVEL object has "stream": true, rewrites :path to
---     /v1/chat/completions:stream so the transcoder picks the server-streaming RPC; whether
---     stream_options.include_usage is true is kept (dynamic metadata) for the response side.
+--     /v1/chat/completions:stream so the transcoder picks the server-streaming RPC; for it and for a
+--     direct POST to that path, whether stream_options.include_usage (or streamOptions.includeUsage)
+--     is true is kept (dynamic metadata) for the response side.
 --   One pass of a small JSON scanner does both (strings with escapes, nesting depth, no recursion).
 -- Response path (transcoded requests only; native gRPC passes untouched):
 --   * removes grpc-status/grpc-message/... headers;
@@ -85,9 +87,10 @@ end
 -- on_value(depth, kinds, keys, value_start) for every object member value; keys[d] is the member name
 -- at depth d (depth 1 = the top-level object), kinds[d] 123 '{' or 91 '['. Returns "too_deep", path
 -- for nesting beyond MAX_JSON_DEPTH. With root_schema (a message name from edge_schema.lua) it also
--- checks the body against the proto and returns "unknown", path at the first undeclared member, or
--- "not_scalar", path for an object or array as a scalar-valued map's value. Returns "not_object" when
--- the top level is not an object and "ok" otherwise; malformed JSON is left to the transcoder.
+-- checks the body against the proto and returns "unknown", path at the first undeclared member whose
+-- value is not null, or "not_scalar", path for an object or array as a scalar-valued map's value.
+-- Returns "not_object" when the top level is not an object and "ok" otherwise; malformed JSON is left to
+-- the transcoder.
 local function scan_object(s, root_schema, on_value)
   local i = find(s, "%S")
   if not i or byte(s, i) ~= 123 then return "not_object" end -- '{'
@@ -106,7 +109,10 @@ local function scan_object(s, root_schema, on_value)
         local sc = schemas[depth]
         if sc and sub(sc, 1, 4) ~= "map:" then
           local fields = MESSAGES[sc]
-          if fields and fields[key] == nil then
+          -- The OpenAI SDK sends back its own response objects as history, with every field it knows
+          -- and we do not (annotations, audio, parsed, ...) as null: null says nothing, the transcoder
+          -- drops it.
+          if fields and fields[key] == nil and not find(s, '^%s*:%s*null[%s,}]', j) then
             return "unknown", member_path(depth, kinds, keys)
           end
         end
@@ -155,6 +161,10 @@ local function literal_at(s, i)
   if find(s, '^%s*"?false[%s",}]', i) then return false end
   return nil
 end
+
+-- Either JSON name of stream_options.include_usage's fields (protobuf's parser takes both).
+local STREAM_OPTIONS = { stream_options = true, streamOptions = true }
+local INCLUDE_USAGE = { include_usage = true, includeUsage = true }
 
 local function body_route(method, path)
   for _, r in ipairs(SCHEMA.routes) do
@@ -209,9 +219,12 @@ function envoy_on_request(handle)
   local q = find(path, "?", 1, true)
   local base, query = path, ""
   if q then base, query = sub(path, 1, q - 1), sub(path, q) end
+  -- The transcoder serves a path with one trailing slash as the same route: so must the checks here.
+  if #base > 1 and sub(base, -1) == "/" then base = sub(base, 1, -2) end
   local route = body_route(method, base)
   if route == nil then return end
-  local is_chat = (base == "/v1/chat/completions")
+  local stream_path = (base == "/v1/chat/completions:stream")
+  local is_chat = stream_path or base == "/v1/chat/completions"
 
   local body = handle:body()
   if body == nil then return end
@@ -224,7 +237,7 @@ function envoy_on_request(handle)
     if depth == 1 and keys[1] == "stream" then
       local v = literal_at(s, at)
       if v ~= nil then stream = v end
-    elseif depth == 2 and kinds[2] == 123 and keys[1] == "stream_options" and keys[2] == "include_usage" then
+    elseif depth == 2 and kinds[2] == 123 and STREAM_OPTIONS[keys[1]] and INCLUDE_USAGE[keys[2]] then
       local v = literal_at(s, at)
       if v ~= nil then include_usage = v end
     end
@@ -235,10 +248,12 @@ function envoy_on_request(handle)
     refuse(handle, where, REFUSALS[result])
     return
   end
-  if stream then
-    -- Header/stream objects from before the body() yield are stale: fetch them again. Modifying a
-    -- header here also clears the cached route.
+  -- Header/stream objects from before the body() yield are stale: fetch them again.
+  if stream and not stream_path then
+    -- Modifying a header here also clears the cached route.
     handle:headers():replace(":path", "/v1/chat/completions:stream" .. query)
+  end
+  if stream or stream_path then
     handle:streamInfo():dynamicMetadata():set(META, "include_usage", include_usage)
   end
 end

@@ -141,10 +141,56 @@ def test_json_on_a_grpc_method_path_gets_415_not_503(http):
 
 
 def test_envoy_client_errors_are_not_labelled_server_errors(http):
-    # 431 from Envoy's own header limit (60 KiB by default).
+    # 431 from the edge's header limit (8 KiB, see envoy.template.yaml).
     reply = http.post("/v1/chat/completions", json=_chat(), headers={"x-padding": "p" * 70000})
     error = _assert_openai_error(reply, 431, "invalid_request_error")
     assert error["code"] == "RESOURCE_EXHAUSTED"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"x-padding": "p" * 9000}, {f"x-padding-{i}": "p" * 1500 for i in range(15)}],
+    ids=["one of 9 KB", "15 of 1.5 KB"],
+)
+def test_headers_the_gateway_would_refuse_get_431_not_a_retryable_429(http, headers: dict):
+    # Below Envoy's default limit but above what the Gateway's gRPC stack takes (16 to 20 KiB of
+    # metadata), they once came back as 429 rate_limit_error, which SDKs retry.
+    error = _assert_openai_error(
+        http.post("/v1/chat/completions", json=_chat(), headers=headers), 431, "invalid_request_error"
+    )
+    assert "grpc" not in error["message"].lower()
+
+
+def test_headers_within_the_limit_still_pass(http):
+    reply = http.post("/v1/chat/completions", json=_chat(), headers={"x-padding": "p" * 6000})
+    assert reply.status_code == 200, reply.text[:300]
+
+
+# path with one trailing slash → (body, the param the refusal names)
+TRAILING_SLASH = {
+    "unknown chat field": ("/v1/chat/completions/", _chat(bogus=1), "bogus"),
+    "object as map value": ("/v1/chat/completions/", _chat(metadata={"k": {"a": 1}}), "metadata.k"),
+    "unknown embeddings field": (
+        "/v1/embeddings/",
+        {"model": "all-minilm-l6-v2", "input": "x", "bogus": 1},
+        "bogus",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", TRAILING_SLASH, ids=list(TRAILING_SLASH))
+def test_a_trailing_slash_gets_the_same_body_checks(http, case: str):
+    path, body, param = TRAILING_SLASH[case]
+    error = _assert_openai_error(http.post(path, json=body), 400, "invalid_request_error")
+    assert error["param"] == param, error
+
+
+def test_stream_true_on_a_trailing_slash_path_streams(http):
+    with http.stream("POST", "/v1/chat/completions/", json=_chat(stream=True)) as reply:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        body = reply.read().decode()
+    assert body.endswith("data: [DONE]\n\n"), body[-300:]
 
 
 def test_a_tiny_temperature_is_answered_by_the_local_model(http):

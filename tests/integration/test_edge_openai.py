@@ -253,3 +253,76 @@ def test_an_overlong_request_id_is_refused(http):
     )
     assert reply.status_code == 400
     assert "x-request-id" in reply.json()["error"]["message"]
+
+
+def test_the_sdks_own_streamed_message_goes_back_as_history(client):
+    # The stream helper's message serialises every field the SDK knows, those Sophia does not declare
+    # (annotations, audio, function_call, parsed) as null: a chat loop sends it back as it is.
+    with client.chat.completions.stream(model="auto", messages=PROMPT, max_tokens=8) as stream:
+        for _ in stream:
+            pass
+        message = stream.get_final_completion().choices[0].message
+    follow_up = [*PROMPT, message, {"role": "user", "content": "And of Italy?"}]
+    completion = client.chat.completions.create(model="auto", messages=follow_up, max_tokens=4)
+    assert completion.choices[0].message.content
+
+
+# Fields of the SDK's message objects that Sophia does not declare, as the SDK serialises them when unset.
+SDK_NULLS = {"annotations": None, "audio": None, "function_call": None, "parsed": None, "tool_calls": None}
+
+
+def _history(assistant_extra: dict) -> list[dict]:
+    assistant = {"role": "assistant", "content": "Paris.", "refusal": None, **assistant_extra}
+    return [*PROMPT, assistant, {"role": "user", "content": "And of Italy?"}]
+
+
+def test_undeclared_members_that_are_null_are_accepted(http):
+    reply = http.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {DEV_KEY}"},
+        json={"model": "auto", "max_tokens": 4, "messages": _history(SDK_NULLS)},
+    )
+    assert reply.status_code == 200, reply.text
+
+
+@pytest.mark.parametrize(
+    ("assistant_extra", "param"),
+    [
+        ({"annotations": []}, "messages[].annotations"),
+        ({"audio": {"id": "audio_1"}}, "messages[].audio"),
+        ({"annotations": None, "parsed": "Paris."}, "messages[].parsed"),
+    ],
+    ids=["annotations", "audio", "parsed"],
+)
+def test_undeclared_members_with_a_value_are_still_refused(http, assistant_extra, param):
+    reply = http.post(
+        "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {DEV_KEY}"},
+        json={"model": "auto", "max_tokens": 4, "messages": _history(assistant_extra)},
+    )
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and "unknown field" in error["message"], error
+
+
+STREAMS_WITH_USAGE = {
+    "stream_options": ("/v1/chat/completions", {"stream": True, "stream_options": {"include_usage": True}}),
+    "streamOptions": ("/v1/chat/completions", {"stream": True, "streamOptions": {"includeUsage": True}}),
+    ":stream path": ("/v1/chat/completions:stream", {"stream_options": {"include_usage": True}}),
+}
+
+
+@pytest.mark.parametrize("spelling", STREAMS_WITH_USAGE, ids=list(STREAMS_WITH_USAGE))
+def test_done_comes_after_the_usage_chunk(http, spelling):
+    path, extra = STREAMS_WITH_USAGE[spelling]
+    with http.stream(
+        "POST",
+        path,
+        headers={"Authorization": f"Bearer {DEV_KEY}"},
+        json={"model": "auto", "messages": PROMPT, "max_tokens": 4, **extra},
+    ) as raw:
+        assert raw.status_code == 200
+        body = raw.read().decode()
+    events = [event[len("data: ") :] for event in body.split("\n\n") if event.startswith("data: ")]
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1, events
+    assert json.loads(events[-2])["usage"]["completion_tokens"] > 0
