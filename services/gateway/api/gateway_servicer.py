@@ -158,12 +158,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         await context.send_initial_metadata(self._response_headers(request_id, stream.outcome))
         completion_id, created, model = f"chatcmpl-{request_id}", int(time.time()), stream.outcome.model_id
         yield translate.chunk_response(completion_id, created, model, None, first=True)
-        last = stream.first
-        if last.text or last.tool_calls or last.finish_reason:
-            yield translate.chunk_response(completion_id, created, model, last)
+        if stream.first.text or stream.first.tool_calls or stream.first.finish_reason:
+            yield translate.chunk_response(completion_id, created, model, stream.first)
         try:
             async for chunk in stream.rest:
-                last = chunk
                 if chunk.text or chunk.tool_calls or chunk.finish_reason:
                     yield translate.chunk_response(completion_id, created, model, chunk)
         except ProviderError as error:
@@ -179,12 +177,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             )
             raise failure from None
         if chat.include_usage:
+            # What is billed: a provider that streams no usage is billed (and shown) estimates, not 0/0.
+            billed = stream.rest.billed()
             yield pb.StreamChatCompletionResponse(
                 id=completion_id,
                 object="chat.completion.chunk",
                 created=created,
                 model=model,
-                usage=translate.usage(last.prompt_tokens, last.completion_tokens),
+                usage=translate.usage(billed.prompt_tokens, billed.completion_tokens),
             )
 
     async def CreateEmbeddings(self, request, context):

@@ -593,7 +593,7 @@ def _whole_stream(whole: Completion, outcome: ChatOutcome) -> ChatStream:
             tool_calls=whole.tool_calls,
         )
     )
-    return ChatStream(chunks[0], _ReplayedChunks(chunks[1:]), outcome)
+    return ChatStream(chunks[0], _ReplayedChunks(chunks[1:], whole), outcome)
 
 
 def _within_scope(principal: Principal, targets: list[Target]) -> list[Target]:
@@ -640,6 +640,10 @@ class SettledStream:
         self._tally.add(chunk)
         return chunk
 
+    def billed(self) -> Completion:
+        """The answer as it is billed so far (token counts estimated where the provider sent none)."""
+        return self._tally.completion()
+
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -654,8 +658,12 @@ class SettledStream:
 class _ReplayedChunks:
     """The rest of a stream replayed from an answer known whole."""
 
-    def __init__(self, chunks: list[CompletionChunk]) -> None:
+    def __init__(self, chunks: list[CompletionChunk], whole: Completion) -> None:
         self._chunks = iter(chunks)
+        self._whole = whole
+
+    def billed(self) -> Completion:
+        return self._whole
 
     def __aiter__(self) -> _ReplayedChunks:
         return self
