@@ -12,6 +12,7 @@ that the Gateway can bypass the cache instead of waiting on it.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import math
@@ -161,15 +162,18 @@ class Cache:
             query.tenant_id, self._member(query.model, query.scope, normalised, query.tenant_id)
         )
         with unavailable_when_redis_fails("cache store"):
-            response = await self._entries.response(key)
-            if response is not None:
-                await self._counters.add(query.tenant_id, "hits_exact")
-                metrics.lookups.add(1, {"result": "hit", "layer": Layer.EXACT.value})
-                return LookupResult(Layer.EXACT, response, 1.0, given)
+            response, cached_question = await self._redis.hmget(key, ["response", "question"])
+            # The key is the normalised question, which folds case, edge punctuation and compatibility
+            # characters, so another question may sit under it ("What is 2³?" under "What is 23?").
+            exact_veto = None
+            if response is not None and cached_question is not None:
+                exact_veto = self._judge.exact_veto(cached_question.decode(), query.question)
+                if exact_veto is None:
+                    await self._counters.add(query.tenant_id, "hits_exact")
+                    metrics.lookups.add(1, {"result": "hit", "layer": Layer.EXACT.value})
+                    return LookupResult(Layer.EXACT, response, 1.0, given)
             if not query.semantic:
-                await self._counters.add(query.tenant_id, "misses")
-                metrics.lookups.add(1, {"result": "miss"})
-                return LookupResult(None, embedding=given)
+                return await self._miss(query.tenant_id, exact_veto, LookupResult(None, embedding=given))
         vector = given if given is not None else await self._embedder.embed(normalised)
         partition = keys.scope_digest(query.tenant_id, query.model, query.scope)
         candidates = await self._searches.search(partition, vector)
@@ -183,12 +187,19 @@ class Cache:
                     metrics.semantic_similarity.record(verdict.similarity)
                     return LookupResult(Layer.SEMANTIC, response, verdict.similarity, vector)
                 self._index.remove(verdict.entry.key)  # gone from Redis (expired or evicted) meanwhile
-            counters = ["misses"] + ([f"veto:{verdict.veto.value}"] if verdict.veto else [])
-            await self._counters.add(query.tenant_id, *counters)
-        if verdict.veto is not None:
-            metrics.vetoes.add(1, {"reason": verdict.veto.value})
+            # An exact candidate vetoed is usually the semantic layer's best candidate too, vetoed again.
+            return await self._miss(
+                query.tenant_id,
+                verdict.veto or exact_veto,
+                LookupResult(None, similarity=verdict.similarity, embedding=vector),
+            )
+
+    async def _miss(self, tenant_id: str, veto: Veto | None, result: LookupResult) -> LookupResult:
+        await self._counters.add(tenant_id, "misses", *([f"veto:{veto.value}"] if veto else []))
+        if veto is not None:
+            metrics.vetoes.add(1, {"reason": veto.value})
         metrics.lookups.add(1, {"result": "miss"})
-        return LookupResult(None, similarity=verdict.similarity, embedding=vector, veto=verdict.veto)
+        return dataclasses.replace(result, veto=veto)
 
     # --- stores --------------------------------------------------------------------------------------
 

