@@ -53,6 +53,8 @@ class RouterApp:
     def apply(self, state: RoutingState) -> None:
         self.router.state = state
         self.health.settings = state.config.routing.breaker
+        # Reports are taken for configured targets only; those a reload dropped are forgotten.
+        self.health.configure((m.provider, model_id) for model_id, m in state.config.models.items())
         if self.bounded is not None:
             self.bounded.timeout_seconds = state.config.routing.classifier.embed_timeout_seconds
             self.bounded.max_concurrent = state.config.routing.classifier.max_concurrent_embeddings

@@ -12,6 +12,12 @@ window with at least M requests; a failed probe re-opens it; enough successful p
 probe is claimed atomically (open → half-open once the cool-down is over, then at most `probes`
 requests let through). Times are Redis's own clock (TIME), so replicas' clocks may differ.
 
+A probe is a loan: the Router hands it out when it plans, before anyone knows whether the request will
+test the provider at all. An outcome that is no verdict on the target (REJECTED: the request refused as
+bad, too long for the model, or cancelled) gives the probe back, and a probe whose outcome never comes
+(the target was not tried, the report was lost) is given back once its lease ends; otherwise a recovered
+provider would stay out of rotation for another whole cool-down.
+
 Routing reads a local snapshot of the breakers that each replica refreshes every `refresh_seconds`
 and right after recording, so a Route costs no Redis round trip; only a target whose cool-down is
 over costs one (to claim its probe). When Redis is unreachable the last snapshot stays in force.
@@ -72,7 +78,7 @@ local window, min_requests, error_rate = tonumber(ARGV[2]), tonumber(ARGV[3]), t
 local consecutive_failures, probes, max_events = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 
 local function trip()
-  redis.call('HSET', KEYS[1], 'state', 'open', 'since', now, 'probes', 0, 'probe_successes', 0)
+  redis.call('HSET', KEYS[1], 'state', 'open', 'since', now, 'probes', 0, 'probe_successes', 0, 'out', 0)
   return 'open'
 end
 
@@ -94,12 +100,23 @@ local function apply(outcome, latency, ttft, message)
   redis.call('LPUSH', KEYS[2], now .. ',' .. outcome .. ',' .. latency .. ',' .. ttft)
   redis.call('LTRIM', KEYS[2], 0, max_events - 1)
   local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-  if outcome == 'x' then return state end
+  local out = tonumber(redis.call('HGET', KEYS[1], 'out') or '0')
+  if outcome == 'x' then
+    -- No verdict on the target: a probe it answered is handed back for the next request to use.
+    if state == 'half_open' and out > 0 then
+      redis.call('HSET', KEYS[1], 'out', out - 1)
+      redis.call('HINCRBY', KEYS[1], 'probes', 1)
+    end
+    return state
+  end
   if outcome == 's' then
     redis.call('HSET', KEYS[1], 'consecutive', 0)
-    if state == 'half_open' and redis.call('HINCRBY', KEYS[1], 'probe_successes', 1) >= probes then
-      redis.call('HSET', KEYS[1], 'state', 'closed', 'since', now, 'closed_at', now)
-      return 'closed'
+    if state == 'half_open' then
+      redis.call('HSET', KEYS[1], 'out', math.max(out - 1, 0))
+      if redis.call('HINCRBY', KEYS[1], 'probe_successes', 1) >= probes then
+        redis.call('HSET', KEYS[1], 'state', 'closed', 'since', now, 'closed_at', now, 'out', 0)
+        return 'closed'
+      end
     end
     return state
   end
@@ -124,20 +141,24 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
 if state == 'closed' then return 1 end
 local since = tonumber(redis.call('HGET', KEYS[1], 'since') or '0')
-local cooldown = tonumber(ARGV[1])
+local cooldown, lease = tonumber(ARGV[1]), tonumber(ARGV[3])
 if state == 'open' then
   if now - since < cooldown then return 0 end
   redis.call('HSET', KEYS[1], 'state', 'half_open', 'since', now, 'probes', tonumber(ARGV[2]) - 1,
-             'probe_successes', 0)
+             'probe_successes', 0, 'out', 1, 'lease_until', now + lease)
   return 1
 end
 if tonumber(redis.call('HGET', KEYS[1], 'probes') or '0') > 0 then
   redis.call('HINCRBY', KEYS[1], 'probes', -1)
+  redis.call('HINCRBY', KEYS[1], 'out', 1)
+  redis.call('HSET', KEYS[1], 'lease_until', now + lease)
   return 1
 end
--- Probes out for a whole cool-down with no verdict (their reports were lost): let new ones through.
-if now - since >= cooldown then
-  redis.call('HSET', KEYS[1], 'since', now, 'probes', tonumber(ARGV[2]) - 1)
+-- Probes out past their lease with no verdict (not tried, or their reports were lost): new ones go
+-- through. A state written before leases existed has none: its probes expire a cool-down after it.
+local lease_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or (since + cooldown))
+if now >= lease_until then
+  redis.call('HSET', KEYS[1], 'probes', tonumber(ARGV[2]) - 1, 'out', 1, 'lease_until', now + lease)
   return 1
 end
 return 0
@@ -234,10 +255,19 @@ class HealthBook:
         # Redis time minus local time, in ms, as of the last refresh.
         self._clock_offset_ms = 0.0
         self._store_down = False
+        # Every target of the current config (enabled or not), and whether the tracked ones are still to
+        # be pruned to it: done by the next refresh, retried there while Redis cannot be reached.
+        self._configured: frozenset[Target] | None = None
+        self._prune_due = False
 
     @property
     def store_reachable(self) -> bool:
         return not self._store_down
+
+    def configure(self, targets: Iterable[Target]) -> None:
+        """The targets of a config just applied: the others tracked are forgotten at the next refresh."""
+        self._configured = frozenset(targets)
+        self._prune_due = True
 
     def view(self, target: Target) -> BreakerView:
         return self._views.get(target, BreakerView())
@@ -303,12 +333,17 @@ class HealthBook:
         self._views[target] = BreakerView(state, cooldown_ends, previous.p50_latency_ms)
         log.warning("circuit of %s/%s is now %s", target[0], target[1], state.value)
 
-    async def claim_probe(self, target: Target) -> bool:
-        """Whether this request may try a target whose breaker is not closed (atomic across replicas)."""
+    async def claim_probe(self, target: Target, lease_seconds: float | None = None) -> bool:
+        """Whether this request may try a target whose breaker is not closed (atomic across replicas).
+
+        A probe granted is on loan for `lease_seconds` (at most a cool-down, the default): with no outcome
+        by then it is presumed lost and another request may probe."""
+        cooldown = self.settings.cooldown_seconds
+        lease = cooldown if lease_seconds is None else min(max(lease_seconds, 0.0), cooldown)
         try:
             granted = await self._claim(
                 keys=[_state_key(_member(target))],
-                args=[int(self.settings.cooldown_seconds * 1000), self.settings.probes],
+                args=[int(cooldown * 1000), self.settings.probes, int(lease * 1000)],
             )
         except redis_errors.RedisError as exc:
             self._lost(exc)
@@ -317,9 +352,40 @@ class HealthBook:
             self._views[target] = BreakerView(CircuitState.HALF_OPEN, 0.0, self.view(target).p50_latency_ms)
         return bool(granted)
 
+    async def prune(self, configured: Iterable[Target]) -> int:
+        """Forgets every tracked target that is not in `configured` (its events and breaker too), so
+        targets dropped from the config neither fill the MAX_TRACKED_TARGETS set nor linger in health
+        reports; returns how many were forgotten. Raises Unavailable when Redis cannot be reached."""
+        keep = {_member(target) for target in configured}
+        try:
+            stale = sorted(set(await self._redis.smembers(TARGETS_KEY)) - keep)
+            if stale:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for member in stale:
+                        pipe.srem(TARGETS_KEY, member)
+                        pipe.delete(_state_key(member), _events_key(member))
+                    await pipe.execute()
+        except redis_errors.RedisError as exc:
+            self._lost(exc)
+            raise Unavailable("health store unavailable: targets not pruned") from exc
+        for member in stale:
+            self._views.pop(tuple(member.split(SEPARATOR, 1)), None)
+        if stale:
+            log.info("forgot the health of %d targets no longer configured", len(stale))
+        return len(stale)
+
     async def refresh(self, targets: Iterable[Target]) -> None:
-        """Reads the shared breakers of `targets` (and their recent latency) into this replica's view."""
+        """Reads the shared breakers of `targets` (and their recent latency) into this replica's view;
+        first forgets the targets a config change dropped, if that is still to be done."""
         targets = list(targets)
+        configured = self._configured
+        if self._prune_due and configured is not None:
+            try:
+                await self.prune(configured)
+            except Unavailable:
+                return  # logged once by _lost; pruned (and refreshed) once Redis answers
+            # A reload during the prune configured other targets: those are pruned at the next refresh.
+            self._prune_due = self._configured is not configured
         s = self.settings
         try:
             async with self._redis.pipeline(transaction=False) as pipe:

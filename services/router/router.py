@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+import numpy as np
+
 from libs.config import Config, ModelProfile
 from libs.errors import FailedPrecondition, InvalidArgument, shown
 from libs.feature_flags import EMPTY, FlagSet
@@ -31,6 +33,10 @@ from services.router.health import BreakerView, CircuitState, HealthBook
 
 DEFAULT_PROFILE = ModelProfile()
 EMBEDDING_DIMENSIONS = 384
+# How long after a provider call's timeout its outcome may still be on its way: the Gateway sends its
+# reports every 50 ms, each batch with a 1 s deadline. A probe not answered by then was never tried or
+# its report was lost (see HealthBook.claim_probe).
+PROBE_REPORT_SLACK_SECONDS = 2.0
 
 
 class Preference(StrEnum):
@@ -249,7 +255,7 @@ class Router:
                 f"must have {EMBEDDING_DIMENSIONS} values (all-MiniLM-L6-v2), got {len(embedding)}",
             )
         started = time.perf_counter()
-        classification = state.classifier.classify(embedding, request.prompt, request.context)
+        classification = state.classifier.classify(_unit(embedding), request.prompt, request.context)
         return classification, time.perf_counter() - started
 
     def _candidates(
@@ -279,7 +285,7 @@ class Router:
             view = self._view(target)
             if view.state is CircuitState.CLOSED:
                 usable.append(target)
-            elif not usable and await self._claims_probe(target, view):
+            elif not usable and await self._claims_probe(state, target, view):
                 usable.append(target)
                 notes.append(f"circuit half-open: probing {model_id}")
             else:
@@ -326,11 +332,26 @@ class Router:
     def _view(self, target: RouteTarget) -> BreakerView:
         return self._health.view((target.provider, target.model_id)) if self._health else BreakerView()
 
-    async def _claims_probe(self, target: RouteTarget, view: BreakerView) -> bool:
+    async def _claims_probe(self, state: RoutingState, target: RouteTarget, view: BreakerView) -> bool:
         if view.state is CircuitState.OPEN and time.monotonic() < view.cooldown_ends:
             return False
-        # Cool-down over, or half-open: one of the few probes, claimed atomically across replicas.
-        return await self._health.claim_probe((target.provider, target.model_id))
+        # Cool-down over, or half-open: one of the few probes, claimed atomically across replicas. Its
+        # outcome comes within the provider's timeout (plus the report's way) or never will.
+        provider = state.config.providers.get(target.provider)
+        lease = provider.timeout_seconds + PROBE_REPORT_SLACK_SECONDS if provider else None
+        return await self._health.claim_probe((target.provider, target.model_id), lease)
+
+
+def _unit(embedding: Sequence[float]) -> np.ndarray:
+    """The embedding L2-normalised, as MiniLM's are and the classifier expects: a caller's vector of
+    huge (or tiny) finite values would otherwise overflow the similarities into NaN confidences. Scaled
+    by its largest value first, so the norm itself cannot overflow or underflow; all zeros stay zeros."""
+    vector = np.asarray(embedding, dtype=np.float64)
+    largest = float(np.abs(vector).max(initial=0.0))
+    if not largest:
+        return vector
+    vector = vector / largest
+    return vector / np.linalg.norm(vector)
 
 
 def _joined(reason: str, notes: list[str]) -> str:

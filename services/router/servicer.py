@@ -12,7 +12,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sophia.router.v1 import router_pb2 as pb
 from sophia.router.v1 import router_pb2_grpc
 
-from libs.errors import InvalidArgument
+from libs.config import Config
+from libs.errors import InvalidArgument, shown
 from services.router import metrics
 from services.router.classifier import Difficulty
 from services.router.health import CircuitState, HealthBook, Outcome, OutcomeReport
@@ -47,6 +48,10 @@ OUTCOMES = {
     pb.OUTCOME_TIMEOUT: Outcome.FAILURE,
     pb.OUTCOME_FATAL_ERROR: Outcome.REJECTED,
 }
+# Error classes (the Gateway's ProviderError kinds) that are a verdict on the request, not on the target,
+# whatever outcome they come with: "context_window" is a prompt too long for this model, which the Gateway
+# reports as a retryable error so that its chain goes on to a model with a larger window.
+REQUEST_ERRORS = frozenset({"context_window"})
 DIFFICULTIES = {
     None: pb.DIFFICULTY_UNSPECIFIED,
     Difficulty.SIMPLE: pb.DIFFICULTY_SIMPLE,
@@ -117,6 +122,7 @@ def route_request(request) -> Request:
 
 
 def outcome_reports(request) -> list[OutcomeReport]:
+    """The reports, each checked for shape; any malformed one refuses the whole call."""
     if not request.reports:
         raise InvalidArgument("reports", "must not be empty")
     if len(request.reports) > MAX_REPORTS:
@@ -130,17 +136,38 @@ def outcome_reports(request) -> list[OutcomeReport]:
             raise InvalidArgument(f"{where}.latency_ms", "must not be negative")
         if entry.time_to_first_token_ms < 0:
             raise InvalidArgument(f"{where}.time_to_first_token_ms", "must not be negative")
+        outcome = _enum(f"{where}.outcome", OUTCOMES, entry.outcome)
+        if entry.error in REQUEST_ERRORS:
+            outcome = Outcome.REJECTED
         reports.append(
             OutcomeReport(
                 provider=_name(f"{where}.provider", entry.provider, required=True),
                 model_id=_name(f"{where}.model_id", entry.model_id, required=True),
-                outcome=_enum(f"{where}.outcome", OUTCOMES, entry.outcome),
+                outcome=outcome,
                 latency_ms=entry.latency_ms,
                 time_to_first_token_ms=entry.time_to_first_token_ms,
                 error=entry.error[:MAX_NAME_CHARS],
             )
         )
     return reports
+
+
+def unknown_target(config: Config, index: int, report: OutcomeReport) -> InvalidArgument | None:
+    """Why `report` (the request's reports[index]) names no target of `config`, or None if it names one.
+
+    Only configured targets are tracked: invented names would otherwise fill the set of tracked targets
+    until a real one could no longer be, and its breaker could never open."""
+    model = config.models.get(report.model_id)
+    if model is None:
+        return InvalidArgument(
+            f"reports[{index}].model_id", f"{shown(report.model_id)} is not a configured model"
+        )
+    if model.provider != report.provider:
+        return InvalidArgument(
+            f"reports[{index}].provider",
+            f"{report.model_id} is served by {shown(model.provider)}, not {shown(report.provider)}",
+        )
+    return None
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -181,7 +208,25 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         )
 
     async def ReportOutcome(self, request, context):
-        recorded = await self._health.record(outcome_reports(request))
+        reports = outcome_reports(request)
+        config = self._router.state.config
+        known, refusals = [], []
+        for index, report in enumerate(reports):
+            refusal = unknown_target(config, index, report)
+            if refusal is None:
+                known.append(report)
+            else:
+                refusals.append(refusal)
+        # A Gateway whose config differs from this one (a reload on its way) still has its reports on the
+        # targets both know recorded: they are health, and a batch is not sent again.
+        recorded = await self._health.record(known)
+        if refusals:
+            first = refusals[0]
+            raise InvalidArgument(
+                first.field,
+                f"{first.problem} ({len(refusals)} of {len(reports)} reports name no configured target "
+                f"and were not recorded; the other {recorded} were)",
+            )
         return pb.ReportOutcomeResponse(recorded=recorded)
 
     async def GetProviderHealth(self, request, context):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import subprocess
 import textwrap
@@ -324,6 +325,54 @@ def test_rejected_requests_do_not_count_against_a_target(router):
     report(router, "claude-sonnet", "anthropic", pb.OUTCOME_FATAL_ERROR, n=5, error="http_400")
     entry = target_health(router, "claude-sonnet")
     assert entry.circuit_state == pb.CIRCUIT_STATE_CLOSED and entry.failures == 0
+
+
+def test_a_probe_answered_with_a_rejection_is_handed_to_the_next_request(routers):
+    """The request that held the probe was refused as bad (a 400, a prompt too long for the model): that
+    says nothing of the target, so the next request probes it, on either replica, without waiting for
+    another cool-down."""
+    first, second = routers[0]
+    report(first, "claude-sonnet", "anthropic", pb.OUTCOME_TIMEOUT, n=3, error="timeout")
+    assert eventually(lambda: "circuit open" in route(second, model="claude-sonnet")[1])
+    time.sleep(1.6)
+    assert "probing claude-sonnet" in route(first, model="claude-sonnet")[1]
+    assert "nothing else can serve" in route(second, model="claude-sonnet")[1]  # the probe is out
+    report(first, "claude-sonnet", "anthropic", pb.OUTCOME_FATAL_ERROR, error="http_400")
+    assert "probing claude-sonnet" in route(second, model="claude-sonnet")[1]
+    report(second, "claude-sonnet", "anthropic", pb.OUTCOME_RETRYABLE_ERROR, error="context_window")
+    assert "probing claude-sonnet" in route(first, model="claude-sonnet")[1]
+    report(second, "claude-sonnet", "anthropic", pb.OUTCOME_SUCCESS)
+    assert target_health(first, "claude-sonnet").circuit_state == pb.CIRCUIT_STATE_CLOSED
+
+
+def test_reports_on_targets_not_configured_are_refused_and_the_others_recorded(routers):
+    first, _ = routers[0]
+    before = target_health(first, "claude-sonnet").successes
+    good = pb.OutcomeReport(provider="anthropic", model_id="claude-sonnet", outcome=pb.OUTCOME_SUCCESS)
+    bogus = pb.OutcomeReport(provider="evil", model_id="m-0", outcome=pb.OUTCOME_RETRYABLE_ERROR)
+    error = status_of(lambda: first.ReportOutcome(pb.ReportOutcomeRequest(reports=[good, bogus]), timeout=5))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("reports[1].model_id: 'm-0' is not a configured model")
+    assert target_health(first, "claude-sonnet").successes == before + 1
+    # Invented targets never fill the tracked set: none is tracked, the configured ones still are.
+    for batch in range(5):
+        reports = [
+            pb.OutcomeReport(provider="evil", model_id=f"m{batch}-{n}", outcome=2) for n in range(1000)
+        ]
+        error = status_of(
+            lambda reports=reports: first.ReportOutcome(pb.ReportOutcomeRequest(reports=reports), timeout=30)
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    reply = first.GetProviderHealth(pb.GetProviderHealthRequest(), timeout=5)
+    assert not [p for p in reply.providers if p.provider == "evil"]
+    report(first, "claude-sonnet", "anthropic", pb.OUTCOME_SUCCESS)
+
+
+def test_a_huge_embedding_gives_a_finite_confidence(router):
+    prompt = "write a python function that sorts a list"
+    for value in (3e38, 1e-45, 0.0):
+        reply = router.Route(pb.RouteRequest(prompt=prompt, prompt_embedding=[value] * 384), timeout=10)
+        assert math.isfinite(reply.confidence) and 0 <= reply.confidence <= 1
 
 
 def test_provider_health_through_grpcurl(routers):

@@ -35,3 +35,22 @@ def test_the_callers_own_mistakes_end_the_chain(code):
 def test_an_overloaded_or_slow_local_model_moves_on(code, kind):
     error = _provider_error(refusal(code, "inference is at capacity"))
     assert error.retryable and error.kind == kind
+
+
+def test_a_prompt_too_long_for_the_local_model_is_reported_as_rejected_not_as_a_failure():
+    """Through the Gateway's report and the Router's reading of it: a long prompt must not count
+    against the local model's health (enough of them would open its breaker)."""
+    from sophia.router.v1 import router_pb2 as router_pb
+
+    from services.gateway.domain import Target
+    from services.gateway.serving.fallback import Attempt
+    from services.gateway.serving.router_client import attempt_report
+    from services.router.health import Outcome
+    from services.router.servicer import outcome_reports
+
+    error = _provider_error(refusal(grpc.StatusCode.OUT_OF_RANGE, "messages: the prompt is 23000 tokens"))
+    assert error.retryable  # the chain still goes on to a model with a larger window
+    target = Target("smollm2-135m-instruct", "local", "smollm2-135m-instruct")
+    report = attempt_report(Attempt(target, error.kind, 5, error.retryable))
+    (recorded,) = outcome_reports(router_pb.ReportOutcomeRequest(reports=[report]))
+    assert recorded.outcome is Outcome.REJECTED

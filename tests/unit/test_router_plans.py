@@ -7,6 +7,7 @@ task type and difficulty gets its own direction, so which class a prompt falls i
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import numpy as np
@@ -152,6 +153,21 @@ def test_an_embedding_of_the_wrong_size_is_invalid_naming_the_field():
     with pytest.raises(InvalidArgument) as caught:
         plan(make_router(), embedding=[0.1] * 10)
     assert caught.value.field == "prompt_embedding"
+
+
+@pytest.mark.parametrize("scale", [3e38, 1e300, 1e-300])
+def test_an_embedding_of_huge_or_tiny_values_is_classified_by_its_direction(scale):
+    """Finite but far from unit length (MiniLM's are L2-normalised): its similarities once overflowed
+    into a NaN confidence."""
+    expected = plan(make_router(), "code", Difficulty.COMPLEX)
+    result = plan(make_router(), embedding=(direction("code", Difficulty.COMPLEX) * scale).tolist())
+    assert math.isfinite(result.confidence) and 0 < result.confidence <= 1
+    assert (result.task_type, result.difficulty) == ("code", Difficulty.COMPLEX)
+    assert result.confidence == pytest.approx(expected.confidence)
+
+
+def test_an_embedding_of_zeros_is_still_classified():
+    assert math.isfinite(plan(make_router(), embedding=[0.0] * DIMENSIONS).confidence)
 
 
 def test_the_router_embeds_only_when_the_plan_depends_on_it():

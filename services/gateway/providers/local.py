@@ -32,6 +32,8 @@ _FINISH_REASONS = {
     pb.FINISH_REASON_CANCELLED: CUT_SHORT,
 }
 DEFAULT_MAX_TOKENS = 256
+# The error kind of a prompt too long for the model (services/router/servicer.py REQUEST_ERRORS).
+CONTEXT_WINDOW = "context_window"
 
 
 @contextlib.contextmanager
@@ -52,9 +54,11 @@ def _provider_error(exc: grpc.aio.AioRpcError) -> ProviderError:
     if code == grpc.StatusCode.OUT_OF_RANGE:
         # The prompt (plus max_tokens) is too long for this model's window or this server's KV budget: a
         # model with a larger window may take it, so the chain goes on; if none is left, the caller gets
-        # the 400 that names the field.
+        # the 400 that names the field. It says nothing of the model's health: the Router takes the kind
+        # CONTEXT_WINDOW as a refused request (REJECTED), whatever outcome it is reported with, so that
+        # long prompts cannot open the local model's breaker.
         return ProviderError(
-            exc.details() or code.name, retryable=True, status="INVALID_ARGUMENT", kind="context_window"
+            exc.details() or code.name, retryable=True, status="INVALID_ARGUMENT", kind=CONTEXT_WINDOW
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ProviderError("local model timed out", retryable=True, status=code.name, kind="timeout")
