@@ -188,6 +188,7 @@ def flow(
     idempotency=None,
     access=None,
     background=None,
+    models_off: tuple[str, ...] = (),
 ) -> RequestFlow:
     providers = {"p": provider or Provider()}
     return RequestFlow(
@@ -202,7 +203,9 @@ def flow(
         background or SimpleNamespace(spawn=lambda coroutine: coroutine.close()),
         idempotency=idempotency or Idempotency(),
         prices=SimpleNamespace(cost_micros=lambda *args, **kwargs: 0),
-        flags=SimpleNamespace(enabled=lambda *args: False),
+        flags=SimpleNamespace(
+            enabled=lambda *args: False, model_enabled=lambda model_id, *args: model_id not in models_off
+        ),
     )
 
 
@@ -217,6 +220,13 @@ async def test_a_cached_answer_from_a_model_the_key_may_not_use_is_a_miss_for_th
 async def test_a_key_without_limits_gets_the_cached_answer():
     _completion, outcome = await flow(Usage()).complete(Principal("acme", "key_any"), QUESTION, "r2")
     assert (outcome.model_id, outcome.cache) == ("big", "hit")
+
+
+async def test_a_cached_answer_from_a_model_flagged_off_for_the_tenant_is_a_miss():
+    """Switching a model off for a tenant stops its cached answers too, not only new calls."""
+    chat_flow = flow(Usage(), models_off=("big",))
+    completion, outcome = await chat_flow.complete(Principal("acme", "key_any"), QUESTION, "r3")
+    assert (outcome.model_id, outcome.cache, completion.text) == ("small", "miss", "fresh from small")
 
 
 async def stream_to_its_end(provider: Provider, idempotency: Idempotency, access=None) -> None:

@@ -244,9 +244,13 @@ class RequestFlow:
         found = await self._cache.lookup(cache_key)
         fingerprint = prompt_fingerprint(request, cache_key)
         if found.answer is not None:
-            if principal.scope.allows_model(found.answer.model_id):
+            answered_by = found.answer.model_id
+            if principal.scope.allows_model(answered_by) and self._flags.model_enabled(
+                answered_by, principal.tenant_id
+            ):
                 return _Prepared(cache_key, found, [], prompt_fingerprint=fingerprint)
-            # Another key of the tenant got it from a model this key may not use: a miss for this one.
+            # Another key of the tenant got it from a model this key may not use, or one whose flag is now
+            # off for the tenant (switched off, its answers must stop too): a miss.
             found = CacheLookup(CacheStatus.MISS, embedding=found.embedding)
         plan = await self._routing.plan(
             request,
