@@ -107,6 +107,8 @@ class ApiKeyConfig(_Strict):
 
 class TenantConfig(_Strict):
     api_keys: list[ApiKeyConfig] = []
+    # The tenant's tier (e.g. "free", "enterprise"): flags' tenant_overrides may name it (config/flags.yaml).
+    tier: str = Field(default="", max_length=64)
 
 
 # What a tenant id may be, everywhere it is named (config, admin API, ledger): it becomes part of Redis keys

@@ -32,7 +32,7 @@ import hashlib
 import logging
 import os
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -170,21 +170,26 @@ class FileWatch:
 class FeatureFlags:
     """The flags in force, reloaded when the file changes; a bad file is refused and the old flags stay.
 
-    Per request: `flags.enabled("semantic_caching", tenant_id)` or `flags.model_enabled(model, tenant)`.
+    Per request: `flags.enabled("semantic_caching", tenant_id)` or `flags.model_enabled(model, tenant)`;
+    a tenant's tier (`tiers`, from `auth.tenants.<id>.tier`) is looked up here unless one is given.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None, tiers: Mapping[str, str] | None = None) -> None:
+        self._tiers = dict(tiers or {})
         self.path = pathlib.Path(path) if path else None
         self.current = load_flags(self.path) if self.path else EMPTY
         self._watch = FileWatch(self.path) if self.path else None
         self._task: asyncio.Task | None = None
         self.last_error = ""
 
+    def tier_of(self, tenant_id: str) -> str:
+        return self._tiers.get(tenant_id, "")
+
     def enabled(self, feature: str, tenant_id: str, tier: str | None = None) -> bool:
-        return self.current.enabled(feature, tenant_id, tier)
+        return self.current.enabled(feature, tenant_id, tier or self.tier_of(tenant_id))
 
     def model_enabled(self, model_id: str, tenant_id: str, tier: str | None = None) -> bool:
-        return self.current.model_enabled(model_id, tenant_id, tier)
+        return self.current.model_enabled(model_id, tenant_id, tier or self.tier_of(tenant_id))
 
     def reload(self) -> FlagSet:
         """Reads the file again; raises FlagError (the flags in force stay) when it is not valid."""

@@ -52,7 +52,8 @@ class GatewayApp:
         # The Gateway's own features (semantic caching per tenant) and the tenants' model flags for
         # snapshot-planned routes follow the same flag file as the Router.
         flags_file = config.routing.flags_file
-        self.flags = FeatureFlags(REPO_ROOT / flags_file if flags_file else None)
+        tiers = {tenant: tenant_config.tier for tenant, tenant_config in config.auth.tenants.items()}
+        self.flags = FeatureFlags(REPO_ROOT / flags_file if flags_file else None, tiers)
         self.routing = Routing(config, self.flags)
         self._channels = {
             "cache": open_channel(

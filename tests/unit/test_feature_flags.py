@@ -108,3 +108,21 @@ async def _until(condition) -> None:
     async with asyncio.timeout(5):
         while not condition():  # noqa: ASYNC110 - the watcher has no event to wait on
             await asyncio.sleep(0.02)
+
+
+def test_a_tenants_tier_from_the_config_applies_its_tier_overrides(tmp_path):
+    """`auth.tenants.<id>.tier` names the tier the flags' tenant_overrides may switch; the tenant's own id
+    still wins."""
+    path = tmp_path / "flags.yaml"
+    path.write_text(
+        "models:\n"
+        "  big-model: {rollout_percentage: 100, tenant_overrides: {free: 0, acme-vip: 100}}\n"
+        "features:\n"
+        "  semantic_caching: {rollout_percentage: 0, tenant_overrides: {enterprise: 100}}\n"
+    )
+    flags = FeatureFlags(path, tiers={"acme": "free", "acme-vip": "free", "bigco": "enterprise"})
+    assert not flags.model_enabled("big-model", "acme")
+    assert flags.model_enabled("big-model", "acme-vip")  # its own id wins over its tier
+    assert flags.model_enabled("big-model", "no-tier")
+    assert flags.enabled("semantic_caching", "bigco") and not flags.enabled("semantic_caching", "acme")
+    assert flags.tier_of("bigco") == "enterprise" and flags.tier_of("unknown") == ""

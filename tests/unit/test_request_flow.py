@@ -204,7 +204,9 @@ def flow(
         idempotency=idempotency or Idempotency(),
         prices=SimpleNamespace(cost_micros=lambda *args, **kwargs: 0),
         flags=SimpleNamespace(
-            enabled=lambda *args: False, model_enabled=lambda model_id, *args: model_id not in models_off
+            enabled=lambda *args: False,
+            model_enabled=lambda model_id, *args: model_id not in models_off,
+            tier_of=lambda tenant_id: "",
         ),
     )
 

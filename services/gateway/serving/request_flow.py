@@ -259,6 +259,7 @@ class RequestFlow:
             estimate,
             embedding=found.embedding or None,  # embedded once: the cache's vector serves the Router
             budget_used_fraction=budget_used,
+            tenant_tier=self._flags.tier_of(principal.tenant_id),
         )
         targets = self._executor.usable_targets(plan, request)
         if principal.scope.models:
