@@ -18,7 +18,7 @@ from libs import deadline
 from libs.config import ProviderConfig
 from services.gateway.domain import ChatRequest, CompletionChunk, Message, Target
 from services.gateway.providers.anthropic import AnthropicProvider
-from services.gateway.providers.base import ProviderError
+from services.gateway.providers.base import ProviderCall, ProviderError, current_call
 from services.gateway.providers.http import (
     MAX_PROVIDER_MESSAGE_CHARS,
     HttpProvider,
@@ -552,3 +552,23 @@ def test_the_fake_runs_as_a_process():
     finally:
         process.terminate()
         assert process.wait(timeout=5) == 0
+
+
+@pytest.mark.parametrize(("wait_first", "sent"), [(False, True), (True, False)])
+async def test_a_call_cut_by_the_deadline_says_whether_the_provider_was_sent_it(
+    provider, fake, wait_first, sent
+):
+    """Sent, the provider bills the prompt (the flow bills the tenant for it); a deadline already passed
+    sends nothing."""
+    call = ProviderCall()
+    marked = current_call.set(call)
+    token = deadline.start(0.3 if not wait_first else 0.01)
+    try:
+        if wait_first:
+            await asyncio.sleep(0.05)
+        with pytest.raises(ProviderError) as caught:
+            await provider.complete(TARGET, ask("fault=hang"))
+    finally:
+        deadline.reset(token)
+        current_call.reset(marked)
+    assert (caught.value.kind, call.sent) == ("deadline", sent)

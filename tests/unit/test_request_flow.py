@@ -16,7 +16,7 @@ from libs.errors import ServiceError
 from services.gateway.access.rate_limits import TokenHold
 from services.gateway.access.roles import KeyScope
 from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Message, Principal, Target
-from services.gateway.providers.base import ProviderError
+from services.gateway.providers.base import ProviderError, note_request_sent
 from services.gateway.serving.fallback import ChatExecutor
 from services.gateway.serving.idempotency import Claim
 from services.gateway.serving.request_flow import RequestFlow
@@ -334,3 +334,54 @@ async def test_an_answer_with_tool_calls_is_never_cached_whatever_its_finish(too
     await flow(Usage(), provider, cache, background=background).complete(Principal("acme", "k"), chat, "r8")
     await asyncio.gather(*background.tasks)
     assert len(cache.stored) == stored
+
+
+class CutProvider(Provider):
+    """Sent the request (or not), then the client's deadline passes or the client goes away."""
+
+    def __init__(self, *, sent: bool = True) -> None:
+        super().__init__()
+        self._sent = sent
+        self.asked = asyncio.Event()
+
+    async def complete(self, target, request) -> Completion:
+        if self._sent:
+            note_request_sent()
+        raise ProviderError("deadline passed", retryable=False, status="DEADLINE_EXCEEDED", kind="deadline")
+
+    async def stream(self, target, request):
+        if self._sent:
+            note_request_sent()
+        self.asked.set()
+        await asyncio.Event().wait()
+        yield CompletionChunk(text="never")
+
+
+@pytest.mark.parametrize("sent", [True, False])
+async def test_a_call_cut_by_the_clients_deadline_is_billed_its_prompt_once_the_provider_had_it(sent):
+    usage, background = Usage(), Background()
+    chat = ChatRequest(model="small", messages=QUESTION.messages)
+    cut = flow(usage, CutProvider(sent=sent), Cache(holds_an_answer=False), background=background)
+    with pytest.raises(ServiceError):
+        await cut.complete(Principal("acme", "key_any"), chat, "r9")
+    await asyncio.gather(*background.tasks)
+    billed = [(r.request_id, r.output_tokens) for r in usage.records]
+    assert billed == ([("r9", 0)] if sent else [])
+    assert all(r.input_tokens > 0 for r in usage.records)  # the prompt's estimate
+
+
+async def test_a_stream_whose_client_leaves_before_its_first_chunk_is_billed_its_prompt():
+    usage, background, provider = Usage(), Background(), CutProvider()
+    chat = ChatRequest(model="small", messages=QUESTION.messages)
+    starting = asyncio.create_task(
+        flow(usage, provider, Cache(holds_an_answer=False), background=background).stream(
+            Principal("acme", "key_any"), chat, "r10"
+        )
+    )
+    await provider.asked.wait()
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    await asyncio.gather(*background.tasks)
+    assert [(r.request_id, r.output_tokens) for r in usage.records] == [("r10", 0)]
+    assert usage.records[0].input_tokens > 0

@@ -3,9 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import Protocol
 
 from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Target
+
+
+class ProviderCall:
+    """Whether the provider call under way has sent its request: the fallback loop makes one per attempt
+    (`current_call`), an adapter marks it (`note_request_sent`). A call its client cut after that was still
+    received, and billed, by the provider."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+
+current_call: ContextVar[ProviderCall | None] = ContextVar("sophia_provider_call", default=None)
+
+
+def note_request_sent() -> None:
+    call = current_call.get()
+    if call is not None:
+        call.sent = True
 
 
 class ProviderError(Exception):

@@ -23,7 +23,7 @@ from libs import deadline
 from libs.config import ProviderConfig
 from libs.errors import DeadlineExceeded
 from libs.logs import redact
-from services.gateway.providers.base import ProviderError
+from services.gateway.providers.base import ProviderError, note_request_sent
 from services.gateway.providers.http_client import (
     MAX_BODY_BYTES,
     BodyTooLarge,
@@ -214,7 +214,7 @@ class HttpProvider:
         timeout = self._timeout()
         try:
             async with asyncio.timeout(timeout):
-                return await self._client().post(path, body, headers)
+                return await self._client().post(path, body, headers, note_request_sent)
         except TimeoutError:
             raise self._expired() from None
         except (HttpError, ValueError) as exc:

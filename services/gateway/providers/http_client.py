@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 import httptools
@@ -234,7 +234,9 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
 
-    async def request(self, head: bytes, body: bytes) -> HttpResponse:
+    async def request(
+        self, head: bytes, body: bytes, on_sent: Callable[[], None] | None = None
+    ) -> HttpResponse:
         response = self._response = HttpResponse(self, self._pool.max_body_bytes)
         self._headers_arrived = asyncio.get_running_loop().create_future()
         self._keep_alive = False
@@ -242,6 +244,8 @@ class _Connection(asyncio.Protocol):
             if self.closed or self._transport is None:
                 raise ConnectionDropped("the connection closed before the request was sent")
             self._transport.write(head + body)
+            if on_sent is not None:
+                on_sent()
             await self._headers_arrived
         except BaseException:
             self.finish(response, reusable=False)  # the answer to this request could still arrive on it
@@ -385,8 +389,11 @@ class HttpPool:
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
 
-    async def post(self, path: str, body: bytes, headers: Mapping[str, str]) -> HttpResponse:
-        """Sends the request and returns once the response's headers are in."""
+    async def post(
+        self, path: str, body: bytes, headers: Mapping[str, str], on_sent: Callable[[], None] | None = None
+    ) -> HttpResponse:
+        """Sends the request and returns once the response's headers are in; `on_sent` runs once the
+        request is handed to the connection."""
         head = self._head(path, body, headers)
         await self._slots.acquire()
         try:
@@ -394,7 +401,7 @@ class HttpPool:
         except BaseException:
             self._slots.release()
             raise
-        return await connection.request(head, body)
+        return await connection.request(head, body, on_sent)
 
     def _head(self, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:
         lines = [f"POST {self._path}{path} HTTP/1.1", f"Host: {self._authority}"]

@@ -7,6 +7,7 @@ before its first chunk has been sent: after that the client already holds part o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,10 +18,17 @@ import grpc
 from libs import errors
 from services.gateway import metrics
 from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Target
-from services.gateway.providers.base import Provider, ProviderError
+from services.gateway.providers.base import Provider, ProviderCall, ProviderError, current_call
+from services.gateway.providers.http import CALLER_DEADLINE
 from services.gateway.serving.router_client import Plan
 
 log = logging.getLogger(__name__)
+
+# The attempt of a stream whose client went away before its first chunk.
+CLIENT_GONE = "client_gone"
+# Attempts the client cut short (gone, or its deadline passed): no verdict on the target, and billed the
+# prompt when the provider had been sent it (request_flow).
+CUT_BY_CLIENT = frozenset({CALLER_DEADLINE, CLIENT_GONE})
 
 _STATUS_ERRORS = {
     "NOT_FOUND": errors.NotFound,
@@ -40,6 +48,7 @@ class Attempt:
     # time.perf_counter() when the attempt began, and its time to first token (streams only; 0 unknown).
     started: float = 0.0
     time_to_first_token_ms: int = 0
+    sent: bool = False  # the provider was sent the request (see ProviderCall)
 
 
 @dataclass
@@ -92,14 +101,18 @@ class ChatExecutor:
         """Tries `targets` in order; every try is appended to the caller's `attempts`, failed or not."""
         for target in targets:
             started = time.perf_counter()
+            call = ProviderCall()
+            marked = current_call.set(call)
             try:
                 completion = await self._providers[target.provider].complete(target, request)
             except ProviderError as error:
-                attempts.append(Attempt(target, error.kind, _ms(started), error.retryable))
+                attempts.append(Attempt(target, error.kind, _ms(started), error.retryable, sent=call.sent))
                 _log_failure(target, error, started)
                 if not error.retryable or target is targets[-1]:
                     raise provider_failure(error, attempts) from None
                 continue
+            finally:
+                current_call.reset(marked)
             attempts.append(Attempt(target, "success", _ms(started)))
             metrics.provider_call(target.provider, target.model_id, time.perf_counter() - started)
             return completion, Served(target, attempts)
@@ -112,17 +125,24 @@ class ChatExecutor:
         for target in targets:
             started = time.perf_counter()
             chunks = self._providers[target.provider].stream(target, request)
+            call = ProviderCall()
+            marked = current_call.set(call)
             try:
                 first = await anext(chunks)
             except StopAsyncIteration:
                 first = CompletionChunk(finish_reason="stop")
+            except asyncio.CancelledError:
+                attempts.append(Attempt(target, CLIENT_GONE, _ms(started), False, sent=call.sent))
+                raise
             except ProviderError as error:
                 await chunks.aclose()
-                attempts.append(Attempt(target, error.kind, _ms(started), error.retryable))
+                attempts.append(Attempt(target, error.kind, _ms(started), error.retryable, sent=call.sent))
                 _log_failure(target, error, started)
                 if not error.retryable or target is targets[-1]:
                     raise provider_failure(error, attempts) from None
                 continue
+            finally:
+                current_call.reset(marked)
             attempts.append(Attempt(target, "success", _ms(started), True, started, _ms(started)))
             # The call's duration is recorded when the stream ends (request_flow), its first chunk now.
             metrics.time_to_first_token.record(

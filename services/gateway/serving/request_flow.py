@@ -38,7 +38,13 @@ from services.gateway.domain import (
     Target,
 )
 from services.gateway.providers.base import Provider, ProviderError
-from services.gateway.serving.fallback import Attempt, ChatExecutor, Served, provider_failure
+from services.gateway.serving.fallback import (
+    CUT_BY_CLIENT,
+    Attempt,
+    ChatExecutor,
+    Served,
+    provider_failure,
+)
 from services.gateway.serving.idempotency import Claim, IdempotencyKeys
 from services.gateway.serving.response_cache import (
     CachedAnswer,
@@ -424,11 +430,27 @@ class RequestFlow:
             raise
         except BaseException:
             self._routing.report(attempts, self._background)
+            self._bill_cut_call(principal, request_id, prepared, attempts)
             raise
         self._routing.report(attempts, self._background)
         outcome = prepared.outcome(served.target, len(served.attempts))
         await self._settle(principal, prepared.cache_key, request_id, outcome, completion, hold=prepared.hold)
         return completion, outcome
+
+    def _bill_cut_call(
+        self, principal: Principal, request_id: str, prepared: _Prepared, attempts: list[Attempt]
+    ) -> None:
+        """A call its client cut short (gone, or its deadline passed) after the provider was sent it: the
+        provider has read the prompt and bills it, so the tenant is billed the prompt's estimate (what it
+        generated meanwhile is not known). Recorded in the background: the request may be cancelled."""
+        cut = next((a for a in reversed(attempts) if a.sent and a.outcome in CUT_BY_CLIENT), None)
+        if cut is None:
+            return
+        outcome = prepared.outcome(cut.target, len(attempts))
+        prompt = Completion("", CUT_SHORT, prepared.prompt_estimate, 0)
+        self._background.spawn(
+            self._settle(principal, None, request_id, outcome, prompt, cacheable=False, hold=prepared.hold)
+        )
 
     async def _settle_unheard(
         self,
@@ -442,7 +464,8 @@ class RequestFlow:
         try:
             completion, served = await answering
         except ServiceError:
-            return  # no provider answered: nothing was used
+            self._bill_cut_call(principal, request_id, prepared, attempts)  # its deadline passed meanwhile
+            return  # else no provider answered: nothing was used
         finally:
             self._routing.report(attempts, self._background)
         outcome = prepared.outcome(served.target, len(served.attempts))
@@ -487,6 +510,9 @@ class RequestFlow:
         attempts: list[Attempt] = []
         try:
             first, rest, served = await self._executor.stream(prepared.targets, request, attempts)
+        except BaseException:
+            self._bill_cut_call(principal, request_id, prepared, attempts)
+            raise
         finally:
             # The attempt that streams is reported when its stream ends (in settle), with its whole time.
             self._routing.report([a for a in attempts if a.outcome != "success"], self._background)
