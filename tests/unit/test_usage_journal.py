@@ -342,6 +342,58 @@ async def test_a_restart_ends_a_replaced_line_in_a_segment_it_keeps(tmp_path, mo
     assert [e.entry_id for e in UsageJournal(tmp_path).recover()] == ["call-2"]
 
 
+async def test_parked_segments_leave_memory_and_come_back_oldest_first_each_entry_once(tmp_path):
+    journal = UsageJournal(tmp_path, segment_max_bytes=300)  # about one record per segment
+    journal.recover()
+    written = [(await journal.append(usage(f"r{i}"))).entry_id for i in range(20)]
+    dropped = journal.park(keep=3)
+    assert journal.held() <= 3 and len(dropped) == 20 - journal.held()
+    assert journal.parked() == len(dropped)
+    seen = set()
+    while (path := journal.oldest_parked()) is not None:
+        back = journal.unpark(path, path.read_bytes())
+        assert back and not seen & {e.entry_id for e in back}
+        seen |= {e.entry_id for e in back}
+        journal.ack(*(e.entry_id for e in back))
+    assert seen == set(dropped) and journal.parked() == 0
+    journal.ack(*(entry_id for entry_id in written if entry_id not in seen))
+    await journal.close()
+    assert UsageJournal(tmp_path).recover() == []  # every segment read back and acknowledged is gone
+
+
+async def test_a_segment_holding_a_streams_stand_in_is_not_parked_until_it_is_replaced(tmp_path):
+    journal = UsageJournal(tmp_path, segment_max_bytes=300)
+    journal.recover()
+    await journal.append(usage("stream", tokens=1), entry_id="call-1", stand_in=True)
+    alongside = (await journal.append(usage("alongside"))).entry_id  # in the stand-in's segment
+    for i in range(6):
+        await journal.append(usage(f"r{i}"))
+    first = journal.park(keep=0)
+    assert first and "call-1" not in first and alongside not in first  # kept while the stream runs
+    await journal.append(usage("stream", tokens=9), entry_id="call-1")  # its record replaces it
+    second = journal.park(keep=0)
+    assert alongside in second and "call-1" not in second  # now free to park; the record is current
+    await journal.close()
+    recovered = {e.entry_id: e.record["input_tokens"] for e in UsageJournal(tmp_path).recover()}
+    assert recovered["call-1"] == 9 and len(recovered) == 8  # once, as its last line
+
+
+async def test_a_restart_reads_segments_up_to_its_limit_and_parks_the_rest(tmp_path):
+    journal = UsageJournal(tmp_path, segment_max_bytes=300)
+    journal.recover()
+    written = {(await journal.append(usage(f"r{i}"))).entry_id for i in range(12)}
+    await journal.close()
+    restarted = UsageJournal(tmp_path, segment_max_bytes=300)
+    held = {e.entry_id for e in restarted.recover(hold_limit=4)}
+    assert 4 <= len(held) <= 5 and restarted.parked() == 12 - len(held)
+    while (path := restarted.oldest_parked()) is not None:
+        back = {e.entry_id for e in restarted.unpark(path, path.read_bytes())}
+        assert not back & held
+        held |= back
+    assert held == written
+    await restarted.close()
+
+
 def test_a_journaled_record_with_a_field_this_version_does_not_know_is_still_read():
     document = {**usage("r"), "call_id": "c1", "added_by_a_newer_version": 7}
     record = UsageRecord.from_json(document)

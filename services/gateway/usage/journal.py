@@ -29,6 +29,17 @@ An ack line goes to the segment of its record without a sync: a lost ack only ma
 the record again, which the ledger answers as a duplicate. A segment whose records are all acknowledged
 is deleted once writing has moved on to the next one.
 
+Parked segments bound the memory a long ledger outage takes (about 1 KB per record held, 3.6 GB an hour
+at 1,000 requests/s): past the recorder's limit, whole segments no longer written to are parked — their
+records stay on disk only, their file is closed and nothing of them is kept but a count — and are read
+back, oldest first, once the ledger has taken what is held (`unpark`). A segment holding a stream's
+stand-in is not parked while its stream runs. A restart likewise reads segments only up to the limit and
+parks the rest. An ack for a parked record is not written (it is not known where): the record is sent
+again when its segment is read back, and the ledger answers it as a duplicate. (A restart merges a
+stream's stand-in with its record in a later segment only among the segments it reads: a crash in the
+moment between writing that record and ending its stand-in, with a backlog past the limit, could bill
+both.)
+
 An entry may be written again under its id: a stream's stand-in record (on disk before its first chunk
 goes out, never sent to the ledger) is replaced by the stream's own record when it settles. A restart
 takes each entry's last record line, in whichever segment, unless an ack follows it. Once the
@@ -79,9 +90,14 @@ class JournalEntry:
 @dataclass
 class _Segment:
     path: Path
-    fd: int
+    fd: int  # -1 while parked
     size: int = 0  # where the next line goes: the end of what was written, not of the file
     unacked: set[str] = field(default_factory=set)
+    parked: int = 0  # records left on disk only while the segment is parked (see the module's docstring)
+
+    @property
+    def is_parked(self) -> bool:
+        return self.fd < 0
 
     def reserve(self, length: int) -> int:
         """The offset for a write of `length` bytes, booked on the event loop's thread (a record's write
@@ -98,6 +114,7 @@ class _Pending:
     entry: JournalEntry
     written: asyncio.Future[None]
     on_durable: Callable[[JournalEntry], None] | None
+    stand_in: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,6 +132,11 @@ def _segment_name(sequence: int) -> str:
 
 def _line(document: dict) -> bytes:
     return (json.dumps(document, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+def _records_in(data: bytes) -> int:
+    """About how many records a segment's bytes hold unacknowledged (a record written twice counts twice)."""
+    return max(0, data.count(b'{"entry":') - data.count(b'{"ack":'))
 
 
 def _set_once(future: asyncio.Future[None]) -> None:
@@ -164,19 +186,24 @@ class UsageJournal:
         self._writer: asyncio.Task | None = None
         self._gathering: asyncio.Future[None] | None = None  # set when every request in flight appended
         self._threaded_until = 0.0  # writes go to a worker thread until then (after a slow one)
+        self._stand_ins: set[str] = set()  # entries whose last line is a stand-in of a stream under way
         folder.mkdir(parents=True, exist_ok=True)
 
     # --- start-up ------------------------------------------------------------------------------------
 
-    def recover(self) -> list[JournalEntry]:
+    def recover(self, hold_limit: int | None = None) -> list[JournalEntry]:
         """The entries an earlier run left unacknowledged, oldest first, each as its last record line
-        wrote it (in any segment). Call once, before any append."""
+        wrote it (in any segment). Past `hold_limit` entries, the later segments are parked unread (see
+        the module's docstring). Call once, before any append."""
         latest: dict[str, tuple[int, dict[str, Any]]] = {}  # entry id → (segment, its last record)
         earlier: list[tuple[str, int]] = []  # record lines of an entry that a later segment wrote again
         for path in sorted(self.folder.glob(_SEGMENT_GLOB)):
             sequence = int(path.stem.removeprefix("usage-"))
             self._next_sequence = max(self._next_sequence, sequence + 1)
-            written = self._read_segment(path, sequence, latest, earlier)
+            if hold_limit is not None and len(latest) >= hold_limit:
+                self._segments[sequence] = _Segment(path, -1, parked=_records_in(path.read_bytes()))
+                continue
+            written = self._read_lines(path.read_bytes(), path, sequence, latest, earlier)
             self._segments[sequence] = _Segment(path, os.open(path, os.O_WRONLY), len(written))
             if written and not written.endswith(b"\n"):  # a torn last line: what follows starts its own
                 segment = self._segments[sequence]
@@ -184,7 +211,9 @@ class UsageJournal:
         for entry_id, (sequence, _) in latest.items():
             self._segments[sequence].unacked.add(entry_id)
             self._segment_of[entry_id] = sequence
-        for sequence in [number for number, segment in self._segments.items() if not segment.unacked]:
+        # A parked segment's count is only an estimate: it goes once it has been read back, not before.
+        done = [number for number, seg in self._segments.items() if not (seg.unacked or seg.is_parked)]
+        for sequence in done:
             segment = self._segments.pop(sequence)
             os.close(segment.fd)
             segment.path.unlink(missing_ok=True)
@@ -196,17 +225,18 @@ class UsageJournal:
         entries.extend(self._adopt_legacy_files())
         return entries
 
-    def _read_segment(
-        self,
+    @staticmethod
+    def _read_lines(
+        data: bytes,
         path: Path,
         sequence: int,
         latest: dict[str, tuple[int, dict[str, Any]]],
         earlier: list[tuple[str, int]],
     ) -> bytes:
-        """Reads one segment's lines into `latest` (a record line replaces an earlier one of its entry, an
-        ack removes it; a replaced line of another segment goes to `earlier`); returns what was written of
-        the segment. A torn line is skipped."""
-        data = path.read_bytes().rstrip(b"\0")
+        """Reads the lines of segment `sequence` (its bytes `data`) into `latest` (a record line replaces an
+        earlier one of its entry, an ack removes it; a replaced line of another segment goes to `earlier`);
+        returns what was written of the segment. A torn line is skipped."""
+        data = data.rstrip(b"\0")
         for number, raw in enumerate(_LINE_ENDS.split(data), start=1):
             if not raw:
                 continue
@@ -247,21 +277,25 @@ class UsageJournal:
         on_durable: Callable[[JournalEntry], None] | None = None,
         *,
         entry_id: str | None = None,
+        stand_in: bool = False,
     ) -> JournalEntry:
         """Returns once the record is on disk (fdatasync'ed), in one write with whatever else was pending.
         `on_durable(entry)` runs the moment it is, in the task that wrote it: a caller cancelled while it
         waits (a client gone mid-request) still has its record handed on, not left on disk unknown to the
-        recorder until the next start. `entry_id`: the caller's (unique) id for the entry, else a new one."""
+        recorder until the next start. `entry_id`: the caller's (unique) id for the entry, else a new one.
+        `stand_in`: a stream's stand-in, to be written again under the same id (its segment is not parked
+        meanwhile)."""
         entry = JournalEntry(entry_id or uuid.uuid4().hex, record)
+        stand_ins = frozenset((entry.entry_id,)) if stand_in else frozenset()
         if self._writer is None and self._in_flight() <= 1 and not self._disk_is_slow():
             # Alone in flight: written now, with no task or future to hand the write over, and nothing
             # awaited before on_durable (nothing to cancel half-way).
-            self._write_now([entry])
+            self._write_now([entry], stand_ins)
             if on_durable is not None:
                 on_durable(entry)
             return entry
         written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(entry, written, on_durable))
+        self._pending.append(_Pending(entry, written, on_durable, stand_in))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_pending())
         elif self._gathering is not None and len(self._pending) >= self._in_flight():
@@ -278,10 +312,11 @@ class UsageJournal:
                 batch, self._pending = self._pending, []
                 try:
                     entries = [pending.entry for pending in batch]
+                    stand_ins = frozenset(pending.entry.entry_id for pending in batch if pending.stand_in)
                     if busy or self._disk_is_slow():
-                        await self._write_in_thread(entries)
+                        await self._write_in_thread(entries, stand_ins)
                     else:
-                        self._write_now(entries)
+                        self._write_now(entries, stand_ins)
                 except Exception as exc:  # OSError, or a worker thread refused at shutdown: no caller hangs
                     for pending in batch:
                         if not pending.written.done():
@@ -312,10 +347,10 @@ class UsageJournal:
     def _disk_is_slow(self) -> bool:
         return time.monotonic() < self._threaded_until
 
-    def _write_now(self, entries: list[JournalEntry]) -> None:
+    def _write_now(self, entries: list[JournalEntry], stand_ins: frozenset[str] = frozenset()) -> None:
         """Writes `entries` durably on the loop's thread; on OSError they are booked as before it and the
         error is raised. A write slower than SLOW_WRITE_SECONDS sends the next writes to a worker thread."""
-        write = self._book(entries)
+        write = self._book(entries, stand_ins)
         started = time.monotonic()
         try:
             self._write_durably(write)
@@ -332,9 +367,9 @@ class UsageJournal:
                 SLOW_DISK_SECONDS,
             )
 
-    async def _write_in_thread(self, entries: list[JournalEntry]) -> None:
+    async def _write_in_thread(self, entries: list[JournalEntry], stand_ins: frozenset[str]) -> None:
         """Writes `entries` durably from a worker thread; on an error they are booked as before it."""
-        write = self._book(entries)
+        write = self._book(entries, stand_ins)
         try:
             await asyncio.to_thread(self._write_durably, write)
         except Exception:
@@ -342,7 +377,7 @@ class UsageJournal:
             raise
         self._written(write)
 
-    def _book(self, entries: list[JournalEntry]) -> _Write:
+    def _book(self, entries: list[JournalEntry], stand_ins: frozenset[str] = frozenset()) -> _Write:
         """Picks the segment, books the entries and their bytes into it, on the event loop's thread: acks
         touch the same bookkeeping, and only the write itself may run in a worker thread. An entry booked
         before (a stream's stand-in record) is booked here now; its earlier line is superseded once this
@@ -355,6 +390,10 @@ class UsageJournal:
                 replaced.append((entry.entry_id, previous))
             segment.unacked.add(entry.entry_id)
             self._segment_of[entry.entry_id] = sequence
+            if entry.entry_id in stand_ins:
+                self._stand_ins.add(entry.entry_id)
+            else:  # a record, or the one replacing its stream's stand-in
+                self._stand_ins.discard(entry.entry_id)
         data = b"".join(_line({"entry": e.entry_id, "record": e.record}) for e in entries)
         return _Write(segment.fd, data, segment.reserve(len(data)), tuple(replaced))
 
@@ -389,8 +428,10 @@ class UsageJournal:
             earlier = replaced.get(entry.entry_id)
             if sequence is not None and sequence != earlier:
                 self._segments[sequence].unacked.discard(entry.entry_id)
+            self._stand_ins.discard(entry.entry_id)
             if earlier is not None:
                 self._segment_of[entry.entry_id] = earlier
+                self._stand_ins.add(entry.entry_id)  # its stream's stand-in is still the last line
 
     @staticmethod
     def _write_durably(write: _Write) -> None:
@@ -414,6 +455,74 @@ class UsageJournal:
             self._delete_if_done(previous)
         return segment, sequence
 
+    # --- parking (bounded memory during a long ledger outage) -----------------------------------------
+
+    def held(self) -> int:
+        """Entries whose bookkeeping is in memory (not parked)."""
+        return len(self._segment_of)
+
+    def parked(self) -> int:
+        """About how many unacknowledged records wait in parked segments."""
+        return sum(segment.parked for segment in self._segments.values() if segment.is_parked)
+
+    def park(self, keep: int) -> list[str]:
+        """Parks whole segments no longer written to, newest first, until at most `keep` entries are held
+        (or none is left to park); returns the ids of the entries no longer held. A segment holding a
+        stream's stand-in stays."""
+        dropped: list[str] = []
+        for sequence in sorted(self._segments, reverse=True):
+            if self.held() <= keep:
+                break
+            segment = self._segments[sequence]
+            if sequence == self._current or segment.is_parked or not segment.unacked:
+                continue
+            # A stream's stand-in still to be replaced, or a replaced line still to be ended here: kept.
+            if not segment.unacked.isdisjoint(self._stand_ins) or any(
+                self._segment_of.get(entry_id) != sequence for entry_id in segment.unacked
+            ):
+                continue
+            for entry_id in segment.unacked:
+                del self._segment_of[entry_id]
+            dropped.extend(segment.unacked)
+            segment.parked = len(segment.unacked)
+            segment.unacked = set()
+            os.close(segment.fd)
+            segment.fd = -1
+        if dropped:
+            log.warning(
+                "usage journal: %d records parked on disk only (%d held); read back as the ledger takes them",
+                self.parked(),
+                self.held(),
+            )
+        return dropped
+
+    def oldest_parked(self) -> Path | None:
+        parked = [sequence for sequence, segment in self._segments.items() if segment.is_parked]
+        return self._segments[min(parked)].path if parked else None
+
+    def unpark(self, path: Path, data: bytes) -> list[JournalEntry]:
+        """The unacknowledged entries of parked segment `path` (its bytes `data`, read off the loop), held
+        again, oldest first; an entry held meanwhile from another segment is left to that one."""
+        sequence = int(path.stem.removeprefix("usage-"))
+        segment = self._segments.get(sequence)
+        if segment is None or not segment.is_parked:
+            return []  # read back meanwhile
+        latest: dict[str, tuple[int, dict[str, Any]]] = {}
+        written = self._read_lines(data, path, sequence, latest, [])
+        segment.fd = os.open(path, os.O_WRONLY)
+        segment.size, segment.parked = len(written), 0
+        if written and not written.endswith(b"\n"):
+            _write_all(segment.fd, b"\n", segment.reserve(1))
+        entries = []
+        for entry_id, (_, record) in latest.items():
+            if entry_id in self._segment_of:
+                continue
+            segment.unacked.add(entry_id)
+            self._segment_of[entry_id] = sequence
+            entries.append(JournalEntry(entry_id, record))
+        self._delete_if_done(sequence)
+        return entries
+
     # --- acknowledging -------------------------------------------------------------------------------
 
     def ack(self, *entry_ids: str) -> None:
@@ -421,6 +530,7 @@ class UsageJournal:
         One write per segment for all of them (a batch's acks are one syscall, not one each)."""
         lines: dict[int, list[bytes]] = {}
         for entry_id in entry_ids:
+            self._stand_ins.discard(entry_id)
             sequence = self._segment_of.pop(entry_id, None)
             if sequence is not None:
                 self._segments[sequence].unacked.discard(entry_id)
@@ -433,7 +543,7 @@ class UsageJournal:
 
     def _delete_if_done(self, sequence: int) -> None:
         segment = self._segments.get(sequence)
-        if segment is None or segment.unacked or sequence == self._current:
+        if segment is None or segment.unacked or segment.is_parked or sequence == self._current:
             return
         del self._segments[sequence]
         os.close(segment.fd)
@@ -446,5 +556,6 @@ class UsageJournal:
         if self._writer is not None:
             await asyncio.gather(self._writer, return_exceptions=True)
         for segment in self._segments.values():
-            os.close(segment.fd)
+            if not segment.is_parked:
+                os.close(segment.fd)
         self._segments.clear()

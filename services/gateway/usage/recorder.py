@@ -42,6 +42,9 @@ RECORD_TIMEOUT_SECONDS = 2.0
 GATHER_SECONDS = 0.02
 # Records per RecordUsages call (the ledger takes up to 1000).
 MAX_BATCH = 256
+# Records held in memory while the ledger does not take them (about 1 KB each); past this, whole journal
+# segments are parked on disk and read back as the ledger takes what is held (journal.py).
+HOLD_RECORDS = 50_000
 _DIFFICULTIES = {"simple": pb.DIFFICULTY_SIMPLE, "complex": pb.DIFFICULTY_COMPLEX}
 # The ledger's request ids are at most 128 characters; a derived id keeps a readable prefix of the original.
 MAX_REQUEST_ID_CHARS = 128
@@ -146,9 +149,11 @@ class UsageRecorder:
         breaker: DependencyBreaker,
         *,
         gather_seconds: float = GATHER_SECONDS,
+        hold_records: int = HOLD_RECORDS,
     ) -> None:
         self._stub = stub
         self._gather_seconds = gather_seconds
+        self._hold_records = hold_records
         self._journal = journal
         self._replay_seconds = replay_seconds
         self._breaker = breaker
@@ -161,15 +166,25 @@ class UsageRecorder:
         self._replay: asyncio.Task | None = None
         _meter.create_observable_gauge(
             "sophia.gateway.usage.pending",
-            callbacks=[lambda _options: [metrics.Observation(len(self._unacked))]],
+            callbacks=[lambda _options: [metrics.Observation(self.pending())]],
             unit="{record}",
             description="Usage records journaled but not yet acknowledged by the ledger",
         )
 
     async def start(self) -> None:
         """Takes up what an earlier run left unacknowledged, and replays from now on."""
-        recovered = await asyncio.to_thread(self._journal.recover)
-        for entry in recovered:
+        recovered = await asyncio.to_thread(self._journal.recover, self._hold_records)
+        self._hold(recovered)
+        if recovered or self._journal.parked():
+            log.info(
+                "%d usage records from an earlier run wait for the ledger",
+                len(recovered) + self._journal.parked(),
+            )
+        self._replay = asyncio.create_task(self._replay_forever())
+
+    def _hold(self, entries: list[JournalEntry]) -> None:
+        """Journal entries read back (at start, or from a parked segment) wait for the ledger again."""
+        for entry in entries:
             try:
                 UsageRecord.from_json(entry.record).to_proto()
             except (TypeError, ValueError) as exc:
@@ -178,16 +193,13 @@ class UsageRecorder:
                 log.error("usage journal entry %s unreadable (%s): left in the journal", entry.entry_id, exc)
                 continue
             self._unacked[entry.entry_id] = entry
-        if recovered:
-            log.info("%d usage records from an earlier run wait for the ledger", len(recovered))
-        self._replay = asyncio.create_task(self._replay_forever())
 
     async def stand_in(self, record: UsageRecord, call_id: str) -> None:
         """Journals `record` for a call still under way (a stream, before its first chunk goes out): never
         sent to the ledger from this run, but replayed after a restart if the process ends before
         `record(..., call_id)` replaces it."""
         try:
-            await self._journal.append(_document(record, call_id), entry_id=call_id)
+            await self._journal.append(_document(record, call_id), entry_id=call_id, stand_in=True)
         except OSError as exc:
             log.error("usage journal not writable (%s): a stream goes on without its stand-in record", exc)
 
@@ -220,6 +232,12 @@ class UsageRecorder:
     def _track(self, entry: JournalEntry) -> None:
         """A record now durable: sent in the next batch, and again by the replay until the ledger holds it."""
         self._unacked[entry.entry_id] = entry
+        if self._journal.held() > self._hold_records:
+            # The ledger has not taken records for a while: whole segments go to disk only, their records
+            # out of memory (read back by the replay once the ledger takes what is held).
+            for parked in self._journal.park(self._hold_records // 2):
+                self._unacked.pop(parked, None)
+                self._queued.pop(parked, None)
         if self._breaker.allows():
             self._enqueue([entry])
 
@@ -296,18 +314,36 @@ class UsageRecorder:
         self._conflicted.difference_update(entry.entry_id for entry in entries)
 
     async def replay_once(self) -> int:
-        """Sends unacknowledged records oldest first while the ledger takes them; returns how many it took."""
-        before = len(self._unacked)
-        waiting = [entry for entry in self._unacked.values() if entry.entry_id not in self._sending]
-        if not waiting or not self._breaker.allows():
-            return 0
-        self._enqueue(waiting)
-        if self._sender is not None:
-            await asyncio.shield(self._sender)
-        delivered = max(0, before - len(self._unacked))
+        """Sends unacknowledged records oldest first while the ledger takes them, reading parked ones back
+        as what is held is taken; returns how many it took."""
+        delivered = 0
+        while self._breaker.allows():
+            waiting = [entry for entry in self._unacked.values() if entry.entry_id not in self._sending]
+            if not waiting and not await self._unpark():
+                break
+            before = len(self._unacked)
+            self._enqueue(waiting or list(self._unacked.values()))
+            if self._sender is not None:
+                await asyncio.shield(self._sender)
+            taken = max(0, before - len(self._unacked))
+            delivered += taken
+            if not taken or self._journal.oldest_parked() is None:
+                break
         if delivered:
             log.info("replayed %d usage records to the ledger", delivered)
         return delivered
+
+    async def _unpark(self) -> bool:
+        """Reads parked segments back, oldest first, until one holds records, when there is room for them;
+        False when none did."""
+        while (path := self._journal.oldest_parked()) is not None and len(self._unacked) <= (
+            self._hold_records // 2
+        ):
+            entries = self._journal.unpark(path, await asyncio.to_thread(path.read_bytes))
+            if entries:
+                self._hold(entries)
+                return True
+        return False
 
     async def _replay_forever(self) -> None:
         while True:
@@ -318,7 +354,8 @@ class UsageRecorder:
                 log.exception("usage replay failed; retrying later")
 
     def pending(self) -> int:
-        return len(self._unacked)
+        """Records the ledger has not acknowledged: held, and (about) those parked on disk."""
+        return len(self._unacked) + self._journal.parked()
 
     async def close(self, within_seconds: float) -> None:
         """Stops replaying, gives records on their way a moment, and closes the journal. Whatever the
