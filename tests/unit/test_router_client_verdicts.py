@@ -61,7 +61,7 @@ async def test_a_request_the_router_refuses_is_refused_naming_the_field(routing)
     assert "at most 128 characters" in raised.value.problem
 
 
-def test_a_model_flagged_off_for_the_tenant_is_not_planned_while_the_router_is_away(tmp_path):
+async def test_a_model_flagged_off_for_the_tenant_is_not_planned_while_the_router_is_away(tmp_path):
     """The Router leaves such a model out; planning locally (Router down) must too."""
     path = tmp_path / "flags.yaml"
     path.write_text("models:\n  smollm2-135m-instruct: {rollout_percentage: 0}\n")
@@ -70,12 +70,16 @@ def test_a_model_flagged_off_for_the_tenant_is_not_planned_while_the_router_is_a
     adopted = tls._own_credentials, tls._own_identity_adopted
     tls.adopt(None)  # a plaintext development mesh: this process presents no certificate
     try:
-        routing = Routing(config, FeatureFlags(path))
-        with pytest.raises(FailedPrecondition, match="enabled for this tenant"):
-            routing.local_plan(request, "acme", 10)
+        off = Routing(config, FeatureFlags(path))
         path.write_text("models:\n  smollm2-135m-instruct: {rollout_percentage: 100}\n")
-        routing = Routing(config, FeatureFlags(path))
-        planned = routing.local_plan(request, "acme", 10).targets
+        on = Routing(config, FeatureFlags(path))
     finally:
         tls._own_credentials, tls._own_identity_adopted = adopted
+    try:
+        with pytest.raises(FailedPrecondition, match="enabled for this tenant"):
+            off.local_plan(request, "acme", 10)
+        planned = on.local_plan(request, "acme", 10).targets
+    finally:
+        await off.close()
+        await on.close()
     assert [t.model_id for t in planned] == ["smollm2-135m-instruct"]

@@ -569,7 +569,7 @@ export declare type GetUsageRequest = Message<"sophia.gateway.v1.GetUsageRequest
   endTime: string;
 
   /**
-   * "model" (default) | "provider" | "day".
+   * "model" (default) | "provider" | "day" | "task_type" | "difficulty".
    *
    * @generated from field: string group_by = 4;
    */
