@@ -311,3 +311,44 @@ async def test_a_long_outage_holds_a_bounded_number_of_records_and_delivers_ever
         await recorder.close(5)
         assert await requests_recorded(stub, tenant) == 150
     assert UsageJournal(tmp_path).recover() == []
+
+
+async def test_parked_records_are_read_back_while_new_traffic_keeps_coming(mesh, tmp_path):
+    """Live traffic always leaves something waiting: the backlog must still drain, not wait for a lull."""
+    tenant = f"busy-drain-{uuid.uuid4().hex[:6]}"
+    async with internal_channel(mesh, "ledger") as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        journal = UsageJournal(tmp_path, segment_max_bytes=2_000)
+        recorder = await started_recorder(stub, channel, journal, hold_records=20)
+        mesh.stop("ledger")
+        try:
+            for i in range(100):
+                await recorder.record(usage(tenant, f"b-{i}"))
+            assert journal.parked() > 0
+        finally:
+            mesh.start("ledger")
+            mesh.wait_ready(["ledger"], timeout=60)
+        live = 0
+
+        async def traffic() -> None:
+            nonlocal live
+            while True:
+                await recorder.record(usage(tenant, f"live-{live}"))
+                live += 1
+                await asyncio.sleep(0.002)
+
+        producing = asyncio.create_task(traffic())
+        try:
+            async with asyncio.timeout(30):  # a replay that waits for a lull would never return
+                for _ in range(100):
+                    await recorder.replay_once()
+                    if journal.parked() == 0:
+                        break
+                    await asyncio.sleep(0.05)
+            assert journal.parked() == 0  # drained with traffic still flowing
+        finally:
+            producing.cancel()
+            await asyncio.gather(producing, return_exceptions=True)
+        await wait_until_delivered(recorder)
+        await recorder.close(5)
+        assert await requests_recorded(stub, tenant) == 100 + live

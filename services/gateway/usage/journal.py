@@ -187,6 +187,7 @@ class UsageJournal:
         self._gathering: asyncio.Future[None] | None = None  # set when every request in flight appended
         self._threaded_until = 0.0  # writes go to a worker thread until then (after a slow one)
         self._stand_ins: set[str] = set()  # entries whose last line is a stand-in of a stream under way
+        self._parked_total = 0  # about how many records wait in parked segments (read by the metrics thread)
         folder.mkdir(parents=True, exist_ok=True)
 
     # --- start-up ------------------------------------------------------------------------------------
@@ -197,13 +198,19 @@ class UsageJournal:
         the module's docstring). Call once, before any append."""
         latest: dict[str, tuple[int, dict[str, Any]]] = {}  # entry id → (segment, its last record)
         earlier: list[tuple[str, int]] = []  # record lines of an entry that a later segment wrote again
+        read_bytes = 0
         for path in sorted(self.folder.glob(_SEGMENT_GLOB)):
             sequence = int(path.stem.removeprefix("usage-"))
             self._next_sequence = max(self._next_sequence, sequence + 1)
             if hold_limit is not None and len(latest) >= hold_limit:
-                self._segments[sequence] = _Segment(path, -1, parked=_records_in(path.read_bytes()))
+                # Not read (a long outage's backlog would hold up the start): counted as a full segment
+                # of the records read so far.
+                estimate = max(1, self._segment_max_bytes * len(latest) // max(1, read_bytes))
+                self._segments[sequence] = _Segment(path, -1, parked=estimate)
+                self._parked_total += estimate
                 continue
             written = self._read_lines(path.read_bytes(), path, sequence, latest, earlier)
+            read_bytes += len(written)
             self._segments[sequence] = _Segment(path, os.open(path, os.O_WRONLY), len(written))
             if written and not written.endswith(b"\n"):  # a torn last line: what follows starts its own
                 segment = self._segments[sequence]
@@ -463,7 +470,7 @@ class UsageJournal:
 
     def parked(self) -> int:
         """About how many unacknowledged records wait in parked segments."""
-        return sum(segment.parked for segment in self._segments.values() if segment.is_parked)
+        return self._parked_total
 
     def park(self, keep: int) -> list[str]:
         """Parks whole segments no longer written to, newest first, until at most `keep` entries are held
@@ -485,6 +492,7 @@ class UsageJournal:
                 del self._segment_of[entry_id]
             dropped.extend(segment.unacked)
             segment.parked = len(segment.unacked)
+            self._parked_total += segment.parked
             segment.unacked = set()
             os.close(segment.fd)
             segment.fd = -1
@@ -510,18 +518,28 @@ class UsageJournal:
         latest: dict[str, tuple[int, dict[str, Any]]] = {}
         written = self._read_lines(data, path, sequence, latest, [])
         segment.fd = os.open(path, os.O_WRONLY)
+        self._parked_total -= segment.parked
         segment.size, segment.parked = len(written), 0
         if written and not written.endswith(b"\n"):
             _write_all(segment.fd, b"\n", segment.reserve(1))
         entries = []
         for entry_id, (_, record) in latest.items():
-            if entry_id in self._segment_of:
-                continue
+            held_in = self._segment_of.get(entry_id)
+            if held_in is not None and held_in > sequence:
+                continue  # a later line of it is held: that one stands
+            if held_in is not None:  # an earlier line (a stream's stand-in) is held: this one replaces it
+                self._end_earlier_line(entry_id, held_in)
             segment.unacked.add(entry_id)
             self._segment_of[entry_id] = sequence
             entries.append(JournalEntry(entry_id, record))
         self._delete_if_done(sequence)
         return entries
+
+    def set_aside(self, path: Path) -> None:
+        """A parked segment that cannot be read back: left on disk (a restart reads it again), not retried."""
+        segment = self._segments.pop(int(path.stem.removeprefix("usage-")), None)
+        if segment is not None and segment.is_parked:
+            self._parked_total -= segment.parked
 
     # --- acknowledging -------------------------------------------------------------------------------
 

@@ -318,14 +318,13 @@ class UsageRecorder:
         as what is held is taken; returns how many it took."""
         delivered = 0
         while self._breaker.allows():
+            await self._unpark()  # whenever there is room: live traffic keeps something waiting all along
             waiting = [entry for entry in self._unacked.values() if entry.entry_id not in self._sending]
-            if not waiting and not await self._unpark():
+            if not waiting:
                 break
-            before = len(self._unacked)
-            self._enqueue(waiting or list(self._unacked.values()))
-            if self._sender is not None:
-                await asyncio.shield(self._sender)
-            taken = max(0, before - len(self._unacked))
+            self._enqueue(waiting)
+            await self._answered(waiting)
+            taken = sum(1 for entry in waiting if entry.entry_id not in self._unacked)
             delivered += taken
             if not taken or self._journal.oldest_parked() is None:
                 break
@@ -333,13 +332,27 @@ class UsageRecorder:
             log.info("replayed %d usage records to the ledger", delivered)
         return delivered
 
+    async def _answered(self, entries: list[JournalEntry]) -> None:
+        """Waits until the batches carrying `entries` are answered, or the sender stops (the ledger failed);
+        not for the sender to run dry, which under steady traffic it never does."""
+        ids = {entry.entry_id for entry in entries}
+        while self._sender is not None and not self._sender.done():
+            if ids.isdisjoint(self._queued) and ids.isdisjoint(self._sending):
+                return
+            await asyncio.wait({self._sender}, timeout=self._gather_seconds)
+
     async def _unpark(self) -> bool:
         """Reads parked segments back, oldest first, until one holds records, when there is room for them;
         False when none did."""
         while (path := self._journal.oldest_parked()) is not None and len(self._unacked) <= (
             self._hold_records // 2
         ):
-            entries = self._journal.unpark(path, await asyncio.to_thread(path.read_bytes))
+            try:
+                entries = self._journal.unpark(path, await asyncio.to_thread(path.read_bytes))
+            except OSError as exc:
+                log.error("usage journal %s cannot be read back (%s): left for a restart", path.name, exc)
+                self._journal.set_aside(path)
+                continue
             if entries:
                 self._hold(entries)
                 return True
