@@ -278,9 +278,9 @@ class InferenceConfig(_Strict):
     scheduler: GenerationSchedulerKind = GenerationSchedulerKind.CONTINUOUS
     # continuous: sequences one step advances at most.
     max_batch_size: int = Field(default=32, gt=0)
-    # continuous: KV-cache tokens the running sequences may hold, counted as rows × the longest
-    # prompt + max_tokens among them. 0: kv_memory_fraction of the GPU memory free once the models are
-    # loaded, or 32768 tokens (1.4 GiB for the default model) on the CPU.
+    # continuous: KV-cache tokens the running sequences may hold, counted as allocated: padded rows (4 at
+    # least) × the longest prompt + max_tokens among them, rounded up. 0: kv_memory_fraction of the GPU
+    # memory free once the models are loaded, or 32768 tokens (1.4 GiB for the default model) on the CPU.
     kv_token_budget: int = Field(default=0, ge=0)
     kv_memory_fraction: float = Field(default=0.5, gt=0, le=0.95)
     # continuous: while others decode, joiners wait at most this long to share one prefill pass (none

@@ -6,14 +6,17 @@ and leaving happen only at step boundaries, so a finished, stopped, cancelled or
 row and its tokens before the next forward pass, and a waiting one can take them in the same boundary.
 
 Admission is by memory, not by count: the cache holds every running row as long as the longest
-reservation (prompt + max_tokens) among them, so a set of sequences fits while
-rows × longest reservation ≤ `kv_token_budget` (and rows ≤ `max_batch_size`). Requests that do not fit
-wait in a bounded queue, first come first served; beyond it they are refused at once.
+reservation (prompt + max_tokens) among them, so a set of sequences fits while the cells the cache must
+then allocate (rows, padded as a decode step pads them, × longest reservation, rounded up as decode reads
+it; see `_footprint`) stay within `kv_token_budget` (and rows ≤ `max_batch_size`). The cache rounds its
+growth up only within that budget, so the budget bounds the memory. Requests that do not fit wait in a
+bounded queue, first come first served; beyond it they are refused at once.
 
 Prefill is packed (kv_cache.py) and gathered adaptively: with nothing decoding it runs at once; while
 sequences decode, joiners wait at most `max_prefill_wait` so that several share one prefill pass instead
 of each stalling the running batch with its own. Long prompts go in chunks of `max_prefill_tokens` per
-step, between decode steps, so they never freeze the running streams for long.
+step, between decode steps, so they never freeze the running streams for long, and a shorter prompt
+goes ahead of a long one's next chunk. Cancels and deadlines take effect between chunks (step boundaries).
 
 The loop runs on its own thread. It hands events out through `publish`, once per step for all sequences.
 """
@@ -98,6 +101,7 @@ class Sequence:
         self.row: int | None = None
         self.cached = 0  # tokens of this sequence in the KV cache
         self.next_token: int | None = None  # sampled, not yet fed to the model
+        self.passed_over = False  # a prefill pass left its prompt's next chunk out for shorter ones
         self.submitted_at = time.monotonic()
         self.last_token_at = 0.0
 
@@ -118,7 +122,9 @@ class ContinuousBatcher:
         self._model = model
         self._settings = settings
         self._publish = publish
-        self._cache = SlotKVCache(model.model.config, model.device, model.torch_dtype)
+        self._cache = SlotKVCache(
+            model.model.config, model.device, model.torch_dtype, token_limit=settings.kv_token_budget
+        )
         use_batch_invariant_attention(model.model)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -156,18 +162,19 @@ class ContinuousBatcher:
 
     def stats(self) -> BatchStats:
         with self._lock:
-            return BatchStats(len(self._running), len(self._waiting), self._reserved_locked(self._running))
+            return BatchStats(len(self._running), len(self._waiting), self._footprint(self._running))
 
     # --- called from other threads -----------------------------------------------------------------
 
     def submit(self, sequence: Sequence) -> None:
         """Queues `sequence`; raises at once when it can never fit or the queue is full."""
-        if sequence.reservation > self._settings.kv_token_budget:
+        needed = self._footprint([sequence])
+        if needed > self._settings.kv_token_budget:
             metrics.refused.add(1, {"reason": "kv_budget"})
             raise ExceedsKvBudget(
                 f"options.max_tokens: the prompt ({len(sequence.prompt_token_ids)} tokens) plus "
-                f"max_tokens ({sequence.params.max_tokens}) needs {sequence.reservation} KV tokens, more "
-                f"than this server's budget of {self._settings.kv_token_budget}"
+                f"max_tokens ({sequence.params.max_tokens}) needs {needed} KV tokens as the cache holds "
+                f"them, more than this server's budget of {self._settings.kv_token_budget}"
             )
         with self._wake:
             if self._closing or self._drain_deadline is not None:
@@ -249,7 +256,7 @@ class ContinuousBatcher:
         pack = _Pack(chunks, self._padded)
         self._reserve(len(self._rows), pack.columns_needed)
         device = self._model.device
-        self._cache.packed_step(pack.rows.to(device), pack.positions.to(device))
+        self._cache.packed_step(pack.rows.to(device), pack.columns.to(device))
         completed = [sequence for sequence, taken in chunks if taken == sequence.prompt_left]
         last_tokens = self._padded(pack.last_token_indices)
         logits = self._model.model(
@@ -281,13 +288,16 @@ class ContinuousBatcher:
 
         A prompt goes in chunks of max_prefill_tokens counted from its own start, and a pass takes whole
         chunks (at least one, then as many more as fit in max_prefill_tokens): a prompt is then cut the
-        same way whatever else is admitted with it, which keeps its answer the same batched or alone."""
+        same way whatever else is admitted with it, which keeps its answer the same batched or alone.
+        Prompts that end within this chunk go first, so that a short prompt admitted behind a long one
+        waits for one of its chunks, not for all of them; a prompt left out once goes first next time,
+        so a stream of short ones never starves a long one."""
         limit = self._settings.max_prefill_tokens
+        pending = [s for s in self._running if s.state is SequenceState.PREFILLING]
+        pending.sort(key=lambda s: (not s.passed_over, s.prompt_left > limit))
         chunks: list[tuple[Sequence, int]] = []
         total = 0
-        for sequence in self._running:
-            if sequence.state is not SequenceState.PREFILLING:
-                continue
+        for sequence in pending:
             taken = min(sequence.prompt_left, limit)
             if chunks and total + taken > limit:
                 break
@@ -295,6 +305,9 @@ class ContinuousBatcher:
                 self._place(sequence)
             chunks.append((sequence, taken))
             total += taken
+        chosen = {id(sequence) for sequence, _ in chunks}
+        for sequence in pending:
+            sequence.passed_over = id(sequence) not in chosen
         return chunks
 
     def _decode(self) -> None:
@@ -382,7 +395,10 @@ class ContinuousBatcher:
         a.row, b.row = second, first
 
     def _reserve(self, rows: int, columns: int) -> None:
-        self._cache.reserve(rows, columns)
+        """Room for a step that needs `rows` × `columns`, keeping every row's cells (the cache may drop
+        capacity beyond what it is asked for to stay within the budget)."""
+        kept = max((s.cached + 1 for s in self._rows), default=0)
+        self._cache.reserve(max(rows, len(self._rows)), max(columns, kept))
 
     # --- boundaries (under the lock) ---------------------------------------------------------------
 
@@ -422,13 +438,18 @@ class ContinuousBatcher:
         return None
 
     def _drain_locked(self) -> None:
-        """Refuses the waiting; ends the running with `length` once one more step might miss the deadline."""
-        if self._waiting:
-            metrics.refused.add(len(self._waiting), {"reason": "shutting_down"})
-        for sequence in self._waiting:
+        """Refuses the waiting, and the admitted whose prompt is not all in yet: a prefill pass cannot be
+        cut short, so one more could outlast the deadline, and these have answered nothing yet (so the
+        Gateway can go elsewhere). Ends the decoding with `length` once one more step might miss it."""
+        prefilling = [s for s in self._running if s.state is SequenceState.PREFILLING]
+        if self._waiting or prefilling:
+            metrics.refused.add(len(self._waiting) + len(prefilling), {"reason": "shutting_down"})
+        for sequence in [*self._waiting, *prefilling]:
             sequence.state = SequenceState.FINISHED
             self._events.append((sequence.listener, Unavailable("inference is shutting down")))
         self._waiting.clear()
+        if prefilling:
+            self._retire_locked()
         if time.monotonic() + 2 * self._step_seconds < self._drain_deadline:
             return
         for sequence in self._running:
@@ -449,14 +470,20 @@ class ContinuousBatcher:
         for count, sequence in enumerate(candidates):
             together.append(sequence)
             too_many = len(together) > self._settings.max_batch_size
-            if too_many or self._reserved_locked(together) > self._settings.kv_token_budget:
+            if too_many or self._footprint(together) > self._settings.kv_token_budget:
                 return count
         return len(candidates)
 
-    @staticmethod
-    def _reserved_locked(sequences: list[Sequence]) -> int:
-        """KV tokens the dense cache holds for these sequences: every row as long as the longest."""
-        return len(sequences) * max((s.reservation for s in sequences), default=0)
+    def _footprint(self, sequences: list[Sequence]) -> int:
+        """KV tokens the dense cache must allocate for these sequences at most: every row as long as the
+        longest reservation, that rounded up as decode steps read it (_INVARIANT_KV_GRANULE), and as many
+        rows as a decode step of all of them writes (padded, see _padded_rows). Counted as allocated, not
+        as used, so that the budget bounds the memory (the cache never rounds beyond the budget)."""
+        if not sequences:
+            return 0
+        rows = len(self._padded(list(range(len(sequences)))))
+        longest = max(s.reservation for s in sequences)
+        return rows * -(-longest // _INVARIANT_KV_GRANULE) * _INVARIANT_KV_GRANULE
 
     def _seconds_to_next_deadline(self) -> float | None:
         deadlines = [s.deadline for s in self._waiting if s.deadline is not None]
@@ -513,21 +540,24 @@ def _padded_rows(items: list[int]) -> list[int]:
 
 
 class _Pack:
-    """The prompt chunks of one prefill pass as one sequence of tokens: ids, positions, the cache row
-    each belongs to, one attention segment per chunk, and the index of each completed prompt's last
-    token. Dummy tokens pad the pack (see _padded_rows); they go into the last chunk's row at columns
-    beyond its chunk, which that row rewrites before it ever reads them."""
+    """The prompt chunks of one prefill pass as one sequence of tokens: ids, positions, the cache cell
+    (row, column) each writes, one attention segment per chunk, and the index of each completed prompt's
+    last token. Dummy tokens pad the pack (see _padded_rows); all of them write the one cell just past the
+    last chunk, which that row rewrites before it ever reads it, and read the row's first cells: so a pack
+    needs no column beyond its prompts (the KV budget counts none)."""
 
     def __init__(self, chunks: list[tuple[Sequence, int]], padded: Callable[[list[int]], list[int]]) -> None:
         token_ids: list[int] = []
         positions: list[int] = []
         rows: list[int] = []
+        columns: list[int] = []
         segments: list[Segment] = []
         self.last_token_indices: list[int] = []
         for sequence, taken in chunks:
             start = len(token_ids)
             token_ids += sequence.prompt_token_ids[sequence.cached : sequence.cached + taken]
             positions += range(sequence.cached, sequence.cached + taken)
+            columns += range(sequence.cached, sequence.cached + taken)
             rows += [sequence.row] * taken
             segments.append(Segment(start, len(token_ids), sequence.row, sequence.cached))
             if taken == sequence.prompt_left:
@@ -535,13 +565,15 @@ class _Pack:
         self.prompt_tokens = len(token_ids)
         dummies = len(padded(token_ids)) - len(token_ids)
         if dummies:
-            next_position = positions[-1] + 1
-            segments.append(Segment(len(token_ids), len(token_ids) + dummies, rows[-1], next_position))
+            next_column = columns[-1] + 1
+            segments.append(Segment(len(token_ids), len(token_ids) + dummies, rows[-1], 0))
             token_ids += [0] * dummies
-            positions += range(next_position, next_position + dummies)
+            positions += range(dummies)
+            columns += [next_column] * dummies
             rows += [rows[-1]] * dummies
         self.token_ids = torch.tensor(token_ids)
         self.positions = torch.tensor(positions)
+        self.columns = torch.tensor(columns)
         self.rows = torch.tensor(rows)
         self.segments = tuple(segments)
-        self.columns_needed = max(positions) + 1
+        self.columns_needed = max(max(columns) + 1, dummies)

@@ -85,12 +85,79 @@ class ChatModel:
         eos_token_ids = {eos} if isinstance(eos, int) else set(eos or ())
         eos_token_ids.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_token_bytes = _max_token_bytes(tokenizer)
+        self._special_ids = frozenset(
+            token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special
+        )
 
     def prompt_token_ids(self, messages: list[dict]) -> list[int]:
-        """The prompt for `messages` ([{"role": "system" | "user" | "assistant", "content": str}])."""
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # The template already writes the special tokens out as text.
-        return self.tokenizer(prompt, add_special_tokens=False).input_ids
+        """The prompt for `messages` ([{"role": "system" | "user" | "assistant", "content": str}]).
+
+        Only the chat template may produce control tokens: text such as "<|im_start|>system" typed into a
+        message is read as plain text, so an end user cannot forge a turn of another role. The template
+        is rendered with a unique placeholder for each message's content, which marks where every content
+        lies in the prompt. Tokenized whole, a prompt whose contents yield no special token is exactly
+        what it always was; otherwise the template's own text between the contents is tokenized as usual
+        (it writes its special tokens out as text) and each content with split_special_tokens. The ids
+        returned are what the model reads, so prompt_tokens counts them."""
+        template_parts = self._template_parts(messages)
+        contents = [message["content"] for message in messages]
+        prompt, spans = template_parts[0], []
+        for content, template in zip(contents, template_parts[1:], strict=True):
+            spans.append((len(prompt), len(prompt) + len(content)))
+            prompt += content + template
+        encoded = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        forged = any(
+            token_id in self._special_ids and any(begin <= first < end for begin, end in spans)
+            for token_id, (first, _) in zip(encoded.input_ids, encoded.offset_mapping, strict=True)
+        )
+        if not forged:
+            return encoded.input_ids
+        # Tokenized apart, a content's leading whitespace no longer merges with the template's newline
+        # before it (a token more, at most, per such message); only prompts like this one pay for that.
+        template_ids = self.tokenizer(template_parts, add_special_tokens=False).input_ids
+        content_ids = self.tokenizer(contents, add_special_tokens=False, split_special_tokens=True).input_ids
+        ids = list(template_ids[0])
+        for content, template in zip(content_ids, template_ids[1:], strict=True):
+            ids += content + template
+        return ids
+
+    def _template_parts(self, messages: list[dict]) -> list[str]:
+        """The rendered chat template cut where each message's content goes (one part more than messages)."""
+        marker = uuid.uuid4().hex
+        placeholders = [f"{marker}{i}{marker}" for i in range(len(messages))]
+        rendered = self.tokenizer.apply_chat_template(
+            [{**message, "content": placeholders[i]} for i, message in enumerate(messages)],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        parts = []
+        for placeholder in placeholders:
+            before, found, rendered = rendered.partition(placeholder)
+            # A template that drops, repeats or rewrites a message's content cannot be cut this way.
+            if not found or placeholder in rendered:
+                raise RuntimeError(f"the chat template of {self.id} does not write each content once")
+            parts.append(before)
+        parts.append(rendered)
+        return parts
+
+    def check_prompt_chars(self, messages: list[dict], max_tokens: int) -> None:
+        """Raises PromptTooLong, before any tokenizing, when the messages' text alone must come to more
+        tokens than the window leaves: tokenizing megabytes only to refuse them costs seconds of CPU.
+
+        No token of this tokenizer spans more than `max_token_bytes` bytes of text (nor, then, more
+        characters), so a content of n characters is at least n / max_token_bytes tokens; the template
+        only adds tokens. A prompt that would fit is never refused here."""
+        if self.max_token_bytes is None:
+            return
+        chars = sum(len(message["content"]) for message in messages)
+        room = max(0, self.context_window - max_tokens)
+        if chars > room * self.max_token_bytes:
+            raise PromptTooLong(
+                f"messages: the messages hold {chars} characters, more than {room} tokens of {self.id} can "
+                f"spell when {max_tokens} completion tokens are requested (context window "
+                f"{self.context_window})"
+            )
 
     def check_room(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raises PromptTooLong when the prompt leaves no room for `max_tokens` new tokens."""
@@ -137,6 +204,17 @@ class ChatModel:
                     return
                 next_input = torch.tensor([[token_id]], device=self.device)
         yield output.end(FinishReason.CANCELLED)
+
+
+def _max_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The most UTF-8 bytes of text any one token stands for (81 for SmolLM2); None when a normalizer may
+    shrink text before tokenizing, which would void that bound. A token holding part of a character
+    decodes to U+FFFD, 3 bytes: an overestimate, which only loosens the bound."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None:
+        return None
+    tokens = list(tokenizer.get_vocab())
+    return max(len(tokenizer.convert_tokens_to_string([token]).encode()) for token in tokens)
 
 
 def load_chat_model(

@@ -6,7 +6,8 @@ copy, no per-step reallocation, whatever the mix of lengths. A prefill step is p
 of the joining sequences run as one sequence of tokens, each token's keys written into its own row, and
 each chunk then attends to its own row (attention.py), so prompts of different lengths cost no padding.
 
-The buffer grows (and shrinks) only when the longest sequence or the number of rows calls for it.
+The buffer grows (and shrinks) only when the longest sequence or the number of rows calls for it, rounded
+up to spare reallocations but never beyond the token limit it is given (the stepping loop's KV budget).
 transformers' attention code sees it as any other `Cache`: `update` stores the new keys and values and
 returns what attention reads.
 """
@@ -91,8 +92,12 @@ def _shape(config: PretrainedConfig) -> tuple[int, int, int]:
 class SlotKVCache(Cache):
     """Dense per-row keys and values for every layer of one model (see the module docstring)."""
 
-    def __init__(self, config: PretrainedConfig, device: str, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: PretrainedConfig, device: str, dtype: torch.dtype, token_limit: int | None = None
+    ) -> None:
         self._heads, self._head_dim, layers = _shape(config)
+        # Rows × columns the buffers may ever hold (the KV budget); rounding up never goes beyond it.
+        self._token_limit = token_limit
         self._device = device
         self._dtype = dtype
         self.step: _DenseStep | _PackedStep | None = None
@@ -106,12 +111,21 @@ class SlotKVCache(Cache):
         return self._rows, self._columns
 
     def reserve(self, rows: int, columns: int) -> None:
-        """Makes room for `rows` × `columns`, keeping every cell held so far."""
+        """Makes room for `rows` × `columns`, keeping the cells in that range (the caller's rows and
+        columns cover every cell still needed). Rows grow in powers of two and columns in granules, so
+        that growing reallocates rarely, but never beyond the token limit: near it, the rounding (and
+        capacity kept from before) gives way, down to exactly `rows` × `columns`."""
         if rows <= self._rows and columns <= self._columns:
             return
-        new_rows, new_columns = (
-            max(_round_up_rows(rows), self._rows),
-            max(_round_up_columns(columns), self._columns),
+        shapes = (
+            (max(_round_up_rows(rows), self._rows), max(_round_up_columns(columns), self._columns)),
+            (_round_up_rows(rows), _round_up_columns(columns)),
+            (rows, _round_up_columns(columns)),
+            (_round_up_rows(rows), columns),
+        )
+        limit = self._token_limit
+        new_rows, new_columns = next(
+            (shape for shape in shapes if limit is None or shape[0] * shape[1] <= limit), (rows, columns)
         )
         self._resize(new_rows, new_columns, self._rows, self._columns)
 

@@ -103,6 +103,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         model = self._chat_model(request.model)
         messages = _messages(request.messages)
         params = self._params(request.options)
+        model.check_prompt_chars(messages, params.max_tokens)
         prompt_token_ids = await asyncio.to_thread(model.prompt_token_ids, messages)
         model.check_room(len(prompt_token_ids), params.max_tokens)
         remaining = context.time_remaining()

@@ -239,21 +239,30 @@ def test_a_deadline_ends_a_sequence(chat_model, batcher_factory):
     wait_until(lambda: batcher.stats().running == 0, "every row to be freed")
 
 
-def test_admission_is_by_kv_budget_and_the_rest_waits_its_turn(chat_model, batcher_factory):
+def test_admission_is_by_kv_budget_counted_as_allocated_and_the_rest_waits_its_turn(
+    chat_model, batcher_factory
+):
     params = GenerationParams(max_tokens=12)
-    longest = max(len(chat_model.prompt_token_ids(messages(q))) for q in QUESTIONS[:3]) + params.max_tokens
-    batcher = batcher_factory(kv_token_budget=2 * longest)  # two rows as long as the longest
-    expected = answers_alone(batcher, chat_model, QUESTIONS[:3], params)
-    listeners = [submit(batcher, chat_model, question, params)[0] for question in QUESTIONS[:3]]
+    longest = max(len(chat_model.prompt_token_ids(messages(q))) for q in QUESTIONS[:5]) + params.max_tokens
+    # What a decode step of 4 sequences allocates: 4 rows (the padded count) as long as the longest
+    # reservation, rounded up to the granule decode steps read. A fifth would need 8 rows.
+    budget = 4 * (-(-longest // batching._INVARIANT_KV_GRANULE) * batching._INVARIANT_KV_GRANULE)
+    batcher = batcher_factory(kv_token_budget=budget)
+    expected = answers_alone(batcher, chat_model, QUESTIONS[:5], params)
+    listeners = [submit(batcher, chat_model, question, params)[0] for question in QUESTIONS[:5]]
     stats = batcher.stats()
-    assert stats.running + stats.waiting == 3
-    seen = []
+    assert stats.running + stats.waiting == 5
+    seen, allocated = [], []
     while not all(listener.done.is_set() for listener in listeners):
         seen.append(batcher.stats())
+        rows, columns = batcher._cache.capacity
+        allocated.append(rows * columns)
         time.sleep(0.005)
-    assert max(s.running for s in seen) <= 2
-    assert max(s.kv_tokens_reserved for s in seen) <= 2 * longest
+    assert max(s.running for s in seen) <= 4
+    assert max(s.kv_tokens_reserved for s in seen) <= budget
     assert any(s.waiting for s in seen)
+    # The budget bounds the memory really held, not a count that rounding up could double.
+    assert max(allocated) <= budget
     assert [listener.text for listener in listeners] == expected
 
 
@@ -330,3 +339,29 @@ def test_without_batch_invariance_every_sequence_still_completes(chat_model, bat
     for listener in listeners:
         assert listener.wait().error is None
         assert 1 <= listener.last.completion_tokens <= 6 and listener.text
+
+
+LONG_REQUEST = "Repeat this list: " + " ".join(f"item{i}" for i in range(200))  # about 800 tokens
+
+
+def test_a_short_prompt_goes_ahead_of_a_long_prompts_next_chunk(chat_model, batcher_factory):
+    batcher = batcher_factory(max_prefill_tokens=64)
+    one = GenerationParams(max_tokens=1)
+    long, long_sequence = submit(batcher, chat_model, LONG_REQUEST, one)
+    short = submit(batcher, chat_model, QUESTIONS[4], one)[0]
+    short.wait()
+    # It waited for one of the long prompt's chunks at most, not for all of them.
+    assert not long.done.is_set() and long_sequence.prompt_left > 64
+    assert long.wait().error is None and long.last.completion_tokens == 1
+
+
+def test_draining_ends_a_prompt_still_going_in_with_unavailable(chat_model, batcher_factory):
+    batcher = batcher_factory(max_prefill_tokens=64)
+    long, long_sequence = submit(batcher, chat_model, LONG_REQUEST, GenerationParams(max_tokens=4))
+    wait_until(lambda: long_sequence.cached > 0, "the long prompt's first chunk")
+    # Time enough to finish, but no prefill pass starts once draining: it answered nothing yet, so the
+    # Gateway can take it elsewhere rather than risk it being cut mid-pass.
+    batcher.drain(time.monotonic() + 600)
+    assert isinstance(long.wait().error, Unavailable) and not long.events
+    assert long_sequence.prompt_left > 0
+    wait_until(lambda: batcher.stats().running == 0, "its row to be freed")

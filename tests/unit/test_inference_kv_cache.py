@@ -98,3 +98,14 @@ def test_shrinking_frees_memory_only_well_below_capacity():
     assert torch.equal(kv.layers[0].keys[0, :, :3], states(3, 1.0)[0])
     kv.shrink(0, 0)
     assert kv.capacity == (0, 0)
+
+
+def test_growth_rounds_up_only_within_the_token_limit():
+    # 17 rows × 1,984 columns fit the limit; rounded up (32 × 2,048) they would take twice that.
+    kv = SlotKVCache(CONFIG, "cpu", torch.float32, token_limit=17 * 1984)
+    prefill(kv, row=0, tokens=3, value=1.0)
+    kv.reserve(17, 1984)
+    assert kv.capacity == (17, 1984)
+    assert torch.equal(kv.layers[1].keys[0, :, :3], states(3, 1.0)[0])
+    kv.reserve(9, 1000)  # held already
+    assert kv.capacity == (17, 1984)
