@@ -365,6 +365,9 @@ class SemanticCacheConfig(_Strict):
     # made the two take turns (16 concurrent lookups: 397/s, p99 54 ms; batches of 8: 510/s, 51 ms).
     embedding_batch_max: int = Field(default=8, ge=1, le=256)
     embedding_batch_wait_ms: float = Field(default=2.0, ge=0, le=100)
+    # Entries indexed per replica across all tenants (about 2.3 KiB each); beyond it the entries soonest
+    # to expire leave the index and answer exact lookups only (services/cache/semantic.py says why).
+    max_indexed_entries: int = Field(default=400_000, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Threads per batch (0 → the runtime's default), and batches computed at once, each on its own
     # thread. Measured on the shared 2-core machine (load ~6): one thread per batch was best (two torch

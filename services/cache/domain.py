@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import logging
 import math
 import time
@@ -31,7 +32,15 @@ from services.cache import keys, metrics
 from services.cache.counters import CoalescedCounters
 from services.cache.entries import EntryStore, StoredEntry
 from services.cache.guards import QuestionGuards, Veto
-from services.cache.semantic import AnswerEnd, CoalescedSearch, IndexedEntry, SemanticIndex, SemanticJudge
+from services.cache.semantic import (
+    AnswerEnd,
+    Candidate,
+    CoalescedSearch,
+    IndexedEntry,
+    SemanticIndex,
+    SemanticJudge,
+    SemanticVerdict,
+)
 from services.cache.sync import IndexSync
 
 log = logging.getLogger(__name__)
@@ -44,6 +53,11 @@ MAX_SCOPE_CHARS = 1024 * 1024
 INT32_MAX = 2**31 - 1
 # A vector whose length is further than this from 1 was not L2-normalised.
 NORM_TOLERANCE = 1e-3
+# The field of a response that names the model which gave it. The Gateway stores its answers as JSON with
+# the model that answered (services/gateway/serving/response_cache.py), which after a fallback is not the
+# model requested; the entry is keyed by the requested one, and Invalidate of the answering one must
+# find it too. Any other response is opaque here and belongs to the requested model only.
+ANSWERING_MODEL_FIELD = "model_id"
 
 
 class Layer(enum.Enum):
@@ -101,6 +115,17 @@ class TenantStats:
     @property
     def hits(self) -> int:
         return self.exact_hits + self.semantic_hits
+
+
+def answering_model(response: bytes) -> str | None:
+    """The model a response names as the one that gave it (`ANSWERING_MODEL_FIELD` of a JSON object), or
+    None when it names none."""
+    try:
+        value = json.loads(response)
+    except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError is a ValueError), or nested deeply
+        return None
+    model = value.get(ANSWERING_MODEL_FIELD) if isinstance(value, dict) else None
+    return model if isinstance(model, str) and 0 < len(model) <= MAX_NAME_CHARS else None
 
 
 def _require_name(field_name: str, value: str) -> None:
@@ -177,22 +202,41 @@ class Cache:
         vector = given if given is not None else await self._embedder.embed(normalised)
         partition = keys.scope_digest(query.tenant_id, query.model, query.scope)
         candidates = await self._searches.search(partition, vector)
-        verdict = self._judge.judge(query.question, candidates)
         with unavailable_when_redis_fails("cache store"):
-            if verdict.entry is not None:
-                response = await self._entries.response(verdict.entry.key)
-                if response is not None:
-                    await self._counters.add(query.tenant_id, "hits_semantic")
-                    metrics.lookups.add(1, {"result": "hit", "layer": Layer.SEMANTIC.value})
-                    metrics.semantic_similarity.record(verdict.similarity)
-                    return LookupResult(Layer.SEMANTIC, response, verdict.similarity, vector)
-                self._index.remove(verdict.entry.key)  # gone from Redis (expired or evicted) meanwhile
+            verdict, response = await self._judge_semantic(query.question, candidates)
+            if verdict.entry is not None and response is not None:
+                await self._counters.add(query.tenant_id, "hits_semantic")
+                metrics.lookups.add(1, {"result": "hit", "layer": Layer.SEMANTIC.value})
+                metrics.semantic_similarity.record(verdict.similarity)
+                return LookupResult(Layer.SEMANTIC, response, verdict.similarity, vector)
             # An exact candidate vetoed is usually the semantic layer's best candidate too, vetoed again.
             return await self._miss(
                 query.tenant_id,
                 verdict.veto or exact_veto,
                 LookupResult(None, similarity=verdict.similarity, embedding=vector),
             )
+
+    async def _judge_semantic(
+        self, question: str, candidates: list[Candidate]
+    ) -> tuple[SemanticVerdict, bytes | None]:
+        """The judge's verdict, and the best candidate's response when it may answer. The cached questions
+        the judge reads and that response come from Redis in one round trip (the index keeps no questions,
+        see semantic.py); a hit cost that round trip before too, for its response."""
+        to_read = self._judge.to_read(candidates)
+        if not to_read:
+            return self._judge.judge(question, candidates), None
+        response, questions = await self._entries.read_for_judge([c.entry.key for c in to_read])
+        best = candidates[0]
+        if questions[0] is None or response is None:
+            self._index.remove(best.entry.key)  # gone from Redis (expired or evicted) meanwhile
+            return SemanticVerdict(None, best.similarity), None
+        read = []
+        for candidate, cached_question in zip(to_read, questions, strict=True):
+            if cached_question is None:
+                self._index.remove(candidate.entry.key)  # gone meanwhile: no longer a cached question
+            else:
+                read.append(dataclasses.replace(candidate, question=cached_question))
+        return self._judge.judge(question, read + candidates[len(to_read) :]), response
 
     async def _miss(self, tenant_id: str, veto: Veto | None, result: LookupResult) -> LookupResult:
         await self._counters.add(tenant_id, "misses", *([f"veto:{veto.value}"] if veto else []))
@@ -228,17 +272,19 @@ class Cache:
             "scope": partition,
             "end": command.answer_end,
         }
+        answered_by = answering_model(command.response)
         if command.semantic and vector is not None:
             fields["vector"] = vector.astype(np.float32).tobytes()
         with unavailable_when_redis_fails("cache store"):
             expires_at, evicted = await self._entries.put(
-                command.tenant_id, member, fields, ttl, self._config.max_entries_per_tenant
-            )
+                command.tenant_id, member, fields, ttl, self._config.max_entries_per_tenant,
+                answered_by if answered_by != command.model else None,
+            )  # fmt: skip
         # The event stream brings the same change back; applying it here too makes this replica's next
         # lookup see it without waiting for that round trip.
         key = keys.entry_key(command.tenant_id, member)
         if "vector" in fields:
-            entry = IndexedEntry(key, partition, command.question, command.answer_end, expires_at)
+            entry = IndexedEntry(key, partition, command.answer_end, expires_at)
             self._index.add(entry, vector, keys.tenant_tag_of(key))
         else:
             self._index.remove(key)
@@ -319,7 +365,7 @@ class Cache:
         if vector.shape[0] != self._embedder.dimensions:
             log.warning("cache entry with a %d-value vector skipped (model changed?)", vector.shape[0])
             return
-        indexed = IndexedEntry(entry.key, entry.scope, entry.question, entry.answer_end, entry.expires_at)
+        indexed = IndexedEntry(entry.key, entry.scope, entry.answer_end, entry.expires_at)
         self._index.add(indexed, vector, keys.tenant_tag_of(entry.key))
 
     def _forget(self, entry_keys: list[str]) -> None:

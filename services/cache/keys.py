@@ -5,12 +5,17 @@ They never appear raw in a key: each is replaced by a hex tag (a hash), so a ten
 reach tenant "a"'s namespace and a SCAN MATCH pattern built from a tag matches only that namespace.
 
 Layout (one hash per entry; Redis is the source of truth, the semantic index is rebuilt from it):
-- `sophia:cache:entry:<tenant>:<model>:<digest>`  hash: question, response, vector, scope, answer end;
-  expires with the entry's TTL. The digest covers tenant, model, scope and the normalised question, so
+- `sophia:cache:entry:<tenant>:<model>:<digest>`  hash: question, response, vector, scope, answer end,
+  and the answering model's tag when another model than the requested one answered; expires with the
+  entry's TTL. The digest covers tenant, model, scope and the normalised question, so
   the exact layer is one HMGET.
 - `sophia:cache:expiry:<tenant>`  sorted set of the tenant's entries (`<model>:<digest>`) by expiry
   time: counts live entries, evicts the soonest to expire beyond the per-tenant limit, lists a model's
   entries for Invalidate.
+- `sophia:cache:answered:<tenant>`  sorted set, by expiry time, of `<answering model>:<member>` for each
+  entry answered by another model than the one requested (a fallback): Invalidate of a model finds the
+  answers it gave under other models' names through it. The entry's `answered` field holds the tag, so
+  that replacing or evicting the entry removes its member here too.
 - `sophia:cache:events`  a stream of puts and deletions that keeps every replica's index in step.
 - `sophia:cache:stats:<tenant>`  hash of counters (hits per layer, misses, vetoes per reason).
 """
@@ -23,6 +28,7 @@ import json
 PREFIX = "sophia:cache"
 ENTRY = f"{PREFIX}:entry"
 EXPIRY = f"{PREFIX}:expiry"
+ANSWERED = f"{PREFIX}:answered"
 STATS = f"{PREFIX}:stats"
 EVENTS = f"{PREFIX}:events"
 # 128 bits: namespaces of different tenants never collide in practice, and the entry digest below
@@ -72,6 +78,15 @@ def model_member_prefix(model: str) -> str:
 
 def expiry_key(tenant_id: str) -> str:
     return f"{EXPIRY}:{namespace_tag('tenant', tenant_id)}"
+
+
+def answered_key(tenant_id: str) -> str:
+    """The tenant's entries by the model that answered them, where it is not the one requested."""
+    return f"{ANSWERED}:{namespace_tag('tenant', tenant_id)}"
+
+
+def answered_member(answered_model: str, member: str) -> str:
+    return f"{namespace_tag('model', answered_model)}:{member}"
 
 
 def stats_key(tenant_id: str) -> str:

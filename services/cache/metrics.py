@@ -21,6 +21,11 @@ embedding_batch_size = _meter.create_histogram(
 evictions = _meter.create_counter(
     "sophia.cache.evictions", description="Entries evicted at the per-tenant entry limit"
 )
+index_evictions = _meter.create_counter(
+    "sophia.cache.index_evictions",
+    description="Entries dropped from this replica's semantic index at its bound across tenants (they stay "
+    "in Redis for exact lookups)",
+)
 
 
 def observe_index(entries_by_tenant) -> None:

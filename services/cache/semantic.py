@@ -1,11 +1,13 @@
 """The semantic layer: which cached question, if any, may answer a new one.
 
 `SemanticIndex` keeps this replica's view of the indexed entries (FAISS vectors per scope partition,
-plus each entry's question, answer end and expiry) in step with Redis. `SemanticJudge` decides on the
-candidates a search returns: the best candidate must reach the similarity threshold, pass the false-hit
-guards (guards.py) and not be a truncated or refused answer, and no different cached question may sit
-within the ambiguity margin of it. The judge is plain Python over plain data: the servicer's lookups and
-tools/eval_semantic_cache run the same code.
+plus each entry's answer end and expiry) in step with Redis. The cached questions stay in Redis: a
+question may be 16k characters, ten times its vector, and the guards read only the few candidates that
+reach the threshold, which the lookup reads from Redis together with the best one's response (see
+`SemanticJudge.to_read`). `SemanticJudge` decides on the candidates a search returns: the best candidate
+must reach the similarity threshold, pass the false-hit guards (guards.py) and not be a truncated or
+refused answer, and no different cached question may sit within the ambiguity margin of it. The judge is
+plain Python over plain data: the servicer's lookups and tools/eval_semantic_cache run the same code.
 """
 
 from __future__ import annotations
@@ -14,18 +16,27 @@ import asyncio
 import functools
 import heapq
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from libs.config import SemanticCacheConfig
+from services.cache import metrics
 from services.cache.guards import QuestionGuards, QuestionProfile, Veto
 from services.cache.index import VectorIndex
 from services.cache.keys import tenant_tag_of
 
+log = logging.getLogger(__name__)
+
 PROFILE_CACHE_SIZE = 4096
 EXPIRY_HEAP_SLACK = 1024
+# cache.semantic.max_indexed_entries: Redis bounds each tenant (cache.max_entries_per_tenant, 100k by
+# default) but not their sum, and the index lives in every replica's memory: about 2.3 KiB an entry (the
+# 384-float vector is 1.5 KiB of it), so the default 400k entries take about 0.9 GiB of the pod's 3 GiB
+# beside the embedding model. At the bound the entry soonest to expire leaves the index (it stays in
+# Redis and keeps answering exact lookups); a tenant at its own limit holds at most a quarter of it.
 
 
 class AnswerEnd:
@@ -34,11 +45,14 @@ class AnswerEnd:
     REFUSAL = "refusal"
 
 
-@dataclass
+_ANSWER_ENDS = {end: end for end in (AnswerEnd.COMPLETE, AnswerEnd.TRUNCATED, AnswerEnd.REFUSAL)}
+_REFUSED_ENDS = frozenset({AnswerEnd.TRUNCATED, AnswerEnd.REFUSAL})
+
+
+@dataclass(slots=True)  # slots: one of these per indexed entry, in every replica
 class IndexedEntry:
     key: str  # the entry's Redis key
     partition: str
-    question: str
     answer_end: str
     expires_at: float  # unix seconds
 
@@ -47,6 +61,8 @@ class IndexedEntry:
 class Candidate:
     entry: IndexedEntry
     similarity: float
+    # The cached question as stored, read from Redis for the candidates the judge reads (`to_read`).
+    question: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,7 @@ class SemanticVerdict:
 
 class SemanticIndex:
     def __init__(self, dimensions: int, config: SemanticCacheConfig) -> None:
+        self._max_entries = config.max_indexed_entries
         self._vectors = VectorIndex(
             dimensions, ivf_min_entries=config.ivf_min_entries, nprobe=config.ivf_nprobe
         )
@@ -71,6 +88,7 @@ class SemanticIndex:
         self._next_id = itertools.count(1)
         self._per_tenant: dict[str, int] = {}
         self._candidates = config.candidates
+        self._full_logged = False
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -89,6 +107,8 @@ class SemanticIndex:
         if known is not None and self._entries[known] == entry:
             return  # the same entry again (a replica sees its own stores come back as events)
         self.remove(entry.key)
+        # One string per answer end instead of a copy per entry read from Redis.
+        entry.answer_end = _ANSWER_ENDS.get(entry.answer_end, entry.answer_end)
         entry_id = next(self._next_id)
         self._vectors.add(entry.partition, entry_id, vector)
         self._entries[entry_id] = entry
@@ -99,6 +119,26 @@ class SemanticIndex:
             heapq.heapify(self._expiries)
         self._ids[entry.key] = entry_id
         self._per_tenant[tenant_tag] = self._per_tenant.get(tenant_tag, 0) + 1
+        if len(self._entries) > self._max_entries:
+            self._drop_soonest_to_expire(len(self._entries) - self._max_entries)
+
+    def _drop_soonest_to_expire(self, count: int) -> None:
+        """Keeps the index within its bound across tenants (the entry just added may be the one dropped)."""
+        dropped = 0
+        while dropped < count and self._expiries:
+            _, entry_id = heapq.heappop(self._expiries)
+            entry = self._entries.get(entry_id)
+            if entry is not None:  # otherwise removed or replaced since
+                self.remove(entry.key)
+                dropped += 1
+        if dropped:
+            metrics.index_evictions.add(dropped)
+            if not self._full_logged:
+                self._full_logged = True
+                log.warning(
+                    "semantic index full (%d entries across tenants): the entries soonest to expire leave "
+                    "it and answer exact lookups only", self._max_entries,
+                )  # fmt: skip
 
     def remove(self, key: str) -> bool:
         entry_id = self._ids.pop(key, None)
@@ -192,9 +232,24 @@ class SemanticJudge:
         # Cached questions come back as candidates again and again; their profiles are read-only.
         self._cached_profile = functools.lru_cache(maxsize=PROFILE_CACHE_SIZE)(guards.profile)
 
+    def to_read(self, candidates: list[Candidate]) -> list[Candidate]:
+        """The candidates whose cached questions `judge` reads, best first: none when the best one is
+        refused on its similarity or answer end alone; else the best one and the runners-up within the
+        ambiguity margin of it."""
+        if not candidates:
+            return []
+        best = candidates[0]
+        if best.similarity < self._threshold or best.entry.answer_end in _REFUSED_ENDS:
+            return []
+        close = itertools.takewhile(
+            lambda other: best.similarity - other.similarity <= self._margin, candidates[1:]
+        )
+        return [best, *close]
+
     def judge(self, question: str, candidates: list[Candidate]) -> SemanticVerdict:
         """`question` as asked (not normalised: the guards read case and punctuation). It is read only when
-        a candidate reaches the guards, which most lookups' best candidate does not."""
+        a candidate reaches the guards, which most lookups' best candidate does not. The candidates of
+        `to_read` must carry their cached questions."""
         if not candidates:
             return SemanticVerdict(None)
         best = candidates[0]
@@ -204,7 +259,7 @@ class SemanticJudge:
             return SemanticVerdict(None, best.similarity, Veto.TRUNCATED)
         if best.entry.answer_end == AnswerEnd.REFUSAL:
             return SemanticVerdict(None, best.similarity, Veto.REFUSAL)
-        cached = self._cached_profile(best.entry.question)
+        cached = self._cached_profile(best.question)
         veto = self._guards.compare(cached, self._guards.profile(question)).veto
         if veto is not None:
             return SemanticVerdict(None, best.similarity, veto)
@@ -228,7 +283,7 @@ class SemanticJudge:
         for other in others:
             if best.similarity - other.similarity > self._margin:
                 return False
-            runner_up = self._cached_profile(other.entry.question)
+            runner_up = self._cached_profile(other.question)
             if self._guards.compare(cached, runner_up).veto is not None:
                 return True
         return False

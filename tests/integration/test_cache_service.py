@@ -197,6 +197,24 @@ def test_invalidate_clears_both_layers_of_one_model(stub, tenant):
     assert stub.Stats(pb.StatsRequest(tenant_id=tenant), timeout=RPC_TIMEOUT).indexed_entries == 0
 
 
+def test_invalidate_removes_the_answers_a_model_gave_under_another_requested_model(stub, tenant):
+    """After a fallback the Gateway stores the answer under the model requested, with the model that gave it
+    in the response: invalidating the answering model must remove it too."""
+    fallback_answer = b'{"model_id": "good-gpt", "provider": "good", "completion": {"content": "Paris"}}'
+    store(stub, tenant, FRANCE, fallback_answer, model="fail500-gpt")
+    store(stub, f"{tenant}-other", FRANCE, fallback_answer, model="fail500-gpt")
+    assert lookup(stub, tenant, FRANCE, model="fail500-gpt").layer == pb.CACHE_LAYER_EXACT
+    reply = stub.Invalidate(pb.InvalidateRequest(tenant_id=tenant, model="good-gpt"), timeout=RPC_TIMEOUT)
+    assert reply.removed == 1
+    assert lookup(stub, tenant, FRANCE, model="fail500-gpt").result == pb.CACHE_RESULT_MISS
+    assert lookup(stub, tenant, "Tell me France's capital city.", model="fail500-gpt").result == (
+        pb.CACHE_RESULT_MISS
+    )
+    assert stub.Stats(pb.StatsRequest(tenant_id=tenant), timeout=RPC_TIMEOUT).indexed_entries == 0
+    # Another tenant's answer by the same model stays.
+    assert lookup(stub, f"{tenant}-other", FRANCE, model="fail500-gpt").layer == pb.CACHE_LAYER_EXACT
+
+
 def test_stats_count_hits_by_layer_and_misses(stub, tenant):
     store(stub, tenant, FRANCE)
     lookup(stub, tenant, FRANCE)

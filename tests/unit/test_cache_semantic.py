@@ -11,7 +11,7 @@ ASKED = "How many legs does a spider have?"
 
 
 def candidate(question: str, similarity: float, end: str = AnswerEnd.COMPLETE) -> Candidate:
-    return Candidate(IndexedEntry(f"key:{question}", "p", question, end, expires_at=2e9), similarity)
+    return Candidate(IndexedEntry(f"key:{question}", "p", end, expires_at=2e9), similarity, question)
 
 
 def test_the_best_candidate_above_the_threshold_answers():

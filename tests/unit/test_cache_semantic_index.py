@@ -18,7 +18,7 @@ def unit(seed: int, count: int = 1) -> np.ndarray:
 
 
 def entry(key: str, partition: str, expires_at: float = 2e9) -> IndexedEntry:
-    return IndexedEntry(key, partition, f"question {key}", "complete", expires_at)
+    return IndexedEntry(key, partition, "complete", expires_at)
 
 
 class CountedIndex(SemanticIndex):
