@@ -46,6 +46,7 @@ class IndexSync:
         self._sweep = sweep
         self._block_ms = block_ms
         self._tasks: list[asyncio.Task] = []
+        self._closing = False
 
     async def rebuild(self) -> tuple[str, int]:
         """Loads every entry with a vector into the index; returns the stream position to follow from."""
@@ -64,13 +65,22 @@ class IndexSync:
         ]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # redis-py can turn a cancellation that lands inside a blocking XREAD into its own connection
+        # error, which the loop below retries on: the tasks are cancelled until they have ended, and the
+        # loop stops at the flag (a shutdown hung here until the process was killed).
+        self._closing = True
+        tasks, running = self._tasks, self._tasks
+        while running:
+            for task in running:
+                task.cancel()
+            await asyncio.wait(running, timeout=0.1)
+            running = [task for task in running if not task.done()]
+        await asyncio.gather(*tasks, return_exceptions=True)  # all ended: their outcomes collected
+        self._tasks = []
 
     async def _follow(self, position: str) -> None:
         failing = False
-        while True:
+        while not self._closing:
             try:
                 replies = await self._redis.xread(
                     {keys.EVENTS: position}, count=READ_COUNT, block=self._block_ms
