@@ -3,6 +3,7 @@
 import grpc
 import pytest
 
+from libs import deadline
 from services.gateway.providers.local import _provider_error
 
 
@@ -35,6 +36,17 @@ def test_the_callers_own_mistakes_end_the_chain(code):
 def test_an_overloaded_or_slow_local_model_moves_on(code, kind):
     error = _provider_error(refusal(code, "inference is at capacity"))
     assert error.retryable and error.kind == kind
+
+
+def test_the_callers_own_deadline_passing_is_no_verdict_on_the_local_model():
+    """With the caller's time used up, DEADLINE_EXCEEDED is the caller's deadline (not retried, reported as
+    no verdict), so one tenant's short deadlines cannot open the local model's breaker for everyone."""
+    token = deadline.start(0.01)
+    try:
+        error = _provider_error(refusal(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+    finally:
+        deadline.reset(token)
+    assert (error.kind, error.retryable) == ("deadline", False)
 
 
 def test_a_prompt_too_long_for_the_local_model_is_reported_as_rejected_not_as_a_failure():

@@ -8,6 +8,10 @@ from typing import Protocol
 
 from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Target
 
+# The ProviderError kind of a call cut by the caller's own deadline: no verdict on the provider, and not
+# retried on another target (the time is up).
+CALLER_DEADLINE = "deadline"
+
 
 class ProviderCall:
     """Whether the provider call under way has sent its request: the fallback loop makes one per attempt

@@ -23,7 +23,7 @@ from libs import deadline
 from libs.config import ProviderConfig
 from libs.errors import DeadlineExceeded
 from libs.logs import redact
-from services.gateway.providers.base import ProviderError, note_request_sent
+from services.gateway.providers.base import CALLER_DEADLINE, ProviderError, note_request_sent
 from services.gateway.providers.http_client import (
     MAX_BODY_BYTES,
     BodyTooLarge,
@@ -38,8 +38,6 @@ from services.gateway.providers.keys import ProviderKey, ProviderKeys
 
 # Time kept back from the caller's deadline so the Gateway can still answer after a provider times out.
 DEADLINE_MARGIN_SECONDS = 0.05
-# The ProviderError kind of a call cut by the caller's own deadline (see deadline_error).
-CALLER_DEADLINE = "deadline"
 MAX_PROVIDER_MESSAGE_CHARS = 200
 # How long a finished stream's trailing bytes are awaited to keep its connection; past that it is closed.
 DRAIN_SECONDS = 1.0

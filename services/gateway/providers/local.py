@@ -9,6 +9,7 @@ import grpc
 from sophia.inference.v1 import inference_pb2 as pb
 from sophia.inference.v1 import inference_pb2_grpc
 
+from libs import deadline
 from libs.clients import open_channel
 from libs.config import ClientSettings
 from libs.errors import ServiceError
@@ -21,7 +22,7 @@ from services.gateway.domain import (
     estimated_input_tokens,
     with_estimated_usage,
 )
-from services.gateway.providers.base import ProviderError
+from services.gateway.providers.base import CALLER_DEADLINE, ProviderError
 
 # What ModelInference answers when the Gateway forwards a bad request are the caller's errors; anything
 # else (too long for this model, unreachable, overloaded, too slow) is worth trying the next target for.
@@ -34,6 +35,8 @@ _FINISH_REASONS = {
 DEFAULT_MAX_TOKENS = 256
 # The error kind of a prompt too long for the model (services/router/servicer.py REQUEST_ERRORS).
 CONTEXT_WINDOW = "context_window"
+# A DEADLINE_EXCEEDED with at most this much of the caller's own time left was the caller's deadline.
+CALLERS_DEADLINE_SLACK_SECONDS = 0.2
 
 
 @contextlib.contextmanager
@@ -44,7 +47,9 @@ def _as_provider_errors():
     except grpc.aio.AioRpcError as exc:
         raise _provider_error(exc) from None
     except ServiceError as exc:  # the caller's deadline passed before the call could start
-        raise ProviderError(exc.message, retryable=False, status=exc.code.name, kind="timeout") from None
+        raise ProviderError(
+            exc.message, retryable=False, status=exc.code.name, kind=CALLER_DEADLINE
+        ) from None
 
 
 def _provider_error(exc: grpc.aio.AioRpcError) -> ProviderError:
@@ -61,6 +66,16 @@ def _provider_error(exc: grpc.aio.AioRpcError) -> ProviderError:
             exc.details() or code.name, retryable=True, status="INVALID_ARGUMENT", kind=CONTEXT_WINDOW
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        left = deadline.remaining()
+        if left is not None and left <= CALLERS_DEADLINE_SLACK_SECONDS:
+            # The call's deadline was the caller's own (less the clients' margin): no verdict on the model,
+            # so one tenant's short deadlines cannot open its breaker for everyone.
+            return ProviderError(
+                "the request's deadline passed while the local model was answering",
+                retryable=False,
+                status=code.name,
+                kind=CALLER_DEADLINE,
+            )
         return ProviderError("local model timed out", retryable=True, status=code.name, kind="timeout")
     return ProviderError(
         f"local model unavailable ({code.name.lower()})",

@@ -18,8 +18,13 @@ import grpc
 from libs import errors
 from services.gateway import metrics
 from services.gateway.domain import ChatRequest, Completion, CompletionChunk, Target
-from services.gateway.providers.base import Provider, ProviderCall, ProviderError, current_call
-from services.gateway.providers.http import CALLER_DEADLINE
+from services.gateway.providers.base import (
+    CALLER_DEADLINE,
+    Provider,
+    ProviderCall,
+    ProviderError,
+    current_call,
+)
 from services.gateway.serving.router_client import Plan
 
 log = logging.getLogger(__name__)
