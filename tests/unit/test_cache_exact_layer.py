@@ -5,9 +5,8 @@ that gives the same normalised text the same vector, as the real model does."""
 
 import pytest
 
-from libs.config import CacheConfig
-from services.cache.domain import Cache, Layer, LookupQuery, StoreCommand
-from tests.cache_doubles import HashEmbedder, question_guards
+from services.cache.domain import Layer, LookupQuery, StoreCommand
+from tests.cache_doubles import question_guards, running_cache
 from tests.support import throwaway_redis
 
 
@@ -18,13 +17,11 @@ def guards():
 
 @pytest.fixture
 async def cache(tmp_path, guards):
-    async with throwaway_redis(tmp_path, decode_responses=False) as redis:
-        cache = Cache(redis, CacheConfig(), HashEmbedder(), guards)
-        await cache.start()
-        try:
-            yield cache
-        finally:
-            await cache.close()
+    async with (
+        throwaway_redis(tmp_path, decode_responses=False) as redis,
+        running_cache(redis, guards) as started,
+    ):
+        yield started
 
 
 async def ask(cache, stored, asked, *, semantic):

@@ -4,17 +4,13 @@ import pytest
 
 from libs.sentence_embeddings import normalise_text
 from services.cache.guards import Veto, typo_distance
-from tests.cache_doubles import question_guards
+from tests.cache_doubles import question_guards, veto
 
 
 @pytest.fixture(scope="module")
 def guards():
     """With the embedding model's vocabulary, as the service runs them (read from the package's file)."""
     return question_guards()
-
-
-def veto(guards, first, second):
-    return guards.compare(guards.profile(first), guards.profile(second)).veto
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from services.cache import keys
 from services.cache.domain import Cache, Layer, LookupQuery, StoreCommand
 from services.cache.guards import Veto
 from services.cache.semantic import IndexedEntry, SemanticIndex
-from tests.cache_doubles import DIMENSIONS, HashEmbedder, question_guards, unit
+from tests.cache_doubles import DIMENSIONS, HashEmbedder, question_guards, running_cache, unit
 from tests.support import throwaway_redis
 
 LONG_QUESTIONS = 100
@@ -40,12 +40,8 @@ async def redis(tmp_path):
 
 @pytest.fixture
 async def cache(redis, guards):
-    cache = Cache(redis, CacheConfig(), HashEmbedder(), guards)
-    await cache.start()
-    try:
-        yield cache
-    finally:
-        await cache.close()
+    async with running_cache(redis, guards) as started:
+        yield started
 
 
 async def settled() -> None:

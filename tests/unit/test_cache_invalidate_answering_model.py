@@ -9,8 +9,8 @@ import pytest
 from libs.config import CacheConfig
 from libs.sentence_embeddings import normalise_text
 from services.cache import domain, keys
-from services.cache.domain import Cache, Layer, LookupQuery, StoreCommand
-from tests.cache_doubles import HashEmbedder, question_guards
+from services.cache.domain import Layer, LookupQuery, StoreCommand
+from tests.cache_doubles import question_guards, running_cache
 from tests.support import throwaway_redis
 
 ENTRY_LIMIT = 3
@@ -30,12 +30,8 @@ async def redis(tmp_path):
 
 @pytest.fixture
 async def cache(redis, guards):
-    cache = Cache(redis, CacheConfig(max_entries_per_tenant=ENTRY_LIMIT), HashEmbedder(), guards)
-    await cache.start()
-    try:
-        yield cache
-    finally:
-        await cache.close()
+    async with running_cache(redis, guards, CacheConfig(max_entries_per_tenant=ENTRY_LIMIT)) as started:
+        yield started
 
 
 def answer(model_id: str, text: str = "Paris") -> bytes:

@@ -5,16 +5,12 @@ the guards are all that keeps one's answer from being served for the other."""
 import pytest
 
 from services.cache.guards import Veto
-from tests.cache_doubles import question_guards
+from tests.cache_doubles import question_guards, veto
 
 
 @pytest.fixture(scope="module")
 def guards():
     return question_guards()
-
-
-def veto(guards, first, second):
-    return guards.compare(guards.profile(first), guards.profile(second)).veto
 
 
 @pytest.mark.parametrize(
