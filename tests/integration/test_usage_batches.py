@@ -5,6 +5,7 @@ counted under its derived id, and what the ledger did not take waits in the jour
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import signal
@@ -42,6 +43,17 @@ def mesh(tmp_path_factory):
         yield mesh
     finally:
         mesh.stop_all()
+
+
+@contextlib.contextmanager
+def ledger_down(mesh):
+    """The ledger stopped for the block, started again (and ready) after it, whatever happens in it."""
+    mesh.stop("ledger")
+    try:
+        yield
+    finally:
+        mesh.start("ledger")
+        mesh.wait_ready(["ledger"], timeout=60)
 
 
 class CountingLedger:
@@ -232,14 +244,10 @@ async def test_records_wait_while_the_ledger_is_down_and_arrive_once_when_it_is_
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         recorder = await started_recorder(stub, channel, UsageJournal(tmp_path))
-        mesh.stop("ledger")
-        try:
+        with ledger_down(mesh):
             await asyncio.gather(*(recorder.record(usage(tenant, f"d-{i}")) for i in range(20)))
             await asyncio.sleep(0.5)
             assert recorder.pending() == 20
-        finally:
-            mesh.start("ledger")
-            mesh.wait_ready(["ledger"], timeout=60)
         for _ in range(100):
             if await recorder.replay_once() or recorder.pending() == 0:
                 break
@@ -291,17 +299,13 @@ async def test_a_long_outage_holds_a_bounded_number_of_records_and_delivers_ever
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         journal = UsageJournal(tmp_path, segment_max_bytes=2_000)  # a few records per segment
         recorder = await started_recorder(stub, channel, journal, hold_records=20)
-        mesh.stop("ledger")
-        try:
+        with ledger_down(mesh):
             most_held = 0
             for i in range(150):
                 await recorder.record(usage(tenant, f"o-{i}"))
                 most_held = max(most_held, journal.held())
             assert most_held <= 20 + 1 and journal.parked() > 0
             assert recorder.pending() >= 150 - 5  # parked records are still counted as waiting (about)
-        finally:
-            mesh.start("ledger")
-            mesh.wait_ready(["ledger"], timeout=60)
         for _ in range(200):
             await recorder.replay_once()
             if recorder.pending() == 0:
@@ -320,14 +324,10 @@ async def test_parked_records_are_read_back_while_new_traffic_keeps_coming(mesh,
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         journal = UsageJournal(tmp_path, segment_max_bytes=2_000)
         recorder = await started_recorder(stub, channel, journal, hold_records=20)
-        mesh.stop("ledger")
-        try:
+        with ledger_down(mesh):
             for i in range(100):
                 await recorder.record(usage(tenant, f"b-{i}"))
             assert journal.parked() > 0
-        finally:
-            mesh.start("ledger")
-            mesh.wait_ready(["ledger"], timeout=60)
         live = 0
 
         async def traffic() -> None:

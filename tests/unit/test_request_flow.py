@@ -240,6 +240,18 @@ async def stream_to_its_end(provider: Provider, idempotency: Idempotency, access
         pass
 
 
+async def leave_while_starting(
+    chat_flow: RequestFlow, reached: asyncio.Event, request_id: str = "r6"
+) -> None:
+    """Starts a stream and cancels it (its client gone) once `reached` is set."""
+    chat = ChatRequest(model="small", messages=QUESTION.messages)
+    starting = asyncio.create_task(chat_flow.stream(Principal("acme", "key_any"), chat, request_id))
+    await reached.wait()
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+
+
 async def test_a_whole_streamed_answer_is_kept_for_retries():
     idempotency = Idempotency()
     await stream_to_its_end(Provider(last_finish="stop"), idempotency)
@@ -273,16 +285,9 @@ async def test_a_stream_ends_its_token_hold_when_it_is_settled():
 
 async def test_a_stream_whose_client_leaves_while_its_stand_in_is_written_is_settled_at_once():
     usage, access, provider = UsageWaitingOnTheJournal(), Access(), Provider()
-    chat = ChatRequest(model="small", messages=QUESTION.messages)
-    starting = asyncio.create_task(
-        flow(usage, provider, Cache(holds_an_answer=False), access=access).stream(
-            Principal("acme", "key_any"), chat, "r6"
-        )
+    await leave_while_starting(
+        flow(usage, provider, Cache(holds_an_answer=False), access=access), usage.writing
     )
-    await usage.writing.wait()
-    starting.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await starting
     assert usage.call_ids == usage.stand_ins  # its own record replaces the stand-in
     assert (len(access.limiter.released), len(access.charged), provider.closed) == (1, 1, True)
 
@@ -372,16 +377,9 @@ async def test_a_call_cut_by_the_clients_deadline_is_billed_its_prompt_once_the_
 
 async def test_a_stream_whose_client_leaves_before_its_first_chunk_is_billed_its_prompt():
     usage, background, provider = Usage(), Background(), CutProvider()
-    chat = ChatRequest(model="small", messages=QUESTION.messages)
-    starting = asyncio.create_task(
-        flow(usage, provider, Cache(holds_an_answer=False), background=background).stream(
-            Principal("acme", "key_any"), chat, "r10"
-        )
+    await leave_while_starting(
+        flow(usage, provider, Cache(holds_an_answer=False), background=background), provider.asked, "r10"
     )
-    await provider.asked.wait()
-    starting.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await starting
     await asyncio.gather(*background.tasks)
     assert [(r.request_id, r.output_tokens) for r in usage.records] == [("r10", 0)]
     assert usage.records[0].input_tokens > 0
