@@ -29,6 +29,13 @@ def remaining() -> float | None:
     return None if absolute is None else absolute - time.monotonic()
 
 
+def spent(slack: float) -> bool:
+    """Whether the caller set a deadline and at most `slack` seconds of it are left: an outbound call that
+    timed out now ran out of the caller's time, not of its own limit."""
+    left = remaining()
+    return left is not None and left <= slack
+
+
 def outbound_timeout(*, margin: float, cap: float) -> float:
     """The timeout for one outbound call: the caller's remaining time less a margin, at most `cap`."""
     left = remaining()

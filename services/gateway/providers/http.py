@@ -262,8 +262,7 @@ class HttpProvider:
     def _expired(self) -> ProviderError:
         """A step ran out of time: was it the caller's deadline (its timeout is the caller's remaining time
         less the margin, so about the margin is left now) or the provider's own limit?"""
-        left = deadline.remaining()
-        if left is not None and left <= 2 * DEADLINE_MARGIN_SECONDS:
+        if deadline.spent(2 * DEADLINE_MARGIN_SECONDS):
             return deadline_error(self.name)
         return timeout_error(self.name)
 

@@ -66,8 +66,7 @@ def _provider_error(exc: grpc.aio.AioRpcError) -> ProviderError:
             exc.details() or code.name, retryable=True, status="INVALID_ARGUMENT", kind=CONTEXT_WINDOW
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        left = deadline.remaining()
-        if left is not None and left <= CALLERS_DEADLINE_SLACK_SECONDS:
+        if deadline.spent(CALLERS_DEADLINE_SLACK_SECONDS):
             # The call's deadline was the caller's own (less the clients' margin): no verdict on the model,
             # so one tenant's short deadlines cannot open its breaker for everyone.
             return ProviderError(
