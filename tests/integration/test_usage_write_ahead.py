@@ -144,6 +144,51 @@ async def test_a_gateway_killed_while_the_ledger_hangs_loses_no_usage(pipeline):
     assert_every_answer_counted_once(load, await wait_for_the_ledger_to_hold(pipeline, load))
 
 
+async def test_calls_alone_in_flight_are_billed_their_own_counts_after_a_kill_and_failed_ones_nothing(
+    pipeline,
+):
+    """One request at a time, each call is on disk as its stand-in (the prompt's estimate) before its
+    provider answers, and its own record is written over it without a sync of its own: a Gateway killed
+    (-9) right after an answer loses nothing written, so once back every answer is billed its own counts,
+    and a call no provider answered (its stand-in withdrawn) nothing."""
+    ledger = pipeline.mesh.processes.pop("ledger")
+    ledger.kill()  # nothing delivered before the kill: every record comes back from the journal
+    await asyncio.to_thread(ledger.wait)
+    run = uuid.uuid4().hex
+    answered: dict[str, tuple[int, int]] = {}
+    async with httpx.AsyncClient(
+        base_url=pipeline.edge, headers={"Authorization": f"Bearer {DEV_KEY}"}, timeout=30
+    ) as client:
+
+        async def ask(request_id: str, content: str) -> httpx.Response:
+            body = {"model": "good-gpt", "messages": [{"role": "user", "content": content}], "cache": False}
+            return await client.post("/v1/chat/completions", json=body, headers={"x-request-id": request_id})
+
+        failed = await ask(f"alone-failed-{run}", "fault=status:500 count to three")
+        assert failed.status_code != 200
+        for i in range(5):
+            request_id = f"alone-{run}-{i}"
+            reply = await ask(request_id, f"count {request_id} " + "word " * (i * 40))
+            assert reply.status_code == 200
+            usage = reply.json()["usage"]
+            answered[request_id] = (usage["prompt_tokens"], usage["completion_tokens"])
+    gateway = pipeline.mesh.processes.pop("gateway")
+    gateway.kill()
+    await asyncio.to_thread(gateway.wait)
+    pipeline.mesh.start("gateway")  # the same outbox journal
+    await asyncio.to_thread(pipeline.mesh.wait_ready, ["gateway"], 60)
+    pipeline.mesh.start("ledger")
+    await asyncio.to_thread(pipeline.mesh.wait_ready, ["ledger"], 60)
+    records: dict[str, tuple[int, int]] = {}
+    for _ in range(120):
+        records = ledger_records(pipeline)
+        if set(answered) <= set(records):
+            break
+        await asyncio.sleep(0.25)
+    assert {request_id: records.get(request_id) for request_id in answered} == answered
+    assert f"alone-failed-{run}" not in records
+
+
 async def test_a_gateway_killed_mid_stream_still_bills_the_stream(pipeline):
     """A stream's stand-in record is on disk before its first chunk goes out: a Gateway killed while it
     streams bills, once back, the prompt and what had been delivered by then."""

@@ -121,7 +121,10 @@ class Usage:
     async def stand_in(self, record, call_id) -> None:
         self.stand_ins.append(call_id)
 
-    async def record(self, record, call_id=None) -> None:
+    def stand_in_now(self, call_id, record) -> bool:
+        return False  # as with others in flight: the record is written synced
+
+    async def record(self, record, call_id=None, *, over_stand_in=False) -> None:
         self.records.append(record)
         self.call_ids.append(call_id)
 
@@ -383,3 +386,68 @@ async def test_a_stream_whose_client_leaves_before_its_first_chunk_is_billed_its
     await asyncio.gather(*background.tasks)
     assert [(r.request_id, r.output_tokens) for r in usage.records] == [("r10", 0)]
     assert usage.records[0].input_tokens > 0
+
+
+class UsageWritingStandIns(Usage):
+    """Writes a stand-in at once, as the journal does for a call alone in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.early: list[tuple[str, object]] = []  # (call id, its stand-in record)
+        self.over_stand_in: list[bool] = []
+        self.withdrawn: list[str] = []
+
+    def stand_in_now(self, call_id, record) -> bool:
+        self.early.append((call_id, record()))
+        return True
+
+    def withdraw(self, call_id) -> None:
+        self.withdrawn.append(call_id)
+
+    async def record(self, record, call_id=None, *, over_stand_in=False) -> None:
+        await super().record(record, call_id)
+        self.over_stand_in.append(over_stand_in)
+
+
+class SendingProvider(Provider):
+    """Sends the request (as the HTTP adapters mark it), then answers or fails with a provider's 500."""
+
+    async def complete(self, target, request) -> Completion:
+        note_request_sent()
+        if self._fails:
+            raise ProviderError("HTTP 500", retryable=True, kind="http_500")
+        return Completion("fresh", "stop", 3, 2)
+
+
+async def test_a_call_alone_in_flight_is_journaled_as_its_prompt_once_sent_and_its_record_replaces_that():
+    usage = UsageWritingStandIns()
+    chat = ChatRequest(model="small", messages=QUESTION.messages)
+    await flow(usage, SendingProvider(), Cache(holds_an_answer=False)).complete(
+        Principal("acme", "k"), chat, "r1"
+    )
+    [(call_id, stand_in)] = usage.early
+    assert (stand_in.request_id, stand_in.output_tokens, stand_in.model_id) == ("r1", 0, "small")
+    assert stand_in.input_tokens > 0  # the prompt's estimate, what a call cut after its send is billed
+    assert usage.call_ids == [call_id] and usage.over_stand_in == [True]
+    assert (usage.records[0].input_tokens, usage.records[0].output_tokens) == (3, 2)
+    assert usage.withdrawn == []
+
+
+async def test_a_call_no_provider_answered_withdraws_its_stand_in():
+    usage = UsageWritingStandIns()
+    chat = ChatRequest(model="small", messages=QUESTION.messages)
+    failing = flow(usage, SendingProvider(fails=True), Cache(holds_an_answer=False))
+    with pytest.raises(ServiceError):
+        await failing.complete(Principal("acme", "k"), chat, "r2")
+    assert usage.records == [] and usage.withdrawn == [usage.early[0][0]]
+
+
+async def test_a_call_cut_after_its_send_is_billed_over_its_stand_in():
+    usage, background = UsageWritingStandIns(), Background()
+    chat = ChatRequest(model="small", messages=QUESTION.messages)
+    cut = flow(usage, CutProvider(), Cache(holds_an_answer=False), background=background)
+    with pytest.raises(ServiceError):
+        await cut.complete(Principal("acme", "k"), chat, "r3")
+    await asyncio.gather(*background.tasks)
+    assert usage.call_ids == [usage.early[0][0]] and usage.over_stand_in == [True]
+    assert usage.withdrawn == []

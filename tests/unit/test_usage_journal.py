@@ -427,3 +427,99 @@ def test_a_stream_tally_bills_what_was_delivered(chunks, expected):
     assert completion.prompt_tokens == (prompt or estimated_prompt_tokens(messages)) > 0
     assert completion.completion_tokens == output
     assert completion.finish_reason == "cancelled"
+
+
+def synced_segments(monkeypatch) -> list[tuple[str, bytes]]:
+    """What each fdatasync made durable: the synced file's name and bytes (a crash of the machine itself
+    keeps no more of a segment than its last sync)."""
+    synced = []
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd):
+        real_fdatasync(fd)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        with open(path, "rb") as segment:
+            synced.append((os.path.basename(path), segment.read()))
+
+    monkeypatch.setattr(journal_module.os, "fdatasync", fdatasync)
+    return synced
+
+
+async def recovered_tokens(folder) -> dict[str, int]:
+    journal = UsageJournal(folder)
+    tokens = {e.entry_id: e.record["input_tokens"] for e in journal.recover()}
+    await journal.close()
+    return tokens
+
+
+async def test_a_call_alone_in_flight_is_durable_as_its_stand_in_and_its_record_handed_on_once_synced(
+    tmp_path, monkeypatch
+):
+    journal = UsageJournal(tmp_path / "journal", in_flight=lambda: 1)
+    journal.recover()
+    await journal.append(usage("warm-up"), entry_id="warm-up")
+    synced = synced_segments(monkeypatch)
+    handed: list[str] = []
+    assert journal.stand_in_now("call-1", lambda: usage("r", tokens=3))
+    assert len(synced) == 1 and b'"call-1"' in synced[0][1]  # synced the moment it is written
+    journal.write_over_stand_in(usage("r", tokens=9), handed.append, entry_id="call-1")
+    assert handed == [] and len(synced) == 1  # written, not synced, so not handed on to the ledger yet
+    # A process killed now loses nothing written; a machine failing now keeps the stand-in.
+    assert await recovered_tokens(tmp_path / "journal") == {"warm-up": 1, "call-1": 9}
+    (tmp_path / "machine").mkdir()
+    (tmp_path / "machine" / synced[0][0]).write_bytes(synced[0][1])
+    assert await recovered_tokens(tmp_path / "machine") == {"warm-up": 1, "call-1": 3}
+    await asyncio.sleep(journal_module.UNSYNCED_SECONDS * 2)  # synced on its own within UNSYNCED_SECONDS
+    assert [entry.entry_id for entry in handed] == ["call-1"] and len(synced) == 2
+    assert b'"input_tokens":9' in synced[1][1]
+    await journal.close()
+
+
+async def test_the_next_calls_stand_in_syncs_the_record_written_over_the_last_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "UNSYNCED_SECONDS", 30.0)
+    journal = UsageJournal(tmp_path, in_flight=lambda: 1)
+    journal.recover()
+    await journal.append(usage("warm-up"))
+    synced = synced_segments(monkeypatch)
+    handed: list[str] = []
+    for call in ("call-1", "call-2"):
+        assert journal.stand_in_now(call, lambda: usage("r", tokens=3))
+        journal.write_over_stand_in(usage("r", tokens=9), lambda e: handed.append(e.entry_id), entry_id=call)
+    assert handed == ["call-1"] and len(synced) == 2  # one sync each, the second covering call-1's record
+    await journal.close()
+
+
+async def test_with_others_in_flight_no_stand_in_is_written(tmp_path):
+    journal = UsageJournal(tmp_path, in_flight=lambda: 5)
+    journal.recover()
+    made = []
+    assert not journal.stand_in_now("call-1", lambda: made.append(1) or usage("r"))
+    assert made == []  # not even built: the call's own record is written synced with the others'
+    await journal.close()
+    assert UsageJournal(tmp_path).recover() == []
+
+
+async def test_a_withdrawn_stand_in_is_not_recovered_once_its_withdrawal_is_synced(tmp_path, monkeypatch):
+    journal = UsageJournal(tmp_path, in_flight=lambda: 1)
+    journal.recover()
+    await journal.append(usage("warm-up"), entry_id="warm-up")
+    synced = synced_segments(monkeypatch)
+    assert journal.stand_in_now("call-1", lambda: usage("r", tokens=3))
+    journal.withdraw("call-1")
+    await asyncio.sleep(journal_module.UNSYNCED_SECONDS * 2)
+    assert b'{"ack":"call-1"}' in synced[1][1]
+    await journal.close()
+    assert [e.entry_id for e in UsageJournal(tmp_path).recover()] == ["warm-up"]
+
+
+async def test_a_segment_with_a_record_not_yet_synced_is_not_parked(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "UNSYNCED_SECONDS", 30.0)
+    journal = UsageJournal(tmp_path, segment_max_bytes=300)  # about one record per segment
+    journal.recover()
+    assert journal.stand_in_now("call-1", lambda: usage("r", tokens=3))
+    journal.write_over_stand_in(usage("r", tokens=9), None, entry_id="call-1")
+    for i in range(4):
+        await journal.append(usage(f"r{i}"))
+    assert "call-1" not in journal.park(keep=0)  # its segment's fd stays open for the sync to come
+    await journal.close()
+    assert (await recovered_tokens(tmp_path))["call-1"] == 9

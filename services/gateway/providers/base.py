@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from typing import Protocol
 
@@ -16,12 +16,14 @@ CALLER_DEADLINE = "deadline"
 class ProviderCall:
     """Whether the provider call under way has sent its request: the fallback loop makes one per attempt
     (`current_call`), an adapter marks it (`note_request_sent`). A call its client cut after that was still
-    received, and billed, by the provider."""
+    received, and billed, by the provider. `on_sent` runs once, the moment the request has gone (the
+    request path journals the call's stand-in record then, while the provider works)."""
 
-    __slots__ = ("sent",)
+    __slots__ = ("on_sent", "sent")
 
-    def __init__(self) -> None:
+    def __init__(self, on_sent: Callable[[], None] | None = None) -> None:
         self.sent = False
+        self.on_sent = on_sent
 
 
 current_call: ContextVar[ProviderCall | None] = ContextVar("sophia_provider_call", default=None)
@@ -29,8 +31,10 @@ current_call: ContextVar[ProviderCall | None] = ContextVar("sophia_provider_call
 
 def note_request_sent() -> None:
     call = current_call.get()
-    if call is not None:
+    if call is not None and not call.sent:
         call.sent = True
+        if call.on_sent is not None:
+            call.on_sent()
 
 
 class ProviderError(Exception):

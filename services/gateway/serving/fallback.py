@@ -8,9 +8,10 @@ before its first chunk has been sent: after that the client already holds part o
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -101,12 +102,17 @@ class ChatExecutor:
         return usable
 
     async def complete(
-        self, targets: list[Target], request: ChatRequest, attempts: list[Attempt]
+        self,
+        targets: list[Target],
+        request: ChatRequest,
+        attempts: list[Attempt],
+        on_sent: Callable[[Target], None] | None = None,
     ) -> tuple[Completion, Served]:
-        """Tries `targets` in order; every try is appended to the caller's `attempts`, failed or not."""
+        """Tries `targets` in order; every try is appended to the caller's `attempts`, failed or not.
+        `on_sent(target)` runs the moment a provider has been sent the request (see ProviderCall)."""
         for target in targets:
             started = time.perf_counter()
-            call = ProviderCall()
+            call = ProviderCall(functools.partial(on_sent, target) if on_sent is not None else None)
             marked = current_call.set(call)
             try:
                 completion = await self._providers[target.provider].complete(target, request)

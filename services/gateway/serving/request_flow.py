@@ -140,6 +140,35 @@ class _Prepared:
         return self.outcome(Target(answer.model_id, answer.provider, ""), 0)
 
 
+class _CallStandIn:
+    """A unary call's stand-in record: its prompt's estimate, journaled the moment its request has gone to
+    a provider when the Gateway has nothing else in flight (`UsageRecorder.stand_in_now`), so that its
+    sync runs while the provider works and the call's own record, written over it, waits for none."""
+
+    __slots__ = ("_prepared", "_principal", "_request_id", "_usage", "call_id", "written")
+
+    def __init__(
+        self, usage: UsageRecorder, principal: Principal, request_id: str, prepared: _Prepared
+    ) -> None:
+        self.call_id = new_call_id()
+        self.written = False
+        self._usage, self._principal = usage, principal
+        self._request_id, self._prepared = request_id, prepared
+
+    def on_sent(self, target: Target) -> None:
+        if not self.written:  # else a fallback's send: the first stand-in answers for the call meanwhile
+            self.written = self._usage.stand_in_now(self.call_id, lambda: self._record(target))
+
+    def _record(self, target: Target) -> UsageRecord:
+        prompt = Completion("", CUT_SHORT, self._prepared.prompt_estimate, 0)
+        return usage_record(self._principal, self._request_id, self._prepared.outcome(target, 1), prompt)
+
+    def withdraw(self) -> None:
+        """The call ended with nothing to bill."""
+        if self.written:
+            self._usage.withdraw(self.call_id)
+
+
 @dataclass
 class ChatStream:
     first: CompletionChunk
@@ -286,9 +315,11 @@ class RequestFlow:
         operation: str = "chat",
         call_id: str | None = None,
         hold: TokenHold = NO_HOLD,
+        stand_in: _CallStandIn | None = None,
     ) -> None:
-        """Prices the answer (for the response header) and makes its usage record durable; the ledger,
-        the tokens-per-minute charge and the cache store follow in the background."""
+        """Prices the answer (for the response header) and makes its usage record durable (or its call's
+        `stand_in`, which the record then replaces); the ledger, the tokens-per-minute charge and the cache
+        store follow in the background."""
         cached = outcome.cache == "hit"
         outcome.cost_micros = self._prices.cost_micros(
             outcome.model_id, completion.prompt_tokens, completion.completion_tokens, cached=cached
@@ -309,7 +340,11 @@ class RequestFlow:
         record = usage_record(principal, request_id, outcome, completion)
         # Charged first: a client that goes away while its record is written has still used the tokens.
         self._access.charge(principal, completion.prompt_tokens + completion.completion_tokens, hold)
-        await self._usage.record(record, call_id)  # durable before the answer is complete
+        if stand_in is not None:
+            call_id = stand_in.call_id
+        over_stand_in = stand_in is not None and stand_in.written
+        # Durable (or its stand-in is) before the answer is complete.
+        await self._usage.record(record, call_id, over_stand_in=over_stand_in)
         if (
             cacheable
             and cache_key is not None
@@ -420,36 +455,60 @@ class RequestFlow:
             )
             return completion, outcome
         attempts: list[Attempt] = []
-        answering = asyncio.ensure_future(self._executor.complete(prepared.targets, request, attempts))
+        stand_in = _CallStandIn(self._usage, principal, request_id, prepared)
+        answering = asyncio.ensure_future(
+            self._executor.complete(prepared.targets, request, attempts, stand_in.on_sent)
+        )
         try:
             completion, served = await asyncio.shield(answering)
         except asyncio.CancelledError:
             # The client went away while a provider answers: the provider bills that call all the same, so
             # its answer is awaited (within the request's deadline) and recorded and charged like any other.
-            self._background.spawn(self._settle_unheard(principal, request_id, prepared, answering, attempts))
+            self._background.spawn(
+                self._settle_unheard(principal, request_id, prepared, answering, attempts, stand_in)
+            )
             raise
         except BaseException:
             self._routing.report(attempts, self._background)
-            self._bill_cut_call(principal, request_id, prepared, attempts)
+            self._bill_cut_call(principal, request_id, prepared, attempts, stand_in)
             raise
         self._routing.report(attempts, self._background)
         outcome = prepared.outcome(served.target, len(served.attempts))
-        await self._settle(principal, prepared.cache_key, request_id, outcome, completion, hold=prepared.hold)
+        await self._settle(
+            principal,
+            prepared.cache_key,
+            request_id,
+            outcome,
+            completion,
+            hold=prepared.hold,
+            stand_in=stand_in,
+        )
         return completion, outcome
 
     def _bill_cut_call(
-        self, principal: Principal, request_id: str, prepared: _Prepared, attempts: list[Attempt]
+        self,
+        principal: Principal,
+        request_id: str,
+        prepared: _Prepared,
+        attempts: list[Attempt],
+        stand_in: _CallStandIn | None = None,
     ) -> None:
         """A call its client cut short (gone, or its deadline passed) after the provider was sent it: the
         provider has read the prompt and bills it, so the tenant is billed the prompt's estimate (what it
-        generated meanwhile is not known). Recorded in the background: the request may be cancelled."""
+        generated meanwhile is not known). Recorded in the background: the request may be cancelled. Any
+        other failed call bills nothing: its `stand_in` is withdrawn."""
         cut = next((a for a in reversed(attempts) if a.sent and a.outcome in CUT_BY_CLIENT), None)
         if cut is None:
+            if stand_in is not None:
+                stand_in.withdraw()
             return
         outcome = prepared.outcome(cut.target, len(attempts))
         prompt = Completion("", CUT_SHORT, prepared.prompt_estimate, 0)
+        hold = prepared.hold
         self._background.spawn(
-            self._settle(principal, None, request_id, outcome, prompt, cacheable=False, hold=prepared.hold)
+            self._settle(
+                principal, None, request_id, outcome, prompt, cacheable=False, hold=hold, stand_in=stand_in
+            )
         )
 
     async def _settle_unheard(
@@ -459,18 +518,25 @@ class RequestFlow:
         prepared: _Prepared,
         answering: asyncio.Future[tuple[Completion, Served]],
         attempts: list[Attempt],
+        stand_in: _CallStandIn,
     ) -> None:
         """Records the answer to a request whose client left before it came (nothing when none came)."""
         try:
             completion, served = await answering
         except ServiceError:
-            self._bill_cut_call(principal, request_id, prepared, attempts)  # its deadline passed meanwhile
-            return  # else no provider answered: nothing was used
+            # Its deadline passed meanwhile, or no provider answered: nothing was used.
+            self._bill_cut_call(principal, request_id, prepared, attempts, stand_in)
+            return
+        except BaseException:
+            stand_in.withdraw()
+            raise
         finally:
             self._routing.report(attempts, self._background)
         outcome = prepared.outcome(served.target, len(served.attempts))
         hold = prepared.hold
-        await self._settle(principal, None, request_id, outcome, completion, cacheable=False, hold=hold)
+        await self._settle(
+            principal, None, request_id, outcome, completion, cacheable=False, hold=hold, stand_in=stand_in
+        )
 
     async def stream(
         self,

@@ -46,6 +46,15 @@ takes each entry's last record line, in whichever segment, unless an ack follows
 replacement is durable, a synced ack line in the stand-in's segment (when that is another one) ends the
 stand-in there: that segment may be kept for other entries after the replacement's is gone.
 
+A call alone in flight journals a stand-in too, the moment its request has gone to the provider
+(`stand_in_now`: its prompt's estimate, synced on the loop while the provider works), and its own record
+is then written over it without waiting for a sync of its own (`write_over_stand_in`): the call is on disk
+before its answer goes out, as its stand-in. Its record is synced by the next write's fdatasync, or by
+itself after at most UNSYNCED_SECONDS, and only then handed on to the ledger: the ledger never holds a
+record the journal could lose. Should the machine itself fail within that moment (a process killed
+loses nothing written), the restart bills the stand-in: the prompt's estimate instead of the call's
+counts. A call that ends with nothing to bill withdraws its stand-in (an ack line, synced the same way).
+
 Entries are named by a fresh id, never by the request id, so two tenants using one request id, or ids
 that differ only in characters a file name cannot hold, can never overwrite each other.
 """
@@ -74,6 +83,9 @@ SLOW_DISK_SECONDS = 5.0
 # How long a write waits for the records of other requests in flight (see the module's docstring): at
 # 1,000 requests/s a write then carries about four; small beside a loaded Gateway's latency.
 COMMIT_DELAY_SECONDS = 0.004
+# How long a record written over its call's durable stand-in waits for its own sync, at most: at one
+# request at a time the next request's stand-in syncs it sooner.
+UNSYNCED_SECONDS = 0.005
 _SEGMENT_GLOB = "usage-*.jsonl"
 # One JSON file per record, the format of the outbox before the journal; read once at start-up.
 _LEGACY_GLOB = "*.json"
@@ -124,6 +136,15 @@ class _Write:
     offset: int
     # Entries it writes again (a stream's record replacing its stand-in): id and the segment held before.
     replaced: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class _Unsynced:
+    """A record written over its call's durable stand-in, waiting for a sync (see the module's docstring)."""
+
+    entry: JournalEntry
+    on_durable: Callable[[JournalEntry], None] | None
+    write: _Write
 
 
 def _segment_name(sequence: int) -> str:
@@ -188,6 +209,9 @@ class UsageJournal:
         self._threaded_until = 0.0  # writes go to a worker thread until then (after a slow one)
         self._stand_ins: set[str] = set()  # entries whose last line is a stand-in of a stream under way
         self._parked_total = 0  # about how many records wait in parked segments (read by the metrics thread)
+        self._unsynced: dict[str, _Unsynced] = {}  # entry id → its record written over a stand-in, unsynced
+        self._dirty: set[int] = set()  # segments (fds) with lines written since their last sync
+        self._sync_timer: asyncio.TimerHandle | None = None
         folder.mkdir(parents=True, exist_ok=True)
 
     # --- start-up ------------------------------------------------------------------------------------
@@ -294,7 +318,7 @@ class UsageJournal:
         meanwhile)."""
         entry = JournalEntry(entry_id or uuid.uuid4().hex, record)
         stand_ins = frozenset((entry.entry_id,)) if stand_in else frozenset()
-        if self._writer is None and self._in_flight() <= 1 and not self._disk_is_slow():
+        if self._writes_at_once():
             # Alone in flight: written now, with no task or future to hand the write over, and nothing
             # awaited before on_durable (nothing to cancel half-way).
             self._write_now([entry], stand_ins)
@@ -309,6 +333,81 @@ class UsageJournal:
             _set_once(self._gathering)
         await asyncio.shield(written)  # a caller that goes away must not cancel the others' write
         return entry
+
+    def _writes_at_once(self) -> bool:
+        return self._writer is None and self._in_flight() <= 1 and not self._disk_is_slow()
+
+    def stand_in_now(self, entry_id: str, record: Callable[[], dict[str, Any]]) -> bool:
+        """Writes `record()` as a call's stand-in and syncs it, at once on the loop's thread, when a write
+        goes at once anyway (nothing else in flight, see the module's docstring); False, writing nothing,
+        otherwise. The call's own record may then be written with `write_over_stand_in`."""
+        if not self._writes_at_once():
+            return False
+        self._write_now([JournalEntry(entry_id, record())], frozenset((entry_id,)))
+        return True
+
+    def write_over_stand_in(
+        self, record: dict[str, Any], on_durable: Callable[[JournalEntry], None] | None, *, entry_id: str
+    ) -> None:
+        """Writes the record of a call whose stand-in `stand_in_now` made durable, without a sync: synced
+        by the next write's fdatasync or within UNSYNCED_SECONDS, when `on_durable(entry)` runs."""
+        entry = JournalEntry(entry_id, record)
+        write = self._book([entry])
+        try:
+            _write_all(write.fd, write.data, write.offset)
+        except OSError:
+            self._unbook([entry], write)
+            raise
+        self._unsynced[entry_id] = _Unsynced(entry, on_durable, write)
+        self._written_unsynced(write.fd)
+
+    def withdraw(self, entry_id: str) -> None:
+        """Ends a stand-in whose call had nothing to bill (no provider answered), synced like a record
+        written over a stand-in."""
+        sequence = self._segment_of.get(entry_id)
+        self.ack(entry_id)
+        segment = self._segments.get(sequence) if sequence is not None else None
+        if segment is not None and not segment.is_parked:
+            self._written_unsynced(segment.fd)
+
+    def _written_unsynced(self, fd: int) -> None:
+        self._dirty.add(fd)
+        if self._sync_timer is None:
+            self._sync_timer = asyncio.get_running_loop().call_later(UNSYNCED_SECONDS, self._sync_dirty)
+
+    def _sync_dirty(self) -> None:
+        """Syncs what is written and not yet synced (on the loop: at most every UNSYNCED_SECONDS, and only
+        after a call alone in flight)."""
+        self._sync_timer = None
+        for fd in list(self._dirty):
+            if fd not in self._dirty:  # its segment was deleted by a hand-on's ack meanwhile
+                continue
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                # Handed on all the same: the stand-in stays on disk, and the ledger's copy is the other.
+                log.error("usage journal: a sync failed (%s); records handed on unsynced", exc)
+            self._synced(fd)
+
+    def _synced(self, fd: int, covered: list[str] | None = None) -> None:
+        """Segment `fd` was synced: records written over stand-ins in it (those of `covered`, written before
+        the sync began, when it ran in a worker thread) are durable now and handed on."""
+        if covered is None:
+            self._dirty.discard(fd)
+            covered = self._unsynced_in(fd)
+        for entry_id in covered:
+            unsynced = self._unsynced.pop(entry_id, None)
+            if unsynced is None:
+                continue
+            self._written(unsynced.write)
+            if unsynced.on_durable is not None:
+                try:
+                    unsynced.on_durable(unsynced.entry)
+                except Exception:
+                    log.exception("usage journal: an entry's hand-on failed")
+
+    def _unsynced_in(self, fd: int) -> list[str]:
+        return [entry_id for entry_id, unsynced in self._unsynced.items() if unsynced.write.fd == fd]
 
     async def _write_pending(self) -> None:
         try:
@@ -365,6 +464,7 @@ class UsageJournal:
             self._unbook(entries, write)
             raise
         self._written(write)
+        self._synced(write.fd)
         took = time.monotonic() - started
         if took > SLOW_WRITE_SECONDS:
             self._threaded_until = time.monotonic() + SLOW_DISK_SECONDS
@@ -377,12 +477,14 @@ class UsageJournal:
     async def _write_in_thread(self, entries: list[JournalEntry], stand_ins: frozenset[str]) -> None:
         """Writes `entries` durably from a worker thread; on an error they are booked as before it."""
         write = self._book(entries, stand_ins)
+        covered = self._unsynced_in(write.fd)
         try:
             await asyncio.to_thread(self._write_durably, write)
         except Exception:
             self._unbook(entries, write)
             raise
         self._written(write)
+        self._synced(write.fd, covered)
 
     def _book(self, entries: list[JournalEntry], stand_ins: frozenset[str] = frozenset()) -> _Write:
         """Picks the segment, books the entries and their bytes into it, on the event loop's thread: acks
@@ -483,9 +585,12 @@ class UsageJournal:
             segment = self._segments[sequence]
             if sequence == self._current or segment.is_parked or not segment.unacked:
                 continue
-            # A stream's stand-in still to be replaced, or a replaced line still to be ended here: kept.
-            if not segment.unacked.isdisjoint(self._stand_ins) or any(
-                self._segment_of.get(entry_id) != sequence for entry_id in segment.unacked
+            # A stream's stand-in still to be replaced, a replaced line still to be ended here, or a line
+            # not yet synced: kept.
+            if (
+                not segment.unacked.isdisjoint(self._stand_ins)
+                or segment.fd in self._dirty
+                or any(self._segment_of.get(entry_id) != sequence for entry_id in segment.unacked)
             ):
                 continue
             for entry_id in segment.unacked:
@@ -564,6 +669,7 @@ class UsageJournal:
         if segment is None or segment.unacked or segment.is_parked or sequence == self._current:
             return
         del self._segments[sequence]
+        self._dirty.discard(segment.fd)  # deleted: nothing of it needs a sync
         os.close(segment.fd)
         segment.path.unlink(missing_ok=True)
 
@@ -573,6 +679,14 @@ class UsageJournal:
     async def close(self) -> None:
         if self._writer is not None:
             await asyncio.gather(self._writer, return_exceptions=True)
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+        for fd in self._dirty:  # on disk for the next start, which hands its records on
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                log.error("usage journal: the last sync failed (%s)", exc)
+        self._dirty.clear()
         for segment in self._segments.values():
             if not segment.is_parked:
                 os.close(segment.fd)

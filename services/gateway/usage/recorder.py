@@ -1,7 +1,8 @@
 """Usage records for the CostLedger, never lost and never counted twice.
 
 Write-ahead: a record is in the journal (journal.py, synced to disk) before the ledger is asked, and the
-request's answer waits for that, not for the ledger. The ledger is then asked off the response path, in
+request's answer waits for that, not for the ledger (for a call alone in flight, for its stand-in: see
+`stand_in_now`). The ledger is then asked off the response path, in
 batches (RecordUsages): a batch goes `gather_seconds` after its first record (at once when it is full),
 so a busy Gateway makes one ledger call for many requests; the ledger learns of a record that much later,
 never the client. What the ledger acknowledges is marked in the journal; what it has not is sent again
@@ -20,6 +21,7 @@ import contextvars
 import hashlib
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import grpc
@@ -203,14 +205,41 @@ class UsageRecorder:
         except OSError as exc:
             log.error("usage journal not writable (%s): a stream goes on without its stand-in record", exc)
 
-    async def record(self, record: UsageRecord, call_id: str | None = None) -> None:
-        """Returns once the record is durable; the ledger is asked in the background. The record is handed
-        on (kept until the ledger holds it) even when the caller is cancelled while it is written.
-        `call_id`: the one given to `stand_in`, whose stand-in this record replaces."""
+    def stand_in_now(self, call_id: str, record: Callable[[], UsageRecord]) -> bool:
+        """Journals `record()` for a call whose request has just gone to its provider, synced at once, when
+        the Gateway has nothing else in flight: the sync runs while the provider works, and the call's own
+        record, written over it (`record(..., over_stand_in=True)`), need not wait for one. False when not
+        written (with others in flight the record's own synced write is shared with theirs)."""
+        try:
+            return self._journal.stand_in_now(call_id, lambda: _document(record(), call_id))
+        except OSError as exc:
+            log.error("usage journal not writable (%s): a call goes on without its stand-in record", exc)
+            return False
+
+    def withdraw(self, call_id: str) -> None:
+        """The call whose stand-in `stand_in_now` wrote ended with nothing to bill (no provider answered)."""
+        try:
+            self._journal.withdraw(call_id)
+        except OSError as exc:
+            log.error("usage journal: stand-in %s not withdrawn (%s); a restart may bill it", call_id, exc)
+
+    async def record(
+        self, record: UsageRecord, call_id: str | None = None, *, over_stand_in: bool = False
+    ) -> None:
+        """Returns once the record is durable (`over_stand_in`: once it is written over the call's durable
+        stand-in, synced soon after); the ledger is asked in the background, once it is durable. The record
+        is handed on (kept until the ledger holds it) even when the caller is cancelled while it is written.
+        `call_id`: the one given to `stand_in` or `stand_in_now`, whose stand-in this record replaces."""
         # One id names the journal entry and, for the ledger, this call: stable across resends, and
         # different from any other call's, so a reused request id never merges two calls into one record.
         call_id = call_id or new_call_id()
         document = _document(record, call_id)
+        if over_stand_in:
+            try:
+                self._journal.write_over_stand_in(document, self._track, entry_id=call_id)
+                return
+            except OSError as exc:
+                log.error("usage journal: record not written over its stand-in (%s); writing it again", exc)
         try:
             await self._journal.append(document, self._track, entry_id=call_id)
         except OSError as exc:
