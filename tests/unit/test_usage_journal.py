@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import pytest
 
@@ -523,3 +524,26 @@ async def test_a_segment_with_a_record_not_yet_synced_is_not_parked(tmp_path, mo
     assert "call-1" not in journal.park(keep=0)  # its segment's fd stays open for the sync to come
     await journal.close()
     assert (await recovered_tokens(tmp_path))["call-1"] == 9
+
+
+async def test_a_record_is_synced_on_its_own_only_once_it_waited_unsynced_seconds(tmp_path, monkeypatch):
+    """Call after call, each stand-in's sync covers the last record: the timer syncs only after a pause."""
+    monkeypatch.setattr(journal_module, "UNSYNCED_SECONDS", 30.0)  # the timer is fired by hand below
+    clock = {"now": 100.0}
+    monkeypatch.setattr(journal_module, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
+    journal = UsageJournal(tmp_path, in_flight=lambda: 1)
+    journal.recover()
+    await journal.append(usage("warm-up"))
+    synced = synced_segments(monkeypatch)
+    handed: list[str] = []
+    for call, at in (("call-1", 100.0), ("call-2", 110.0)):
+        clock["now"] = at
+        assert journal.stand_in_now(call, lambda: usage("r", tokens=3))
+        journal.write_over_stand_in(usage("r", tokens=9), lambda e: handed.append(e.entry_id), entry_id=call)
+    clock["now"] = 131.0  # the timer set at call-1's record fires: call-2's has waited 21 s only
+    journal._sync_dirty()
+    assert handed == ["call-1"] and len(synced) == 2
+    clock["now"] = 141.0
+    journal._sync_dirty()
+    assert handed == ["call-1", "call-2"] and len(synced) == 3
+    await journal.close()

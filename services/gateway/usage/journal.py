@@ -210,7 +210,8 @@ class UsageJournal:
         self._stand_ins: set[str] = set()  # entries whose last line is a stand-in of a stream under way
         self._parked_total = 0  # about how many records wait in parked segments (read by the metrics thread)
         self._unsynced: dict[str, _Unsynced] = {}  # entry id → its record written over a stand-in, unsynced
-        self._dirty: set[int] = set()  # segments (fds) with lines written since their last sync
+        # Segments (fds) with lines written since their last sync → when the first of those was written.
+        self._dirty: dict[int, float] = {}
         self._sync_timer: asyncio.TimerHandle | None = None
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -371,29 +372,38 @@ class UsageJournal:
             self._written_unsynced(segment.fd)
 
     def _written_unsynced(self, fd: int) -> None:
-        self._dirty.add(fd)
+        self._dirty.setdefault(fd, time.monotonic())
         if self._sync_timer is None:
             self._sync_timer = asyncio.get_running_loop().call_later(UNSYNCED_SECONDS, self._sync_dirty)
 
     def _sync_dirty(self) -> None:
-        """Syncs what is written and not yet synced (on the loop: at most every UNSYNCED_SECONDS, and only
-        after a call alone in flight)."""
+        """Syncs segments with lines left unsynced for UNSYNCED_SECONDS, on the loop. One call after another
+        never needs it (each call's stand-in syncs the last one's record): only the last call before a
+        pause does."""
         self._sync_timer = None
-        for fd in list(self._dirty):
-            if fd not in self._dirty:  # its segment was deleted by a hand-on's ack meanwhile
+        now = time.monotonic()
+        for fd, since in list(self._dirty.items()):
+            if (
+                self._dirty.get(fd) != since
+            ):  # deleted by a hand-on's ack meanwhile, or synced and dirty again
                 continue
+            if now - since < UNSYNCED_SECONDS:
+                continue  # synced since the timer was set, and written again since
             try:
                 os.fdatasync(fd)
             except OSError as exc:
                 # Handed on all the same: the stand-in stays on disk, and the ledger's copy is the other.
                 log.error("usage journal: a sync failed (%s); records handed on unsynced", exc)
             self._synced(fd)
+        if self._dirty and self._sync_timer is None:
+            due = min(self._dirty.values()) + UNSYNCED_SECONDS - time.monotonic()
+            self._sync_timer = asyncio.get_running_loop().call_later(max(0.0, due), self._sync_dirty)
 
     def _synced(self, fd: int, covered: list[str] | None = None) -> None:
         """Segment `fd` was synced: records written over stand-ins in it (those of `covered`, written before
         the sync began, when it ran in a worker thread) are durable now and handed on."""
         if covered is None:
-            self._dirty.discard(fd)
+            self._dirty.pop(fd, None)
             covered = self._unsynced_in(fd)
         for entry_id in covered:
             unsynced = self._unsynced.pop(entry_id, None)
@@ -669,7 +679,7 @@ class UsageJournal:
         if segment is None or segment.unacked or segment.is_parked or sequence == self._current:
             return
         del self._segments[sequence]
-        self._dirty.discard(segment.fd)  # deleted: nothing of it needs a sync
+        self._dirty.pop(segment.fd, None)  # deleted: nothing of it needs a sync
         os.close(segment.fd)
         segment.path.unlink(missing_ok=True)
 
