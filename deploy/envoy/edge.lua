@@ -193,6 +193,10 @@ local REFUSALS = {
   not_scalar = "map values must be strings, numbers or booleans, not objects or arrays",
 }
 
+-- Transcoded unary answers whose headers the Gateway sends as trailing metadata when asked (see below).
+local HEADERS_IN_TRAILERS = "x-sophia-edge-headers-in-trailers"
+local UNARY_ANSWERS = { ["/v1/chat/completions"] = true, ["/v1/embeddings"] = true }
+
 function envoy_on_request(handle)
   local headers = handle:headers()
 
@@ -201,6 +205,7 @@ function envoy_on_request(handle)
     if sub(name, 1, 8) == "x-envoy-" then drop[#drop + 1] = name end
   end
   for _, name in ipairs(drop) do headers:remove(name) end
+  headers:remove(HEADERS_IN_TRAILERS) -- only the edge asks for it
 
   if find(headers:get("content-type") or "", "application/grpc", 1, true) == 1 then
     handle:streamInfo():dynamicMetadata():set(META, "grpc_native", true)
@@ -255,6 +260,11 @@ function envoy_on_request(handle)
   end
   if stream or stream_path then
     handle:streamInfo():dynamicMetadata():set(META, "include_usage", include_usage)
+  elseif UNARY_ANSWERS[base] then
+    -- A unary answer: the Gateway sends its headers in the answer's own batch, as trailing metadata,
+    -- and envoy_on_response lifts them into the HTTP headers (one gRPC batch less per request).
+    handle:headers():replace(HEADERS_IN_TRAILERS, "1")
+    handle:streamInfo():dynamicMetadata():set(META, "headers_in_trailers", true)
   end
 end
 
@@ -357,6 +367,24 @@ function envoy_on_response(handle)
   for _, name in ipairs(GRPC_HEADERS) do headers:remove(name) end
 
   if status >= 200 and status < 300 then
+    if meta.headers_in_trailers then
+      -- The answer's headers came as trailing metadata (the transcoder copies only grpc-status and
+      -- grpc-message from trailers): lifted into the HTTP headers, which the transcoder held until the
+      -- end of the unary answer anyway.
+      handle:body()
+      local trailers = handle:trailers()
+      if trailers == nil then return end
+      local lifted = {}
+      for name, value in pairs(trailers) do
+        if name == "x-request-id" or sub(name, 1, 9) == "x-sophia-" then lifted[#lifted + 1] = { name, value } end
+      end
+      headers = handle:headers()
+      for _, pair in ipairs(lifted) do
+        headers:replace(pair[1], pair[2])
+        trailers:remove(pair[1])
+      end
+      return
+    end
     if not find(ctype, "text/event-stream", 1, true) then return end
     -- The transcoder cannot emit anything when the gRPC stream ends (trailers), so "[DONE]" goes right
     -- after the chunk that ends an OpenAI stream: the one with "usage" when include_usage was asked

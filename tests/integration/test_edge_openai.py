@@ -326,3 +326,32 @@ def test_done_comes_after_the_usage_chunk(http, spelling):
     events = [event[len("data: ") :] for event in body.split("\n\n") if event.startswith("data: ")]
     assert events[-1] == "[DONE]" and events.count("[DONE]") == 1, events
     assert json.loads(events[-2])["usage"]["completion_tokens"] > 0
+
+
+def test_an_answers_headers_reach_the_http_client_and_the_edge_access_log(mesh, http):
+    """The Gateway sends a unary answer's headers in the answer's own gRPC batch (trailing metadata, asked
+    for by the edge); the edge lifts them into the HTTP headers, where clients and its access log read
+    them."""
+    auth = {"Authorization": f"Bearer {DEV_KEY}"}
+    chat = http.post(
+        "/v1/chat/completions",
+        headers={**auth, "x-request-id": "lifted-chat-1"},
+        json={"model": "auto", "messages": PROMPT, "max_tokens": 2},
+    )
+    embedding = http.post(
+        "/v1/embeddings",
+        headers={**auth, "x-request-id": "lifted-embedding-1"},
+        json={"model": "all-minilm-l6-v2", "input": "lift this"},
+    )
+    for reply, request_id in ((chat, "lifted-chat-1"), (embedding, "lifted-embedding-1")):
+        assert reply.status_code == 200
+        assert reply.headers.get_list("x-request-id") == [request_id]
+        assert reply.headers["x-sophia-provider"] == "local" and "x-sophia-cost-usd" in reply.headers
+    logged: set[str] = set()
+    for _ in range(100):
+        lines = mesh.log_path("envoy").read_text().splitlines()
+        logged = {json.loads(line).get("request_id") for line in lines if line.startswith('{"')}
+        if {"lifted-chat-1", "lifted-embedding-1"} <= logged:
+            break
+        time.sleep(0.1)
+    assert {"lifted-chat-1", "lifted-embedding-1"} <= logged

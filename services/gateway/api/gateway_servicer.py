@@ -35,6 +35,22 @@ def _metadata(context) -> tuple[tuple[str, str | bytes], ...]:
     return tuple(context.invocation_metadata() or ())
 
 
+# Set by the REST edge on a unary call: the answer's headers may come as trailing metadata, which the edge
+# copies into the HTTP response headers (see _send_headers).
+HEADERS_IN_TRAILERS = "x-sophia-edge-headers-in-trailers"
+
+
+async def _send_headers(context, headers: tuple[tuple[str, str], ...]) -> None:
+    """A unary answer's response metadata. Initial metadata is a batch of its own, sent and completed
+    before the answer's (about 0.1 ms on the event loop and gRPC's poller thread); trailing metadata goes
+    in the answer's own batch. gRPC callers read initial metadata as documented; the REST edge asks for
+    trailers and lifts them into the HTTP response headers."""
+    if any(name == HEADERS_IN_TRAILERS for name, _ in _metadata(context)):
+        context.set_trailing_metadata(headers)
+    else:
+        await context.send_initial_metadata(headers)
+
+
 def _fingerprint(context, rpc: str, request) -> str | None:
     """The request's fingerprint when the client chose its x-request-id (an idempotency key), else None."""
     if not any(name == "x-request-id" for name, _ in _metadata(context)):
@@ -137,7 +153,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         chat = await self._chat_request(principal, request, context)
         claimed = _fingerprint(context, "CreateChatCompletion", request)
         completion, outcome = await self._flow.complete(principal, chat, request_id, claimed)
-        await context.send_initial_metadata(self._response_headers(request_id, outcome))
+        await _send_headers(context, self._response_headers(request_id, outcome))
         return translate.completion_response(
             f"chatcmpl-{request_id}", int(time.time()), outcome.model_id, completion
         )
@@ -201,7 +217,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         target = self._routing.embedding_target(request.model)
         dimensions = request.dimensions if request.HasField("dimensions") else None
         vectors, tokens, outcome = await self._flow.embed(principal, target, inputs, request_id, dimensions)
-        await context.send_initial_metadata(self._response_headers(request_id, outcome))
+        await _send_headers(context, self._response_headers(request_id, outcome))
         return pb.CreateEmbeddingsResponse(
             object="list",
             model=request.model,
