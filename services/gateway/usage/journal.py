@@ -383,12 +383,10 @@ class UsageJournal:
         self._sync_timer = None
         now = time.monotonic()
         for fd, since in list(self._dirty.items()):
-            if (
-                self._dirty.get(fd) != since
-            ):  # deleted by a hand-on's ack meanwhile, or synced and dirty again
+            # Passed over: a segment a hand-on below deleted or synced meanwhile, or one synced since the
+            # timer was set and written again since.
+            if self._dirty.get(fd) != since or now - since < UNSYNCED_SECONDS:
                 continue
-            if now - since < UNSYNCED_SECONDS:
-                continue  # synced since the timer was set, and written again since
             try:
                 os.fdatasync(fd)
             except OSError as exc:
