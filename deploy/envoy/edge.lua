@@ -376,7 +376,9 @@ function envoy_on_response(handle)
       if trailers == nil then return end
       local lifted = {}
       for name, value in pairs(trailers) do
-        if name == "x-request-id" or sub(name, 1, 9) == "x-sophia-" then lifted[#lifted + 1] = { name, value } end
+        if name == "x-request-id" or sub(name, 1, 9) == "x-sophia-" then
+          lifted[#lifted + 1] = { name, value }
+        end
       end
       headers = handle:headers()
       for _, pair in ipairs(lifted) do
