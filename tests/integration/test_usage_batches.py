@@ -323,7 +323,8 @@ async def test_parked_records_are_read_back_while_new_traffic_keeps_coming(mesh,
     async with internal_channel(mesh, "ledger") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         journal = UsageJournal(tmp_path, segment_max_bytes=2_000)
-        recorder = await started_recorder(stub, channel, journal, hold_records=20)
+        # A hold limit of 20 records: batches that gather 20 ms of this traffic (about ten) stay within it.
+        recorder = await started_recorder(stub, channel, journal, hold_records=20, gather_seconds=0.02)
         with ledger_down(mesh):
             for i in range(100):
                 await recorder.record(usage(tenant, f"b-{i}"))
