@@ -3,20 +3,12 @@ or doubled, and a failed write fails every lookup that waits on it."""
 
 import asyncio
 
-import pytest
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from libs.redis_store import open_redis
 from services.cache import keys
 from services.cache.counters import CoalescedCounters
-from tests.support import throwaway_redis
-
-
-@pytest.fixture
-async def redis(tmp_path):
-    async with throwaway_redis(tmp_path, decode_responses=False) as client:
-        yield client
 
 
 async def _hincrby_calls(redis: Redis) -> int:

@@ -6,13 +6,8 @@ that gives the same normalised text the same vector, as the real model does."""
 import pytest
 
 from services.cache.domain import Layer, LookupQuery, StoreCommand
-from tests.cache_doubles import question_guards, running_cache
+from tests.cache_doubles import running_cache
 from tests.support import throwaway_redis
-
-
-@pytest.fixture(scope="module")
-def guards():
-    return question_guards()
 
 
 @pytest.fixture

@@ -4,13 +4,7 @@ import pytest
 
 from libs.sentence_embeddings import normalise_text
 from services.cache.guards import Veto, typo_distance
-from tests.cache_doubles import question_guards, veto
-
-
-@pytest.fixture(scope="module")
-def guards():
-    """With the embedding model's vocabulary, as the service runs them (read from the package's file)."""
-    return question_guards()
+from tests.cache_doubles import veto
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,7 @@ from services.cache import keys
 from services.cache.domain import Cache, Layer, LookupQuery, StoreCommand
 from services.cache.guards import Veto
 from services.cache.semantic import IndexedEntry, SemanticIndex
-from tests.cache_doubles import DIMENSIONS, HashEmbedder, question_guards, running_cache, unit
-from tests.support import throwaway_redis
+from tests.cache_doubles import DIMENSIONS, HashEmbedder, running_cache, unit
 
 LONG_QUESTIONS = 100
 QUESTION_CHARS = 16_000
@@ -25,17 +24,6 @@ MAX_BYTES_PER_ENTRY = 4096
 
 def long_question(number: int) -> str:
     return f"{'Please read this long question. ' * (QUESTION_CHARS // 32)} Which is item {number}?"
-
-
-@pytest.fixture(scope="module")
-def guards():
-    return question_guards()
-
-
-@pytest.fixture
-async def redis(tmp_path):
-    async with throwaway_redis(tmp_path, decode_responses=False) as client:
-        yield client
 
 
 @pytest.fixture

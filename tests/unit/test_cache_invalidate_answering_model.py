@@ -10,22 +10,10 @@ from libs.config import CacheConfig
 from libs.sentence_embeddings import normalise_text
 from services.cache import domain, keys
 from services.cache.domain import Layer, LookupQuery, StoreCommand
-from tests.cache_doubles import question_guards, running_cache
-from tests.support import throwaway_redis
+from tests.cache_doubles import running_cache
 
 ENTRY_LIMIT = 3
 FRANCE = "What is the capital of France?"
-
-
-@pytest.fixture(scope="module")
-def guards():
-    return question_guards()
-
-
-@pytest.fixture
-async def redis(tmp_path):
-    async with throwaway_redis(tmp_path, decode_responses=False) as client:
-        yield client
 
 
 @pytest.fixture

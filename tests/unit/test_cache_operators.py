@@ -5,12 +5,7 @@ the guards are all that keeps one's answer from being served for the other."""
 import pytest
 
 from services.cache.guards import Veto
-from tests.cache_doubles import question_guards, veto
-
-
-@pytest.fixture(scope="module")
-def guards():
-    return question_guards()
+from tests.cache_doubles import veto
 
 
 @pytest.mark.parametrize(
