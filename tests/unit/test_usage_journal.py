@@ -15,12 +15,19 @@ import pytest
 
 from services.gateway.domain import CompletionChunk, Message, StreamTally, estimated_prompt_tokens
 from services.gateway.usage import journal as journal_module
+from services.gateway.usage.aio_fdatasync import AioFdatasync
 from services.gateway.usage.journal import UsageJournal
 from services.gateway.usage.recorder import UsageRecord, derived_request_id
 
 
 def usage(request_id: str, tenant: str = "t", tokens: int = 1) -> dict:
     return asdict(UsageRecord(request_id, tenant, "k", "m", "p", tokens, tokens, False, 1_700_000_000.0))
+
+
+@pytest.fixture(params=[True, False], ids=["aio-sync", "thread-sync"])
+def kernel_syncs(request) -> bool:
+    """Writes off the loop synced by Linux AIO, and (where there is none) in a worker thread."""
+    return request.param
 
 
 async def test_appended_records_survive_a_restart_until_acknowledged(tmp_path):
@@ -63,8 +70,8 @@ async def test_concurrent_appends_share_one_fsync(tmp_path, monkeypatch):
     assert len(UsageJournal(tmp_path).recover()) == 201
 
 
-async def test_writes_run_on_the_loop_until_one_is_slow_then_in_a_thread(tmp_path, monkeypatch):
-    threads = []
+async def test_writes_run_on_the_loop_until_one_is_slow_then_off_it(tmp_path, monkeypatch, kernel_syncs):
+    threads: list[int | str] = []
     real_fsync = os.fdatasync
     slow = {"seconds": 0.0}
 
@@ -73,10 +80,11 @@ async def test_writes_run_on_the_loop_until_one_is_slow_then_in_a_thread(tmp_pat
         time.sleep(slow["seconds"])
         real_fsync(fd)
 
-    journal = UsageJournal(tmp_path)
+    journal = UsageJournal(tmp_path, kernel_syncs=kernel_syncs)
     journal.recover()
     await journal.append(usage("warm-up"))  # creates the segment (a file and a folder fsync)
     monkeypatch.setattr(journal_module.os, "fdatasync", fsync)
+    record_kernel_syncs(monkeypatch, threads)
     loop_thread = threading.get_ident()
     await journal.append(usage("fast"))
     slow["seconds"] = journal_module.SLOW_WRITE_SECONDS * 2
@@ -88,14 +96,31 @@ async def test_writes_run_on_the_loop_until_one_is_slow_then_in_a_thread(tmp_pat
     assert len(UsageJournal(tmp_path).recover()) == 4
 
 
-def record_fsyncs(monkeypatch) -> list[int]:
-    """The thread of each fsync of a record write from now on."""
-    threads = []
+def record_fsyncs(monkeypatch) -> list[int | str]:
+    """The thread of each fsync of a record write from now on ("kernel" for an AIO sync)."""
+    threads: list[int | str] = []
     real_fsync = os.fdatasync
     monkeypatch.setattr(
         journal_module.os, "fdatasync", lambda fd: (threads.append(threading.get_ident()), real_fsync(fd))
     )
+    record_kernel_syncs(monkeypatch, threads)
     return threads
+
+
+def record_kernel_syncs(monkeypatch, threads: list[int | str]) -> None:
+    real_sync = AioFdatasync.sync
+    monkeypatch.setattr(
+        AioFdatasync, "sync", lambda self, fd: (threads.append("kernel"), real_sync(self, fd))[1]
+    )
+
+
+def failing_aio_syncs(monkeypatch) -> None:
+    def sync(self, fd):
+        done = asyncio.get_running_loop().create_future()
+        done.set_exception(OSError(errno.EIO, "fdatasync: Input/output error"))
+        return done
+
+    monkeypatch.setattr(AioFdatasync, "sync", sync)
 
 
 async def test_alone_in_flight_a_record_is_written_at_once_in_the_callers_task(tmp_path, monkeypatch):
@@ -114,8 +139,10 @@ async def test_alone_in_flight_a_record_is_written_at_once_in_the_callers_task(t
     await journal.close()
 
 
-async def test_with_others_in_flight_records_gather_into_one_write_in_a_worker_thread(tmp_path, monkeypatch):
-    journal = UsageJournal(tmp_path, in_flight=lambda: 10)
+async def test_with_others_in_flight_records_gather_into_one_write_off_the_loop(
+    tmp_path, monkeypatch, kernel_syncs
+):
+    journal = UsageJournal(tmp_path, in_flight=lambda: 10, kernel_syncs=kernel_syncs)
     journal.recover()
     await journal.append(usage("warm-up"))
     threads = record_fsyncs(monkeypatch)
@@ -125,7 +152,7 @@ async def test_with_others_in_flight_records_gather_into_one_write_in_a_worker_t
         await journal.append(usage(f"r{i}"))
 
     await asyncio.gather(*(later(i) for i in range(3)))
-    assert len(threads) == 1 and threads[0] != threading.get_ident()
+    assert threads == ["kernel" if kernel_syncs else threads[0]] and threads[0] != threading.get_ident()
     await journal.close()
     assert len(UsageJournal(tmp_path).recover()) == 4
 
@@ -292,7 +319,8 @@ async def test_an_acked_replacement_ends_its_stand_in_in_a_segment_kept_for_anot
 async def test_a_write_that_fails_with_any_error_fails_its_appends_instead_of_leaving_them_waiting(
     tmp_path, monkeypatch
 ):
-    journal = UsageJournal(tmp_path, in_flight=lambda: 3)  # others in flight: written in a worker thread
+    # Others in flight: written in a worker thread (where there is no Linux AIO).
+    journal = UsageJournal(tmp_path, in_flight=lambda: 3, kernel_syncs=False)
     journal.recover()
 
     async def refused(*args, **kwargs):
@@ -305,6 +333,42 @@ async def test_a_write_that_fails_with_any_error_fails_its_appends_instead_of_le
     monkeypatch.undo()
     await journal.close()
     assert UsageJournal(tmp_path).recover() == []  # not booked: nothing was written
+
+
+async def test_a_group_write_whose_kernel_sync_fails_fails_its_appends_and_books_nothing(
+    tmp_path, monkeypatch
+):
+    journal = UsageJournal(tmp_path, in_flight=lambda: 10)  # others in flight: the write goes off the loop
+    journal.recover()
+    failing_aio_syncs(monkeypatch)
+    async with asyncio.timeout(5):
+        results = await asyncio.gather(
+            *(journal.append(usage(f"r{i}")) for i in range(3)), return_exceptions=True
+        )
+    assert [type(result) for result in results] == [OSError] * 3
+    assert journal.held() == 0
+    await journal.close()
+
+
+async def test_when_the_kernel_refuses_aio_syncs_writes_go_to_a_worker_thread(tmp_path, monkeypatch):
+    journal = UsageJournal(tmp_path, in_flight=lambda: 10)
+    journal.recover()
+
+    def refused(self, fd):
+        raise OSError(errno.EINVAL, "AIO fdatasync not submitted: Invalid argument")
+
+    monkeypatch.setattr(AioFdatasync, "sync", refused)
+    threads = []
+    real_fsync = os.fdatasync
+    monkeypatch.setattr(
+        journal_module.os, "fdatasync", lambda fd: (threads.append(threading.get_ident()), real_fsync(fd))
+    )
+    for round_ in range(2):
+        await asyncio.gather(*(journal.append(usage(f"r{round_}-{i}")) for i in range(3)))
+    # The refused submission synced on the loop, the next write in a worker thread.
+    assert threads[0] == threading.get_ident() and threads[1] != threading.get_ident() and len(threads) == 2
+    await journal.close()
+    assert len(UsageJournal(tmp_path).recover()) == 6
 
 
 async def test_a_stand_in_in_a_kept_segment_stays_ended_once_its_replacements_segment_is_gone(tmp_path):
