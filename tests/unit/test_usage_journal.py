@@ -371,6 +371,24 @@ async def test_when_the_kernel_refuses_aio_syncs_writes_go_to_a_worker_thread(tm
     assert len(UsageJournal(tmp_path).recover()) == 6
 
 
+async def test_a_submission_refused_for_the_moment_leaves_aio_syncs_on(tmp_path, monkeypatch):
+    journal = UsageJournal(tmp_path, in_flight=lambda: 10)
+    journal.recover()
+    threads = record_fsyncs(monkeypatch)
+    real_sync, refusals = AioFdatasync.sync, [errno.EAGAIN]
+
+    def sync(self, fd):
+        if refusals:
+            raise OSError(refusals.pop(), "AIO fdatasync not submitted: Resource temporarily unavailable")
+        return real_sync(self, fd)
+
+    monkeypatch.setattr(AioFdatasync, "sync", sync)
+    for round_ in range(2):
+        await asyncio.gather(*(journal.append(usage(f"r{round_}-{i}")) for i in range(3)))
+    assert threads == [threading.get_ident(), "kernel"]  # on the loop once, then by AIO again
+    await journal.close()
+
+
 async def test_a_stand_in_in_a_kept_segment_stays_ended_once_its_replacements_segment_is_gone(tmp_path):
     journal = UsageJournal(tmp_path, segment_max_bytes=300)
     journal.recover()

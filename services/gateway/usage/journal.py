@@ -66,6 +66,7 @@ that differ only in characters a file name cannot hold, can never overwrite each
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import json
 import logging
@@ -93,6 +94,8 @@ COMMIT_DELAY_SECONDS = 0.004
 # How long a record written over its call's durable stand-in waits for its own sync, at most: at one
 # request at a time the next request's stand-in syncs it sooner.
 UNSYNCED_SECONDS = 0.005
+# What io_submit answers where a file system (or kernel) takes no AIO fdatasync at all.
+_NO_AIO_SYNCS = frozenset((errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP))
 _SEGMENT_GLOB = "usage-*.jsonl"
 # One JSON file per record, the format of the outbox before the journal; read once at start-up.
 _LEGACY_GLOB = "*.json"
@@ -522,14 +525,14 @@ class UsageJournal:
 
     def _sync_in_kernel(self, aio: AioFdatasync, fd: int) -> asyncio.Future[None]:
         """An AIO sync of segment `fd` (not parked while it runs). A submission the kernel refuses is
-        synced on the loop's thread instead, and later syncs go without AIO."""
+        synced on the loop's thread instead; when the file system takes no AIO syncs at all, later syncs
+        go without AIO."""
         try:
             syncing = aio.sync(fd)
         except OSError as exc:
-            log.warning(
-                "usage journal: the kernel refused an AIO sync (%s); syncing without it from now", exc
-            )
-            self._aio = None
+            if exc.errno in _NO_AIO_SYNCS:
+                log.warning("usage journal: no AIO syncs here (%s); syncing without them from now", exc)
+                self._aio = None
             os.fdatasync(fd)
             syncing = asyncio.get_running_loop().create_future()
             syncing.set_result(None)
