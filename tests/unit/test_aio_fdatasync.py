@@ -10,7 +10,15 @@ import pytest
 
 from services.gateway.usage.aio_fdatasync import AioFdatasync
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux AIO")
+pytestmark = [pytest.mark.skipif(sys.platform != "linux", reason="Linux AIO"), pytest.mark.timeout(10)]
+
+
+@pytest.fixture
+async def aio():
+    opened = AioFdatasync.open(asyncio.get_running_loop())
+    if opened is None:
+        pytest.skip("no Linux AIO here (io_setup refused)")
+    return opened
 
 
 @pytest.fixture
@@ -20,9 +28,7 @@ def segment(tmp_path):
     os.close(fd)
 
 
-async def test_syncs_resolve_on_the_loop_each_once(segment):
-    aio = AioFdatasync.open(asyncio.get_running_loop())
-    assert aio is not None
+async def test_syncs_resolve_on_the_loop_each_once(aio, segment):
     syncs = []
     for i in range(100):  # more than one reap's worth of events
         os.pwrite(segment, b"line\n", i * 5)
@@ -33,8 +39,7 @@ async def test_syncs_resolve_on_the_loop_each_once(segment):
     aio.close()
 
 
-async def test_a_submission_the_kernel_refuses_raises_at_once(tmp_path):
-    aio = AioFdatasync.open(asyncio.get_running_loop())
+async def test_a_submission_the_kernel_refuses_raises_at_once(aio, tmp_path):
     fd = os.open(tmp_path / "gone", os.O_RDWR | os.O_CREAT, 0o600)
     os.close(fd)
     with pytest.raises(OSError):
@@ -43,16 +48,15 @@ async def test_a_submission_the_kernel_refuses_raises_at_once(tmp_path):
     aio.close()
 
 
-async def test_closing_waits_for_the_syncs_in_flight(segment):
-    aio = AioFdatasync.open(asyncio.get_running_loop())
+@pytest.mark.parametrize("in_flight", [3, 64, 100])  # one reap's worth of events, and more
+async def test_closing_waits_for_the_syncs_in_flight(aio, segment, in_flight):
     os.pwrite(segment, b"line\n", 0)
-    syncs = [aio.sync(segment) for _ in range(3)]
+    syncs = [aio.sync(segment) for _ in range(in_flight)]
     aio.close()
     assert all(sync.done() and sync.exception() is None for sync in syncs)
 
 
-async def test_a_cancelled_wait_leaves_the_others(segment):
-    aio = AioFdatasync.open(asyncio.get_running_loop())
+async def test_a_cancelled_wait_leaves_the_others(aio, segment):
     first, second = aio.sync(segment), aio.sync(segment)
     first.cancel()
     assert await second is None

@@ -335,19 +335,68 @@ async def test_a_write_that_fails_with_any_error_fails_its_appends_instead_of_le
     assert UsageJournal(tmp_path).recover() == []  # not booked: nothing was written
 
 
-async def test_a_group_write_whose_kernel_sync_fails_fails_its_appends_and_books_nothing(
+async def test_a_group_write_whose_kernel_sync_fails_fails_its_appends_and_hands_none_on(
     tmp_path, monkeypatch
 ):
     journal = UsageJournal(tmp_path, in_flight=lambda: 10)  # others in flight: the write goes off the loop
     journal.recover()
     failing_aio_syncs(monkeypatch)
+    handed: list[str] = []
     async with asyncio.timeout(5):
         results = await asyncio.gather(
-            *(journal.append(usage(f"r{i}")) for i in range(3)), return_exceptions=True
+            *(journal.append(usage(f"r{i}"), lambda e: handed.append(e.entry_id)) for i in range(3)),
+            return_exceptions=True,
         )
     assert [type(result) for result in results] == [OSError] * 3
-    assert journal.held() == 0
+    assert journal.held() == 0 and handed == []  # the recorder sends them to the ledger itself
     await journal.close()
+
+
+def held_aio_syncs(monkeypatch) -> tuple[list[asyncio.Future], asyncio.Event]:
+    """AIO syncs that end only when the test says so, and an event set at the first submission."""
+    held, submitted = [], asyncio.Event()
+
+    def sync(self, fd):
+        held.append(asyncio.get_running_loop().create_future())
+        submitted.set()
+        return held[-1]
+
+    monkeypatch.setattr(AioFdatasync, "sync", sync)
+    return held, submitted
+
+
+async def test_a_group_write_and_the_records_it_covers_are_handed_on_once_its_kernel_sync_ended(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(journal_module, "UNSYNCED_SECONDS", 30.0)
+    journal = UsageJournal(tmp_path, in_flight=lambda: 10)
+    journal.recover()
+    handed: list[str] = []
+    journal.write_over_stand_in(usage("r", tokens=9), lambda e: handed.append(e.entry_id), entry_id="call-1")
+    held, submitted = held_aio_syncs(monkeypatch)
+    appending = asyncio.ensure_future(journal.append(usage("r0"), lambda e: handed.append(e.entry_id)))
+    await asyncio.wait_for(submitted.wait(), 5)
+    await asyncio.sleep(0.01)
+    assert not appending.done() and handed == []
+    held[0].set_result(None)
+    entry = await appending
+    assert handed == ["call-1", entry.entry_id]
+    await journal.close()
+
+
+async def test_a_segment_with_a_write_in_flight_is_not_parked(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "UNSYNCED_SECONDS", 30.0)
+    journal = UsageJournal(tmp_path, segment_max_bytes=100, in_flight=lambda: 10)  # a record fills one
+    journal.recover()
+    held, submitted = held_aio_syncs(monkeypatch)
+    appending = asyncio.ensure_future(journal.append(usage("r0"), entry_id="r0"))
+    await asyncio.wait_for(submitted.wait(), 5)
+    journal.write_over_stand_in(usage("r1"), None, entry_id="r1")  # writing moves on to the next segment
+    assert "r0" not in journal.park(keep=0)
+    held[0].set_result(None)
+    await appending
+    await journal.close()
+    assert {e.entry_id for e in UsageJournal(tmp_path).recover()} == {"r0", "r1"}
 
 
 async def test_when_the_kernel_refuses_aio_syncs_writes_go_to_a_worker_thread(tmp_path, monkeypatch):
@@ -365,8 +414,8 @@ async def test_when_the_kernel_refuses_aio_syncs_writes_go_to_a_worker_thread(tm
     )
     for round_ in range(2):
         await asyncio.gather(*(journal.append(usage(f"r{round_}-{i}")) for i in range(3)))
-    # The refused submission synced on the loop, the next write in a worker thread.
-    assert threads[0] == threading.get_ident() and threads[1] != threading.get_ident() and len(threads) == 2
+    # Both writes synced in a worker thread: the refused one and the next.
+    assert len(threads) == 2 and "kernel" not in threads and threading.get_ident() not in threads
     await journal.close()
     assert len(UsageJournal(tmp_path).recover()) == 6
 
@@ -385,7 +434,10 @@ async def test_a_submission_refused_for_the_moment_leaves_aio_syncs_on(tmp_path,
     monkeypatch.setattr(AioFdatasync, "sync", sync)
     for round_ in range(2):
         await asyncio.gather(*(journal.append(usage(f"r{round_}-{i}")) for i in range(3)))
-    assert threads == [threading.get_ident(), "kernel"]  # on the loop once, then by AIO again
+    # Once in a worker thread, then by AIO again.
+    assert (
+        len(threads) == 2 and threads[0] not in ("kernel", threading.get_ident()) and threads[1] == "kernel"
+    )
     await journal.close()
 
 

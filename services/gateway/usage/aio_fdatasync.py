@@ -87,7 +87,8 @@ class AioFdatasync:
     def open(cls, loop: asyncio.AbstractEventLoop) -> AioFdatasync | None:
         """An AIO context on `loop`, or None where the kernel (or a sandbox) offers none."""
         numbers = _SYSCALLS.get(os.uname().machine)
-        if numbers is None or not hasattr(os, "eventfd"):
+        # A 32-bit Python on a 64-bit kernel would reach other syscalls under these numbers.
+        if numbers is None or not hasattr(os, "eventfd") or ctypes.sizeof(ctypes.c_void_p) != 8:
             return None
         libc = ctypes.CDLL(None, use_errno=True)
         context = ctypes.c_ulong(0)
@@ -102,6 +103,7 @@ class AioFdatasync:
         Raises OSError when the kernel refuses the submission (the caller syncs itself then)."""
         token = next(self._tokens)
         self._iocb.aio_data, self._iocb.aio_fildes = token, fd
+        ctypes.set_errno(0)
         if self._syscall(self._numbers["io_submit"], self._context, 1, self._iocbs) != 1:
             code = ctypes.get_errno() or errno.EIO
             raise OSError(code, f"AIO fdatasync not submitted: {os.strerror(code)}")
@@ -117,29 +119,34 @@ class AioFdatasync:
             os.eventfd_read(self._efd)
         except BlockingIOError:
             return
-        self._take_events(0, ctypes.byref(self._no_wait))
+        while self._take_events(0, ctypes.byref(self._no_wait)) == _DEPTH:
+            pass  # more may be ready
 
-    def _take_events(self, at_least: int, timeout) -> None:
-        while True:
-            count = self._syscall(
-                self._numbers["io_getevents"], self._context, at_least, _DEPTH, self._events, timeout
-            )
-            for event in self._events[: max(count, 0)]:
-                done = self._waiting.pop(event.data, None)
-                if done is None or done.done():  # its waiter was cancelled
-                    continue
-                if event.res < 0:
-                    done.set_exception(OSError(-event.res, f"fdatasync: {os.strerror(-event.res)}"))
-                else:
-                    done.set_result(None)
-            if count < _DEPTH:
-                return
+    def _take_events(self, at_least: int, timeout) -> int:
+        """Resolves the futures of up to _DEPTH completed syncs; how many completed, or -1 (see errno)."""
+        ctypes.set_errno(0)
+        count = self._syscall(
+            self._numbers["io_getevents"], self._context, at_least, _DEPTH, self._events, timeout
+        )
+        for event in self._events[: max(count, 0)]:
+            done = self._waiting.pop(event.data, None)
+            if done is None or done.done():  # its waiter was cancelled
+                continue
+            if event.res < 0:
+                done.set_exception(OSError(-event.res, f"fdatasync: {os.strerror(-event.res)}"))
+            else:
+                done.set_result(None)
+        return count
 
     def close(self) -> None:
         """Waits for the syncs still in flight (their futures are done then) and frees the context."""
         self._loop.remove_reader(self._efd)
-        if self._waiting:
-            self._take_events(min(len(self._waiting), _DEPTH), None)
+        while self._waiting:
+            if (
+                self._take_events(min(len(self._waiting), _DEPTH), None) < 0
+                and ctypes.get_errno() != errno.EINTR
+            ):
+                break
         self._syscall(self._numbers["io_destroy"], self._context)
         os.close(self._efd)
         for done in self._waiting.values():

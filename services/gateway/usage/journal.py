@@ -27,7 +27,8 @@ has in flight (`in_flight`, its admission count):
     way, three interleaved pairs): 951–1,008 → 1,114–1,132 requests/s, the Gateway's CPU per request
     0.91–0.95 → 0.80–0.82 ms, since no thread hands the write over and back or waits for the GIL.
 A write on the loop that takes longer than SLOW_WRITE_SECONDS (a disk in trouble) sends the next
-SLOW_DISK_SECONDS of writes off the loop too, so a slow disk delays only the requests waiting on it.
+SLOW_DISK_SECONDS of writes to a worker thread (bytes and sync: even a write may block then), so a slow
+disk delays only the requests waiting on it.
 
 An ack line goes to the segment of its record without a sync: a lost ack only makes a restart send
 the record again, which the ledger answers as a duplicate. A segment whose records are all acknowledged
@@ -67,14 +68,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import json
 import logging
 import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,14 +218,14 @@ class UsageJournal:
         self._pending: list[_Pending] = []
         self._writer: asyncio.Task | None = None
         self._gathering: asyncio.Future[None] | None = None  # set when every request in flight appended
-        self._off_loop_until = 0.0  # writes go off the loop until then (after a slow one)
+        self._slow_until = 0.0  # writes go to a worker thread until then (after a slow one)
         self._stand_ins: set[str] = set()  # entries whose last line is a stand-in of a stream under way
         self._parked_total = 0  # about how many records wait in parked segments (read by the metrics thread)
         self._unsynced: dict[str, _Unsynced] = {}  # entry id → its record written over a stand-in, unsynced
         # Segments (fds) with lines written since their last sync → when the first of those was written.
         self._dirty: dict[int, float] = {}
         self._sync_timer: asyncio.TimerHandle | None = None
-        self._syncing: dict[int, int] = {}  # segment fd → AIO syncs in flight (such a segment is not parked)
+        self._writing: dict[int, int] = {}  # segment fd → writes off the loop in flight (it is not parked)
         self._aio: AioFdatasync | None = None
         self._aio_wanted = kernel_syncs
         folder.mkdir(parents=True, exist_ok=True)
@@ -481,11 +481,11 @@ class UsageJournal:
             self._gathering = None
 
     def _disk_is_slow(self) -> bool:
-        return time.monotonic() < self._off_loop_until
+        return time.monotonic() < self._slow_until
 
     def _write_now(self, entries: list[JournalEntry], stand_ins: frozenset[str] = frozenset()) -> None:
         """Writes `entries` durably on the loop's thread; on OSError they are booked as before it and the
-        error is raised. A write slower than SLOW_WRITE_SECONDS sends the next writes off the loop."""
+        error is raised. A write slower than SLOW_WRITE_SECONDS sends the next writes to a worker thread."""
         write = self._book(entries, stand_ins)
         started = time.monotonic()
         try:
@@ -497,20 +497,21 @@ class UsageJournal:
         self._synced(write.fd)
         took = time.monotonic() - started
         if took > SLOW_WRITE_SECONDS:
-            self._off_loop_until = time.monotonic() + SLOW_DISK_SECONDS
+            self._slow_until = time.monotonic() + SLOW_DISK_SECONDS
             log.warning(
-                "usage journal: a write took %.0f ms; writing off the loop for %.0f s",
+                "usage journal: a write took %.0f ms; writing from a worker thread for %.0f s",
                 took * 1000,
                 SLOW_DISK_SECONDS,
             )
 
     async def _write_off_loop(self, entries: list[JournalEntry], stand_ins: frozenset[str]) -> None:
         """Writes `entries` durably while the loop serves on: the bytes from the loop's thread (a copy into
-        the page cache) and the sync by Linux AIO where it is at hand, else both from a worker thread. On
-        an error they are booked as before it."""
+        the page cache) and the sync by Linux AIO where it is at hand, else (and while the disk is slow,
+        when even a write may block) both from a worker thread. On an error they are booked as before it."""
         write = self._book(entries, stand_ins)
         covered = self._unsynced_in(write.fd)
-        aio = self._aio_here()
+        aio = None if self._disk_is_slow() else self._aio_here()
+        self._writing[write.fd] = self._writing.get(write.fd, 0) + 1
         try:
             if aio is None:
                 await asyncio.to_thread(self._write_durably, write)
@@ -520,31 +521,24 @@ class UsageJournal:
         except Exception:
             self._unbook(entries, write)
             raise
+        finally:
+            count = self._writing.pop(write.fd) - 1
+            if count:
+                self._writing[write.fd] = count
         self._written(write)
         self._synced(write.fd, covered)
 
-    def _sync_in_kernel(self, aio: AioFdatasync, fd: int) -> asyncio.Future[None]:
-        """An AIO sync of segment `fd` (not parked while it runs). A submission the kernel refuses is
-        synced on the loop's thread instead; when the file system takes no AIO syncs at all, later syncs
-        go without AIO."""
+    def _sync_in_kernel(self, aio: AioFdatasync, fd: int) -> Awaitable[None]:
+        """An AIO sync of segment `fd`. A submission the kernel refuses is synced in a worker thread
+        instead; when the file system takes no AIO syncs at all, later writes go without AIO."""
         try:
-            syncing = aio.sync(fd)
+            return aio.sync(fd)
         except OSError as exc:
             if exc.errno in _NO_AIO_SYNCS:
                 log.warning("usage journal: no AIO syncs here (%s); syncing without them from now", exc)
+                aio.close()
                 self._aio = None
-            os.fdatasync(fd)
-            syncing = asyncio.get_running_loop().create_future()
-            syncing.set_result(None)
-            return syncing
-        self._syncing[fd] = self._syncing.get(fd, 0) + 1
-        syncing.add_done_callback(functools.partial(self._kernel_sync_ended, fd))
-        return syncing
-
-    def _kernel_sync_ended(self, fd: int, _: asyncio.Future[None]) -> None:
-        count = self._syncing.pop(fd, 1) - 1
-        if count:
-            self._syncing[fd] = count
+            return asyncio.to_thread(os.fdatasync, fd)
 
     def _book(self, entries: list[JournalEntry], stand_ins: frozenset[str] = frozenset()) -> _Write:
         """Picks the segment, books the entries and their bytes into it, on the event loop's thread: acks
@@ -650,7 +644,7 @@ class UsageJournal:
             if (
                 not segment.unacked.isdisjoint(self._stand_ins)
                 or segment.fd in self._dirty
-                or segment.fd in self._syncing
+                or segment.fd in self._writing
                 or any(self._segment_of.get(entry_id) != sequence for entry_id in segment.unacked)
             ):
                 continue
@@ -742,7 +736,7 @@ class UsageJournal:
             await asyncio.gather(self._writer, return_exceptions=True)
         if self._sync_timer is not None:
             self._sync_timer.cancel()
-        if self._aio is not None:  # no sync in flight: the writer, which awaits them, has ended
+        if self._aio is not None:  # waits for a sync still in flight (the writer's, were it cancelled)
             self._aio.close()
             self._aio = None
         for fd in self._dirty:  # on disk for the next start, which hands its records on
