@@ -4,9 +4,9 @@ The kernel runs the sync in its own worker and, when it is done, counts up an ev
 watches; the loop serves on meanwhile. The usage journal syncs its group writes this way (a busy
 Gateway's records, several per sync). A worker thread did the same before, for more CPU: handing each
 write over and back and waiting for the GIL. Under `make bench` at 64 connections, interleaved pairs
-(README "Benchmark", eleventh round): 5–10 % more requests/s with AIO, 6–10 % less of the Gateway's CPU
-per request. Submitting takes about 5 µs where a blocking `fdatasync` holds its thread 85 µs (p50 on an
-idle machine).
+(README "Benchmark", eleventh round): 3–9 % more requests/s with AIO and 3–10 % less of the Gateway's
+CPU per request, each set against Envoy's CPU per request. Submitting takes about 5 µs where a blocking
+`fdatasync` holds its thread 85 µs (p50 on an idle machine).
 
 Four syscalls through ctypes, no library: python-libaio would need the system's libaio.so (one more
 package to install) for the same calls. `AioFdatasync.open()` gives None where Linux AIO is missing

@@ -24,8 +24,9 @@ has in flight (`in_flight`, its admission count):
     gathered, a write carries several records (measured under `make bench` at 64 connections against
     writing every record on the loop: 0.2–0.4 ms less CPU per request in all, a fifth to a third more
     requests/s), for a few ms more latency under load. AIO instead of a worker thread (measured the same
-    way, interleaved pairs; README "Benchmark", eleventh round): 5–10 % more requests/s and 6–10 % less
-    of the Gateway's CPU per request, since no thread hands the write over and back or waits for the GIL.
+    way, interleaved pairs; README "Benchmark", eleventh round): 3–9 % more requests/s and 3–10 % less
+    of the Gateway's CPU per request (set against Envoy's), since no thread hands the write over and
+    back or waits for the GIL.
 A write on the loop that takes longer than SLOW_WRITE_SECONDS (a disk in trouble) sends the next
 SLOW_DISK_SECONDS of writes to a worker thread (bytes and sync: even a write may block then), so a slow
 disk delays only the requests waiting on it.
