@@ -32,7 +32,7 @@ _SYSCALLS = {
 }
 _IOCB_CMD_FDSYNC = 3
 _IOCB_FLAG_RESFD = 1  # signal completion on aio_resfd (the eventfd)
-# Syncs in flight at once: a journal has one per write, and writes of one segment are few at a time.
+# Syncs in flight at once, at most (a journal has one: its writes off the loop go one after another).
 _DEPTH = 64
 
 
