@@ -226,7 +226,8 @@ class UsageJournal:
         # Segments (fds) with lines written since their last sync → when the first of those was written.
         self._dirty: dict[int, float] = {}
         self._sync_timer: asyncio.TimerHandle | None = None
-        self._writing: dict[int, int] = {}  # segment fd → writes off the loop in flight (it is not parked)
+        # The segment (fd) a write off the loop is under way in: not parked meanwhile (one writer at a time).
+        self._writing_fd: int | None = None
         self._aio: AioFdatasync | None = None
         self._aio_wanted = kernel_syncs
         folder.mkdir(parents=True, exist_ok=True)
@@ -512,7 +513,7 @@ class UsageJournal:
         write = self._book(entries, stand_ins)
         covered = self._unsynced_in(write.fd)
         aio = None if self._disk_is_slow() else self._aio_here()
-        self._writing[write.fd] = self._writing.get(write.fd, 0) + 1
+        self._writing_fd = write.fd
         try:
             if aio is None:
                 await asyncio.to_thread(self._write_durably, write)
@@ -523,9 +524,7 @@ class UsageJournal:
             self._unbook(entries, write)
             raise
         finally:
-            count = self._writing.pop(write.fd) - 1
-            if count:
-                self._writing[write.fd] = count
+            self._writing_fd = None
         self._written(write)
         self._synced(write.fd, covered)
 
@@ -645,7 +644,7 @@ class UsageJournal:
             if (
                 not segment.unacked.isdisjoint(self._stand_ins)
                 or segment.fd in self._dirty
-                or segment.fd in self._writing
+                or segment.fd == self._writing_fd
                 or any(self._segment_of.get(entry_id) != sequence for entry_id in segment.unacked)
             ):
                 continue
