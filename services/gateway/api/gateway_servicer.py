@@ -31,7 +31,11 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]+")
 
 
-def _metadata(context) -> tuple[tuple[str, str | bytes], ...]:
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+def _metadata(context) -> Metadata:
+    """The call's metadata, read once per RPC (each read builds the tuple anew)."""
     return tuple(context.invocation_metadata() or ())
 
 
@@ -40,20 +44,20 @@ def _metadata(context) -> tuple[tuple[str, str | bytes], ...]:
 HEADERS_IN_TRAILERS = "x-sophia-edge-headers-in-trailers"
 
 
-async def _send_headers(context, headers: tuple[tuple[str, str], ...]) -> None:
+async def _send_headers(context, metadata: Metadata, headers: tuple[tuple[str, str], ...]) -> None:
     """A unary answer's response metadata. Initial metadata is a batch of its own, sent and completed
     before the answer's (about 0.1 ms on the event loop and gRPC's poller thread); trailing metadata goes
     in the answer's own batch. gRPC callers read initial metadata as documented; the REST edge asks for
     trailers and lifts them into the HTTP response headers."""
-    if any(name == HEADERS_IN_TRAILERS for name, _ in _metadata(context)):
+    if any(name == HEADERS_IN_TRAILERS for name, _ in metadata):
         context.set_trailing_metadata(headers)
     else:
         await context.send_initial_metadata(headers)
 
 
-def _fingerprint(context, rpc: str, request) -> str | None:
+def _fingerprint(metadata: Metadata, rpc: str, request) -> str | None:
     """The request's fingerprint when the client chose its x-request-id (an idempotency key), else None."""
-    if not any(name == "x-request-id" for name, _ in _metadata(context)):
+    if not any(name == "x-request-id" for name, _ in metadata):
         return None
     return idempotency.fingerprint(rpc, request)
 
@@ -92,10 +96,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._admission = admission
         self._started = int(time.time())
 
-    async def _begin(self, context) -> tuple[Principal, str]:
+    async def _begin(self, context, metadata: Metadata) -> tuple[Principal, str]:
         """Authenticates the caller, settles the request id (the client's, or a new one) and takes an
         admission slot, held until the RPC terminates (a stream's included), or refuses it at once."""
-        principal = await self._access.authenticate(_metadata(context))
+        principal = await self._access.authenticate(metadata)
         request_id = request_id_var.get()
         if request_id and not _REQUEST_ID.fullmatch(request_id):
             raise InvalidArgument("x-request-id", "at most 128 characters of A-Z a-z 0-9 . _ : -")
@@ -106,9 +110,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         context.add_done_callback(lambda _context: slot.release())
         return principal, request_id
 
-    async def _chat_request(self, principal: Principal, request, context) -> ChatRequest:
+    async def _chat_request(self, principal: Principal, request, metadata: Metadata) -> ChatRequest:
         principal.scope.require_endpoint(principal.key_id, Endpoint.CHAT)
-        directives = cache_control(_metadata(context))
+        directives = cache_control(metadata)
         chat = translate.chat_request(
             request.params, cache_header_off="no-cache" in directives, no_store="no-store" in directives
         )
@@ -144,24 +148,26 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return tuple(headers)
 
     async def CreateChatCompletion(self, request, context):
-        principal, request_id = await self._begin(context)
+        metadata = _metadata(context)
+        principal, request_id = await self._begin(context, metadata)
         if request.params.stream:
             raise InvalidArgument(
                 "stream",
                 'use StreamChatCompletion for streaming (the REST edge does this for "stream": true)',
             )
-        chat = await self._chat_request(principal, request, context)
-        claimed = _fingerprint(context, "CreateChatCompletion", request)
+        chat = await self._chat_request(principal, request, metadata)
+        claimed = _fingerprint(metadata, "CreateChatCompletion", request)
         completion, outcome = await self._flow.complete(principal, chat, request_id, claimed)
-        await _send_headers(context, self._response_headers(request_id, outcome))
+        await _send_headers(context, metadata, self._response_headers(request_id, outcome))
         return translate.completion_response(
             f"chatcmpl-{request_id}", int(time.time()), outcome.model_id, completion
         )
 
     async def StreamChatCompletion(self, request, context):
-        principal, request_id = await self._begin(context)
-        chat = await self._chat_request(principal, request, context)
-        claimed = _fingerprint(context, "StreamChatCompletion", request)
+        metadata = _metadata(context)
+        principal, request_id = await self._begin(context, metadata)
+        chat = await self._chat_request(principal, request, metadata)
+        claimed = _fingerprint(metadata, "StreamChatCompletion", request)
         stream = await self._flow.stream(principal, chat, request_id, claimed)
         # Closed here, in the RPC's own task, however the RPC ends (a client that went away included), so
         # what was delivered is billed at once, not whenever the generator happens to be collected.
@@ -204,7 +210,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             )
 
     async def CreateEmbeddings(self, request, context):
-        principal, request_id = await self._begin(context)
+        metadata = _metadata(context)
+        principal, request_id = await self._begin(context, metadata)
         if not request.model:
             raise InvalidArgument(
                 "model", f"is required, e.g. {self._config.routing.default_embedding_model!r}"
@@ -217,7 +224,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         target = self._routing.embedding_target(request.model)
         dimensions = request.dimensions if request.HasField("dimensions") else None
         vectors, tokens, outcome = await self._flow.embed(principal, target, inputs, request_id, dimensions)
-        await _send_headers(context, self._response_headers(request_id, outcome))
+        await _send_headers(context, metadata, self._response_headers(request_id, outcome))
         return pb.CreateEmbeddingsResponse(
             object="list",
             model=request.model,
@@ -226,7 +233,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
 
     async def ListModels(self, request, context):
-        principal, request_id = await self._begin(context)
+        principal, request_id = await self._begin(context, _metadata(context))
         await self._access.admit(principal, 0)  # every authenticated request counts against the key's RPM
         await context.send_initial_metadata((("x-request-id", request_id),))
         return pb.ListModelsResponse(object="list", data=translate.model_catalog(self._config, self._started))
@@ -241,7 +248,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return pb.GetHealthResponse(status=health.status, providers=health.providers, version=VERSION)
 
     async def GetModel(self, request, context):
-        principal, request_id = await self._begin(context)
+        principal, request_id = await self._begin(context, _metadata(context))
         await self._access.admit(principal, 0)
         if not request.model:
             raise InvalidArgument("model", "is required, e.g. GET /v1/models/<id>")
