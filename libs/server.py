@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 
 from libs import deadline
 from libs.config import Config, Endpoint
@@ -34,6 +34,7 @@ from libs.logs import request_id_var, setup_logging
 from libs.reflection import enable_reflection
 from libs.telemetry import (
     TRACEPARENT_HEADER,
+    SummedHistogram,
     attached_context,
     extract_context,
     setup_telemetry,
@@ -99,6 +100,12 @@ class GenericHandlersOnly:
         """Not passed on: the same handlers came as a generic handler (see the class docstring)."""
 
 
+# One per process, however many servers it runs (tests run several).
+_RPC_DURATION = SummedHistogram(
+    "sophia.server", "rpc.server.duration", unit="ms", description="Duration of inbound RPCs"
+)
+
+
 class _Observed(grpc.aio.ServerInterceptor):
     """Traces, times and logs each RPC and maps ServiceError (and any bug) to a proper status.
 
@@ -111,9 +118,7 @@ class _Observed(grpc.aio.ServerInterceptor):
     def __init__(self) -> None:
         self._tracer = trace.get_tracer("sophia.server")
         self._tracing = tracing_enabled()
-        self._duration = metrics.get_meter("sophia.server").create_histogram(
-            "rpc.server.duration", unit="ms", description="Duration of inbound RPCs"
-        )
+        self._duration = _RPC_DURATION
         # Each method's handler, wrapped once: the handlers are fixed once the server runs, and the
         # wrappers read everything about a call from its context (unknown methods are not kept).
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from opentelemetry import metrics
 
-from libs.telemetry import SummedCounter
+from libs.telemetry import SummedCounter, SummedHistogram
 
 _meter = metrics.get_meter("sophia.gateway")
 
@@ -24,23 +24,27 @@ cache_results = SummedCounter(_meter, "sophia.gateway.cache", description="Cache
 provider_errors = _meter.create_counter(
     "sophia.gateway.provider.errors", description="Failed provider attempts"
 )
-operation_duration = _meter.create_histogram(
+# Recorded for every answer: bucketed in-process, read at collection (libs.telemetry.SummedHistogram).
+operation_duration = SummedHistogram(
+    "sophia.gateway",
     "gen_ai.client.operation.duration",
     unit="s",
     description="Duration of each call to a model provider (an attempt), streams until their last chunk",
-    explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
+    boundaries=_DURATION_BUCKETS,
 )
-token_usage = _meter.create_histogram(
+token_usage = SummedHistogram(
+    "sophia.gateway",
     "gen_ai.client.token.usage",
     unit="{token}",
     description="Input and output tokens per answer",
-    explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS,
+    boundaries=_TOKEN_BUCKETS,
 )
-time_to_first_token = _meter.create_histogram(
+time_to_first_token = SummedHistogram(
+    "sophia.gateway",
     "sophia.gateway.time_to_first_token",
     unit="s",
     description="Time from the provider call to the first chunk of a streamed answer",
-    explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
+    boundaries=_DURATION_BUCKETS,
 )
 
 
