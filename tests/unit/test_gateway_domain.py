@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
+import json
 import struct
 
 import pytest
@@ -93,6 +95,20 @@ def test_the_prompt_fingerprint_depends_on_what_shapes_the_answer_only():
     other = params(temperature=0, messages=[{"role": "user", "content": "hi!"}])
     assert prompt_fingerprint(base) != prompt_fingerprint(translate.chat_request(other))
     assert "hi" not in prompt_fingerprint(base) and len(prompt_fingerprint(base)) == 64
+
+
+def test_the_cache_scope_is_written_as_it_always_was_so_keys_and_fingerprints_stay_the_same():
+    # Sorted keys, no spaces, floats as Python writes them, text unescaped: a change here would change
+    # every cache key and every fingerprint the ledger has counted so far.
+    messages = [{"role": "system", "content": "Réponds en français"}, {"role": "user", "content": "Qui?"}]
+    request = translate.chat_request(params(temperature=0.00001, top_p=0.5, messages=messages))
+    scope, question, _ = split_request(request)
+    assert question == "Qui?"
+    assert '"temperature":1e-05,' in scope and scope.endswith('"top_p":0.5}') and " " not in scope
+    system = {"content": "Réponds en français", "name": "", "role": "system", "tool_call_id": ""}
+    history = json.dumps([{**system, "tool_calls": []}], separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(history.encode()).hexdigest()
+    assert f'"history":"{digest}"' in scope
 
 
 def test_the_prompt_fingerprint_taken_from_the_cache_key_is_the_requests_own():

@@ -103,8 +103,13 @@ BYPASS = CacheLookup(CacheStatus.BYPASS)
 LAYERS = {pb.CACHE_LAYER_EXACT: CacheLayer.EXACT, pb.CACHE_LAYER_SEMANTIC: CacheLayer.SEMANTIC}
 
 
+# Made once: json.dumps with these options builds a new encoder on every call. (Not orjson: its floats are
+# written otherwise, e.g. 1e-05 as 0.00001, and every key and fingerprint made so far would change.)
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _canonical(document) -> str:
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(document)
 
 
 def split_request(request: ChatRequest) -> tuple[str, str, bool]:
