@@ -152,9 +152,9 @@ class SummedHistogram:
     readers `setup_telemetry` makes at each collection, as the SDK's explicit-bucket histogram would be
     (same name, unit, boundaries and points: `<name>_bucket`, `_sum`, `_count` in Prometheus, a cumulative
     histogram over OTLP), without exemplars. Recording is a sort, a bisect and a few additions under a
-    lock, about 0.5 us; an SDK histogram's `record` is a measurement through the SDK's storage: 7 us alone
-    (it cleans, copies and hashes the attributes each time), more in a busy process, and the Gateway makes
-    four per request.
+    lock: 0.9 us with three attributes; an SDK histogram's `record` is a measurement through the SDK's
+    storage: 6.8 us (it cleans, copies and hashes the attributes each time), more in a busy process, and
+    the Gateway makes four per request.
 
     Recorded from any thread; read by the collecting thread under the same lock."""
 
@@ -185,8 +185,10 @@ class SummedHistogram:
                 series = self._series[key] = _Series(len(self._boundaries) + 1)
             series.counts[bucket] += 1
             series.sum += value
-            series.min = min(series.min, value)
-            series.max = max(series.max, value)
+            if value < series.min:
+                series.min = value
+            if value > series.max:
+                series.max = value
 
     def metric(self, now_ns: int) -> Metric | None:
         """What was recorded so far (cumulative), None when nothing was."""
