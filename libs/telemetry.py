@@ -64,8 +64,7 @@ def setup_telemetry(component: str, settings: Telemetry) -> None:
         tracer_provider.add_span_processor(
             BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.otlp_endpoint, insecure=True))
         )
-        exporter = OTLPMetricExporter(endpoint=settings.otlp_endpoint)
-        readers.append(_OtlpReader(exporter, resource=resource))
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=settings.otlp_endpoint)))
     if settings.prometheus_base_port:
         from prometheus_client import start_http_server
 
@@ -87,6 +86,16 @@ def setup_telemetry(component: str, settings: Telemetry) -> None:
     metrics.set_meter_provider(
         MeterProvider(resource=resource, metric_readers=readers, exemplar_filter=exemplars)
     )
+    if exemplars is None:  # exemplars wanted: the histograms are the SDK's own (see SummedHistogram)
+        _record_histograms_through_sdk()
+
+
+def _record_histograms_through_sdk() -> None:
+    """Every SummedHistogram, made so far or from now on, records through an SDK histogram."""
+    global _histograms_through_sdk
+    _histograms_through_sdk = True
+    for histogram in list(_summed_histograms.values()):
+        histogram.record_through(metrics.get_meter(histogram.scope))
 
 
 def tracing_enabled() -> bool:
@@ -131,7 +140,8 @@ DEFAULT_BOUNDARIES = (
     0.0, 5.0, 10.0, 25.0, 50.0, 75.0, 100.0, 250.0, 500.0, 750.0, 1000.0, 2500.0, 5000.0, 7500.0, 10000.0,
 )
 # fmt: on
-_summed_histograms: list[SummedHistogram] = []
+_summed_histograms: dict[tuple[str, str], SummedHistogram] = {}  # by scope and name
+_histograms_through_sdk = False  # set by setup_telemetry where exemplars are recorded
 
 
 class _Series:
@@ -148,13 +158,16 @@ class _Series:
 
 
 class SummedHistogram:
-    """A histogram recorded on a request path: its buckets are counted here and handed to the metric
-    readers `setup_telemetry` makes at each collection, as the SDK's explicit-bucket histogram would be
-    (same name, unit, boundaries and points: `<name>_bucket`, `_sum`, `_count` in Prometheus, a cumulative
-    histogram over OTLP), without exemplars. Recording is a sort, a bisect and a few additions under a
-    lock: 0.9 us with three attributes; an SDK histogram's `record` is a measurement through the SDK's
-    storage: 6.8 us (it cleans, copies and hashes the attributes each time), more in a busy process, and
-    the Gateway makes four per request.
+    """A histogram recorded on a request path: its buckets are counted here and handed to the Prometheus
+    reader `setup_telemetry` makes at each collection, as the SDK's explicit-bucket histogram would be
+    (same name, unit, boundaries and series: `<name>_bucket`, `_sum`, `_count`). Recording is a sort, a
+    bisect and a few additions under a lock: 0.9 us with three attributes; an SDK histogram's `record` is a
+    measurement through the SDK's storage: 6.8 us (it cleans, copies and hashes the attributes each time),
+    more in a busy process, and the Gateway makes four per request.
+
+    With tracing on (an OTLP endpoint) or an exemplar filter set, it records through an SDK histogram
+    instead (`record_through`): exemplars then link its buckets to traces, and the OTLP exporter's
+    temporality and aggregation preferences apply to it as to every other instrument.
 
     Recorded from any thread; read by the collecting thread under the same lock."""
 
@@ -167,13 +180,30 @@ class SummedHistogram:
         description: str = "",
         boundaries: Sequence[float] = DEFAULT_BOUNDARIES,
     ) -> None:
+        if (scope, name) in _summed_histograms:
+            raise ValueError(f"a histogram {name} of {scope} exists already: one per process")
         self.scope, self.name, self._unit, self._description = scope, name, unit, description
-        self._boundaries = tuple(float(bound) for bound in boundaries)
+        self._boundaries = tuple(boundaries)  # as given: the SDK prints 4 (not 4.0) for an int boundary
         self._series: dict[tuple[tuple[str, str], ...], _Series] = {}
         self._lock = threading.Lock()
-        _summed_histograms.append(self)
+        self._sdk: metrics.Histogram | None = None
+        _summed_histograms[scope, name] = self
+        if _histograms_through_sdk:
+            self.record_through(metrics.get_meter(scope))
+
+    def record_through(self, meter: metrics.Meter) -> None:
+        """From now on, the measurements go to an SDK histogram of `meter` (see the class docstring)."""
+        self._sdk = meter.create_histogram(
+            self.name,
+            unit=self._unit,
+            description=self._description,
+            explicit_bucket_boundaries_advisory=self._boundaries,
+        )
 
     def record(self, value: float, attributes: Mapping[str, str] | None = None) -> None:
+        if self._sdk is not None:
+            self._sdk.record(value, attributes)
+            return
         if not 0 <= value < math.inf:  # as the SDK: negative, infinite and NaN values are dropped
             return
         # Sorted: the same attribute set in another order is the same series.
@@ -192,33 +222,37 @@ class SummedHistogram:
 
     def metric(self, now_ns: int) -> Metric | None:
         """What was recorded so far (cumulative), None when nothing was."""
-        with self._lock:
-            points = [
-                HistogramDataPoint(
-                    attributes=dict(key),
-                    start_time_unix_nano=series.since,
-                    time_unix_nano=now_ns,
-                    count=sum(series.counts),
-                    sum=series.sum,
-                    bucket_counts=list(series.counts),
-                    explicit_bounds=self._boundaries,
-                    min=series.min,
-                    max=series.max,
-                )
+        with self._lock:  # copied under the lock, the points made outside it: record() waits less
+            copied = [
+                (key, list(series.counts), series.sum, series.min, series.max, series.since)
                 for key, series in self._series.items()
             ]
-        if not points:
+        if not copied:
             return None
+        points = [
+            HistogramDataPoint(
+                attributes=dict(key),
+                start_time_unix_nano=since,
+                time_unix_nano=now_ns,
+                count=sum(counts),
+                sum=total,
+                bucket_counts=counts,
+                explicit_bounds=self._boundaries,
+                min=smallest,
+                max=largest,
+            )
+            for key, counts, total, smallest, largest, since in copied
+        ]
         histogram = Histogram(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE)
         return Metric(name=self.name, description=self._description, unit=self._unit, data=histogram)
 
 
-def with_summed_histograms(data: MetricsData | None, resource: Resource) -> MetricsData | None:
-    """The SDK's collection (None when its own instruments had nothing) with the summed histograms' metrics
-    added, each under its scope."""
+def _with_summed_histograms(data: MetricsData | None, resource: Resource) -> MetricsData | None:
+    """The SDK's collection (None when its own instruments had nothing) with the summed histograms'
+    metrics added, each in the scope of its name (the SDK's own entry for that scope, where there is one)."""
     now = time.time_ns()
     added: dict[str, list[Metric]] = {}
-    for histogram in _summed_histograms:
+    for histogram in list(_summed_histograms.values()):
         metric = histogram.metric(now)
         if metric is not None:
             added.setdefault(histogram.scope, []).append(metric)
@@ -227,10 +261,12 @@ def with_summed_histograms(data: MetricsData | None, resource: Resource) -> Metr
     if data is None or not data.resource_metrics:
         data = MetricsData(resource_metrics=[ResourceMetrics(resource, [], resource.schema_url)])
     first, *rest = data.resource_metrics
-    scopes = list(first.scope_metrics)
+    scopes = []
+    for entry in first.scope_metrics:
+        ours = added.pop(entry.scope.name, [])
+        scopes.append(ScopeMetrics(entry.scope, [*entry.metrics, *ours], entry.schema_url) if ours else entry)
     for name, metrics_of_scope in added.items():
-        scope = InstrumentationScope(name)
-        scopes.append(ScopeMetrics(scope=scope, metrics=metrics_of_scope, schema_url=scope.schema_url or ""))
+        scopes.append(ScopeMetrics(InstrumentationScope(name), metrics_of_scope, ""))
     return MetricsData(resource_metrics=[ResourceMetrics(first.resource, scopes, first.schema_url), *rest])
 
 
@@ -247,18 +283,14 @@ class _WithSummedHistograms:
         self._handed.done = False
         super().collect(timeout_millis=timeout_millis)  # type: ignore[misc]
         if not self._handed.done and getattr(self, "_collect", None) is not None:
-            summed = with_summed_histograms(None, self._resource)
+            summed = _with_summed_histograms(None, self._resource)
             if summed is not None:
                 super()._receive_metrics(summed, timeout_millis=timeout_millis)  # type: ignore[misc]
 
     def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs) -> None:
         self._handed.done = True
-        data = with_summed_histograms(metrics_data, self._resource)
+        data = _with_summed_histograms(metrics_data, self._resource)
         super()._receive_metrics(data, timeout_millis=timeout_millis, **kwargs)  # type: ignore[misc]
-
-
-class _OtlpReader(_WithSummedHistograms, PeriodicExportingMetricReader):
-    """Exports the summed histograms with the rest."""
 
 
 def prometheus_reader(resource: Resource, **kwargs) -> MetricReader:

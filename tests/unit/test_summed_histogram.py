@@ -7,17 +7,14 @@ import math
 import re
 from collections.abc import Sequence
 
+import pytest
+from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import (
-    AggregationTemporality,
-    MetricExporter,
-    MetricExportResult,
-    MetricsData,
-)
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricsData
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, generate_latest
 
-from libs.telemetry import SummedHistogram, _OtlpReader, prometheus_reader
+from libs.telemetry import SummedHistogram, _WithSummedHistograms, prometheus_reader
 
 RESOURCE = Resource.create({"service.name": "sophia-test"})
 BOUNDARIES = (0.01, 0.02, 0.04, 0.08)
@@ -63,6 +60,13 @@ def test_prometheus_serves_a_summed_histogram_exactly_as_the_sdks_own_histogram(
     )
     _record(sdk, VALUES)
     _record(ours, VALUES)
+    # Integer boundaries print as integers (le="4"), as the SDK prints them.
+    sdk_tokens = provider.get_meter("t.prometheus").create_histogram(
+        "t.sdk.tokens", unit="{token}", explicit_bucket_boundaries_advisory=(1, 4, 16)
+    )
+    our_tokens = SummedHistogram("t.prometheus", "t.ours.tokens", unit="{token}", boundaries=(1, 4, 16))
+    _record(sdk_tokens, (0, 1, 2, 4, 5, 16, 17, 300))
+    _record(our_tokens, (0, 1, 2, 4, 5, 16, 17, 300))
 
     text = generate_latest(registry).decode()
     sdk_lines = _lines(text, "t_sdk_duration_seconds")
@@ -71,6 +75,11 @@ def test_prometheus_serves_a_summed_histogram_exactly_as_the_sdks_own_histogram(
         line.replace("t_sdk_duration_seconds", "t_ours_duration_seconds") for line in sdk_lines
     ]
     assert 'le="+Inf",otel_scope_name="t.prometheus"' in "".join(sdk_lines).replace("} ", "}")
+    sdk_lines = _lines(text, "t_sdk_tokens")
+    assert 'le="4"' in "".join(sdk_lines)
+    assert _lines(text, "t_ours_tokens") == [
+        line.replace("t_sdk_tokens", "t_ours_tokens") for line in sdk_lines
+    ]
 
 
 def test_a_summed_histogram_is_served_when_the_sdk_itself_has_nothing_to_report():
@@ -82,63 +91,70 @@ def test_a_summed_histogram_is_served_when_the_sdk_itself_has_nothing_to_report(
 
     text = generate_latest(registry).decode()
     assert _sample(text, "t_alone_latency_milliseconds_count") == 2
-    assert _sample(text, "t_alone_latency_milliseconds_bucket", 'le="10.0"') == 1
+    assert _sample(text, "t_alone_latency_milliseconds_bucket", 'le="10"') == 1
     assert _sample(text, "t_alone_latency_milliseconds_sum") == 33
     # Collected twice: the same series, not a second copy of it.
     text = generate_latest(registry).decode()
     assert len(re.findall(r"^t_alone_latency_milliseconds_count", text, re.MULTILINE)) == 1
 
 
-class _KeptExports(MetricExporter):
-    def __init__(self) -> None:
-        super().__init__()
-        self.exported: list[MetricsData] = []
-
-    def export(self, metrics_data, timeout_millis: float = 10_000, **kwargs) -> MetricExportResult:
-        self.exported.append(metrics_data)
-        return MetricExportResult.SUCCESS
-
-    def force_flush(self, timeout_millis: float = 10_000) -> bool:
-        return True
-
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
-        return None
+class _Kept(_WithSummedHistograms, InMemoryMetricReader):
+    """An in-memory reader that gets the summed histograms, as the Prometheus reader does."""
 
 
-def _exported_metric(data: MetricsData, name: str):
-    found = [
-        (scope.scope.name, metric)
+def test_a_summed_histogram_joins_the_sdks_own_entry_for_its_scope():
+    # Two entries for one scope would be one too many: OTLP's encoder keeps the last of them only.
+    reader = _Kept(resource=RESOURCE)
+    provider = MeterProvider(resource=RESOURCE, metric_readers=[reader])
+    provider.get_meter("t.shared").create_counter("t.shared.calls").add(2)
+    ours = SummedHistogram("t.shared", "t.shared.tokens", unit="{token}", boundaries=(1, 4, 16))
+    for value in (1, 3, 4, 5, 100):
+        ours.record(value, {"gen_ai.token.type": "input"})
+
+    data = reader.get_metrics_data()
+    (scope,) = [entry for entry in data.resource_metrics[0].scope_metrics if entry.scope.name == "t.shared"]
+    assert sorted(metric.name for metric in scope.metrics) == ["t.shared.calls", "t.shared.tokens"]
+    (point,) = next(m for m in scope.metrics if m.name == "t.shared.tokens").data.data_points
+    assert (point.count, point.sum, point.min, point.max) == (5, 113, 1, 100)
+    assert list(point.bucket_counts) == [1, 2, 1, 1] and list(point.explicit_bounds) == [1, 4, 16]
+    (encoded,) = [
+        entry
+        for entry in encode_metrics(data).resource_metrics[0].scope_metrics
+        if entry.scope.name == "t.shared"
+    ]
+    assert sorted(metric.name for metric in encoded.metrics) == ["t.shared.calls", "t.shared.tokens"]
+    ours.record(2, {"gen_ai.token.type": "input"})
+    (point,) = _points(reader.get_metrics_data(), "t.shared.tokens")
+    assert (point.count, point.sum, list(point.bucket_counts)) == (6, 115, [1, 3, 1, 1])  # cumulative
+
+
+def _points(data, name: str):
+    return [
+        point
         for resource in data.resource_metrics
         for scope in resource.scope_metrics
         for metric in scope.metrics
         if metric.name == name
+        for point in metric.data.data_points
     ]
-    assert len(found) == 1, found
-    return found[0]
 
 
-def test_otlp_exports_a_summed_histogram_as_a_cumulative_histogram_beside_the_sdks_metrics():
-    exporter = _KeptExports()
-    reader = _OtlpReader(exporter, resource=RESOURCE, export_interval_millis=math.inf)
-    provider = MeterProvider(resource=RESOURCE, metric_readers=[reader])
-    provider.get_meter("t.sdk").create_counter("t.sdk.calls").add(2)
-    ours = SummedHistogram("t.otlp", "t.otlp.tokens", unit="{token}", boundaries=(1, 4, 16))
-    for value in (1, 3, 4, 5, 100):
-        ours.record(value, {"gen_ai.token.type": "input"})
+def test_through_the_sdk_a_histogram_is_the_sdks_own_and_nothing_is_summed():
+    # As with tracing on: exemplars and the exporter's own temporality then apply.
+    summing, sdk = _Kept(resource=RESOURCE), InMemoryMetricReader()
+    MeterProvider(resource=RESOURCE, metric_readers=[summing])
+    ours = SummedHistogram("t.traced", "t.traced.duration", unit="s", boundaries=BOUNDARIES)
+    ours.record_through(MeterProvider(resource=RESOURCE, metric_readers=[sdk]).get_meter("t.traced"))
+    ours.record(0.03, {"a": "b"})
+    ours.record(0.5, {"a": "b"})
 
-    reader.collect()
-    ours.record(2, {"gen_ai.token.type": "input"})
-    reader.collect()
+    (point,) = _points(sdk.get_metrics_data(), "t.traced.duration")
+    assert (point.count, point.sum, list(point.bucket_counts)) == (2, 0.53, [0, 0, 1, 0, 1])
+    assert ours.metric(0) is None
+    assert _points(summing.get_metrics_data() or MetricsData([]), "t.traced.duration") == []
 
-    first, second = exporter.exported
-    assert _exported_metric(first, "t.sdk.calls")[1].data.data_points[0].value == 2
-    scope, metric = _exported_metric(first, "t.otlp.tokens")
-    assert scope == "t.otlp" and metric.unit == "{token}"
-    assert metric.data.aggregation_temporality == AggregationTemporality.CUMULATIVE
-    (point,) = metric.data.data_points
-    assert dict(point.attributes) == {"gen_ai.token.type": "input"}
-    assert (point.count, point.sum, point.min, point.max) == (5, 113, 1, 100)
-    assert list(point.bucket_counts) == [1, 2, 1, 1] and list(point.explicit_bounds) == [1, 4, 16]
-    (point,) = _exported_metric(second, "t.otlp.tokens")[1].data.data_points
-    assert (point.count, point.sum, list(point.bucket_counts)) == (6, 115, [1, 3, 1, 1])  # cumulative
-    provider.shutdown()
+
+def test_one_histogram_per_scope_and_name():
+    SummedHistogram("t.once", "t.once.size")
+    with pytest.raises(ValueError, match="exists already"):
+        SummedHistogram("t.once", "t.once.size")
