@@ -4,11 +4,16 @@ as the SDK's own histogram would be."""
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+from opentelemetry.sdk.environment_variables import OTEL_METRICS_EXEMPLAR_FILTER
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricsData
 from opentelemetry.sdk.resources import Resource
@@ -158,3 +163,30 @@ def test_one_histogram_per_scope_and_name():
     SummedHistogram("t.once", "t.once.size")
     with pytest.raises(ValueError, match="exists already"):
         SummedHistogram("t.once", "t.once.size")
+
+
+_SETUP = """
+import os, sys
+from libs.config import Telemetry
+from libs.telemetry import SummedHistogram, setup_telemetry
+before = SummedHistogram("t.setup", "t.setup.before")
+setup_telemetry("gateway", Telemetry(otlp_endpoint=sys.argv[1]))
+after = SummedHistogram("t.setup", "t.setup.after")
+print(before._sdk is not None, after._sdk is not None, flush=True)
+os._exit(0)  # no exporter shutdown at exit: nothing listens at the endpoint
+"""
+
+
+@pytest.mark.parametrize(
+    ("otlp_endpoint", "through_sdk"), [("", "False False"), ("http://127.0.0.1:9", "True True")]
+)
+def test_setup_sends_the_histograms_through_the_sdk_only_with_tracing_on(otlp_endpoint, through_sdk):
+    # setup_telemetry sets the process's one MeterProvider: run in a process of its own.
+    root = Path(__file__).resolve().parents[2]
+    environ = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{root / 'libs' / 'gen'}")
+    environ.pop(OTEL_METRICS_EXEMPLAR_FILTER, None)
+    finished = subprocess.run(
+        [sys.executable, "-c", _SETUP, otlp_endpoint], env=environ, capture_output=True, text=True, timeout=60
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.strip() == through_sdk
